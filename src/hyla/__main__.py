@@ -1,0 +1,5 @@
+import sys
+
+from hyla.cli import main
+
+sys.exit(main())

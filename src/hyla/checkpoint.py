@@ -1,0 +1,169 @@
+"""Model directories on disk: ``config.json`` + ``model.safetensors`` (or shards and an index), as transformers.
+
+``load`` reads what transformers' ``MiniMaxForCausalLM.save_pretrained`` writes, and hyla's own directories
+(the same layout); ``save_pretrained`` writes that layout atomically: into a temporary sibling directory
+that replaces the target only once every file is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from hyla.config import ConfigError
+from hyla.interop.transformers import config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf
+from hyla.model import HylaForCausalLM
+
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+# Files a save writes; anything else already in the target directory (a tokenizer, ...) is kept.
+_OWN = ("config.json", "generation_config.json", WEIGHTS, INDEX)
+
+
+class CheckpointError(ValueError):
+    """A model directory that cannot be loaded; the message says what is wrong and where."""
+
+
+def read_config(path: str | Path):
+    """The :class:`~hyla.config.HylaConfig` of a model directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"model directory {str(path)!r} does not exist or is not a directory")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file} is missing: a model directory needs config.json")
+    try:
+        raw = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{config_file} is not valid JSON: {e}") from None
+    try:
+        return config_from_hf(raw)
+    except (ConfigError, KeyError) as e:
+        detail = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+        raise CheckpointError(f"{config_file}: {detail}") from None
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    files = [path / WEIGHTS]
+    if (path / INDEX).is_file():
+        try:
+            weight_map = json.loads((path / INDEX).read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{path / INDEX} is not a valid safetensors index: {e}") from None
+        files = [path / name for name in dict.fromkeys(weight_map.values())]
+    elif not files[0].is_file():
+        raise CheckpointError(f"no weights in {path}: expected {WEIGHTS} or {INDEX}")
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        if not file.is_file():
+            raise CheckpointError(f"weight shard {file} is missing")
+        try:
+            tensors.update(load_file(file))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"cannot read {file}: {e}") from None
+    return tensors
+
+
+def load(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+    """Load a model directory into a :class:`~hyla.model.HylaForCausalLM` (eval mode).
+
+    Tensors keep their stored dtype unless ``dtype`` is given. Missing, unexpected or mis-shaped tensors raise
+    :class:`CheckpointError` naming the tensor.
+    """
+    path = Path(path)
+    config = read_config(path)
+    with torch.device("meta"):
+        model = HylaForCausalLM(config)
+    expected = model.state_dict()
+    try:
+        state = state_dict_from_hf(_read_tensors(path), config)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: {e.args[0]}") from None
+    for name, ref in expected.items():
+        if config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        if name not in state:
+            raise CheckpointError(f"{path}: missing tensor {name!r} (expected shape {tuple(ref.shape)})")
+        if state[name].shape != ref.shape:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has shape {tuple(state[name].shape)}, expected {tuple(ref.shape)}"
+            )
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected tensor(s) {unexpected[:5]} for this config")
+    model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.reset_buffers()
+    model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    return model.eval()
+
+
+def _shards(tensors: dict[str, torch.Tensor], max_shard_size: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor.contiguous()
+        size += nbytes
+    return shards
+
+
+def save_pretrained(model: HylaForCausalLM, path: str | Path, max_shard_size: int = 5 * 2**30) -> None:
+    """Write ``model`` to directory ``path`` in transformers' MiniMax layout, atomically.
+
+    Shards larger than ``max_shard_size`` bytes are split, with a ``model.safetensors.index.json``.
+    Other files already in ``path`` (a tokenizer, ...) are kept.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dtype = next(model.parameters()).dtype
+    tensors = {k: v.detach().cpu() for k, v in state_dict_to_hf(model.state_dict(), model.config).items()}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        if path.is_dir():
+            for item in path.iterdir():
+                if item.name not in _OWN and not (item.name.startswith("model-") and item.suffix == ".safetensors"):
+                    copy = shutil.copytree if item.is_dir() else shutil.copy2
+                    copy(item, tmp / item.name)
+        (tmp / "config.json").write_text(json.dumps(config_to_hf(model.config, dtype), indent=2) + "\n")
+        shards = _shards(tensors, max_shard_size)
+        metadata = {"format": "pt"}
+        if len(shards) == 1:
+            save_file(shards[0], tmp / WEIGHTS, metadata=metadata)
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, tmp / name, metadata=metadata)
+                weight_map.update(dict.fromkeys(shard, name))
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move ``new`` to ``target``; an existing ``target`` is renamed away first and removed only after."""
+    os.chmod(new, 0o755)
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+    os.rmdir(old)
+    os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)

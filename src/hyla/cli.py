@@ -1,0 +1,98 @@
+"""The ``hyla`` command: one subcommand per function, parsing arguments and calling it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from hyla.checkpoint import CheckpointError, load
+from hyla.config import ConfigError, preset
+from hyla.data.tokenizer import load_tokenizer
+from hyla.model import HylaForCausalLM
+from hyla.serve.generate import generate
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def run_generate(
+    model_dir: str | None,
+    preset_name: str,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    seed: int,
+    dtype: str,
+) -> None:
+    """Stream a continuation of ``prompt`` from a model directory, or from a randomly initialised preset."""
+    torch.manual_seed(seed)
+    if model_dir is not None:
+        model = load(model_dir, dtype=DTYPES[dtype])
+        source = model_dir
+    else:
+        model = HylaForCausalLM(preset(preset_name)).to(DTYPES[dtype]).eval()
+        source = f"preset {preset_name!r} (random weights: expect noise until you train one)"
+    tokenizer = load_tokenizer(model_dir)
+    ids = tokenizer.encode(prompt).ids
+    if not ids:
+        raise ValueError("the prompt encodes to no tokens; give a non-empty --prompt")
+    if max(ids) >= model.config.vocab_size:
+        raise ValueError(f"the tokenizer produced id {max(ids)} >= the model's vocab_size {model.config.vocab_size}")
+    params = model.config.num_parameters()
+    print(f"# {source}: {params / 1e6:.1f}M parameters, {dtype}", file=sys.stderr)
+    print(prompt, end="", flush=True)
+    start = time.perf_counter()
+    out: list[int] = []
+    first = None
+    text = ""
+    for token in generate(model, torch.tensor([ids]), max_new_tokens, temperature, top_k, seed,
+                          model.config.eos_token_id):
+        first = first or time.perf_counter()
+        out.append(int(token[0]))
+        new = tokenizer.decode(out)
+        print(new[len(text):], end="", flush=True)
+        text = new
+    end = time.perf_counter()
+    print()
+    decode = f", decode {(len(out) - 1) / (end - first):.1f} tok/s" if len(out) > 1 else ""
+    print(f"# prompt {len(ids)} tokens, prefill {(first - start) * 1e3:.0f} ms; generated {len(out)} tokens"
+          f"{decode}", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hyla", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="stream a continuation of a prompt")
+    gen.add_argument("model_dir", nargs="?", default=None, help="a model directory (default: a random preset)")
+    gen.add_argument("--preset", default="small", help="preset used when no model directory is given")
+    gen.add_argument("--prompt", default="def fibonacci(n):\n")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--top-k", type=int, default=50)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            if args.max_new_tokens < 0:
+                raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+            run_generate(args.model_dir, args.preset, args.prompt, args.max_new_tokens, args.temperature,
+                         args.top_k, args.seed, args.dtype)
+    except (CheckpointError, ConfigError, ValueError) as e:
+        print(f"hyla: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nhyla: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

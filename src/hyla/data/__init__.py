@@ -1,0 +1,1 @@
+"""Data: tokenizers (and, later, corpora, token shards and packing)."""

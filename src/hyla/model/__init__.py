@@ -1,0 +1,6 @@
+"""nn.Modules that hold weights and call ``hyla.ops``; no I/O, no distributed code."""
+
+from hyla.model.cache import DecodeCache
+from hyla.model.decoder import CausalLMOutput, HylaForCausalLM
+
+__all__ = ["CausalLMOutput", "DecodeCache", "HylaForCausalLM"]

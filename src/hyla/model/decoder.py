@@ -1,0 +1,172 @@
+"""The hybrid decoder: embeddings, lightning/softmax layers with MoE feed-forwards, and the LM head.
+
+Module and parameter names follow transformers' ``MiniMaxForCausalLM`` (``model.layers.3.self_attn...``),
+except the experts, which are stacked here and per-expert on disk; ``hyla.interop`` maps between the two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hyla.config import LIGHTNING, HylaConfig
+from hyla.model.attention import SoftmaxAttention
+from hyla.model.cache import DecodeCache
+from hyla.model.lightning import LightningAttention
+from hyla.model.moe import SparseMoE
+from hyla.model.norm import RMSNorm
+from hyla.ops.moe import load_balancing_loss
+from hyla.ops.rope import rope_cos_sin, rope_inv_freq
+
+
+@dataclass
+class CausalLMOutput:
+    """What :class:`HylaForCausalLM` returns.
+
+    ``logits`` ``[B, T, vocab]`` (only the last ``logits_to_keep`` positions when that was given);
+    ``aux_loss`` the MoE load-balancing loss (a scalar, not yet multiplied by its coefficient);
+    ``loss`` the next-token cross-entropy when ``labels`` were given.
+    """
+
+    logits: Tensor
+    aux_loss: Tensor
+    loss: Tensor | None = None
+
+
+class DecoderLayer(nn.Module):
+    """Post-norm with DeepNorm factors: ``x = norm(x); x = alpha * x + beta * f(x)``, for attention then MoE."""
+
+    def __init__(self, config: HylaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.is_lightning = config.layer_types[layer_idx] == LIGHTNING
+        if self.is_lightning:
+            self.self_attn: nn.Module = LightningAttention(config, layer_idx)
+            self.attn_alpha, self.attn_beta = config.linear_attn_alpha_factor, config.linear_attn_beta_factor
+        else:
+            self.self_attn = SoftmaxAttention(config, layer_idx)
+            self.attn_alpha, self.attn_beta = config.full_attn_alpha_factor, config.full_attn_beta_factor
+        self.mlp_alpha, self.mlp_beta = config.mlp_alpha_factor, config.mlp_beta_factor
+        self.postnorm = config.postnorm
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SparseMoE(config)
+
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor], cache: DecodeCache | None
+    ) -> tuple[Tensor, Tensor]:
+        h = self.input_layernorm(x)
+        residual = h if self.postnorm else x
+        a = self.self_attn(h, cache) if self.is_lightning else self.self_attn(h, rope, cache)
+        x = residual * self.attn_alpha + a * self.attn_beta
+        h = self.post_attention_layernorm(x)
+        residual = h if self.postnorm else x
+        m, stats = self.mlp(h)
+        return residual * self.mlp_alpha + m * self.mlp_beta, stats
+
+
+class HylaModel(nn.Module):
+    """Embeddings, the decoder layers and the final norm: ``[B, T]`` ids -> ``[B, T, hidden]``."""
+
+    def __init__(self, config: HylaConfig) -> None:
+        super().__init__()
+        self.rotary_dim, self.rope_theta = config.rotary_dim, config.rope_theta
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.register_buffer("inv_freq", torch.empty(config.rotary_dim // 2), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """(Re)compute the derived buffers, on the CPU: after construction on the meta device, for one."""
+        self.inv_freq = rope_inv_freq(self.rotary_dim, self.rope_theta)
+
+    def forward(self, input_ids: Tensor, cache: DecodeCache | None = None) -> tuple[Tensor, Tensor]:
+        """Returns the final hidden states ``[B, T, hidden]`` and the summed MoE stats ``[2, E]``."""
+        x = self.embed_tokens(input_ids)
+        t = input_ids.shape[1]
+        positions = cache.positions(t, x.device) if cache is not None else torch.arange(t, device=x.device)[None]
+        rope = rope_cos_sin(positions, self.inv_freq, x.dtype)
+        stats = []
+        for layer in self.layers:
+            x, layer_stats = layer(x, rope, cache)
+            stats.append(layer_stats)
+        if cache is not None:
+            cache.advance(t)
+        return self.norm(x), torch.stack(stats).sum(0)
+
+
+class HylaForCausalLM(nn.Module):
+    """A hybrid lightning/softmax-attention MoE language model, numerically MiniMax's.
+
+    Example::
+
+        model = HylaForCausalLM(preset("tiny"))
+        out = model(input_ids)                 # out.logits [B, T, vocab], out.aux_loss
+        out = model(input_ids, labels=input_ids)  # out.loss: next-token cross-entropy
+    """
+
+    def __init__(self, config: HylaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = HylaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.reset_parameters()
+
+    def reset_buffers(self) -> None:
+        """Recompute every derived buffer (RoPE frequencies, lightning slopes) on the CPU."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_buffers"):
+                module.reset_buffers()
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Normal(0, initializer_range) for every matrix, ones for norms (as transformers initialises)."""
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.config.initializer_range
+        for p in self.parameters():
+            if p.is_meta:
+                continue
+            if p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32) * std)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None = None,
+        cache: DecodeCache | None = None,
+        logits_to_keep: int = 0,
+    ) -> CausalLMOutput:
+        """``input_ids`` ``[B, T]``; ``labels`` ``[B, T]`` (shifted inside, ``-100`` ignored).
+
+        ``logits_to_keep=n`` computes logits for the last ``n`` positions only (a prefill needs one).
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
+        if labels is not None and logits_to_keep:
+            raise ValueError("labels need the logits of every position; do not pass logits_to_keep with them")
+        hidden, stats = self.model(input_ids, cache)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        rows = input_ids.numel() * len(self.model.layers)
+        aux_loss = load_balancing_loss(stats, rows)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+            )
+        return CausalLMOutput(logits=logits, aux_loss=aux_loss, loss=loss)
+
+    def save_pretrained(self, path: str | Path, max_shard_size: int = 5 * 2**30) -> None:
+        """Write ``config.json`` + safetensors in transformers' MiniMax layout, atomically."""
+        from hyla.checkpoint import save_pretrained
+
+        save_pretrained(self, path, max_shard_size=max_shard_size)

@@ -1,0 +1,63 @@
+"""The lightning-attention token mixer of MiniMax-01."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hyla.config import HylaConfig
+from hyla.model.cache import DecodeCache
+from hyla.model.norm import RMSNorm
+from hyla.ops.lightning import lightning_attention
+
+# MiniMax's lightning norm uses its RMSNorm's default epsilon, not the config's rms_norm_eps.
+LIGHTNING_NORM_EPS = 1e-6
+# The blockwise kernel's block length on the CPU: the result is the same for any block length, and 64 does
+# ~2x less work than MiniMax's 256 for head_dim 64 (intra-block cost grows with the block length).
+CPU_BLOCK_SIZE = 64
+
+
+def lightning_slopes(num_heads: int, layer_idx: int, num_layers: int) -> Tensor:
+    """``[H]`` decay rates: ``2^(-8 (h + 1) / H)``, scaled down linearly with depth (as in MiniMax-01).
+
+    Computed in float32 exactly as transformers does, so that weights saved by either give equal outputs.
+    """
+    base = 1 / (2 ** (8 / num_heads))
+    rate = base ** (torch.arange(num_heads) + 1)
+    return rate * (1 - layer_idx / (num_layers - 1 + 1e-5) + 1e-5)
+
+
+class LightningAttention(nn.Module):
+    """``out_proj(sigmoid(output_gate(x)) * norm(lightning(q, k, v)))`` with ``q, k, v = silu(qkv_proj(x))``."""
+
+    def __init__(self, config: HylaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.block_size = config.block_size
+        inner = self.num_heads * self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, 3 * inner, bias=False)
+        self.output_gate = nn.Linear(config.hidden_size, inner, bias=False)
+        self.out_proj = nn.Linear(inner, config.hidden_size, bias=False)
+        self.norm = RMSNorm(inner, LIGHTNING_NORM_EPS)
+        self.num_layers = config.num_hidden_layers
+        self.register_buffer("slope", torch.empty(self.num_heads), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        self.slope = lightning_slopes(self.num_heads, self.layer_idx, self.num_layers)
+
+    def forward(self, x: Tensor, cache: DecodeCache | None = None) -> Tensor:
+        """``x`` ``[B, T, hidden]`` -> ``[B, T, hidden]``; with a ``cache``, continues and updates its state."""
+        b, t, _ = x.shape
+        qkv = F.silu(self.qkv_proj(x)).view(b, t, self.num_heads, 3 * self.head_dim)
+        q, k, v = qkv.split(self.head_dim, dim=-1)  # each [B, T, H, D]
+        state = cache.lightning_state(self.layer_idx) if cache is not None else None
+        block_size = self.block_size if x.is_cuda else min(self.block_size, CPU_BLOCK_SIZE)
+        o, state = lightning_attention(q, k, v, self.slope, state, block_size)
+        if cache is not None:
+            cache.set_lightning_state(self.layer_idx, state)
+        o = self.norm(o.reshape(b, t, -1))
+        return self.out_proj(torch.sigmoid(self.output_gate(x)) * o)

@@ -1,0 +1,44 @@
+"""Lightning attention: causal linear attention with a per-head exponential decay.
+
+One public entry point, :func:`lightning_attention`, picks the implementation:
+
+- ``naive.py``: the token-by-token recurrence, the reference;
+- ``chunk.py``: blockwise, ``O(T C D + T D^2)``, vectorised over blocks and heads (prefill, training);
+- ``recurrent.py``: one decode step on a carried state.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from hyla.ops.lightning.chunk import compute_dtype, lightning_attention_chunk
+from hyla.ops.lightning.naive import lightning_attention_naive
+from hyla.ops.lightning.recurrent import lightning_attention_step
+
+__all__ = [
+    "lightning_attention",
+    "lightning_attention_chunk",
+    "lightning_attention_naive",
+    "lightning_attention_step",
+]
+
+
+def lightning_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    slope: Tensor,
+    initial_state: Tensor | None = None,
+    block_size: int = 64,
+) -> tuple[Tensor, Tensor]:
+    """Causal lightning attention over ``[B, T, H, D]`` inputs; returns ``(o [B, T, H, D], state [B, H, D, D])``.
+
+    A single token continuing a state takes the recurrent step; anything longer takes the blockwise path.
+    The state is float32 (float64 for float64 inputs) whatever the inputs' dtype.
+    """
+    if q.shape[1] == 1 and initial_state is not None:
+        o, state = lightning_attention_step(
+            q[:, 0], k[:, 0], v[:, 0], slope, initial_state.to(compute_dtype(q.dtype))
+        )
+        return o[:, None], state
+    return lightning_attention_chunk(q, k, v, slope, initial_state, block_size)

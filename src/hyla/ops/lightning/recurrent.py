@@ -1,0 +1,29 @@
+"""One decode step of lightning attention on a carried state (what serving does per generated token)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def lightning_attention_step(
+    q: Tensor, k: Tensor, v: Tensor, slope: Tensor, state: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Advance the state by one token and read it out.
+
+    Args:
+        q, k, v: ``[B, H, D]``, one token per sequence.
+        slope: ``[H]`` per-head decay rate.
+        state: ``[B, H, D, D]`` state after the previous token; float32 (or float64) whatever ``q``'s dtype.
+
+    Returns:
+        ``o`` ``[B, H, D]`` in ``q``'s dtype and the new state, in ``state``'s dtype.
+    """
+    compute = state.dtype
+    decay = torch.exp(-slope.to(compute))[None, :, None, None]  # [1, H, 1, 1]
+    k, v = k.to(compute), v.to(compute)
+    new_state = torch.baddbmm(
+        (decay * state).flatten(0, 1), k.flatten(0, 1).unsqueeze(-1), v.flatten(0, 1).unsqueeze(-2)
+    ).view_as(state)
+    o = torch.matmul(q.to(compute).unsqueeze(-2), new_state).squeeze(-2)
+    return o.to(q.dtype), new_state
