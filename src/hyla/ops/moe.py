@@ -29,7 +29,12 @@ def route(router_logits: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def swiglu_experts(
-    x: Tensor, weights: Tensor, experts: Tensor, gate_up_proj: Tensor, down_proj: Tensor
+    x: Tensor,
+    weights: Tensor,
+    experts: Tensor,
+    gate_up_proj: Tensor,
+    down_proj: Tensor,
+    grouped: bool | None = None,
 ) -> Tensor:
     """Run each token through its chosen SwiGLU experts and sum the outputs by router weight.
 
@@ -37,6 +42,7 @@ def swiglu_experts(
         x: ``[N, H]`` tokens.
         weights: ``[N, k]`` router weights; experts: ``[N, k]`` expert ids.
         gate_up_proj: ``[E, 2I, H]`` (gate rows first, then up rows); down_proj: ``[E, H, I]``.
+        grouped: one ``torch._grouped_mm`` for all experts (default: on CUDA) instead of a loop over experts.
 
     Returns:
         ``[N, H]`` in ``x``'s dtype.
@@ -48,7 +54,7 @@ def swiglu_experts(
     token = order // top_k
     counts = torch.bincount(flat, minlength=num_experts)
     xs = x[token]  # [N * k, H]
-    if x.is_cuda:
+    if x.is_cuda if grouped is None else grouped:
         offsets = torch.cumsum(counts, 0).to(torch.int32)
         gate, up = torch._grouped_mm(xs, gate_up_proj.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
         ys = torch._grouped_mm(F.silu(gate) * up, down_proj.transpose(1, 2), offs=offsets)

@@ -1,0 +1,92 @@
+"""Every way a model directory can be wrong gets one clear error naming the problem."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import hyla
+from hyla import CheckpointError
+
+
+@pytest.fixture
+def saved(tmp_path):
+    hyla.HylaForCausalLM(hyla.preset("tiny")).save_pretrained(tmp_path / "m")
+    return tmp_path / "m"
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        hyla.load(tmp_path / "nope")
+
+
+def test_missing_config(saved):
+    (saved / "config.json").unlink()
+    with pytest.raises(CheckpointError, match=r"config\.json is missing"):
+        hyla.load(saved)
+
+
+def test_config_not_json(saved):
+    (saved / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        hyla.load(saved)
+
+
+def test_other_architecture(saved):
+    raw = json.loads((saved / "config.json").read_text())
+    raw["model_type"] = "llama"
+    (saved / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match="'llama' model"):
+        hyla.load(saved)
+
+
+def test_config_that_cannot_work(saved):
+    raw = json.loads((saved / "config.json").read_text())
+    raw["num_experts_per_tok"] = 9
+    (saved / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match="num_experts_per_tok"):
+        hyla.load(saved)
+
+
+def test_missing_weights_file(saved):
+    (saved / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no weights"):
+        hyla.load(saved)
+
+
+def test_missing_tensor_is_named(saved):
+    tensors = load_file(saved / "model.safetensors")
+    del tensors["model.layers.3.self_attn.k_proj.weight"]
+    save_file(tensors, saved / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model\.layers\.3\.self_attn\.k_proj\.weight"):
+        hyla.load(saved)
+
+
+def test_missing_expert_is_named(saved):
+    tensors = load_file(saved / "model.safetensors")
+    del tensors["model.layers.1.block_sparse_moe.experts.2.w3.weight"]
+    save_file(tensors, saved / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"experts\.2\.w3\.weight"):
+        hyla.load(saved)
+
+
+def test_misshaped_tensor_is_named(saved):
+    tensors = load_file(saved / "model.safetensors")
+    tensors["model.norm.weight"] = torch.ones(3)
+    save_file(tensors, saved / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"'model\.norm\.weight' has shape \(3,\), expected \(64,\)"):
+        hyla.load(saved)
+
+
+def test_corrupt_weights_file(saved):
+    (saved / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        hyla.load(saved)
+
+
+def test_missing_shard(tmp_path):
+    hyla.HylaForCausalLM(hyla.preset("tiny")).save_pretrained(tmp_path, max_shard_size=100_000)
+    next(tmp_path.glob("model-00002-*.safetensors")).unlink()
+    with pytest.raises(CheckpointError, match="shard .* is missing"):
+        hyla.load(tmp_path)

@@ -1,0 +1,143 @@
+"""hyla vs transformers' MiniMaxForCausalLM on the same weights, and checkpoints through both."""
+
+import json
+
+import pytest
+import torch
+from transformers import MiniMaxForCausalLM
+from transformers.utils import logging as hf_logging
+
+import hyla
+from hyla.config import LIGHTNING, SOFTMAX, hybrid_layer_types
+from tests.conftest import rel_err
+
+hf_logging.set_verbosity_error()
+
+PATTERNS = {
+    "hybrid-7:1": hybrid_layer_types(8),
+    "alternating": [SOFTMAX, LIGHTNING] * 2,
+    "all-lightning": [LIGHTNING] * 3,
+    "all-softmax": [SOFTMAX] * 2,
+}
+
+
+def random_model(**overrides) -> hyla.HylaForCausalLM:
+    """A tiny model with every weight random, norms included, and DeepNorm factors that are not 1."""
+    layer_types = overrides.pop("layer_types", PATTERNS["hybrid-7:1"])
+    config = hyla.preset(
+        "tiny", layer_types=layer_types, num_hidden_layers=len(layer_types), block_size=16,
+        linear_attn_alpha_factor=1.7, full_attn_alpha_factor=1.3, mlp_alpha_factor=2.1,
+        mlp_beta_factor=0.9, **overrides,
+    )
+    model = hyla.HylaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(1 + 0.3 * torch.randn_like(p) if p.dim() == 1 else 0.1 * torch.randn_like(p))
+    return model
+
+
+def load_transformers(path, dtype=torch.float32) -> MiniMaxForCausalLM:
+    # transformers' default experts kernel (grouped_mm) has no float64; its eager loop does.
+    model = MiniMaxForCausalLM.from_pretrained(path, experts_implementation="eager")
+    return model.to(dtype).eval()
+
+
+@pytest.mark.parametrize("pattern", sorted(PATTERNS))
+@pytest.mark.parametrize("t", [1, 37, 100])
+def test_logits_match_transformers(tmp_path, pattern, t):
+    model = random_model(layer_types=PATTERNS[pattern])
+    model.save_pretrained(tmp_path)
+    theirs = load_transformers(tmp_path)
+    ids = torch.randint(0, model.config.vocab_size, (2, t))
+    with torch.no_grad():
+        ours32, theirs32 = model(ids), theirs(ids, output_router_logits=True)
+        assert rel_err(ours32.logits, theirs32.logits) <= 1e-5
+        assert rel_err(ours32.aux_loss, theirs32.aux_loss) <= 1e-5
+        # float64: transformers keeps its decay buffers, norm statistics and router in float32, so the two
+        # differ at float32's resolution (~1e-7), not float64's.
+        ours64, theirs64 = model.double()(ids), theirs.double()(ids, output_router_logits=True)
+        assert rel_err(ours64.logits, theirs64.logits) <= 1e-6
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_loss_matches_transformers(tmp_path, tie):
+    model = random_model(tie_word_embeddings=tie)
+    model.save_pretrained(tmp_path)
+    theirs = load_transformers(tmp_path)
+    ids = torch.randint(0, model.config.vocab_size, (3, 50))
+    labels = ids.clone()
+    labels[0, :10] = -100
+    with torch.no_grad():
+        ours, ref = model(ids, labels=labels), theirs(ids, labels=labels)
+    assert rel_err(ours.loss, ref.loss) <= 1e-6
+
+
+def test_round_trip_through_transformers_changes_nothing(tmp_path):
+    model = random_model()
+    model.save_pretrained(tmp_path / "a")
+    theirs = load_transformers(tmp_path / "a")
+    theirs.save_pretrained(tmp_path / "b")
+    back = hyla.load(tmp_path / "b")
+    assert back.config == model.config
+    ours, again = model.state_dict(), back.state_dict()
+    assert ours.keys() == again.keys()
+    for name in ours:
+        assert torch.equal(ours[name], again[name]), name
+
+
+def test_sharded_checkpoint_round_trip(tmp_path):
+    model = random_model()
+    model.save_pretrained(tmp_path, max_shard_size=200_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    back = hyla.load(tmp_path)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, back.state_dict()[name]), name
+    # transformers reads the shards too
+    theirs = load_transformers(tmp_path)
+    ids = torch.randint(0, model.config.vocab_size, (1, 20))
+    with torch.no_grad():
+        assert rel_err(model(ids).logits, theirs(ids).logits) <= 1e-5
+
+
+def test_save_keeps_other_files_and_replaces_weights(tmp_path):
+    random_model().save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    second = random_model()
+    second.save_pretrained(tmp_path)
+    assert (tmp_path / "tokenizer.json").read_text() == "{}"
+    assert torch.equal(hyla.load(tmp_path).lm_head.weight, second.lm_head.weight)
+    assert [p.name for p in tmp_path.parent.iterdir() if p.name.startswith(f".{tmp_path.name}")] == []
+
+
+def test_original_minimax_config_fields(tmp_path):
+    """MiniMax-Text-01's remote-code config: attn_type_list, layernorm_*_alpha/beta, postnorm, rope_theta."""
+    model = random_model(layer_types=[LIGHTNING, LIGHTNING, SOFTMAX])
+    model.save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    c = model.config
+    original = {k: v for k, v in raw.items() if k not in ("layer_types", "rope_parameters", "head_dim")}
+    original = {k: v for k, v in original.items() if not k.endswith("_factor")}
+    original.update(
+        model_type="minimax_text_01", architectures=["MiniMaxText01ForCausalLM"], attn_type_list=[0, 0, 1],
+        rope_theta=c.rope_theta, postnorm=True,
+        layernorm_linear_attention_alpha=c.linear_attn_alpha_factor, layernorm_linear_attention_beta=1.0,
+        layernorm_full_attention_alpha=c.full_attn_alpha_factor, layernorm_full_attention_beta=1.0,
+        layernorm_mlp_alpha=c.mlp_alpha_factor, layernorm_mlp_beta=c.mlp_beta_factor,
+    )
+    (tmp_path / "config.json").write_text(json.dumps(original))
+    back = hyla.load(tmp_path)
+    assert back.config == model.config
+    ids = torch.randint(0, c.vocab_size, (1, 30))
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, model(ids).logits)
+
+
+def test_partial_rotary_and_prenorm_round_trip_through_hyla(tmp_path):
+    model = random_model(rotary_dim=8, postnorm=False)
+    model.save_pretrained(tmp_path)
+    back = hyla.load(tmp_path)
+    assert back.config.rotary_dim == 8 and back.config.postnorm is False
+    ids = torch.randint(0, model.config.vocab_size, (1, 30))
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, model(ids).logits)

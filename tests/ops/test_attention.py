@@ -1,0 +1,58 @@
+"""Softmax attention (SDPA, GQA, cache continuation) and RoPE against explicit formulas in float64."""
+
+import math
+
+import pytest
+import torch
+
+from hyla.ops.attention import softmax_attention
+from hyla.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq
+from tests.conftest import rel_err
+
+
+def reference_attention(q, k, v):
+    """Explicit softmax(QK^T / sqrt(D) + causal mask) V with the queries at the end of the keys."""
+    b, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    k = k.repeat_interleave(hq // hkv, dim=2)
+    v = v.repeat_interleave(hq // hkv, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d)
+    pos_q = torch.arange(tk - tq, tk)[:, None]
+    scores = scores.masked_fill(torch.arange(tk)[None, :] > pos_q, float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
+
+
+@pytest.mark.parametrize(("tq", "tk"), [(1, 1), (17, 17), (1, 40), (9, 40)])
+@pytest.mark.parametrize(("hq", "hkv"), [(4, 4), (8, 2)])
+def test_softmax_attention_matches_reference(tq, tk, hq, hkv):
+    q = torch.randn(2, tq, hq, 16, dtype=torch.float64)
+    k, v = (torch.randn(2, tk, hkv, 16, dtype=torch.float64) for _ in range(2))
+    assert rel_err(softmax_attention(q, k, v), reference_attention(q, k, v)) < 1e-12
+
+
+def test_softmax_attention_rejects_fewer_keys_than_queries():
+    q = torch.randn(1, 5, 2, 8)
+    k = torch.randn(1, 3, 2, 8)
+    with pytest.raises(ValueError, match="at least as many keys"):
+        softmax_attention(q, k, k)
+
+
+@pytest.mark.parametrize("rotary_dim", [16, 8])
+def test_rope_rotates_pairs_and_passes_the_rest(rotary_dim):
+    d, theta = 16, 10_000.0
+    x = torch.randn(1, 7, 3, d, dtype=torch.float64)
+    positions = torch.arange(7)[None]
+    cos, sin = rope_cos_sin(positions, rope_inv_freq(rotary_dim, theta), torch.float64)
+    y = apply_rope(x, cos, sin)
+    half = rotary_dim // 2
+    for t in range(7):
+        for i in range(half):
+            angle = t * theta ** (-2 * i / rotary_dim)
+            a, b = x[0, t, :, i], x[0, t, :, i + half]
+            ca, sa = math.cos(angle), math.sin(angle)
+            # float32 angles, as transformers computes them
+            assert torch.allclose(y[0, t, :, i], a * ca - b * sa, atol=1e-5)
+            assert torch.allclose(y[0, t, :, i + half], b * ca + a * sa, atol=1e-5)
+    assert torch.equal(y[..., rotary_dim:], x[..., rotary_dim:])
+    # A rotation keeps the norm of each rotated pair.
+    assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1))

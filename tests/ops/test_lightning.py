@@ -1,0 +1,104 @@
+"""naive (the recurrence) -> recurrent (one step) -> chunk (blockwise): outputs, final states, gradients."""
+
+import pytest
+import torch
+
+from hyla.ops.lightning import (
+    lightning_attention,
+    lightning_attention_chunk,
+    lightning_attention_naive,
+    lightning_attention_step,
+)
+from tests.conftest import rel_err
+
+B, H, D = 2, 3, 16
+
+
+def inputs(t: int, dtype: torch.dtype, with_state: bool):
+    q, k, v = (torch.randn(B, t, H, D, dtype=dtype) * 0.5 for _ in range(3))
+    # Slopes as MiniMax draws them: 2^(-8 (h+1) / H), from fast to slow decay.
+    slope = 2.0 ** (-8 * (torch.arange(H, dtype=dtype) + 1) / H)
+    state = torch.randn(B, H, D, D, dtype=dtype) if with_state else None
+    return q, k, v, slope, state
+
+
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("t", [1, 63, 64, 65, 500])
+@pytest.mark.parametrize("block_size", [16, 64, 256])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_chunk_matches_naive(dtype, t, block_size, with_state):
+    q, k, v, slope, state = inputs(t, dtype, with_state)
+    o_ref, s_ref = lightning_attention_naive(q, k, v, slope, state)
+    o, s = lightning_attention_chunk(q, k, v, slope, state, block_size=block_size)
+    assert o.shape == (B, t, H, D) and o.dtype == dtype
+    assert s.shape == (B, H, D, D)
+    assert torch.isfinite(o).all()
+    assert rel_err(o, o_ref) < TOL[dtype]
+    assert rel_err(s, s_ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("t", [1, 63, 65, 200])
+@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_chunk_gradients_match_naive(t, block_size, with_state):
+    q, k, v, slope, state = inputs(t, torch.float64, with_state)
+    leaves = [x.requires_grad_() for x in (q, k, v) + ((state,) if with_state else ())]
+    do = torch.randn(B, t, H, D, dtype=torch.float64)
+    ds = torch.randn(B, H, D, D, dtype=torch.float64)
+
+    def grads(fn):
+        o, s = fn(q, k, v, slope, state)
+        return torch.autograd.grad((o * do).sum() + (s * ds).sum(), leaves)
+
+    ref = grads(lightning_attention_naive)
+    got = grads(lambda *a: lightning_attention_chunk(*a, block_size=block_size))
+    for g, r in zip(got, ref, strict=True):
+        assert rel_err(g, r) < 1e-10
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_recurrent_steps_match_naive(dtype):
+    q, k, v, slope, state = inputs(37, dtype, with_state=True)
+    o_ref, s_ref = lightning_attention_naive(q, k, v, slope, state)
+    outs = []
+    for i in range(q.shape[1]):
+        o, state = lightning_attention_step(q[:, i], k[:, i], v[:, i], slope, state)
+        outs.append(o)
+    assert rel_err(torch.stack(outs, 1), o_ref) < TOL[dtype]
+    assert rel_err(state, s_ref) < TOL[dtype]
+
+
+def test_prefill_in_pieces_equals_whole():
+    """Continuing from a returned state is the same as one pass over the concatenation."""
+    q, k, v, slope, _ = inputs(150, torch.float64, with_state=False)
+    o_ref, s_ref = lightning_attention_naive(q, k, v, slope)
+    o1, s1 = lightning_attention(q[:, :77], k[:, :77], v[:, :77], slope, block_size=32)
+    o2, s2 = lightning_attention(q[:, 77:78], k[:, 77:78], v[:, 77:78], slope, s1)  # one decode step
+    o3, s3 = lightning_attention(q[:, 78:], k[:, 78:], v[:, 78:], slope, s2, block_size=16)
+    assert rel_err(torch.cat((o1, o2, o3), 1), o_ref) < 1e-10
+    assert rel_err(s3, s_ref) < 1e-10
+
+
+def test_empty_sequence_keeps_state():
+    q, k, v, slope, state = inputs(0, torch.float32, with_state=True)
+    o, s = lightning_attention_chunk(q, k, v, slope, state)
+    assert o.shape == (B, 0, H, D)
+    assert torch.equal(s, state)
+
+
+def test_bfloat16_inputs_keep_a_float32_state():
+    q, k, v, slope, state = inputs(100, torch.float32, with_state=True)
+    o_ref, s_ref = lightning_attention_naive(q.double(), k.double(), v.double(), slope.double(), state.double())
+    o, s = lightning_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), slope, state, block_size=32)
+    assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
+    assert rel_err(o, o_ref) < 2e-2
+    assert rel_err(s, s_ref) < 2e-2
+
+
+def test_block_size_must_be_a_power_of_two():
+    q, k, v, slope, _ = inputs(10, torch.float32, with_state=False)
+    with pytest.raises(ValueError, match="power of two, got 48"):
+        lightning_attention_chunk(q, k, v, slope, block_size=48)

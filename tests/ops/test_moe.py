@@ -1,0 +1,65 @@
+"""MoE routing and dispatch against a per-token, per-expert loop; the aux loss against transformers'."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hyla.ops.moe import load_balancing_loss, load_balancing_stats, route, swiglu_experts
+from tests.conftest import rel_err
+
+
+def reference_experts(x, weights, experts, gate_up, down):
+    inter = down.shape[-1]
+    out = torch.zeros_like(x)
+    for n in range(x.shape[0]):
+        for j in range(experts.shape[1]):
+            e = experts[n, j]
+            g, u = gate_up[e, :inter] @ x[n], gate_up[e, inter:] @ x[n]
+            out[n] += weights[n, j] * (down[e] @ (F.silu(g) * u))
+    return out
+
+
+@pytest.mark.parametrize(("n", "num_experts", "top_k"), [(1, 4, 2), (37, 8, 2), (50, 4, 4), (64, 16, 1)])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_swiglu_experts_match_per_token_loop(n, num_experts, top_k, grouped):
+    dtype = torch.float32 if grouped else torch.float64  # the grouped kernel has no float64
+    h, inter = 16, 24
+    x = torch.randn(n, h, dtype=dtype, requires_grad=True)
+    gate_up = (torch.randn(num_experts, 2 * inter, h, dtype=dtype) * 0.2).requires_grad_()
+    down = (torch.randn(num_experts, h, inter, dtype=dtype) * 0.2).requires_grad_()
+    _, weights, experts = route(torch.randn(n, num_experts), top_k)
+    weights = weights.to(dtype)
+    got = swiglu_experts(x, weights, experts, gate_up, down, grouped=grouped)
+    ref = reference_experts(x, weights, experts, gate_up, down)
+    tol = 1e-5 if grouped else 1e-12
+    assert rel_err(got, ref) < tol
+    dy = torch.randn_like(got)
+    g_got = torch.autograd.grad(got, (x, gate_up, down), dy)
+    g_ref = torch.autograd.grad(ref, (x, gate_up, down), dy)
+    for a, b in zip(g_got, g_ref, strict=True):
+        assert rel_err(a, b) < tol
+
+
+def test_route_renormalises_the_top_k():
+    logits = torch.randn(10, 6)
+    probs, weights, experts = route(logits, 3)
+    assert torch.allclose(weights.sum(-1), torch.ones(10))
+    assert torch.equal(experts, logits.topk(3, dim=-1).indices)
+    assert torch.allclose(probs, logits.softmax(-1))
+
+
+def test_load_balancing_loss_matches_transformers():
+    from transformers.models.minimax.modeling_minimax import load_balancing_loss_func
+
+    layers = [torch.randn(40, 8) for _ in range(3)]
+    stats = sum(load_balancing_stats(*route(logits, 2)[::2]) for logits in layers)
+    ours = load_balancing_loss(stats, 40 * 3)
+    theirs = load_balancing_loss_func(tuple(layers), 8, 2)
+    assert rel_err(ours, theirs) < 1e-6
+
+
+def test_balanced_routing_gives_the_minimum_loss():
+    # 20 tokens, top-2 of 4 experts, spread evenly with uniform probabilities: f_e = 2/4, P_e = 1/4,
+    # so E * sum_e f_e P_e = 4 * 4 * (1/2) * (1/4) = 2 = k, the loss's minimum.
+    stats = torch.stack((torch.full((4,), 10.0), torch.full((4,), 20 / 4)))
+    assert load_balancing_loss(stats, 20).item() == pytest.approx(2.0)
