@@ -27,5 +27,8 @@ def test_generate_from_a_directory(tmp_path):
 def test_bad_directory_is_one_clear_line(tmp_path):
     out = run("generate", str(tmp_path / "missing"))
     assert out.returncode == 2
-    assert out.stderr.strip() == f"hyla: error: model directory '{tmp_path / 'missing'}' does not exist or is not a directory"
+    assert (
+        out.stderr.strip()
+        == f"hyla: error: model directory '{tmp_path / 'missing'}' does not exist or is not a directory"
+    )
     assert "Traceback" not in out.stderr

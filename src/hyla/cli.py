@@ -12,6 +12,7 @@ from hyla.checkpoint import CheckpointError, load
 from hyla.config import ConfigError, preset
 from hyla.data.tokenizer import load_tokenizer
 from hyla.model import HylaForCausalLM
+from hyla.runtime import tune_malloc
 from hyla.serve.generate import generate
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -48,18 +49,21 @@ def run_generate(
     out: list[int] = []
     first = None
     text = ""
-    for token in generate(model, torch.tensor([ids]), max_new_tokens, temperature, top_k, seed,
-                          model.config.eos_token_id):
+    for token in generate(
+        model, torch.tensor([ids]), max_new_tokens, temperature, top_k, seed, model.config.eos_token_id
+    ):
         first = first or time.perf_counter()
         out.append(int(token[0]))
         new = tokenizer.decode(out)
-        print(new[len(text):], end="", flush=True)
+        print(new[len(text) :], end="", flush=True)
         text = new
     end = time.perf_counter()
     print()
     decode = f", decode {(len(out) - 1) / (end - first):.1f} tok/s" if len(out) > 1 else ""
-    print(f"# prompt {len(ids)} tokens, prefill {(first - start) * 1e3:.0f} ms; generated {len(out)} tokens"
-          f"{decode}", file=sys.stderr)
+    print(
+        f"# prompt {len(ids)} tokens, prefill {(first - start) * 1e3:.0f} ms; generated {len(out)} tokens{decode}",
+        file=sys.stderr,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,12 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    tune_malloc()
     try:
         if args.command == "generate":
             if args.max_new_tokens < 0:
                 raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-            run_generate(args.model_dir, args.preset, args.prompt, args.max_new_tokens, args.temperature,
-                         args.top_k, args.seed, args.dtype)
+            run_generate(
+                args.model_dir,
+                args.preset,
+                args.prompt,
+                args.max_new_tokens,
+                args.temperature,
+                args.top_k,
+                args.seed,
+                args.dtype,
+            )
     except (CheckpointError, ConfigError, ValueError) as e:
         print(f"hyla: error: {e}", file=sys.stderr)
         return 2

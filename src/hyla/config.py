@@ -89,9 +89,18 @@ class HylaConfig:
         self.validate()
 
     def _check_positive(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "num_experts", "num_experts_per_tok",
-                     "max_position_embeddings", "block_size"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "num_experts",
+            "num_experts_per_tok",
+            "max_position_embeddings",
+            "block_size",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -108,15 +117,12 @@ class HylaConfig:
             )
         if self.num_experts_per_tok > self.num_experts:
             raise ConfigError(
-                f"num_experts_per_tok ({self.num_experts_per_tok}) cannot exceed num_experts "
-                f"({self.num_experts})"
+                f"num_experts_per_tok ({self.num_experts_per_tok}) cannot exceed num_experts ({self.num_experts})"
             )
         if self.block_size & (self.block_size - 1):
             raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
         if not 0 < self.rotary_dim <= self.head_dim or self.rotary_dim % 2:
-            raise ConfigError(
-                f"rotary_dim must be even and in (0, head_dim={self.head_dim}], got {self.rotary_dim}"
-            )
+            raise ConfigError(f"rotary_dim must be even and in (0, head_dim={self.head_dim}], got {self.rotary_dim}")
         if len(self.layer_types) != self.num_hidden_layers:
             raise ConfigError(
                 f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is "
@@ -168,10 +174,19 @@ class HylaConfig:
 
 PRESETS: dict[str, dict] = {
     # For tests: every code path, in milliseconds.
-    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=64, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
-                 block_size=16, layer_types=[LIGHTNING, LIGHTNING, LIGHTNING, SOFTMAX],
-                 max_position_embeddings=2048),
+    "tiny": dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        block_size=16,
+        layer_types=[LIGHTNING, LIGHTNING, LIGHTNING, SOFTMAX],
+        max_position_embeddings=2048,
+    ),
     # ~70M parameters (~40M active), hybrid 7:1: the CPU demo and the benchmarks.
     "small": dict(),
 }

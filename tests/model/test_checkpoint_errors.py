@@ -88,5 +88,5 @@ def test_corrupt_weights_file(saved):
 def test_missing_shard(tmp_path):
     hyla.HylaForCausalLM(hyla.preset("tiny")).save_pretrained(tmp_path, max_shard_size=100_000)
     next(tmp_path.glob("model-00002-*.safetensors")).unlink()
-    with pytest.raises(CheckpointError, match="shard .* is missing"):
+    with pytest.raises(CheckpointError, match=r"shard .* is missing"):
         hyla.load(tmp_path)

@@ -12,7 +12,7 @@ from tests.conftest import rel_err
 
 def reference_attention(q, k, v):
     """Explicit softmax(QK^T / sqrt(D) + causal mask) V with the queries at the end of the keys."""
-    b, tq, hq, d = q.shape
+    tq, hq, d = q.shape[1:]
     tk, hkv = k.shape[1], k.shape[2]
     k = k.repeat_interleave(hq // hkv, dim=2)
     v = v.repeat_interleave(hq // hkv, dim=2)

@@ -31,9 +31,21 @@ _FACTORS = (
     ("mlp_alpha_factor", "mlp_alpha_factor", "layernorm_mlp_alpha"),
     ("mlp_beta_factor", "mlp_beta_factor", "layernorm_mlp_beta"),
 )
-_SAME = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-         "num_experts_per_tok", "max_position_embeddings", "block_size", "rms_norm_eps",
-         "tie_word_embeddings", "initializer_range", "hidden_act", "router_aux_loss_coef")
+_SAME = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_experts_per_tok",
+    "max_position_embeddings",
+    "block_size",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "initializer_range",
+    "hidden_act",
+    "router_aux_loss_coef",
+)
 # Buffers transformers saves that hyla derives from the config.
 _DERIVED = re.compile(r"model\.layers\.\d+\.self_attn\.(slope_rate|query_decay|key_decay|diagonal_decay)$")
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
@@ -137,9 +149,7 @@ def state_dict_from_hf(tensors: Mapping[str, Tensor], config: HylaConfig) -> dic
         for w, found in parts.items():
             missing = sorted(set(range(config.num_experts)) - set(found))
             if missing:
-                raise KeyError(
-                    f"missing tensor model.layers.{layer}.block_sparse_moe.experts.{missing[0]}.{w}.weight"
-                )
+                raise KeyError(f"missing tensor model.layers.{layer}.block_sparse_moe.experts.{missing[0]}.{w}.weight")
         prefix = f"model.layers.{layer}.mlp."
         out[prefix + "gate_up_proj"] = torch.stack(
             [torch.cat((parts["w1"][e], parts["w3"][e])) for e in range(config.num_experts)]

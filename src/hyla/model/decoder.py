@@ -55,17 +55,24 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SparseMoE(config)
 
-    def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor], cache: DecodeCache | None
-    ) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: DecodeCache | None) -> tuple[Tensor, Tensor]:
         h = self.input_layernorm(x)
         residual = h if self.postnorm else x
         a = self.self_attn(h, cache) if self.is_lightning else self.self_attn(h, rope, cache)
-        x = residual * self.attn_alpha + a * self.attn_beta
+        x = _scaled_sum(residual, self.attn_alpha, a, self.attn_beta)
         h = self.post_attention_layernorm(x)
         residual = h if self.postnorm else x
         m, stats = self.mlp(h)
-        return residual * self.mlp_alpha + m * self.mlp_beta, stats
+        return _scaled_sum(residual, self.mlp_alpha, m, self.mlp_beta), stats
+
+
+def _scaled_sum(x: Tensor, alpha: float, y: Tensor, beta: float) -> Tensor:
+    """``alpha * x + beta * y``, written into ``y``: a sublayer's fresh output, which no backward needs.
+
+    Multiplications by 1 are skipped (exact: ``1 * x == x`` in floating point).
+    """
+    y = y if beta == 1 else y.mul_(beta)
+    return y.add_(x) if alpha == 1 else y.add_(x, alpha=alpha)
 
 
 class HylaModel(nn.Module):
@@ -160,9 +167,7 @@ class HylaForCausalLM(nn.Module):
         aux_loss = load_balancing_loss(stats, rows)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
-            )
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutput(logits=logits, aux_loss=aux_loss, loss=loss)
 
     def save_pretrained(self, path: str | Path, max_shard_size: int = 5 * 2**30) -> None:

@@ -52,7 +52,9 @@ class LightningAttention(nn.Module):
     def forward(self, x: Tensor, cache: DecodeCache | None = None) -> Tensor:
         """``x`` ``[B, T, hidden]`` -> ``[B, T, hidden]``; with a ``cache``, continues and updates its state."""
         b, t, _ = x.shape
-        qkv = F.silu(self.qkv_proj(x)).view(b, t, self.num_heads, 3 * self.head_dim)
+        # In place when no backward will need the projection's output.
+        inplace = not torch.is_grad_enabled()
+        qkv = F.silu(self.qkv_proj(x), inplace=inplace).view(b, t, self.num_heads, 3 * self.head_dim)
         q, k, v = qkv.split(self.head_dim, dim=-1)  # each [B, T, H, D]
         state = cache.lightning_state(self.layer_idx) if cache is not None else None
         block_size = self.block_size if x.is_cuda else min(self.block_size, CPU_BLOCK_SIZE)
@@ -60,4 +62,5 @@ class LightningAttention(nn.Module):
         if cache is not None:
             cache.set_lightning_state(self.layer_idx, state)
         o = self.norm(o.reshape(b, t, -1))
-        return self.out_proj(torch.sigmoid(self.output_gate(x)) * o)
+        gate = torch.sigmoid(self.output_gate(x))
+        return self.out_proj(gate.mul_(o) if inplace else gate * o)

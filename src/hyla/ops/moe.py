@@ -47,7 +47,7 @@ def swiglu_experts(
     Returns:
         ``[N, H]`` in ``x``'s dtype.
     """
-    n, top_k = experts.shape
+    top_k = experts.shape[1]
     num_experts = gate_up_proj.shape[0]
     flat = experts.reshape(-1)
     order = torch.argsort(flat, stable=True)  # [N * k], grouped by expert
@@ -59,16 +59,22 @@ def swiglu_experts(
         gate, up = torch._grouped_mm(xs, gate_up_proj.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
         ys = torch._grouped_mm(F.silu(gate) * up, down_proj.transpose(1, 2), offs=offsets)
     else:
-        ys = torch.cat([_swiglu(chunk, gate_up_proj[e], down_proj[e])
-                        for e, chunk in enumerate(xs.split(counts.tolist())) if chunk.shape[0]]
-                       or [xs[:0]])
-    ys = ys * weights.reshape(-1)[order, None]
+        ys = torch.cat(
+            [
+                _swiglu(chunk, gate_up_proj[e], down_proj[e])
+                for e, chunk in enumerate(xs.split(counts.tolist()))
+                if chunk.shape[0]
+            ]
+            or [xs[:0]]
+        )
+    # (In-place: ys is a fresh matmul/cat output that no backward needs.)
+    ys = ys.mul_(weights.reshape(-1)[order, None].to(ys.dtype))
     return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
 
 
 def _swiglu(x: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
     gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, down)
+    return F.linear(F.silu(gate).mul_(up), down)
 
 
 def load_balancing_stats(probs: Tensor, experts: Tensor) -> Tensor:

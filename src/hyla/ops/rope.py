@@ -28,8 +28,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     Rotation pairs channel ``i`` with ``i + R/2`` ("rotate half"), the convention of transformers' MiniMax.
     """
     r = cos.shape[-1]
-    rot, rest = x[..., :r], x[..., r:]
     half = r // 2
-    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
-    out = rot * cos[:, :, None] + rotated * sin[:, :, None]
-    return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
+    x1, x2, rest = x[..., :half], x[..., half:r], x[..., r:]
+    c, s = cos[:, :, None, :half], sin[:, :, None, :half]  # the two halves of cos/sin are equal
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s, rest), dim=-1)

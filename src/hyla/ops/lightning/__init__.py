@@ -37,8 +37,6 @@ def lightning_attention(
     The state is float32 (float64 for float64 inputs) whatever the inputs' dtype.
     """
     if q.shape[1] == 1 and initial_state is not None:
-        o, state = lightning_attention_step(
-            q[:, 0], k[:, 0], v[:, 0], slope, initial_state.to(compute_dtype(q.dtype))
-        )
+        o, state = lightning_attention_step(q[:, 0], k[:, 0], v[:, 0], slope, initial_state.to(compute_dtype(q.dtype)))
         return o[:, None], state
     return lightning_attention_chunk(q, k, v, slope, initial_state, block_size)

@@ -69,20 +69,37 @@ def lightning_attention_chunk(
     # Inside a block: M[i, j] = exp(-s (i - j)) for j <= i, else 0.
     gap = r[:, None] - r[None, :]
     mask = torch.where(gap >= 0, torch.exp(-s[:, :, None] * gap.clamp(min=0)), 0.0)  # [H, c, c]
-    o = torch.matmul(torch.matmul(q, k.transpose(-1, -2)) * mask[:, None], v)  # [B, H, n, c, D]
+    # (In-place ops below are on matmul outputs, which their backward does not need.)
+    o = torch.matmul(torch.matmul(q, k.transpose(-1, -2)).mul_(mask[:, None]), v)  # [B, H, n, c, D]
 
     # Each key's decay up to the end of its block; the last block ends at token T - 1, not at its padding.
     key_decay = torch.exp(-s * (c - 1 - r))[:, None].repeat(1, n, 1)  # [H, n, c]
     key_decay[:, -1] = torch.where(r < last, torch.exp(-s * (last - 1 - r).clamp(min=0)), 0.0)
     kv = torch.matmul((k * key_decay[..., None]).transpose(-1, -2), v)  # [B, H, n, D, D]
 
-    block_decay = torch.exp(-s * c)[:, :, None]  # [H, 1, 1]
-    states = [state]
-    for i in range(n - 1):
-        states.append(block_decay * states[-1] + kv[:, :, i])
-    final = torch.exp(-s * last)[:, :, None] * states[-1] + kv[:, :, -1]
+    states = _scan(kv, torch.exp(-s * c)[:, :, None], state)  # [B, H, n, D, D]: the state entering each block
+    final = torch.exp(-s * last)[:, :, None] * states[:, :, -1] + kv[:, :, -1]
     query_decay = torch.exp(-s * (r + 1))[:, None, :, None]  # [H, 1, c, 1]
-    o = o + torch.matmul(q * query_decay, torch.stack(states, dim=2))
+    # (q ⊙ decay_r) S == decay_r ⊙ (q S): the decay scales whole output rows.
+    o = o.addcmul_(torch.matmul(q, states), query_decay)
 
     o = o.view(b, h, n * c, d)[:, :, :t].transpose(1, 2)
     return o.to(out_dtype), final
+
+
+def _scan(kv: Tensor, block_decay: Tensor, state: Tensor) -> Tensor:
+    """States entering each block: ``S_0 = state``, ``S_{i+1} = block_decay * S_i + kv_i``; ``[B, H, n, D, D]``.
+
+    Without autograd the states are written in place into one preallocated tensor; with it, stacked.
+    """
+    n = kv.shape[2]
+    if not torch.is_grad_enabled() or not (kv.requires_grad or state.requires_grad):
+        states = kv.new_empty(kv.shape)
+        states[:, :, 0] = state
+        for i in range(n - 1):
+            torch.addcmul(kv[:, :, i], block_decay, states[:, :, i], out=states[:, :, i + 1])
+        return states
+    out = [state]
+    for i in range(n - 1):
+        out.append(block_decay * out[-1] + kv[:, :, i])
+    return torch.stack(out, dim=2)

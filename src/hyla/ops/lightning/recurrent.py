@@ -6,9 +6,7 @@ import torch
 from torch import Tensor
 
 
-def lightning_attention_step(
-    q: Tensor, k: Tensor, v: Tensor, slope: Tensor, state: Tensor
-) -> tuple[Tensor, Tensor]:
+def lightning_attention_step(q: Tensor, k: Tensor, v: Tensor, slope: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
     """Advance the state by one token and read it out.
 
     Args:
