@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import platform
 import tempfile
 import time
@@ -92,9 +93,8 @@ def main() -> None:
             ids = torch.randint(0, config.vocab_size, (1, t))
             runs = {"hyla": [], "transformers": [], "hyla bf16": []}
             for _ in range(args.repeats):  # alternate, so both see the same machine state
-                runs["hyla"].append(best_time(lambda: ours(ids, logits_to_keep=1), 1))
-                runs["transformers"].append(best_time(lambda: theirs(ids, logits_to_keep=1), 1))
-                runs["hyla bf16"].append(best_time(lambda: ours_bf16(ids, logits_to_keep=1), 1))
+                for name, model in (("hyla", ours), ("transformers", theirs), ("hyla bf16", ours_bf16)):
+                    runs[name].append(best_time(functools.partial(model, ids, logits_to_keep=1), 1))
             best = {k: min(v) for k, v in runs.items()}
             ref = ours(ids, logits_to_keep=1).logits.float()
             bf16_err = ((ours_bf16(ids, logits_to_keep=1).logits.float() - ref).abs().max() / ref.abs().max()).item()
@@ -129,11 +129,12 @@ def main() -> None:
     print(f"float32 matmul peak measured: {peak / 1e9:.0f} GFLOP/s")
     print(table)
     if not args.no_append:
+        lightning = config.layer_types.count(LIGHTNING)
+        softmax = config.num_hidden_layers - lightning
         with RESULTS.open("a") as f:
             f.write(
-                f"\n### Prefill, {args.preset} ({config.num_parameters() / 1e6:.1f}M, "
-                f"{config.layer_types.count(LIGHTNING)}:{config.num_hidden_layers - config.layer_types.count(LIGHTNING)}"
-                f" hybrid) — {datetime.date.today()}\n\n"
+                f"\n### Prefill, {args.preset} ({config.num_parameters() / 1e6:.1f}M, {lightning}:{softmax} hybrid)"
+                f" — {datetime.date.today()}\n\n"
                 f"Machine: {machine}; float32 matmul peak {peak / 1e9:.0f} GFLOP/s.\n"
                 f"Command: `python benchmarks/prefill.py --lengths {' '.join(map(str, args.lengths))} "
                 f"--repeats {args.repeats}`\n\n{table}\n"

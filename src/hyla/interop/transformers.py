@@ -160,9 +160,36 @@ def state_dict_from_hf(tensors: Mapping[str, Tensor], config: HylaConfig) -> dic
     return out
 
 
+def lightning_decay_buffers(num_heads: int, layer_idx: int, config: HylaConfig) -> dict[str, Tensor]:
+    """The decay tables transformers' lightning layer keeps as saved buffers, computed as it does (float32).
+
+    hyla derives them from the config and ignores them on load; writing them lets transformers load a hyla
+    checkpoint with no missing key.
+    """
+    from hyla.model.lightning import lightning_slopes
+
+    slope = lightning_slopes(num_heads, layer_idx, config.num_hidden_layers)[:, None, None]  # [H, 1, 1]
+    steps = torch.arange(config.block_size) + 1
+    diagonal = slope * (steps[:, None] - steps[None, :])[None, None]
+    return {
+        "slope_rate": slope,
+        "query_decay": torch.exp(-slope * steps[:, None]),
+        "key_decay": torch.exp(-slope * (config.block_size - steps[:, None])),
+        "diagonal_decay": torch.exp(torch.where(diagonal >= 0, -diagonal, float("-inf"))),
+    }
+
+
 def state_dict_to_hf(state: Mapping[str, Tensor], config: HylaConfig) -> dict[str, Tensor]:
-    """hyla's tensor names -> the per-expert layout transformers writes and reads (``w1/w2/w3``)."""
+    """hyla's tensor names -> the per-expert layout transformers writes and reads (``w1/w2/w3``).
+
+    The lightning layers' decay tables (:func:`lightning_decay_buffers`) are added, as transformers saves them.
+    """
     out: dict[str, Tensor] = {}
+    dtype = next(iter(state.values())).dtype
+    for i, kind in enumerate(config.layer_types):
+        if kind == LIGHTNING:
+            for name, tensor in lightning_decay_buffers(config.num_attention_heads, i, config).items():
+                out[f"model.layers.{i}.self_attn.{name}"] = tensor.to(dtype)
     inter = config.intermediate_size
     for name, tensor in state.items():
         if config.tie_word_embeddings and name == "lm_head.weight":

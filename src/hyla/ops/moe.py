@@ -53,7 +53,7 @@ def swiglu_experts(
     order = torch.argsort(flat, stable=True)  # [N * k], grouped by expert
     token = order // top_k
     counts = torch.bincount(flat, minlength=num_experts)
-    xs = x[token]  # [N * k, H]
+    xs = x.index_select(0, token)  # [N * k, H]
     if x.is_cuda if grouped is None else grouped:
         offsets = torch.cumsum(counts, 0).to(torch.int32)
         gate, up = torch._grouped_mm(xs, gate_up_proj.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
