@@ -49,9 +49,17 @@ def run_generate(
     out: list[int] = []
     first = None
     text = ""
-    for token in generate(
-        model, torch.tensor([ids]), max_new_tokens, temperature, top_k, seed, model.config.eos_token_id
-    ):
+    tokens = generate(
+        model,
+        torch.tensor([ids]),
+        max_new_tokens,
+        temperature,
+        top_k,
+        seed,
+        model.config.eos_token_id,
+        vocab_limit=tokenizer.get_vocab_size(),
+    )
+    for token in tokens:
         first = first or time.perf_counter()
         out.append(int(token[0]))
         new = tokenizer.decode(out)

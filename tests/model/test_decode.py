@@ -47,3 +47,10 @@ def test_stops_at_eos():
     ids = torch.randint(0, 512, (1, 5))
     first = next(iter(generate(model, ids, 1)))
     assert len(list(generate(model, ids, 10, eos_token_id=int(first[0])))) == 1
+
+
+def test_vocab_limit_keeps_ids_the_tokenizer_knows():
+    model = hyla.HylaForCausalLM(hyla.preset("tiny")).eval()
+    ids = torch.randint(0, 512, (4, 3))
+    tokens = torch.stack(list(generate(model, ids, 30, temperature=2.0, seed=1, vocab_limit=100)))
+    assert int(tokens.max()) < 100

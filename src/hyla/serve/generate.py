@@ -7,6 +7,7 @@ tested against.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -38,6 +39,7 @@ def generate(
     top_k: int = 0,
     seed: int | None = None,
     eos_token_id: int | None = None,
+    vocab_limit: int | None = None,
 ) -> Iterator[Tensor]:
     """Yield the next token of every sequence, ``[B]``, up to ``max_new_tokens`` times.
 
@@ -45,6 +47,7 @@ def generate(
         input_ids: ``[B, T]`` prompts of equal length (``T >= 1``).
         temperature: 0 for greedy decoding.
         eos_token_id: stop once every sequence has produced it.
+        vocab_limit: never produce ids at or above it (a model vocabulary padded past its tokenizer's).
     """
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be a non-empty [batch, seq_len] tensor, got {tuple(input_ids.shape)}")
@@ -52,7 +55,8 @@ def generate(
     if seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)
     cache = DecodeCache()
-    logits = model(input_ids, cache=cache, logits_to_keep=1).logits[:, -1]
+    step = functools.partial(model, cache=cache, logits_to_keep=1)
+    logits = step(input_ids).logits[:, -1, :vocab_limit]
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     for _ in range(max_new_tokens):
         token = sample(logits, temperature, top_k, generator)
@@ -61,4 +65,4 @@ def generate(
             finished |= token == eos_token_id
             if bool(finished.all()):
                 return
-        logits = model(token[:, None], cache=cache).logits[:, -1]
+        logits = step(token[:, None]).logits[:, -1, :vocab_limit]
