@@ -16,6 +16,13 @@ def saved(tmp_path):
     return tmp_path / "m"
 
 
+def edit_weights(saved, edit) -> None:
+    """Rewrite the saved safetensors file after ``edit`` changes its dict of tensors."""
+    tensors = load_file(saved / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, saved / "model.safetensors")
+
+
 def test_missing_directory(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         hyla.load(tmp_path / "nope")
@@ -56,25 +63,19 @@ def test_missing_weights_file(saved):
 
 
 def test_missing_tensor_is_named(saved):
-    tensors = load_file(saved / "model.safetensors")
-    del tensors["model.layers.3.self_attn.k_proj.weight"]
-    save_file(tensors, saved / "model.safetensors")
+    edit_weights(saved, lambda t: t.pop("model.layers.3.self_attn.k_proj.weight"))
     with pytest.raises(CheckpointError, match=r"model\.layers\.3\.self_attn\.k_proj\.weight"):
         hyla.load(saved)
 
 
 def test_missing_expert_is_named(saved):
-    tensors = load_file(saved / "model.safetensors")
-    del tensors["model.layers.1.block_sparse_moe.experts.2.w3.weight"]
-    save_file(tensors, saved / "model.safetensors")
+    edit_weights(saved, lambda t: t.pop("model.layers.1.block_sparse_moe.experts.2.w3.weight"))
     with pytest.raises(CheckpointError, match=r"experts\.2\.w3\.weight"):
         hyla.load(saved)
 
 
 def test_misshaped_tensor_is_named(saved):
-    tensors = load_file(saved / "model.safetensors")
-    tensors["model.norm.weight"] = torch.ones(3)
-    save_file(tensors, saved / "model.safetensors")
+    edit_weights(saved, lambda t: t.update({"model.norm.weight": torch.ones(3)}))
     with pytest.raises(CheckpointError, match=r"'model\.norm\.weight' has shape \(3,\), expected \(64,\)"):
         hyla.load(saved)
 
