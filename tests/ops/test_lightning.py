@@ -102,3 +102,49 @@ def test_block_size_must_be_a_power_of_two():
     q, k, v, slope, _ = inputs(10, torch.float32, with_state=False)
     with pytest.raises(ValueError, match="power of two, got 48"):
         lightning_attention_chunk(q, k, v, slope, block_size=48)
+
+
+def varlen_reference(q, k, v, slope, states, lengths):
+    """Each packed sequence through the naive recurrence on its own."""
+    outs, finals, start = [], [], 0
+    for i, length in enumerate(lengths):
+        init = None if states is None else states[i : i + 1]
+        o, s = lightning_attention_naive(q[:, start : start + length], k[:, start : start + length],
+                                         v[:, start : start + length], slope, init)  # fmt: skip
+        outs.append(o)
+        finals.append(s)
+        start += length
+    return torch.cat(outs, dim=1), torch.cat(finals)
+
+
+@pytest.mark.parametrize("lengths", [[1, 17, 64, 200], [200, 0, 1], [5], [0, 0]])
+@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_varlen_matches_each_sequence_alone(lengths, block_size, with_state):
+    total, n = sum(lengths), len(lengths)
+    q, k, v = (torch.randn(1, total, H, D, dtype=torch.float64) * 0.5 for _ in range(3))
+    slope = 2.0 ** (-8 * (torch.arange(H, dtype=torch.float64) + 1) / H)
+    states = torch.randn(n, H, D, D, dtype=torch.float64) if with_state else None
+    leaves = [x.requires_grad_() for x in (q, k, v) + ((states,) if with_state else ())]
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    o, s = lightning_attention(q, k, v, slope, states, block_size, cu_seqlens=cu_seqlens)
+    o_ref, s_ref = varlen_reference(q, k, v, slope, states, lengths)
+    assert o.shape == (1, total, H, D) and s.shape == (n, H, D, D)
+    if total:
+        assert rel_err(o, o_ref) < 1e-10
+    assert rel_err(s, s_ref) < 1e-10 if with_state or total else torch.equal(s, s_ref)
+    if total:
+        do, ds = torch.randn_like(o), torch.randn_like(s)
+        got = torch.autograd.grad((o * do).sum() + (s * ds).sum(), leaves)
+        ref = torch.autograd.grad((o_ref * do).sum() + (s_ref * ds).sum(), leaves)
+        for g, r in zip(got, ref, strict=True):
+            assert rel_err(g, r) < 1e-10
+
+
+def test_varlen_rejects_a_batch_and_bad_offsets():
+    q = torch.randn(2, 10, H, D)
+    slope = torch.ones(H)
+    with pytest.raises(ValueError, match="packed as \\[1, total, H, D\\], got batch 2"):
+        lightning_attention_chunk(q, q, q, slope, cu_seqlens=torch.tensor([0, 10]))
+    with pytest.raises(ValueError, match="must rise from 0 to the packed length 10"):
+        lightning_attention_chunk(q[:1], q[:1], q[:1], slope, cu_seqlens=torch.tensor([0, 4, 9]))

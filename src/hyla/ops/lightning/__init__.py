@@ -30,13 +30,16 @@ def lightning_attention(
     slope: Tensor,
     initial_state: Tensor | None = None,
     block_size: int = 64,
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Causal lightning attention over ``[B, T, H, D]`` inputs; returns ``(o [B, T, H, D], state [B, H, D, D])``.
 
+    With ``cu_seqlens`` (``[N + 1]`` offsets), ``B = 1`` holds ``N`` packed sequences, each starting from its
+    own initial state (``[N, H, D, D]``, zeros if omitted), and the final states are ``[N, H, D, D]``.
     A single token continuing a state takes the recurrent step; anything longer takes the blockwise path.
     The state is float32 (float64 for float64 inputs) whatever the inputs' dtype.
     """
-    if q.shape[1] == 1 and initial_state is not None:
+    if q.shape[1] == 1 and initial_state is not None and cu_seqlens is None:
         o, state = lightning_attention_step(q[:, 0], k[:, 0], v[:, 0], slope, initial_state.to(compute_dtype(q.dtype)))
         return o[:, None], state
-    return lightning_attention_chunk(q, k, v, slope, initial_state, block_size)
+    return lightning_attention_chunk(q, k, v, slope, initial_state, block_size, cu_seqlens)

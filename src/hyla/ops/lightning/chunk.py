@@ -5,12 +5,17 @@ the decay mask ``M[i, j] = exp(-s (i - j))`` for ``j <= i``. Between blocks, a `
 everything earlier: block ``i`` reads ``(Q_i ⊙ exp(-s (r + 1))) S_i`` (``r`` the position in the block) and
 adds ``(K_i ⊙ exp(-s (C - 1 - r)))^T V_i`` to the state it hands on, after decaying it by ``exp(-s C)``.
 
+Varlen (``cu_seqlens``): packed sequences ``[1, ΣT, H, D]`` are laid out so that no block holds two
+sequences (a sequence's last block may be partial), and the state restarts at each sequence's first block.
+
 Cost: ``O(T C D + T D^2)`` per head. All matrix products run batched over every block at once; only the
 state hand-over ``S_{i+1} = exp(-s C) S_i + KV_i`` is a loop, over ``T / C`` blocks, because it is a
 sequential scan whose batched (all-pairs) form costs ``O((T / C)^2 D^2)`` — quadratic in length.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -29,77 +34,154 @@ def lightning_attention_chunk(
     slope: Tensor,
     initial_state: Tensor | None = None,
     block_size: int = 64,
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Causal linear attention with per-head decay, computed blockwise.
 
     Args:
         q, k, v: ``[B, T, H, D]``; any ``T`` (not necessarily a multiple of ``block_size``), ``T = 0`` too.
+            With ``cu_seqlens``, ``B = 1`` and the ``N`` sequences are packed along ``T``.
         slope: ``[H]`` per-head decay rate ``s_h``.
-        initial_state: optional ``[B, H, D, D]`` state before the first token (zeros if omitted).
+        initial_state: optional state before the first token (zeros if omitted): ``[B, H, D, D]``, or
+            ``[N, H, D, D]`` with ``cu_seqlens``.
         block_size: tokens per block, a power of two; the result does not depend on it beyond rounding.
+        cu_seqlens: optional ``[N + 1]`` int offsets of the packed sequences (``0, T_0, T_0 + T_1, ...``).
 
     Returns:
-        ``o`` ``[B, T, H, D]`` in ``q``'s dtype, and the final state ``[B, H, D, D]`` in float32 (float64
-        for float64 inputs).
+        ``o`` ``[B, T, H, D]`` in ``q``'s dtype, and the final state(s), ``[B, H, D, D]`` (``[N, H, D, D]`` with
+        ``cu_seqlens``) in float32 (float64 for float64 inputs).
 
     Example::
 
-        o, state = lightning_attention_chunk(q, k, v, slope)                       # from zeros
+        o, state = lightning_attention_chunk(q, k, v, slope)                            # from zeros
         o2, state2 = lightning_attention_chunk(q2, k2, v2, slope, initial_state=state)  # continue
+        o, states = lightning_attention_chunk(q, k, v, slope, cu_seqlens=torch.tensor([0, 17, 81]))
     """
     if block_size <= 0 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two, got {block_size}")
+    if cu_seqlens is not None:
+        return _varlen(q, k, v, slope, initial_state, block_size, cu_seqlens)
     b, t, h, d = q.shape
-    out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
+    dtype = compute_dtype(q.dtype)
     state = q.new_zeros(b, h, d, d, dtype=dtype) if initial_state is None else initial_state.to(dtype)
     if t == 0:
         return q.new_zeros(b, 0, h, d), state
-
     c = min(block_size, t)
     n = -(-t // c)
-    last = t - (n - 1) * c  # tokens in the last block, 1..c
-    s = slope.to(dtype)[:, None]  # [H, 1]
 
     def blocks(x: Tensor) -> Tensor:  # [B, T, H, D] -> [B, H, n, c, D]
         x = x.to(dtype).transpose(1, 2)
         return F.pad(x, (0, 0, 0, n * c - t)).view(b, h, n, c, d)
 
-    q, k, v = blocks(q), blocks(k), blocks(v)
-    r = torch.arange(c, device=q.device, dtype=dtype)
+    lengths = torch.full((n,), c, device=q.device, dtype=dtype)
+    lengths[-1] = t - (n - 1) * c
+    o, final = _blocked(blocks(q), blocks(k), blocks(v), slope.to(dtype), lengths, [0], state[None], [n - 1])
+    o = o.view(b, h, n * c, d)[:, :, :t].transpose(1, 2)
+    return o.to(q.dtype), final[:, :, 0]
+
+
+def _varlen(
+    q: Tensor, k: Tensor, v: Tensor, slope: Tensor, initial_state: Tensor | None, block_size: int, cu_seqlens: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Packed sequences: gather them into blocks that never straddle two sequences, run, scatter back."""
+    b, t, h, d = q.shape
+    if b != 1:
+        raise ValueError(f"with cu_seqlens, pass the sequences packed as [1, total, H, D], got batch {b}")
+    offsets = cu_seqlens.tolist()
+    lengths = [hi - lo for lo, hi in itertools.pairwise(offsets)]
+    if offsets[0] != 0 or offsets[-1] != t or min(lengths, default=0) < 0:
+        raise ValueError(f"cu_seqlens must rise from 0 to the packed length {t}, got {offsets}")
+    num_seqs, dtype, device = len(lengths), compute_dtype(q.dtype), q.device
+    init = q.new_zeros(num_seqs, h, d, d, dtype=dtype) if initial_state is None else initial_state.to(dtype)
+    if t == 0:
+        return q.new_zeros(1, 0, h, d), init
+    c = min(block_size, max(lengths))
+    per_seq = [-(-length // c) for length in lengths]  # blocks of each sequence (0 if empty)
+    first = [sum(per_seq[:i]) for i in range(num_seqs)]
+    n = sum(per_seq)
+    # For every slot of every block, the packed token it holds, or t (a zero row) for padding.
+    seq_of_block = torch.repeat_interleave(torch.arange(num_seqs), torch.tensor(per_seq))
+    block_in_seq = torch.arange(n) - torch.tensor(first)[seq_of_block]
+    pos_in_seq = block_in_seq[:, None] * c + torch.arange(c)[None]  # [n, c]
+    valid = pos_in_seq < torch.tensor(lengths)[seq_of_block][:, None]
+    slot_token = torch.where(valid, torch.tensor(offsets[:-1])[seq_of_block][:, None] + pos_in_seq, t).to(device)
+
+    def blocks(x: Tensor) -> Tensor:  # [1, T, H, D] -> [1, H, n, c, D]
+        x = F.pad(x[0].to(dtype), (0, 0, 0, 0, 0, 1))  # [T + 1, H, D], the last row zeros
+        return x.index_select(0, slot_token.reshape(-1)).view(n, c, h, d).permute(2, 0, 1, 3)[None]
+
+    block_lengths = valid.sum(1).to(device=device, dtype=dtype)
+    seqs = [i for i in range(num_seqs) if per_seq[i]]
+    starts = [first[i] for i in seqs]
+    ends = [first[i] + per_seq[i] - 1 for i in seqs]
+    o, finals = _blocked(blocks(q), blocks(k), blocks(v), slope.to(dtype), block_lengths, starts,
+                         init[seqs][:, None], ends)  # fmt: skip
+    token_slot = valid.reshape(-1).nonzero().squeeze(1).to(device)  # slots in packed-token order
+    o = o[0].permute(1, 2, 0, 3).reshape(n * c, h, d).index_select(0, token_slot)
+    final = init.clone()
+    final[seqs] = finals[0].transpose(0, 1)
+    return o[None].to(q.dtype), final
+
+
+def _blocked(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    s: Tensor,
+    lengths: Tensor,
+    starts: list[int],
+    init: Tensor,
+    ends: list[int],
+) -> tuple[Tensor, Tensor]:
+    """The blockwise algorithm on blocks that each hold one sequence's tokens, left-aligned.
+
+    Args:
+        q, k, v: ``[B, H, n, c, D]``, zeros in padding slots.
+        s: ``[H]`` slopes. lengths: ``[n]`` tokens in each block (``1..c``).
+        starts: blocks where a sequence starts; its state there is ``init[j]`` (``[len(starts), B, H, D, D]``).
+        ends: each sequence's last block, where its final state is read.
+
+    Returns:
+        ``o`` ``[B, H, n, c, D]`` and the final states ``[B, H, len(ends), D, D]``.
+    """
+    c = q.shape[3]
+    s = s[:, None]  # [H, 1]
+    r = torch.arange(c, device=q.device, dtype=q.dtype)
     # Inside a block: M[i, j] = exp(-s (i - j)) for j <= i, else 0.
     gap = r[:, None] - r[None, :]
     mask = torch.where(gap >= 0, torch.exp(-s[:, :, None] * gap.clamp(min=0)), 0.0)  # [H, c, c]
     # (In-place ops below are on matmul outputs, which their backward does not need.)
     o = torch.matmul(torch.matmul(q, k.transpose(-1, -2)).mul_(mask[:, None]), v)  # [B, H, n, c, D]
 
-    # Each key's decay up to the end of its block; the last block ends at token T - 1, not at its padding.
-    key_decay = torch.exp(-s * (c - 1 - r))[:, None].repeat(1, n, 1)  # [H, n, c]
-    key_decay[:, -1] = torch.where(r < last, torch.exp(-s * (last - 1 - r).clamp(min=0)), 0.0)
+    # Each key's decay to the end of its block's tokens (a partial block ends before its padding).
+    until_end = lengths[:, None] - 1 - r  # [n, c]
+    key_decay = torch.where(until_end >= 0, torch.exp(-s[:, :, None] * until_end.clamp(min=0)), 0.0)
     kv = torch.matmul((k * key_decay[..., None]).transpose(-1, -2), v)  # [B, H, n, D, D]
+    block_decay = torch.exp(-s * lengths)[..., None, None]  # [H, n, 1, 1]
 
-    states = _scan(kv, torch.exp(-s * c)[:, :, None], state)  # [B, H, n, D, D]: the state entering each block
-    final = torch.exp(-s * last)[:, :, None] * states[:, :, -1] + kv[:, :, -1]
+    states = _scan(kv, block_decay, dict(zip(starts, init, strict=True)))  # entering each block
+    final = block_decay[:, ends] * states[:, :, ends] + kv[:, :, ends]
     query_decay = torch.exp(-s * (r + 1))[:, None, :, None]  # [H, 1, c, 1]
     # (q ⊙ decay_r) S == decay_r ⊙ (q S): the decay scales whole output rows.
-    o = o.addcmul_(torch.matmul(q, states), query_decay)
-
-    o = o.view(b, h, n * c, d)[:, :, :t].transpose(1, 2)
-    return o.to(out_dtype), final
+    return o.addcmul_(torch.matmul(q, states), query_decay), final
 
 
-def _scan(kv: Tensor, block_decay: Tensor, state: Tensor) -> Tensor:
-    """States entering each block: ``S_0 = state``, ``S_{i+1} = block_decay * S_i + kv_i``; ``[B, H, n, D, D]``.
+def _scan(kv: Tensor, block_decay: Tensor, restarts: dict[int, Tensor]) -> Tensor:
+    """The state entering each block, ``[B, H, n, D, D]``: ``S_{i+1} = decay_i * S_i + kv_i``, except at a
+    restart block ``j``, whose state is ``restarts[j]``.
 
     Without autograd the states are written in place into one preallocated tensor; with it, stacked.
     """
     n = kv.shape[2]
-    if not torch.is_grad_enabled() or not (kv.requires_grad or state.requires_grad):
+    if not torch.is_grad_enabled() or not (kv.requires_grad or any(x.requires_grad for x in restarts.values())):
         states = kv.new_empty(kv.shape)
-        states[:, :, 0] = state
-        for i in range(n - 1):
-            torch.addcmul(kv[:, :, i], block_decay, states[:, :, i], out=states[:, :, i + 1])
+        for i in range(n):
+            if i in restarts:
+                states[:, :, i] = restarts[i]
+            else:
+                torch.addcmul(kv[:, :, i - 1], block_decay[:, i - 1], states[:, :, i - 1], out=states[:, :, i])
         return states
-    out = [state]
-    for i in range(n - 1):
-        out.append(block_decay * out[-1] + kv[:, :, i])
+    out: list[Tensor] = []
+    for i in range(n):
+        out.append(restarts[i] if i in restarts else block_decay[:, i - 1] * out[-1] + kv[:, :, i - 1])
     return torch.stack(out, dim=2)
