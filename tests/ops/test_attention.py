@@ -56,3 +56,15 @@ def test_rope_rotates_pairs_and_passes_the_rest(rotary_dim):
     assert torch.equal(y[..., rotary_dim:], x[..., rotary_dim:])
     # A rotation keeps the norm of each rotated pair.
     assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1))
+
+
+def test_packed_sequences_attend_only_within_themselves():
+    lengths = [5, 1, 12]
+    q = torch.randn(1, 18, 4, 8, dtype=torch.float64)
+    k, v = (torch.randn(1, 18, 2, 8, dtype=torch.float64) for _ in range(2))
+    out = softmax_attention(q, k, v, cu_seqlens=torch.tensor([0, 5, 6, 18]))
+    start = 0
+    for n in lengths:
+        s = slice(start, start + n)
+        assert rel_err(out[:, s], reference_attention(q[:, s], k[:, s], v[:, s])) < 1e-12
+        start += n

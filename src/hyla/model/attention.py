@@ -23,7 +23,13 @@ class SoftmaxAttention(nn.Module):
         self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: DecodeCache | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        cache: DecodeCache | None = None,
+        cu_seqlens: Tensor | None = None,
+    ) -> Tensor:
         """``x`` ``[B, T, hidden]``, ``rope`` the cos/sin ``[1, T, rotary_dim]`` of its positions."""
         b, t, _ = x.shape
         q = apply_rope(self.q_proj(x).view(b, t, self.num_heads, self.head_dim), *rope)
@@ -31,5 +37,5 @@ class SoftmaxAttention(nn.Module):
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
         if cache is not None:
             k, v = cache.append_kv(self.layer_idx, k, v)
-        o = softmax_attention(q, k, v)  # [B, T, H, D]
+        o = softmax_attention(q, k, v, cu_seqlens)  # [B, T, H, D]
         return self.o_proj(o.reshape(b, t, -1))

@@ -55,10 +55,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SparseMoE(config)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: DecodeCache | None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor], cache: DecodeCache | None, cu_seqlens: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
         h = self.input_layernorm(x)
         residual = h if self.postnorm else x
-        a = self.self_attn(h, cache) if self.is_lightning else self.self_attn(h, rope, cache)
+        # Lightning layers have no positional encoding: only softmax layers take the RoPE tables.
+        args = (cache, cu_seqlens) if self.is_lightning else (rope, cache, cu_seqlens)
+        a = self.self_attn(h, *args)
         x = _scaled_sum(residual, self.attn_alpha, a, self.attn_beta)
         h = self.post_attention_layernorm(x)
         residual = h if self.postnorm else x
@@ -91,15 +95,23 @@ class HylaModel(nn.Module):
         """(Re)compute the derived buffers, on the CPU: after construction on the meta device, for one."""
         self.inv_freq = rope_inv_freq(self.rotary_dim, self.rope_theta)
 
-    def forward(self, input_ids: Tensor, cache: DecodeCache | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, input_ids: Tensor, cache: DecodeCache | None = None, cu_seqlens: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Returns the final hidden states ``[B, T, hidden]`` and the summed MoE stats ``[2, E]``."""
         x = self.embed_tokens(input_ids)
         t = input_ids.shape[1]
-        positions = cache.positions(t, x.device) if cache is not None else torch.arange(t, device=x.device)[None]
+        if cache is not None:
+            positions = cache.positions(t, x.device)
+        elif cu_seqlens is not None:  # each packed sequence counts its positions from 0
+            starts = torch.repeat_interleave(cu_seqlens[:-1], cu_seqlens.diff()).to(x.device)
+            positions = (torch.arange(t, device=x.device) - starts)[None]
+        else:
+            positions = torch.arange(t, device=x.device)[None]
         rope = rope_cos_sin(positions, self.inv_freq, x.dtype)
         stats = []
         for layer in self.layers:
-            x, layer_stats = layer(x, rope, cache)
+            x, layer_stats = layer(x, rope, cache, cu_seqlens)
             stats.append(layer_stats)
         if cache is not None:
             cache.advance(t)
@@ -150,16 +162,22 @@ class HylaForCausalLM(nn.Module):
         labels: Tensor | None = None,
         cache: DecodeCache | None = None,
         logits_to_keep: int = 0,
+        cu_seqlens: Tensor | None = None,
     ) -> CausalLMOutput:
         """``input_ids`` ``[B, T]``; ``labels`` ``[B, T]`` (shifted inside, ``-100`` ignored).
 
         ``logits_to_keep=n`` computes logits for the last ``n`` positions only (a prefill needs one).
+        ``cu_seqlens`` (``[N + 1]`` offsets) packs ``N`` documents into ``B = 1``: no attention, lightning or
+        softmax, crosses a document boundary, and no document's last token is trained to predict the next one's
+        first.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
         if labels is not None and logits_to_keep:
             raise ValueError("labels need the logits of every position; do not pass logits_to_keep with them")
-        hidden, stats = self.model(input_ids, cache)
+        if cu_seqlens is not None and (cache is not None or input_ids.shape[0] != 1):
+            raise ValueError("cu_seqlens packs documents into one row of input_ids, without a cache")
+        hidden, stats = self.model(input_ids, cache, cu_seqlens)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
@@ -167,7 +185,13 @@ class HylaForCausalLM(nn.Module):
         aux_loss = load_balancing_loss(stats, rows)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            targets = labels[:, 1:]
+            if cu_seqlens is not None:  # a document's last token has no next token in the packed row
+                targets = targets.clone()
+                targets[0, cu_seqlens[1:-1].to(targets.device) - 1] = -100
+            scores = logits[:, :-1].flatten(0, 1)
+            scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+            loss = F.cross_entropy(scores, targets.flatten(), ignore_index=-100)
         return CausalLMOutput(logits=logits, aux_loss=aux_loss, loss=loss)
 
     def save_pretrained(self, path: str | Path, max_shard_size: int = 5 * 2**30) -> None:

@@ -49,8 +49,11 @@ class LightningAttention(nn.Module):
     def reset_buffers(self) -> None:
         self.slope = lightning_slopes(self.num_heads, self.layer_idx, self.num_layers)
 
-    def forward(self, x: Tensor, cache: DecodeCache | None = None) -> Tensor:
-        """``x`` ``[B, T, hidden]`` -> ``[B, T, hidden]``; with a ``cache``, continues and updates its state."""
+    def forward(self, x: Tensor, cache: DecodeCache | None = None, cu_seqlens: Tensor | None = None) -> Tensor:
+        """``x`` ``[B, T, hidden]`` -> ``[B, T, hidden]``; with a ``cache``, continues and updates its state.
+
+        ``cu_seqlens`` marks sequences packed along ``T`` (``B = 1``): each starts from a zero state.
+        """
         b, t, _ = x.shape
         # In place when no backward will need the projection's output.
         inplace = not torch.is_grad_enabled()
@@ -58,7 +61,7 @@ class LightningAttention(nn.Module):
         q, k, v = qkv.split(self.head_dim, dim=-1)  # each [B, T, H, D]
         state = cache.lightning_state(self.layer_idx) if cache is not None else None
         block_size = self.block_size if x.is_cuda else min(self.block_size, CPU_BLOCK_SIZE)
-        o, state = lightning_attention(q, k, v, self.slope, state, block_size)
+        o, state = lightning_attention(q, k, v, self.slope, state, block_size, cu_seqlens)
         if cache is not None:
             cache.set_lightning_state(self.layer_idx, state)
         o = self.norm(o.reshape(b, t, -1))
