@@ -86,7 +86,38 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=50)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    ctx = bench.add_parser("context", help="lightning vs softmax attention across context lengths")
+    ctx.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ctx.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                     help="default: bfloat16 on CUDA, float32 on the CPU")  # fmt: skip
+    ctx.add_argument("--lengths", type=int, nargs="+", default=None,
+                     help="default: 1k..64k on the CPU, 4k..128k on CUDA")  # fmt: skip
+    ctx.add_argument("--hidden", type=int, default=512)
+    ctx.add_argument("--heads", type=int, default=8)
+    ctx.add_argument("--repeats", type=int, default=3)
+    ctx.add_argument("--no-backward", action="store_true", help="time the forward pass only")
+    ctx.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    ctx.add_argument("--plot", default=None, help="PNG path (default: benchmarks/context-DEVICE.png)")
     return parser
+
+
+def run_bench_context(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from hyla.bench import context
+
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but no CUDA device is available")
+    lengths = args.lengths or [2**i for i in (range(12, 18) if cuda else range(10, 17))]
+    if args.hidden % args.heads:
+        raise ValueError(f"--heads ({args.heads}) must divide --hidden ({args.hidden})")
+    results = None if args.no_append else Path("benchmarks/RESULTS.md")
+    plot = Path(args.plot or f"benchmarks/context-{args.device}.png")
+    context.main(lengths, args.device, args.dtype or ("bfloat16" if cuda else "float32"), args.hidden,
+                 args.heads, args.repeats, not args.no_backward, results, plot)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.seed,
                 args.dtype,
             )
+        elif args.command == "bench" and args.bench == "context":
+            run_bench_context(args)
     except (CheckpointError, ConfigError, ValueError) as e:
         print(f"hyla: error: {e}", file=sys.stderr)
         return 2

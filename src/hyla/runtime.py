@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import functools
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
 
-@functools.cache
 def tune_malloc(mmap_threshold: int = 1 << 30, trim_threshold: int = 1 << 31) -> bool:
-    """Keep large freed blocks in glibc's heap; returns False where the C library is not glibc."""
+    """Set glibc's mmap and trim thresholds (bytes); returns False where the C library is not glibc.
+
+    The defaults keep large freed blocks in the heap for reuse. Small values do the opposite (every large
+    block is mapped and unmapped), which makes the resident set track live memory: ``hyla bench context``
+    uses that to measure peak memory on the CPU.
+    """
     name = ctypes.util.find_library("c")
     if name is None:
         return False

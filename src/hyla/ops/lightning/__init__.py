@@ -4,7 +4,8 @@ One public entry point, :func:`lightning_attention`, picks the implementation:
 
 - ``naive.py``: the token-by-token recurrence, the reference;
 - ``chunk.py``: blockwise, ``O(T C D + T D^2)``, vectorised over blocks and heads (prefill, training);
-- ``recurrent.py``: one decode step on a carried state.
+- ``recurrent.py``: one decode step on a carried state;
+- ``triton.py``: GPU kernels (forward, backward, varlen, slot decode), used on CUDA.
 """
 
 from __future__ import annotations
@@ -36,9 +37,14 @@ def lightning_attention(
 
     With ``cu_seqlens`` (``[N + 1]`` offsets), ``B = 1`` holds ``N`` packed sequences, each starting from its
     own initial state (``[N, H, D, D]``, zeros if omitted), and the final states are ``[N, H, D, D]``.
-    A single token continuing a state takes the recurrent step; anything longer takes the blockwise path.
+    On CUDA, the Triton kernels; elsewhere, a single token continuing a state takes the recurrent step and
+    anything longer the blockwise path.
     The state is float32 (float64 for float64 inputs) whatever the inputs' dtype.
     """
+    if q.is_cuda and q.shape[1] > 1 and q.shape[-1] % 16 == 0:
+        from hyla.ops.lightning.triton import lightning_attention_triton
+
+        return lightning_attention_triton(q, k, v, slope, initial_state, cu_seqlens)
     if q.shape[1] == 1 and initial_state is not None and cu_seqlens is None:
         o, state = lightning_attention_step(q[:, 0], k[:, 0], v[:, 0], slope, initial_state.to(compute_dtype(q.dtype)))
         return o[:, None], state

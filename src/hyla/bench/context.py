@@ -1,0 +1,204 @@
+"""Context-length scaling: lightning vs softmax attention, one layer and the whole hybrid model.
+
+For each length: forward time, forward+backward time and peak memory of
+
+- ``hyla lightning``: hyla's lightning-attention layer (Triton kernels on CUDA, the blockwise path on CPU);
+- ``transformers lightning``: transformers' ``MiniMaxLightningAttention`` on the same shape (CPU only:
+  its Python block loop is the point of comparison there);
+- ``softmax (SDPA)``: a softmax-attention layer on the same shape (torch SDPA: flash on GPU);
+- ``hybrid model``: the whole ``small`` preset (7 lightning : 1 softmax), forward only.
+
+Times are the best of ``repeats`` runs; peak memory is the allocator's peak on CUDA and the peak growth of
+the resident set on the CPU (sampled), above what the inputs already hold.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import math
+import platform
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from hyla.config import SOFTMAX, preset
+from hyla.model import HylaForCausalLM
+from hyla.model.attention import SoftmaxAttention
+from hyla.model.lightning import LightningAttention
+from hyla.ops.rope import rope_cos_sin, rope_inv_freq
+from hyla.runtime import tune_malloc
+
+COLUMNS = ("hyla lightning", "transformers lightning", "softmax (SDPA)", "hybrid model")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def measure(fn: Callable[[], None], device: torch.device, repeats: int) -> tuple[float, float]:
+    """(best seconds, peak extra bytes) of ``fn``."""
+    fn()
+    _sync(device)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        return best, torch.cuda.max_memory_allocated() - base
+    # The opposite of hyla's usual tuning, for this one run: every large tensor is mapped on allocation and
+    # unmapped on free, so the resident set follows the live tensors and its sampled peak is what the run needs.
+    tune_malloc(mmap_threshold=1 << 16, trim_threshold=1 << 16)
+    base, peak, done = _rss(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.0005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    fn()
+    done.set()
+    sampler.join()
+    tune_malloc()
+    return best, max(peak[0] - base, 0)
+
+
+def _call(layer: torch.nn.Module, x: torch.Tensor, extra: tuple) -> torch.Tensor:
+    out = layer(x, *extra)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _layers(hidden: int, heads: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+    config = preset("small", hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=heads,
+                    num_hidden_layers=2, layer_types=["linear_attention", SOFTMAX])  # fmt: skip
+    layers: dict[str, torch.nn.Module] = {
+        "hyla lightning": LightningAttention(config, 0),
+        "softmax (SDPA)": SoftmaxAttention(config, 1),
+    }
+    if device.type == "cpu":
+        try:
+            from transformers import MiniMaxConfig
+            from transformers.models.minimax.modeling_minimax import MiniMaxLightningAttention
+        except ImportError:
+            pass
+        else:
+            hf = MiniMaxConfig(hidden_size=hidden, num_attention_heads=heads, num_hidden_layers=2, block_size=256,
+                               layer_types=["linear_attention", "full_attention"])  # fmt: skip
+            layers["transformers lightning"] = MiniMaxLightningAttention(hf, 0)
+    for layer in layers.values():
+        layer.to(device=device, dtype=dtype)
+    return layers
+
+
+def run(
+    lengths: list[int], device: str, dtype: torch.dtype, hidden: int, heads: int, repeats: int, backward: bool
+) -> list[dict]:
+    """One row per length: ``{"tokens", "<column> fwd", "<column> fwd+bwd", "<column> mem"}`` (seconds, bytes)."""
+    dev = torch.device(device)
+    layers = _layers(hidden, heads, dev, dtype)
+    model = HylaForCausalLM(preset("small")).to(device=dev, dtype=dtype).eval()
+    inv_freq = rope_inv_freq(hidden // heads, 1e6, dev)
+    rows = []
+    for t in lengths:
+        row: dict = {"tokens": t}
+        x = torch.randn(1, t, hidden, device=dev, dtype=dtype, requires_grad=backward)
+        rope = rope_cos_sin(torch.arange(t, device=dev)[None], inv_freq, dtype)
+        for name, layer in layers.items():
+            # transformers' layer takes (x, position_embeddings, attention_mask); the softmax layer needs RoPE.
+            extra = {"softmax (SDPA)": (rope,), "transformers lightning": (None, None)}.get(name, ())
+            call = functools.partial(_call, layer, x, extra)
+            with torch.no_grad():
+                row[f"{name} fwd"], row[f"{name} mem"] = measure(call, dev, repeats)
+            if backward:
+                row[f"{name} fwd+bwd"], _ = measure(lambda call=call: call().sum().backward(), dev, repeats)
+        ids = torch.randint(0, model.config.vocab_size, (1, t), device=dev)
+        with torch.inference_mode():
+            row["hybrid model fwd"], row["hybrid model mem"] = measure(
+                lambda ids=ids: model(ids, logits_to_keep=1), dev, repeats
+            )
+        rows.append(row)
+        print(format_table([row], header=len(rows) == 1), flush=True)
+    return rows
+
+
+def format_table(rows: list[dict], header: bool = True) -> str:
+    def cell(row: dict, key: str, scale: float, unit: str) -> str:
+        return f"{row[key] * scale:,.1f}{unit}" if key in row else "—"
+
+    cols = [c for c in COLUMNS if any(f"{c} fwd" in r for r in rows)]
+    lines = []
+    if header:
+        titles = [f"{c} {what}" for c in cols for what in ("fwd ms", "fwd+bwd ms", "peak MB")]
+        lines += ["| tokens | " + " | ".join(titles) + " |", "|---" * (1 + len(titles)) + "|"]
+    for r in rows:
+        cells = []
+        for c in cols:
+            cells += [cell(r, f"{c} fwd", 1e3, ""), cell(r, f"{c} fwd+bwd", 1e3, ""), cell(r, f"{c} mem", 1e-6, "")]
+        lines.append(f"| {r['tokens']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, what in zip(axes, ("fwd", "fwd+bwd"), strict=True):
+        for c in COLUMNS:
+            points = [(r["tokens"], r[f"{c} {what}"]) for r in rows if f"{c} {what}" in r]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label=c)
+        ax.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="seconds", title=what)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(
+    lengths: list[int],
+    device: str,
+    dtype: str,
+    hidden: int,
+    heads: int,
+    repeats: int,
+    backward: bool,
+    results: Path | None,
+    plot_path: Path | None,
+) -> None:
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    tune_malloc()
+    if device == "cuda":
+        machine = f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    else:
+        machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    shape = f"hidden {hidden} = {heads} heads x {hidden // heads}, {dtype}"
+    print(f"# context scaling on {device}: {machine}; one layer {shape}")
+    rows = run(lengths, device, torch_dtype, hidden, heads, repeats, backward)
+    table = format_table(rows)
+    if plot_path is not None:
+        plot(rows, plot_path, f"hyla context scaling — {device}, {shape}")
+    if results is not None:
+        with results.open("a") as f:
+            f.write(f"\n### Context scaling, {device} — {datetime.date.today()}\n\nMachine: {machine}; {shape}.\n"
+                    f"Command: `hyla bench context --device {device} --dtype {dtype} --lengths "
+                    f"{' '.join(map(str, lengths))}`\n\n{table}\n")  # fmt: skip

@@ -1,0 +1,317 @@
+"""Triton kernels for lightning attention: blockwise forward and backward, varlen, and a slot decode step.
+
+Every input is treated as packed sequences (``[1, ΣT, H, D]`` plus ``cu_seqlens``; a dense ``[B, T, H, D]``
+batch is ``B`` sequences of length ``T``). Chunks never straddle two sequences. The algorithm is
+``chunk.py``'s, split into kernels:
+
+- ``_states_fwd``: per (sequence, head, [BK, BV] tile of the state), a scan over the sequence's chunks that
+  records the state entering each chunk (float32) and the final state;
+- ``_output_fwd``: per (chunk, head, value tile), exact decayed attention inside the chunk plus the read-out
+  of the state entering it;
+- ``_states_bwd``: the reverse scan: the gradient of the state leaving each chunk, and of the initial state;
+- ``_chunk_bwd``: per (chunk, head), dq, dk and dv from the intra-chunk attention and the two state gradients.
+
+The forward keeps no per-chunk states for the backward: they are recomputed (``O(T D^2)``), so training
+memory stays that of q, k, v. Multi-level padding: the chunk length is the smallest of 16, 32, 64 that holds
+the longest sequence, so a short prefill or a continuation of a few tokens is not padded to 64.
+
+On the CPU these kernels run under ``TRITON_INTERPRET=1`` (the tests do so); the model uses them on CUDA only.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+CHUNK_SIZES = (16, 32, 64)
+
+
+def chunk_size_for(max_len: int) -> int:
+    """Multi-level padding: the smallest chunk length of :data:`CHUNK_SIZES` that holds ``max_len`` tokens."""
+    return next((c for c in CHUNK_SIZES if c >= max_len), CHUNK_SIZES[-1])
+
+
+@triton.jit
+def _dot(a, b):
+    # float32 inputs stay float32 (Triton's default would round them to tf32); bf16/fp16 use tensor cores.
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _states_fwd(
+    k, v, slope, init, states, final, cu_seqlens, chunk_first,
+    H: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_INIT: tl.constexpr, STORE_STATES: tl.constexpr,
+):  # fmt: skip
+    i_v, i_k, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n, h = i_nh // H, i_nh % H
+    bos, eos = tl.load(cu_seqlens + n), tl.load(cu_seqlens + n + 1)
+    first = tl.load(chunk_first + n)
+    s = tl.load(slope + h).to(tl.float32)
+    rk, rv, rows = i_k * BK + tl.arange(0, BK), i_v * BV + tl.arange(0, BV), tl.arange(0, C)
+    tile = rk[:, None] * D + rv[None, :]
+    tile_mask = (rk[:, None] < D) & (rv[None, :] < D)
+    state = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_INIT:
+        state += tl.load(init + i_nh * D * D + tile, mask=tile_mask, other=0.0).to(tl.float32)
+    for j in range(0, tl.cdiv(eos - bos, C)):
+        if STORE_STATES:
+            tl.store(states + ((first + j).to(tl.int64) * H + h) * D * D + tile, state, mask=tile_mask)
+        start = bos + j * C
+        length = tl.minimum(C, eos - start)
+        row_mask = rows < length
+        kt = tl.load(k + ((start + rows[:, None]) * H + h) * D + rk[None, :],
+                     mask=row_mask[:, None] & (rk[None, :] < D), other=0.0)  # fmt: skip
+        vt = tl.load(v + ((start + rows[:, None]) * H + h) * D + rv[None, :],
+                     mask=row_mask[:, None] & (rv[None, :] < D), other=0.0)  # fmt: skip
+        key_decay = tl.where(row_mask, tl.exp(-s * (length - 1 - rows).to(tl.float32)), 0.0)
+        kt = (kt.to(tl.float32) * key_decay[:, None]).to(vt.dtype)
+        state = state * tl.exp(-s * length.to(tl.float32)) + _dot(tl.trans(kt), vt).to(tl.float32)
+    tl.store(final + i_nh * D * D + tile, state, mask=tile_mask)
+
+
+@triton.jit
+def _output_fwd(
+    q, k, v, o, slope, states, chunk_seq_start, chunk_len,
+    H: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+):  # fmt: skip
+    i_v, j, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start, length = tl.load(chunk_seq_start + j), tl.load(chunk_len + j)
+    s = tl.load(slope + h).to(tl.float32)
+    rows, rd, rv = tl.arange(0, C), tl.arange(0, BD), i_v * BV + tl.arange(0, BV)
+    row_mask = rows < length
+    offs = ((start + rows[:, None]) * H + h) * D
+    qt = tl.load(q + offs + rd[None, :], mask=row_mask[:, None] & (rd[None, :] < D), other=0.0)
+    kt = tl.load(k + offs + rd[None, :], mask=row_mask[:, None] & (rd[None, :] < D), other=0.0)
+    vt = tl.load(v + offs + rv[None, :], mask=row_mask[:, None] & (rv[None, :] < D), other=0.0)
+    st = tl.load(states + (j.to(tl.int64) * H + h) * D * D + rd[:, None] * D + rv[None, :],
+                 mask=(rd[:, None] < D) & (rv[None, :] < D), other=0.0)  # fmt: skip
+    gap = (rows[:, None] - rows[None, :]).to(tl.float32)
+    mask = tl.where(gap >= 0, tl.exp(-s * tl.maximum(gap, 0.0)), 0.0)
+    scores = _dot(qt, tl.trans(kt)).to(tl.float32) * mask
+    out = _dot(scores.to(vt.dtype), vt).to(tl.float32)
+    query_decay = tl.exp(-s * (rows + 1).to(tl.float32))
+    out += _dot(qt, st.to(qt.dtype)).to(tl.float32) * query_decay[:, None]
+    tl.store(o + offs + rv[None, :], out.to(o.dtype.element_ty), mask=row_mask[:, None] & (rv[None, :] < D))
+
+
+@triton.jit
+def _states_bwd(
+    q, do, slope, dfinal, dstates, dinit, cu_seqlens, chunk_first,
+    H: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_DFINAL: tl.constexpr,
+):  # fmt: skip
+    """dstates[j]: the gradient of the state *leaving* chunk j; dinit: of the state entering the first chunk."""
+    i_v, i_k, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n, h = i_nh // H, i_nh % H
+    bos, eos = tl.load(cu_seqlens + n), tl.load(cu_seqlens + n + 1)
+    first = tl.load(chunk_first + n)
+    s = tl.load(slope + h).to(tl.float32)
+    rk, rv, rows = i_k * BK + tl.arange(0, BK), i_v * BV + tl.arange(0, BV), tl.arange(0, C)
+    tile = rk[:, None] * D + rv[None, :]
+    tile_mask = (rk[:, None] < D) & (rv[None, :] < D)
+    grad = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_DFINAL:
+        grad += tl.load(dfinal + i_nh * D * D + tile, mask=tile_mask, other=0.0).to(tl.float32)
+    num_chunks = tl.cdiv(eos - bos, C)
+    for jj in range(0, num_chunks):
+        j = num_chunks - 1 - jj
+        tl.store(dstates + ((first + j).to(tl.int64) * H + h) * D * D + tile, grad, mask=tile_mask)
+        start = bos + j * C
+        length = tl.minimum(C, eos - start)
+        row_mask = rows < length
+        qt = tl.load(q + ((start + rows[:, None]) * H + h) * D + rk[None, :],
+                     mask=row_mask[:, None] & (rk[None, :] < D), other=0.0)  # fmt: skip
+        dot = tl.load(do + ((start + rows[:, None]) * H + h) * D + rv[None, :],
+                      mask=row_mask[:, None] & (rv[None, :] < D), other=0.0)  # fmt: skip
+        query_decay = tl.where(row_mask, tl.exp(-s * (rows + 1).to(tl.float32)), 0.0)
+        qt = (qt.to(tl.float32) * query_decay[:, None]).to(dot.dtype)
+        grad = grad * tl.exp(-s * length.to(tl.float32)) + _dot(tl.trans(qt), dot).to(tl.float32)
+    tl.store(dinit + i_nh * D * D + tile, grad, mask=tile_mask)
+
+
+@triton.jit
+def _chunk_bwd(
+    q, k, v, do, dq, dk, dv, slope, states, dstates, chunk_seq_start, chunk_len,
+    H: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BD: tl.constexpr,
+):  # fmt: skip
+    j, h = tl.program_id(0), tl.program_id(1)
+    start, length = tl.load(chunk_seq_start + j), tl.load(chunk_len + j)
+    s = tl.load(slope + h).to(tl.float32)
+    rows, rd = tl.arange(0, C), tl.arange(0, BD)
+    row_mask = rows < length
+    offs = ((start + rows[:, None]) * H + h) * D + rd[None, :]
+    io_mask = row_mask[:, None] & (rd[None, :] < D)
+    qt = tl.load(q + offs, mask=io_mask, other=0.0)
+    kt = tl.load(k + offs, mask=io_mask, other=0.0)
+    vt = tl.load(v + offs, mask=io_mask, other=0.0)
+    dot = tl.load(do + offs, mask=io_mask, other=0.0)
+    square = (j.to(tl.int64) * H + h) * D * D + rd[:, None] * D + rd[None, :]
+    square_mask = (rd[:, None] < D) & (rd[None, :] < D)
+    st = tl.load(states + square, mask=square_mask, other=0.0).to(qt.dtype)  # the state entering the chunk
+    dst = tl.load(dstates + square, mask=square_mask, other=0.0).to(qt.dtype)  # grad of the state leaving it
+    gap = (rows[:, None] - rows[None, :]).to(tl.float32)
+    mask = tl.where(gap >= 0, tl.exp(-s * tl.maximum(gap, 0.0)), 0.0)
+    scores = (_dot(qt, tl.trans(kt)).to(tl.float32) * mask).to(qt.dtype)  # [C, C]
+    dscores = (_dot(dot, tl.trans(vt)).to(tl.float32) * mask).to(qt.dtype)  # [C, C]
+    query_decay = tl.exp(-s * (rows + 1).to(tl.float32))
+    key_decay = tl.where(row_mask, tl.exp(-s * (length - 1 - rows).to(tl.float32)), 0.0)
+    dq_t = _dot(dscores, kt).to(tl.float32) + _dot(dot, tl.trans(st)).to(tl.float32) * query_decay[:, None]
+    dk_t = _dot(tl.trans(dscores), qt).to(tl.float32)
+    dk_t += _dot(vt, tl.trans(dst)).to(tl.float32) * key_decay[:, None]
+    kd = (kt.to(tl.float32) * key_decay[:, None]).to(qt.dtype)
+    dv_t = _dot(tl.trans(scores), dot).to(tl.float32) + _dot(kd, dst).to(tl.float32)
+    tl.store(dq + offs, dq_t.to(dq.dtype.element_ty), mask=io_mask)
+    tl.store(dk + offs, dk_t.to(dk.dtype.element_ty), mask=io_mask)
+    tl.store(dv + offs, dv_t.to(dv.dtype.element_ty), mask=io_mask)
+
+
+@triton.jit
+def _decode_slots(
+    q, k, v, o, slope, pool, slots,
+    H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+):  # fmt: skip
+    i_v, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    slot = tl.load(slots + b)
+    if slot >= 0:
+        s = tl.load(slope + h).to(tl.float32)
+        rd, rv = tl.arange(0, BD), i_v * BV + tl.arange(0, BV)
+        base = (b * H + h) * D
+        qt = tl.load(q + base + rd, mask=rd < D, other=0.0).to(tl.float32)
+        kt = tl.load(k + base + rd, mask=rd < D, other=0.0).to(tl.float32)
+        vt = tl.load(v + base + rv, mask=rv < D, other=0.0).to(tl.float32)
+        tile = (slot.to(tl.int64) * H + h) * D * D + rd[:, None] * D + rv[None, :]
+        tile_mask = (rd[:, None] < D) & (rv[None, :] < D)
+        state = tl.load(pool + tile, mask=tile_mask, other=0.0) * tl.exp(-s) + kt[:, None] * vt[None, :]
+        tl.store(pool + tile, state, mask=tile_mask)
+        out = tl.sum(qt[:, None] * state, axis=0)
+        tl.store(o + base + rv, out.to(o.dtype.element_ty), mask=rv < D)
+
+
+class _Plan:
+    """Where each chunk sits: the chunk length, per-sequence first chunk, per-chunk start and length."""
+
+    def __init__(self, cu_seqlens: Tensor, device: torch.device) -> None:
+        lengths = cu_seqlens.diff()
+        self.num_seqs = len(lengths)
+        self.chunk = chunk_size_for(int(lengths.max()) if self.num_seqs else 1)
+        per_seq = (lengths + self.chunk - 1) // self.chunk
+        first = torch.cumsum(per_seq, 0) - per_seq
+        self.num_chunks = int(per_seq.sum())
+        seq = torch.repeat_interleave(torch.arange(self.num_seqs, device=cu_seqlens.device), per_seq)
+        index_in_seq = torch.arange(self.num_chunks, device=cu_seqlens.device) - first[seq]
+        start = cu_seqlens[:-1][seq] + index_in_seq * self.chunk
+        as_i32 = {"dtype": torch.int32, "device": device}
+        self.cu_seqlens = cu_seqlens.to(**as_i32)
+        self.first = first.to(**as_i32)
+        self.start = start.to(**as_i32)
+        self.length = (cu_seqlens[1:][seq] - start).clamp(max=self.chunk).to(**as_i32)
+
+
+def _tiles(d: int) -> tuple[int, int]:
+    bd = triton.next_power_of_2(max(d, 16))
+    return bd, min(bd, 64)
+
+
+def _states(k: Tensor, v: Tensor, slope: Tensor, init: Tensor | None, plan: _Plan, store: bool):
+    h, d = k.shape[-2:]
+    _, bt = _tiles(d)
+    states = k.new_empty((plan.num_chunks, h, d, d), dtype=torch.float32) if store else k.new_empty(0)
+    final = k.new_empty((plan.num_seqs, h, d, d), dtype=torch.float32)
+    grid = (triton.cdiv(d, bt), triton.cdiv(d, bt), plan.num_seqs * h)
+    _states_fwd[grid](k, v, slope, init if init is not None else final, states, final, plan.cu_seqlens,
+                      plan.first, H=h, D=d, C=plan.chunk, BK=bt, BV=bt, HAS_INIT=init is not None,
+                      STORE_STATES=store)  # fmt: skip
+    return states, final
+
+
+class _LightningTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, slope, init, cu_seqlens):
+        plan = _Plan(cu_seqlens, q.device)
+        h, d = q.shape[-2:]
+        bd, bv = _tiles(d)
+        states, final = _states(k, v, slope, init, plan, store=True)
+        o = torch.empty_like(q)
+        if plan.num_chunks:
+            _output_fwd[(triton.cdiv(d, bv), plan.num_chunks, h)](
+                q, k, v, o, slope, states, plan.start, plan.length, H=h, D=d, C=plan.chunk, BD=bd, BV=bv
+            )
+        ctx.save_for_backward(q, k, v, slope, init)
+        ctx.plan = plan
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, dfinal):
+        q, k, v, slope, init = ctx.saved_tensors
+        plan = ctx.plan
+        h, d = q.shape[-2:]
+        bd, bt = _tiles(d)
+        do = do.contiguous()
+        states, _ = _states(k, v, slope, init, plan, store=True)  # recomputed, not kept from the forward
+        dstates = torch.empty_like(states)
+        dinit = q.new_empty((plan.num_seqs, h, d, d), dtype=torch.float32)
+        has_dfinal = dfinal is not None
+        dfinal = dfinal.contiguous().float() if has_dfinal else dinit
+        grid = (triton.cdiv(d, bt), triton.cdiv(d, bt), plan.num_seqs * h)
+        _states_bwd[grid](q, do, slope, dfinal, dstates, dinit, plan.cu_seqlens, plan.first,
+                          H=h, D=d, C=plan.chunk, BK=bt, BV=bt, HAS_DFINAL=has_dfinal)  # fmt: skip
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        if plan.num_chunks:
+            _chunk_bwd[(plan.num_chunks, h)](q, k, v, do, dq, dk, dv, slope, states, dstates, plan.start,
+                                            plan.length, H=h, D=d, C=plan.chunk, BD=bd)  # fmt: skip
+        return dq, dk, dv, None, dinit if init is not None else None, None
+
+
+def lightning_attention_triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    slope: Tensor,
+    initial_state: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Lightning attention through the Triton kernels; same contract as ``lightning_attention_chunk``.
+
+    Args:
+        q, k, v: ``[B, T, H, D]`` (``B = 1`` with ``cu_seqlens``), float32, bfloat16 or float16; ``D`` a
+            multiple of 16 up to 256.
+        slope: ``[H]``. initial_state: optional ``[B or N, H, D, D]``, kept in float32.
+        cu_seqlens: optional ``[N + 1]`` offsets of packed sequences.
+
+    Returns:
+        ``o`` like ``q`` and the final states ``[B or N, H, D, D]`` in float32.
+    """
+    b, t, h, d = q.shape
+    if d % 16 or d > 256:
+        raise ValueError(f"the Triton kernels need head_dim a multiple of 16 up to 256, got {d}")
+    if cu_seqlens is None:
+        cu_seqlens = torch.arange(b + 1, device=q.device) * t
+    elif b != 1:
+        raise ValueError(f"with cu_seqlens, pass the sequences packed as [1, total, H, D], got batch {b}")
+    flat = [x.reshape(1, b * t, h, d).contiguous() for x in (q, k, v)]
+    init = None if initial_state is None else initial_state.float().contiguous()
+    o, final = _LightningTriton.apply(*flat, slope.float().contiguous(), init, cu_seqlens)
+    return o.view(b, t, h, d), final
+
+
+def lightning_decode_slots(q: Tensor, k: Tensor, v: Tensor, slope: Tensor, pool: Tensor, slots: Tensor) -> Tensor:
+    """One decode step for a batch of requests whose states live in a pool, updated in place.
+
+    Args:
+        q, k, v: ``[B, H, D]``, one token per request.
+        pool: ``[S, H, D, D]`` float32 state slots. slots: ``[B]`` the slot of each request; ``-1`` marks a
+            padding row, whose output is zeros and which touches no slot.
+
+    Returns:
+        ``o`` ``[B, H, D]``.
+    """
+    b, h, d = q.shape
+    bd, bv = _tiles(d)
+    o = torch.zeros_like(q)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    _decode_slots[(triton.cdiv(d, bv), b, h)](q, k, v, o, slope.float().contiguous(), pool, slots, H=h, D=d, BD=bd,
+                                              BV=bv)  # fmt: skip
+    return o

@@ -1,0 +1,122 @@
+"""The Triton kernels against the naive recurrence: on the CPU under TRITON_INTERPRET=1, at real sizes on a GPU."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton reads it: kernels run on the CPU
+triton = pytest.importorskip("triton")
+
+from hyla.ops.lightning import lightning_attention_naive, lightning_attention_step  # noqa: E402
+from hyla.ops.lightning.triton import (  # noqa: E402
+    chunk_size_for,
+    lightning_attention_triton,
+    lightning_decode_slots,
+)
+from tests.conftest import rel_err  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+H = 2
+
+
+def slopes(h: int) -> torch.Tensor:
+    return 2.0 ** (-8 * (torch.arange(h, dtype=torch.float32) + 1) / h)
+
+
+def reference(q, k, v, slope, states, lengths):
+    outs, finals, start = [], [], 0
+    for i, n in enumerate(lengths):
+        seg = slice(start, start + n)
+        init = None if states is None else states[i : i + 1].double()
+        o, s = lightning_attention_naive(q[:, seg].double(), k[:, seg].double(), v[:, seg].double(),
+                                         slope.double(), init)  # fmt: skip
+        outs.append(o)
+        finals.append(s)
+        start += n
+    return torch.cat(outs, 1), torch.cat(finals)
+
+
+@pytest.mark.parametrize("lengths", [[1, 17, 64, 200], [5], [40, 0, 3]])
+@pytest.mark.parametrize("d", [16, 32])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_varlen_forward_and_backward_match_naive(lengths, d, with_state):
+    total = sum(lengths)
+    q, k, v = (torch.randn(1, total, H, d, device=DEVICE) * 0.5 for _ in range(3))
+    slope = slopes(H).to(DEVICE)
+    states = torch.randn(len(lengths), H, d, d, device=DEVICE) if with_state else None
+    leaves = [x.requires_grad_() for x in (q, k, v) + ((states,) if with_state else ())]
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=DEVICE)
+    o, s = lightning_attention_triton(q, k, v, slope, states, cu_seqlens)
+    o_ref, s_ref = reference(q, k, v, slope, states, lengths)
+    assert torch.isfinite(o).all() and torch.isfinite(s).all()
+    assert rel_err(o, o_ref) < 1e-5
+    assert rel_err(s, s_ref) < 1e-5
+    do, ds = torch.randn_like(o), torch.randn_like(s)
+    got = torch.autograd.grad((o * do).sum() + (s * ds).sum(), leaves)
+    ref = torch.autograd.grad((o_ref * do.double()).sum() + (s_ref * ds.double()).sum(), leaves)
+    for g, r in zip(got, ref, strict=True):
+        assert torch.isfinite(g).all()
+        assert rel_err(g, r) < 1e-5
+
+
+def test_dense_batch_is_sequences_of_equal_length():
+    b, t, d = 3, 37, 16
+    q, k, v = (torch.randn(b, t, H, d, device=DEVICE) for _ in range(3))
+    states = torch.randn(b, H, d, d, device=DEVICE)
+    o, s = lightning_attention_triton(q, k, v, slopes(H).to(DEVICE), states)
+    for i in range(b):
+        o_ref, s_ref = lightning_attention_naive(q[i : i + 1].double(), k[i : i + 1].double(),
+                                                 v[i : i + 1].double(), slopes(H).double().to(DEVICE),
+                                                 states[i : i + 1].double())  # fmt: skip
+        assert rel_err(o[i : i + 1], o_ref) < 1e-5
+        assert rel_err(s[i : i + 1], s_ref) < 1e-5
+
+
+def test_decode_slots_update_in_place_and_skip_padding():
+    d, num_slots = 16, 5
+    pool = torch.randn(num_slots, H, d, d, device=DEVICE)
+    before = pool.clone()
+    slots = torch.tensor([3, -1, 0], device=DEVICE, dtype=torch.int32)
+    q, k, v = (torch.randn(3, H, d, device=DEVICE) for _ in range(3))
+    o = lightning_decode_slots(q, k, v, slopes(H).to(DEVICE), pool, slots)
+    for row, slot in ((0, 3), (2, 0)):
+        o_ref, s_ref = lightning_attention_step(q[row : row + 1], k[row : row + 1], v[row : row + 1],
+                                                slopes(H).to(DEVICE), before[slot : slot + 1])  # fmt: skip
+        assert rel_err(o[row : row + 1], o_ref) < 1e-5
+        assert rel_err(pool[slot : slot + 1], s_ref) < 1e-5
+    assert torch.equal(o[1], torch.zeros_like(o[1]))
+    for untouched in (1, 2, 4):
+        assert torch.equal(pool[untouched], before[untouched])
+
+
+def test_multi_level_padding_picks_the_smallest_chunk():
+    assert [chunk_size_for(n) for n in (1, 16, 17, 33, 64, 5000)] == [16, 16, 32, 64, 64, 64]
+
+
+def test_head_dim_must_suit_the_kernels():
+    q = torch.randn(1, 4, H, 24, device=DEVICE)
+    with pytest.raises(ValueError, match="multiple of 16 up to 256, got 24"):
+        lightning_attention_triton(q, q, q, slopes(H).to(DEVICE))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="real sizes need a GPU")
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_real_sizes_on_gpu(d, dtype, tol):
+    from hyla.ops.lightning import lightning_attention_chunk
+
+    lengths, h = [1, 17, 64, 200, 4000, 3910], 8
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda")
+    q, k, v = (torch.randn(1, sum(lengths), h, d, device="cuda", dtype=dtype) * 0.5 for _ in range(3))
+    leaves = [x.requires_grad_() for x in (q, k, v)]
+    slope = slopes(h).cuda()
+    o, s = lightning_attention_triton(q, k, v, slope, cu_seqlens=cu_seqlens)
+    o_ref, s_ref = lightning_attention_chunk(*(x.double() for x in (q, k, v)), slope.double(), cu_seqlens=cu_seqlens)
+    assert rel_err(o, o_ref) < tol and rel_err(s, s_ref) < tol
+    do = torch.randn_like(o)
+    got = torch.autograd.grad((o * do).sum(), leaves)
+    ref = torch.autograd.grad((o_ref * do.double()).sum(), leaves)
+    for g, r in zip(got, ref, strict=True):
+        assert rel_err(g, r) < tol
