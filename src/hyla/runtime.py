@@ -9,6 +9,7 @@ is what an inference or training process wants.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 
@@ -32,3 +33,9 @@ def tune_malloc(mmap_threshold: int = 1 << 30, trim_threshold: int = 1 << 31) ->
     except (OSError, AttributeError):
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+
+
+def trim_malloc() -> None:
+    """Return glibc's free heap memory to the OS (``malloc_trim(0)``); a no-op elsewhere."""
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)

@@ -30,7 +30,7 @@ from hyla.model import HylaForCausalLM
 from hyla.model.attention import SoftmaxAttention
 from hyla.model.lightning import LightningAttention
 from hyla.ops.rope import rope_cos_sin, rope_inv_freq
-from hyla.runtime import tune_malloc
+from hyla.runtime import trim_malloc, tune_malloc
 
 COLUMNS = ("hyla lightning", "transformers lightning", "softmax (SDPA)", "hybrid model")
 
@@ -63,6 +63,7 @@ def measure(fn: Callable[[], None], device: torch.device, repeats: int) -> tuple
     # The opposite of hyla's usual tuning, for this one run: every large tensor is mapped on allocation and
     # unmapped on free, so the resident set follows the live tensors and its sampled peak is what the run needs.
     tune_malloc(mmap_threshold=1 << 16, trim_threshold=1 << 16)
+    trim_malloc()
     base, peak, done = _rss(), [0], threading.Event()
 
     def sample() -> None:
