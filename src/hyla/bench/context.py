@@ -6,7 +6,9 @@ For each length: forward time, forward+backward time and peak memory of
 - ``transformers lightning``: transformers' ``MiniMaxLightningAttention`` on the same shape (CPU only:
   its Python block loop is the point of comparison there);
 - ``softmax (SDPA)``: a softmax-attention layer on the same shape (torch SDPA: flash on GPU);
-- ``hybrid model``: the whole ``small`` preset (7 lightning : 1 softmax), forward only.
+- ``hybrid model``: the whole ``small`` preset (7 lightning : 1 softmax), forward only;
+- ``lightning kernel`` and ``SDPA kernel``: the attention functions alone on ``[1, T, H, D]`` q, k, v (no
+  projections): hyla's lightning attention vs causal ``scaled_dot_product_attention``.
 
 Times are the best of ``repeats`` runs; peak memory is the allocator's peak on CUDA and the peak growth of
 the resident set on the CPU (sampled), above what the inputs already hold.
@@ -29,10 +31,19 @@ from hyla.config import SOFTMAX, preset
 from hyla.model import HylaForCausalLM
 from hyla.model.attention import SoftmaxAttention
 from hyla.model.lightning import LightningAttention
+from hyla.ops.attention import softmax_attention
+from hyla.ops.lightning import lightning_attention
 from hyla.ops.rope import rope_cos_sin, rope_inv_freq
 from hyla.runtime import trim_malloc, tune_malloc
 
-COLUMNS = ("hyla lightning", "transformers lightning", "softmax (SDPA)", "hybrid model")
+COLUMNS = (
+    "lightning kernel",
+    "SDPA kernel",
+    "hyla lightning",
+    "transformers lightning",
+    "softmax (SDPA)",
+    "hybrid model",
+)
 
 
 def _sync(device: torch.device) -> None:
@@ -124,6 +135,18 @@ def run(
             # transformers' layer takes (x, position_embeddings, attention_mask); the softmax layer needs RoPE.
             extra = {"softmax (SDPA)": (rope,), "transformers lightning": (None, None)}.get(name, ())
             call = functools.partial(_call, layer, x, extra)
+            with torch.no_grad():
+                row[f"{name} fwd"], row[f"{name} mem"] = measure(call, dev, repeats)
+            if backward:
+                row[f"{name} fwd+bwd"], _ = measure(lambda call=call: call().sum().backward(), dev, repeats)
+        q, k, v = (torch.randn(1, t, heads, hidden // heads, device=dev, dtype=dtype, requires_grad=backward)
+                   for _ in range(3))  # fmt: skip
+        slope = 2.0 ** (-8 * (torch.arange(heads, device=dev) + 1) / heads)
+        kernels = {
+            "lightning kernel": lambda q=q, k=k, v=v: lightning_attention(q, k, v, slope)[0],
+            "SDPA kernel": lambda q=q, k=k, v=v: softmax_attention(q, k, v),
+        }
+        for name, call in kernels.items():
             with torch.no_grad():
                 row[f"{name} fwd"], row[f"{name} mem"] = measure(call, dev, repeats)
             if backward:
