@@ -126,6 +126,7 @@ def run(
     layers = _layers(hidden, heads, dev, dtype)
     model = HylaForCausalLM(preset("small")).to(device=dev, dtype=dtype).eval()
     inv_freq = rope_inv_freq(hidden // heads, 1e6, dev)
+    slope = 2.0 ** (-8 * (torch.arange(heads, device=dev) + 1) / heads)
     rows = []
     for t in lengths:
         row: dict = {"tokens": t}
@@ -141,7 +142,6 @@ def run(
                 row[f"{name} fwd+bwd"], _ = measure(lambda call=call: call().sum().backward(), dev, repeats)
         q, k, v = (torch.randn(1, t, heads, hidden // heads, device=dev, dtype=dtype, requires_grad=backward)
                    for _ in range(3))  # fmt: skip
-        slope = 2.0 ** (-8 * (torch.arange(heads, device=dev) + 1) / heads)
         kernels = {
             "lightning kernel": lambda q=q, k=k, v=v: lightning_attention(q, k, v, slope)[0],
             "SDPA kernel": lambda q=q, k=k, v=v: softmax_attention(q, k, v),
