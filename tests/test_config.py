@@ -40,3 +40,10 @@ def test_unknown_preset_and_field():
         preset("huge")
     with pytest.raises(ConfigError, match=r"unknown config field\(s\) \['hiden_size'\]"):
         preset("tiny", hiden_size=3)
+
+
+def test_replace_rederives_head_dim_but_keeps_explicit_ones():
+    config = preset("small", hidden_size=1024, num_attention_heads=8)
+    assert config.head_dim == 128 and config.rotary_dim == 128
+    explicit = preset("small", head_dim=32, rotary_dim=16).replace(hidden_size=1024)
+    assert explicit.head_dim == 32 and explicit.rotary_dim == 16

@@ -93,6 +93,8 @@ def test_decode_slots_update_in_place_and_skip_padding():
 
 def test_multi_level_padding_picks_the_smallest_chunk():
     assert [chunk_size_for(n) for n in (1, 16, 17, 33, 64, 5000)] == [16, 16, 32, 64, 64, 64]
+    assert chunk_size_for(5000, row_bytes=128 * 4) == 32  # float32 at head_dim 128
+    assert chunk_size_for(5000, row_bytes=256 * 4) == 16
 
 
 def test_head_dim_must_suit_the_kernels():

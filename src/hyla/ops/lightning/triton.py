@@ -28,9 +28,14 @@ from torch import Tensor
 CHUNK_SIZES = (16, 32, 64)
 
 
-def chunk_size_for(max_len: int) -> int:
-    """Multi-level padding: the smallest chunk length of :data:`CHUNK_SIZES` that holds ``max_len`` tokens."""
-    return next((c for c in CHUNK_SIZES if c >= max_len), CHUNK_SIZES[-1])
+def chunk_size_for(max_len: int, row_bytes: int = 128) -> int:
+    """Multi-level padding: the smallest chunk length of :data:`CHUNK_SIZES` that holds ``max_len`` tokens.
+
+    ``row_bytes`` (head_dim x element size) caps it: the backward kernel holds several ``[chunk, head_dim]``
+    tiles at once, and float32 at head_dim 128 does not fit 64-row tiles in shared memory.
+    """
+    cap = CHUNK_SIZES[-1] if row_bytes <= 256 else CHUNK_SIZES[-2] if row_bytes <= 512 else CHUNK_SIZES[0]
+    return min(next((c for c in CHUNK_SIZES if c >= max_len), CHUNK_SIZES[-1]), cap)
 
 
 @triton.jit
@@ -193,10 +198,10 @@ def _decode_slots(
 class _Plan:
     """Where each chunk sits: the chunk length, per-sequence first chunk, per-chunk start and length."""
 
-    def __init__(self, cu_seqlens: Tensor, device: torch.device) -> None:
+    def __init__(self, cu_seqlens: Tensor, device: torch.device, row_bytes: int) -> None:
         lengths = cu_seqlens.diff()
         self.num_seqs = len(lengths)
-        self.chunk = chunk_size_for(int(lengths.max()) if self.num_seqs else 1)
+        self.chunk = chunk_size_for(int(lengths.max()) if self.num_seqs else 1, row_bytes)
         per_seq = (lengths + self.chunk - 1) // self.chunk
         first = torch.cumsum(per_seq, 0) - per_seq
         self.num_chunks = int(per_seq.sum())
@@ -230,7 +235,7 @@ def _states(k: Tensor, v: Tensor, slope: Tensor, init: Tensor | None, plan: _Pla
 class _LightningTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, slope, init, cu_seqlens):
-        plan = _Plan(cu_seqlens, q.device)
+        plan = _Plan(cu_seqlens, q.device, triton.next_power_of_2(q.shape[-1]) * q.element_size())
         h, d = q.shape[-2:]
         bd, bv = _tiles(d)
         states, final = _states(k, v, slope, init, plan, store=True)
