@@ -153,11 +153,11 @@ class HylaConfig:
         if "num_hidden_layers" in changes and "layer_types" not in changes:
             changes["layer_types"] = []
         # Derived fields follow the fields they derive from, unless given or set explicitly before.
-        if {"hidden_size", "num_attention_heads"} & set(changes) and "head_dim" not in changes:
-            if self.head_dim == self.hidden_size // self.num_attention_heads:
-                changes["head_dim"] = None
-                if "rotary_dim" not in changes and self.rotary_dim == self.head_dim:
-                    changes["rotary_dim"] = None
+        derived_head_dim = self.head_dim == self.hidden_size // self.num_attention_heads
+        if {"hidden_size", "num_attention_heads"} & set(changes) and "head_dim" not in changes and derived_head_dim:
+            changes["head_dim"] = None
+            if "rotary_dim" not in changes and self.rotary_dim == self.head_dim:
+                changes["rotary_dim"] = None
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:

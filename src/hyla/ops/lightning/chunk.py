@@ -8,9 +8,10 @@ adds ``(K_i ⊙ exp(-s (C - 1 - r)))^T V_i`` to the state it hands on, after dec
 Varlen (``cu_seqlens``): packed sequences ``[1, ΣT, H, D]`` are laid out so that no block holds two
 sequences (a sequence's last block may be partial), and the state restarts at each sequence's first block.
 
-Cost: ``O(T C D + T D^2)`` per head. All matrix products run batched over every block at once; only the
-state hand-over ``S_{i+1} = exp(-s C) S_i + KV_i`` is a loop, over ``T / C`` blocks, because it is a
-sequential scan whose batched (all-pairs) form costs ``O((T / C)^2 D^2)`` — quadratic in length.
+Cost: ``O(T C D + T D^2)`` per head, forward and backward (a hand-derived backward, see
+:class:`_BlockedAttention`). All matrix products run batched over every block at once; only the state
+hand-over ``S_{i+1} = exp(-s C) S_i + KV_i`` (and its reverse in the backward) is a loop, over ``T / C``
+blocks, because it is a sequential scan whose batched (all-pairs) form costs ``O((T / C)^2 D^2)``.
 """
 
 from __future__ import annotations
@@ -144,44 +145,72 @@ def _blocked(
     Returns:
         ``o`` ``[B, H, n, c, D]`` and the final states ``[B, H, len(ends), D, D]``.
     """
-    c = q.shape[3]
-    s = s[:, None]  # [H, 1]
-    r = torch.arange(c, device=q.device, dtype=q.dtype)
-    # Inside a block: M[i, j] = exp(-s (i - j)) for j <= i, else 0.
-    gap = r[:, None] - r[None, :]
-    mask = torch.where(gap >= 0, torch.exp(-s[:, :, None] * gap.clamp(min=0)), 0.0)  # [H, c, c]
-    # (In-place ops below are on matmul outputs, which their backward does not need.)
-    o = torch.matmul(torch.matmul(q, k.transpose(-1, -2)).mul_(mask[:, None]), v)  # [B, H, n, c, D]
-
-    # Each key's decay to the end of its block's tokens (a partial block ends before its padding).
-    until_end = lengths[:, None] - 1 - r  # [n, c]
-    key_decay = torch.where(until_end >= 0, torch.exp(-s[:, :, None] * until_end.clamp(min=0)), 0.0)
-    kv = torch.matmul((k * key_decay[..., None]).transpose(-1, -2), v)  # [B, H, n, D, D]
-    block_decay = torch.exp(-s * lengths)[..., None, None]  # [H, n, 1, 1]
-
-    states = _scan(kv, block_decay, dict(zip(starts, init, strict=True)))  # entering each block
-    final = block_decay[:, ends] * states[:, :, ends] + kv[:, :, ends]
-    query_decay = torch.exp(-s * (r + 1))[:, None, :, None]  # [H, 1, c, 1]
-    # (q ⊙ decay_r) S == decay_r ⊙ (q S): the decay scales whole output rows.
-    return o.addcmul_(torch.matmul(q, states), query_decay), final
+    return _BlockedAttention.apply(q, k, v, s, lengths, starts, init, ends)
 
 
-def _scan(kv: Tensor, block_decay: Tensor, restarts: dict[int, Tensor]) -> Tensor:
-    """The state entering each block, ``[B, H, n, D, D]``: ``S_{i+1} = decay_i * S_i + kv_i``, except at a
-    restart block ``j``, whose state is ``restarts[j]``.
+class _Decays:
+    """The decay factors of one call: ``[H, c, c]`` intra-block mask, and per block and position the decay of
+    a key to its block's end, of a query from its block's start, and of the state across the block."""
 
-    Without autograd the states are written in place into one preallocated tensor; with it, stacked.
+    def __init__(self, s: Tensor, lengths: Tensor, c: int) -> None:
+        s = s[:, None]  # [H, 1]
+        r = torch.arange(c, device=s.device, dtype=s.dtype)
+        gap = r[:, None] - r[None, :]
+        self.mask = torch.where(gap >= 0, torch.exp(-s[:, :, None] * gap.clamp(min=0)), 0.0)[:, None]  # [H,1,c,c]
+        until_end = lengths[:, None] - 1 - r  # [n, c]; a partial block ends before its padding
+        self.key = torch.where(until_end >= 0, torch.exp(-s[:, :, None] * until_end.clamp(min=0)), 0.0)[..., None]
+        self.query = torch.exp(-s * (r + 1))[:, None, :, None]  # [H, 1, c, 1]
+        self.block = torch.exp(-s * lengths)[..., None, None]  # [H, n, 1, 1]
+
+
+class _BlockedAttention(torch.autograd.Function):
+    """Forward and a hand-derived backward, both batched over blocks (autograd through the blockwise graph
+    is several times slower). With ``A = (Q K^T) ⊙ M``, ``S_i`` the state entering block ``i`` and ``G_i``
+    the gradient of the state leaving it::
+
+        dQ = (dO V^T ⊙ M) K + q_decay ⊙ (dO S_i^T)
+        dK = (dO V^T ⊙ M)^T Q + k_decay ⊙ (V G_i^T)
+        dV = A^T dO + (K ⊙ k_decay) G_i
+        G_{i-1} = block_decay_i G_i + (Q_i ⊙ q_decay)^T dO_i      (reverse scan; dfinal at sequence ends)
     """
-    n = kv.shape[2]
-    if not torch.is_grad_enabled() or not (kv.requires_grad or any(x.requires_grad for x in restarts.values())):
-        states = kv.new_empty(kv.shape)
-        for i in range(n):
+
+    @staticmethod
+    def forward(ctx, q, k, v, s, lengths, starts, init, ends):
+        decay = _Decays(s, lengths, q.shape[3])
+        o = torch.matmul(torch.matmul(q, k.transpose(-1, -2)).mul_(decay.mask), v)  # [B, H, n, c, D]
+        kv = torch.matmul((k * decay.key).transpose(-1, -2), v)  # [B, H, n, D, D]
+        states = kv.new_empty(kv.shape)  # the state entering each block
+        restarts = dict(zip(starts, init, strict=True))
+        for i in range(kv.shape[2]):
             if i in restarts:
                 states[:, :, i] = restarts[i]
             else:
-                torch.addcmul(kv[:, :, i - 1], block_decay[:, i - 1], states[:, :, i - 1], out=states[:, :, i])
-        return states
-    out: list[Tensor] = []
-    for i in range(n):
-        out.append(restarts[i] if i in restarts else block_decay[:, i - 1] * out[-1] + kv[:, :, i - 1])
-    return torch.stack(out, dim=2)
+                torch.addcmul(kv[:, :, i - 1], decay.block[:, i - 1], states[:, :, i - 1], out=states[:, :, i])
+        final = decay.block[:, ends] * states[:, :, ends] + kv[:, :, ends]
+        # (q ⊙ decay_r) S == decay_r ⊙ (q S): the decay scales whole output rows.
+        o.addcmul_(torch.matmul(q, states), decay.query)
+        ctx.save_for_backward(q, k, v, s, lengths, states)
+        ctx.starts, ctx.ends = starts, ends
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, dfinal):
+        q, k, v, s, lengths, states = ctx.saved_tensors
+        decay = _Decays(s, lengths, q.shape[3])
+        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(decay.mask)
+        dscores = torch.matmul(do, v.transpose(-1, -2)).mul_(decay.mask)
+        dq = torch.matmul(dscores, k).addcmul_(torch.matmul(do, states.transpose(-1, -2)), decay.query)
+        # Reverse scan for G, the gradient of the state leaving each block.
+        into = torch.matmul((q * decay.query).transpose(-1, -2), do)  # [B, H, n, D, D], the read-out's share
+        grads = torch.empty_like(into)
+        end_of = {e: j for j, e in enumerate(ctx.ends)}
+        for i in reversed(range(into.shape[2])):
+            if i in end_of:
+                grads[:, :, i] = dfinal[:, :, end_of[i]]
+            else:  # the next block continues this sequence: G_i is the gradient of the state entering it
+                torch.addcmul(into[:, :, i + 1], decay.block[:, i + 1], grads[:, :, i + 1], out=grads[:, :, i])
+        # The gradient of each sequence's initial state: that of the state entering its first block.
+        entering = torch.addcmul(into[:, :, ctx.starts], decay.block[:, ctx.starts], grads[:, :, ctx.starts])
+        dk = torch.matmul(dscores.transpose(-1, -2), q).addcmul_(torch.matmul(v, grads.transpose(-1, -2)), decay.key)
+        dv = torch.matmul(scores.transpose(-1, -2), do).add_(torch.matmul(k * decay.key, grads))
+        return dq, dk, dv, None, None, None, entering.permute(2, 0, 1, 3, 4), None
