@@ -1,21 +1,12 @@
-"""The Triton kernels against the naive recurrence: on the CPU under TRITON_INTERPRET=1, at real sizes on a GPU."""
-
-import os
+"""The Triton kernels against the naive recurrence: on the CPU under TRITON_INTERPRET=1 (set in conftest.py),
+at real sizes on a GPU."""
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton reads it: kernels run on the CPU
-triton = pytest.importorskip("triton")
-
-from hyla.ops.lightning import lightning_attention_naive, lightning_attention_step  # noqa: E402
-from hyla.ops.lightning.triton import (  # noqa: E402
-    chunk_size_for,
-    lightning_attention_triton,
-    lightning_decode_slots,
-)
-from tests.conftest import rel_err  # noqa: E402
+from hyla.ops.lightning import lightning_attention_naive, lightning_attention_step
+from hyla.ops.lightning.triton import chunk_size_for, lightning_attention_triton, lightning_decode_slots
+from tests.conftest import rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 H = 2
