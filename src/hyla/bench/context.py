@@ -225,4 +225,4 @@ def main(
         with results.open("a") as f:
             f.write(f"\n### Context scaling, {device} — {datetime.date.today()}\n\nMachine: {machine}; {shape}.\n"
                     f"Command: `hyla bench context --device {device} --dtype {dtype} --lengths "
-                    f"{' '.join(map(str, lengths))}`\n\n{table}\n")  # fmt: skip
+                    f"{' '.join(map(str, lengths))} --repeats {repeats}`\n\n{table}\n")  # fmt: skip
