@@ -4,11 +4,11 @@ Every input is treated as packed sequences (``[1, ΣT, H, D]`` plus ``cu_seqlens
 batch is ``B`` sequences of length ``T``). Chunks never straddle two sequences. The algorithm is
 ``chunk.py``'s, split into kernels:
 
-- ``_states_fwd``: per (sequence, head, [BK, BV] tile of the state), a scan over the sequence's chunks that
-  records the state entering each chunk (float32) and the final state;
+- ``_scan``: per (sequence, head, [BK, BV] tile of the state), a scan over the sequence's chunks that
+  records the state entering each chunk (float32) and the final state; run in reverse over ``q`` and ``dO``,
+  the same kernel gives the gradient of the state leaving each chunk, and of the initial state;
 - ``_output_fwd``: per (chunk, head, value tile), exact decayed attention inside the chunk plus the read-out
   of the state entering it;
-- ``_states_bwd``: the reverse scan: the gradient of the state leaving each chunk, and of the initial state;
 - ``_chunk_bwd``: per (chunk, head), dq, dk and dv from the intra-chunk attention and the two state gradients.
 
 The forward keeps no per-chunk states for the backward: they are recomputed (``O(T D^2)``), so training
@@ -26,7 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 CHUNK_SIZES = (16, 32, 64)
-# Software-pipelining depth of the two sequential scans: loading the next chunk's tiles while the current one
+# Software-pipelining depth of the sequential scans: loading the next chunk's tiles while the current one
 # is multiplied. Measured on an H100 (32k tokens, 32 heads x 128, bf16): 0.65 ms at 3 stages vs 0.86 at 2.
 SCAN_STAGES = 3
 
@@ -48,11 +48,18 @@ def _dot(a, b):
 
 
 @triton.jit
-def _states_fwd(
-    k, v, slope, init, states, final, cu_seqlens, chunk_first,
+def _scan(
+    x, y, slope, init, states, final, cu_seqlens, chunk_first,
     H: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_INIT: tl.constexpr, STORE_STATES: tl.constexpr,
+    HAS_INIT: tl.constexpr, STORE_STATES: tl.constexpr, REVERSE: tl.constexpr,
 ):  # fmt: skip
+    """Per (sequence, head, [BK, BV] tile): ``S <- exp(-s L) S + (x ⊙ decay)^T y`` over the sequence's chunks.
+
+    Forward (``x = k``, ``y = v``, key decay to the chunk's end): ``states[j]`` is the state entering chunk
+    ``j``, ``final`` the state after the last. Reverse (``x = q``, ``y = dO``, query decay from the chunk's
+    start, last chunk first): ``states[j]`` is the gradient of the state leaving chunk ``j``, ``final`` that
+    of the initial state.
+    """
     i_v, i_k, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, h = i_nh // H, i_nh % H
     bos, eos = tl.load(cu_seqlens + n), tl.load(cu_seqlens + n + 1)
@@ -64,19 +71,22 @@ def _states_fwd(
     state = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_INIT:
         state += tl.load(init + i_nh * D * D + tile, mask=tile_mask, other=0.0).to(tl.float32)
-    for j in range(0, tl.cdiv(eos - bos, C)):
+    num_chunks = tl.cdiv(eos - bos, C)
+    for step in range(0, num_chunks):
+        j = num_chunks - 1 - step if REVERSE else step
         if STORE_STATES:
             tl.store(states + ((first + j).to(tl.int64) * H + h) * D * D + tile, state, mask=tile_mask)
         start = bos + j * C
         length = tl.minimum(C, eos - start)
         row_mask = rows < length
-        kt = tl.load(k + ((start + rows[:, None]) * H + h) * D + rk[None, :],
+        xt = tl.load(x + ((start + rows[:, None]) * H + h) * D + rk[None, :],
                      mask=row_mask[:, None] & (rk[None, :] < D), other=0.0)  # fmt: skip
-        vt = tl.load(v + ((start + rows[:, None]) * H + h) * D + rv[None, :],
+        yt = tl.load(y + ((start + rows[:, None]) * H + h) * D + rv[None, :],
                      mask=row_mask[:, None] & (rv[None, :] < D), other=0.0)  # fmt: skip
-        key_decay = tl.where(row_mask, tl.exp(-s * (length - 1 - rows).to(tl.float32)), 0.0)
-        kt = (kt.to(tl.float32) * key_decay[:, None]).to(vt.dtype)
-        state = state * tl.exp(-s * length.to(tl.float32)) + _dot(tl.trans(kt), vt).to(tl.float32)
+        steps = (rows + 1) if REVERSE else (length - 1 - rows)
+        decay = tl.where(row_mask, tl.exp(-s * steps.to(tl.float32)), 0.0)
+        xt = (xt.to(tl.float32) * decay[:, None]).to(yt.dtype)
+        state = state * tl.exp(-s * length.to(tl.float32)) + _dot(tl.trans(xt), yt).to(tl.float32)
     tl.store(final + i_nh * D * D + tile, state, mask=tile_mask)
 
 
@@ -103,41 +113,6 @@ def _output_fwd(
     query_decay = tl.exp(-s * (rows + 1).to(tl.float32))
     out += _dot(qt, st.to(qt.dtype)).to(tl.float32) * query_decay[:, None]
     tl.store(o + offs + rv[None, :], out.to(o.dtype.element_ty), mask=row_mask[:, None] & (rv[None, :] < D))
-
-
-@triton.jit
-def _states_bwd(
-    q, do, slope, dfinal, dstates, dinit, cu_seqlens, chunk_first,
-    H: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_DFINAL: tl.constexpr,
-):  # fmt: skip
-    """dstates[j]: the gradient of the state *leaving* chunk j; dinit: of the state entering the first chunk."""
-    i_v, i_k, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n, h = i_nh // H, i_nh % H
-    bos, eos = tl.load(cu_seqlens + n), tl.load(cu_seqlens + n + 1)
-    first = tl.load(chunk_first + n)
-    s = tl.load(slope + h).to(tl.float32)
-    rk, rv, rows = i_k * BK + tl.arange(0, BK), i_v * BV + tl.arange(0, BV), tl.arange(0, C)
-    tile = rk[:, None] * D + rv[None, :]
-    tile_mask = (rk[:, None] < D) & (rv[None, :] < D)
-    grad = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_DFINAL:
-        grad += tl.load(dfinal + i_nh * D * D + tile, mask=tile_mask, other=0.0).to(tl.float32)
-    num_chunks = tl.cdiv(eos - bos, C)
-    for jj in range(0, num_chunks):
-        j = num_chunks - 1 - jj
-        tl.store(dstates + ((first + j).to(tl.int64) * H + h) * D * D + tile, grad, mask=tile_mask)
-        start = bos + j * C
-        length = tl.minimum(C, eos - start)
-        row_mask = rows < length
-        qt = tl.load(q + ((start + rows[:, None]) * H + h) * D + rk[None, :],
-                     mask=row_mask[:, None] & (rk[None, :] < D), other=0.0)  # fmt: skip
-        dot = tl.load(do + ((start + rows[:, None]) * H + h) * D + rv[None, :],
-                      mask=row_mask[:, None] & (rv[None, :] < D), other=0.0)  # fmt: skip
-        query_decay = tl.where(row_mask, tl.exp(-s * (rows + 1).to(tl.float32)), 0.0)
-        qt = (qt.to(tl.float32) * query_decay[:, None]).to(dot.dtype)
-        grad = grad * tl.exp(-s * length.to(tl.float32)) + _dot(tl.trans(qt), dot).to(tl.float32)
-    tl.store(dinit + i_nh * D * D + tile, grad, mask=tile_mask)
 
 
 @triton.jit
@@ -230,9 +205,9 @@ def _states(k: Tensor, v: Tensor, slope: Tensor, init: Tensor | None, plan: _Pla
     states = k.new_empty((plan.num_chunks, h, d, d), dtype=torch.float32) if store else k.new_empty(0)
     final = k.new_empty((plan.num_seqs, h, d, d), dtype=torch.float32)
     grid = (triton.cdiv(d, bt), triton.cdiv(d, bt), plan.num_seqs * h)
-    _states_fwd[grid](k, v, slope, init if init is not None else final, states, final, plan.cu_seqlens,
-                      plan.first, H=h, D=d, C=plan.chunk, BK=bt, BV=bt, HAS_INIT=init is not None,
-                      STORE_STATES=store, num_stages=SCAN_STAGES)  # fmt: skip
+    _scan[grid](k, v, slope, init if init is not None else final, states, final, plan.cu_seqlens, plan.first,
+                H=h, D=d, C=plan.chunk, BK=bt, BV=bt, HAS_INIT=init is not None, STORE_STATES=store,
+                REVERSE=False, num_stages=SCAN_STAGES)  # fmt: skip
     return states, final
 
 
@@ -265,9 +240,9 @@ class _LightningTriton(torch.autograd.Function):
         has_dfinal = dfinal is not None
         dfinal = dfinal.contiguous().float() if has_dfinal else dinit
         grid = (triton.cdiv(d, bt), triton.cdiv(d, bt), plan.num_seqs * h)
-        _states_bwd[grid](q, do, slope, dfinal, dstates, dinit, plan.cu_seqlens, plan.first,
-                          H=h, D=d, C=plan.chunk, BK=bt, BV=bt, HAS_DFINAL=has_dfinal,
-                          num_stages=SCAN_STAGES)  # fmt: skip
+        _scan[grid](q, do, slope, dfinal, dstates, dinit, plan.cu_seqlens, plan.first, H=h, D=d, C=plan.chunk,
+                    BK=bt, BV=bt, HAS_INIT=has_dfinal, STORE_STATES=True, REVERSE=True,
+                    num_stages=SCAN_STAGES)  # fmt: skip
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         if plan.num_chunks:
             _chunk_bwd[(plan.num_chunks, h)](q, k, v, do, dq, dk, dv, slope, states, dstates, plan.start,
