@@ -1,0 +1,54 @@
+"""Packing documents into training batches: ``(tokens [1, ΣT], cu_seqlens [k + 1])``, no padding.
+
+Documents are visited in a seeded order; one longer than ``max_seq_len`` is cut into pieces of at most that
+length; pieces are packed greedily into batches of at most ``tokens_per_batch`` tokens. With the model's
+``cu_seqlens``, no attention crosses a piece boundary, so a packed batch trains exactly as its pieces alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from hyla.data.shards import TokenShard
+
+
+def pieces(shard: TokenShard, max_seq_len: int, seed: int) -> Iterator[np.ndarray]:
+    """The documents of one epoch in a seeded order, cut into pieces of at most ``max_seq_len`` tokens."""
+    order = np.random.default_rng(seed).permutation(len(shard))
+    for i in order:
+        doc = shard.document(int(i))
+        for start in range(0, len(doc), max_seq_len):
+            yield doc[start : start + max_seq_len]
+
+
+def packed_batches(
+    shard: TokenShard, tokens_per_batch: int, max_seq_len: int, seed: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless batches, epoch after epoch (epoch ``e`` shuffled with ``seed + e``); deterministic for a seed.
+
+    Yields ``tokens`` ``[1, n]`` (int64, ``n <= tokens_per_batch``) and ``cu_seqlens`` ``[k + 1]`` (int64).
+    """
+    if max_seq_len > tokens_per_batch:
+        raise ValueError(f"max_seq_len ({max_seq_len}) cannot exceed tokens_per_batch ({tokens_per_batch})")
+    if len(shard) == 0:
+        raise ValueError("cannot draw batches from an empty shard")
+    epoch = 0
+    batch: list[np.ndarray] = []
+    size = 0
+    while True:
+        for piece in pieces(shard, max_seq_len, seed + epoch):
+            if size + len(piece) > tokens_per_batch:
+                yield _collate(batch)
+                batch, size = [], 0
+            batch.append(piece)
+            size += len(piece)
+        epoch += 1
+
+
+def _collate(batch: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([len(p) for p in batch])
+    tokens = torch.from_numpy(np.concatenate(batch).astype(np.int64))[None]
+    return tokens, torch.cat((torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)))

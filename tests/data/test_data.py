@@ -1,0 +1,94 @@
+"""Corpus discovery, BPE training, cached token shards with a held-out split, and packing."""
+
+import json
+
+import numpy as np
+import pytest
+
+from hyla.data.corpus import CorpusError, discover, documents, stdlib_dir
+from hyla.data.packing import packed_batches, pieces
+from hyla.data.shards import build_shards
+from hyla.data.tokenizer import END_OF_TEXT, train_bpe
+
+WORDS = "def return import class lambda yield while for if else try except with as pass".split()
+
+
+def small_corpus(root, n=40):
+    """A directory of small Python-like files, varied lengths, made from a seeded generator."""
+    rng = np.random.default_rng(0)
+    root.mkdir()
+    for i in range(n):
+        lines = [" ".join(rng.choice(WORDS, size=rng.integers(2, 9))) for _ in range(rng.integers(1, 30))]
+        (root / f"f{i:03d}.py").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_default_corpus_is_the_stdlib():
+    sources = discover(None)
+    assert len(sources) > 500
+    assert all(s.path.suffix == ".py" and s.path.is_relative_to(stdlib_dir()) for s in sources)
+    assert sources == sorted(sources, key=lambda s: s.path)
+
+
+def test_user_corpora(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "one"}) + "\n\n" + json.dumps({"text": "two"}) + "\n")
+    assert list(documents(discover(tmp_path / "a.jsonl")[0])) == ["one", "two"]
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"body": 1}\n')
+    with pytest.raises(CorpusError, match=r"bad\.jsonl:2: expected a JSON object with a 'text' field"):
+        list(documents(discover(tmp_path / "bad.jsonl")[0]))
+    (tmp_path / "blob.bin").write_bytes(b"\xff\xfe\x00")
+    assert list(documents(discover(tmp_path / "blob.bin")[0])) == []  # undecodable: skipped
+    assert len(discover(tmp_path, "*.jsonl")) == 2
+    with pytest.raises(CorpusError, match="does not exist"):
+        discover(tmp_path / "missing")
+    with pytest.raises(CorpusError, match="no files matching"):
+        discover(tmp_path, "*.txt")
+
+
+def test_bpe_round_trips_and_respects_the_vocab_size(tmp_path):
+    texts = [s for src in discover(small_corpus(tmp_path / "c")) for s in documents(src)]
+    tokenizer = train_bpe(texts, vocab_size=300)
+    assert tokenizer.get_vocab_size() <= 300
+    assert tokenizer.token_to_id(END_OF_TEXT) is not None
+    for text in texts[:5] + ["unicode: héllo ✓\n\ttabs"]:
+        assert tokenizer.decode(tokenizer.encode(text).ids) == text
+    with pytest.raises(ValueError, match="at least 257"):
+        train_bpe(texts, vocab_size=100)
+
+
+def test_shards_hold_every_document_once_and_are_cached(tmp_path):
+    sources = discover(small_corpus(tmp_path / "c"))
+    texts = [t for s in sources for t in documents(s)]
+    tokenizer = train_bpe(texts, vocab_size=300)
+    shards = build_shards(sources, tokenizer, tmp_path / "cache", eval_fraction=0.2, progress=False)
+    assert len(shards["train"]) + len(shards["eval"]) == len(texts)
+    assert 0 < len(shards["eval"]) < len(texts)
+    decoded = sorted(
+        tokenizer.decode(shard.document(i).tolist()) for shard in shards.values() for i in range(len(shard))
+    )
+    assert decoded == sorted(texts)  # the end-of-text token is special: decode skips it
+    eot = tokenizer.token_to_id(END_OF_TEXT)
+    assert all(shards["train"].document(i)[-1] == eot for i in range(len(shards["train"])))
+    entries = list((tmp_path / "cache").iterdir())
+    again = build_shards(sources, tokenizer, tmp_path / "cache", eval_fraction=0.2, progress=False)
+    assert list((tmp_path / "cache").iterdir()) == entries  # no second tokenization
+    assert np.array_equal(again["eval"].tokens, shards["eval"].tokens)
+
+
+def test_packing_covers_an_epoch_within_the_budget(tmp_path):
+    sources = discover(small_corpus(tmp_path / "c", n=30))
+    tokenizer = train_bpe([t for s in sources for t in documents(s)], vocab_size=280)
+    shard = build_shards(sources, tokenizer, tmp_path / "cache", eval_fraction=0.0, progress=False)["train"]
+    total = int(shard.offsets[-1])
+    streamed, batches = [], packed_batches(shard, tokens_per_batch=64, max_seq_len=32, seed=3)
+    while sum(len(t) for t in streamed) < total:
+        tokens, cu_seqlens = next(batches)
+        assert tokens.shape[1] <= 64 and int(cu_seqlens[-1]) == tokens.shape[1]
+        assert int(cu_seqlens.diff().max()) <= 32 and int(cu_seqlens.diff().min()) >= 1
+        streamed.append(tokens[0].numpy())
+    # The batches stream the epoch's pieces in order, each token exactly once (a batch may run into epoch 2).
+    epoch = np.concatenate(list(pieces(shard, 32, seed=3)))
+    assert len(epoch) == total
+    assert np.array_equal(np.concatenate(streamed)[:total], epoch)
+    first = [next(packed_batches(shard, 64, 32, seed=3))[0] for _ in range(2)]
+    assert np.array_equal(first[0], first[1])
