@@ -10,7 +10,23 @@ from hyla.data.packing import packed_batches, pieces
 from hyla.data.shards import build_shards
 from hyla.data.tokenizer import END_OF_TEXT, train_bpe
 
-WORDS = "def return import class lambda yield while for if else try except with as pass".split()
+WORDS = [
+    "def",
+    "return",
+    "import",
+    "class",
+    "lambda",
+    "yield",
+    "while",
+    "for",
+    "if",
+    "else",
+    "try",
+    "except",
+    "with",
+    "as",
+    "pass",
+]
 
 
 def small_corpus(root, n=40):
