@@ -10,23 +10,7 @@ from hyla.data.packing import packed_batches, pieces
 from hyla.data.shards import build_shards
 from hyla.data.tokenizer import END_OF_TEXT, train_bpe
 
-WORDS = [
-    "def",
-    "return",
-    "import",
-    "class",
-    "lambda",
-    "yield",
-    "while",
-    "for",
-    "if",
-    "else",
-    "try",
-    "except",
-    "with",
-    "as",
-    "pass",
-]
+WORDS = ("def", "return", "import", "class", "lambda", "yield", "while", "for", "if", "else", "try", "except")
 
 
 def small_corpus(root, n=40):
@@ -66,7 +50,7 @@ def test_bpe_round_trips_and_respects_the_vocab_size(tmp_path):
     tokenizer = train_bpe(texts, vocab_size=300)
     assert tokenizer.get_vocab_size() <= 300
     assert tokenizer.token_to_id(END_OF_TEXT) is not None
-    for text in texts[:5] + ["unicode: héllo ✓\n\ttabs"]:
+    for text in [*texts[:5], "unicode: héllo ✓\n\ttabs"]:
         assert tokenizer.decode(tokenizer.encode(text).ids) == text
     with pytest.raises(ValueError, match="at least 257"):
         train_bpe(texts, vocab_size=100)
