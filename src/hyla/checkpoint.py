@@ -102,8 +102,7 @@ def load(path: str | Path, dtype: torch.dtype | None = None, device: str | torch
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.reset_buffers()
-    model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
-    return model.eval()
+    return model.to(device=device, dtype=dtype).eval()  # dtype None keeps the stored dtypes
 
 
 def _shards(tensors: dict[str, torch.Tensor], max_shard_size: int) -> list[dict[str, torch.Tensor]]:

@@ -41,7 +41,7 @@ def lightning_attention(
     anything longer the blockwise path.
     The state is float32 (float64 for float64 inputs) whatever the inputs' dtype.
     """
-    if q.is_cuda and q.shape[1] > 1 and q.shape[-1] % 16 == 0:
+    if q.is_cuda and q.shape[1] > 1 and q.shape[-1] % 16 == 0 and q.shape[-1] <= 256:
         from hyla.ops.lightning.triton import lightning_attention_triton
 
         return lightning_attention_triton(q, k, v, slope, initial_state, cu_seqlens)
