@@ -4,7 +4,7 @@ at real sizes on a GPU."""
 import pytest
 import torch
 
-from hyla.ops.lightning import lightning_attention_naive, lightning_attention_step
+from hyla.ops.lightning import lightning_attention_naive, lightning_attention_step, lightning_step_slots
 from hyla.ops.lightning.triton import chunk_size_for, lightning_attention_triton, lightning_decode_slots
 from tests.conftest import rel_err
 
@@ -65,13 +65,15 @@ def test_dense_batch_is_sequences_of_equal_length():
         assert rel_err(s[i : i + 1], s_ref) < 1e-5
 
 
-def test_decode_slots_update_in_place_and_skip_padding():
+@pytest.mark.parametrize("decode", [lightning_decode_slots, lightning_step_slots])
+def test_decode_slots_update_in_place_and_skip_padding(decode):
+    """The Triton kernel and the torch path alike, against one recurrent step per request."""
     d, num_slots = 16, 5
     pool = torch.randn(num_slots, H, d, d, device=DEVICE)
     before = pool.clone()
     slots = torch.tensor([3, -1, 0], device=DEVICE, dtype=torch.int32)
     q, k, v = (torch.randn(3, H, d, device=DEVICE) for _ in range(3))
-    o = lightning_decode_slots(q, k, v, slopes(H).to(DEVICE), pool, slots)
+    o = decode(q, k, v, slopes(H).to(DEVICE), pool, slots)
     for row, slot in ((0, 3), (2, 0)):
         o_ref, s_ref = lightning_attention_step(q[row : row + 1], k[row : row + 1], v[row : row + 1],
                                                 slopes(H).to(DEVICE), before[slot : slot + 1])  # fmt: skip

@@ -14,13 +14,14 @@ from torch import Tensor
 
 from hyla.ops.lightning.chunk import compute_dtype, lightning_attention_chunk
 from hyla.ops.lightning.naive import lightning_attention_naive
-from hyla.ops.lightning.recurrent import lightning_attention_step
+from hyla.ops.lightning.recurrent import lightning_attention_step, lightning_step_slots
 
 __all__ = [
     "lightning_attention",
     "lightning_attention_chunk",
     "lightning_attention_naive",
     "lightning_attention_step",
+    "lightning_decode",
 ]
 
 
@@ -49,3 +50,14 @@ def lightning_attention(
         o, state = lightning_attention_step(q[:, 0], k[:, 0], v[:, 0], slope, initial_state.to(compute_dtype(q.dtype)))
         return o[:, None], state
     return lightning_attention_chunk(q, k, v, slope, initial_state, block_size, cu_seqlens)
+
+
+def lightning_decode(q: Tensor, k: Tensor, v: Tensor, slope: Tensor, pool: Tensor, slots: Tensor) -> Tensor:
+    """One decode token for each of ``B`` requests, their states in ``pool[slots]`` (``-1``: a padding row),
+    updated in place: the Triton kernel on CUDA, the torch step elsewhere. ``q, k, v`` ``[B, H, D]`` ->
+    ``o`` ``[B, H, D]``; ``pool`` ``[S, H, D, D]`` float32."""
+    if q.is_cuda and q.shape[-1] % 16 == 0 and q.shape[-1] <= 256:
+        from hyla.ops.lightning.triton import lightning_decode_slots
+
+        return lightning_decode_slots(q, k, v, slope, pool, slots)
+    return lightning_step_slots(q, k, v, slope, pool, slots)

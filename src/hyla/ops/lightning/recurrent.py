@@ -25,3 +25,21 @@ def lightning_attention_step(q: Tensor, k: Tensor, v: Tensor, slope: Tensor, sta
     ).view_as(state)
     o = torch.matmul(q.to(compute).unsqueeze(-2), new_state).squeeze(-2)
     return o.to(q.dtype), new_state
+
+
+def lightning_step_slots(q: Tensor, k: Tensor, v: Tensor, slope: Tensor, pool: Tensor, slots: Tensor) -> Tensor:
+    """One decode step for a batch of requests whose states live in a pool of slots, updated in place.
+
+    Args:
+        q, k, v: ``[B, H, D]``, one token per request.
+        pool: ``[S, H, D, D]`` float32 states. slots: ``[B]`` each request's slot; ``-1`` marks a padding row,
+            whose output is zeros and which touches no slot.
+
+    Returns:
+        ``o`` ``[B, H, D]``.
+    """
+    valid = slots >= 0
+    rows, chosen = valid.nonzero().squeeze(1), slots[valid].long()
+    o, states = lightning_attention_step(q[rows], k[rows], v[rows], slope, pool[chosen])
+    pool[chosen] = states
+    return torch.zeros_like(q).index_copy_(0, rows, o)
