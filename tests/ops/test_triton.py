@@ -84,6 +84,18 @@ def test_decode_slots_update_in_place_and_skip_padding(decode):
         assert torch.equal(pool[untouched], before[untouched])
 
 
+@pytest.mark.parametrize("chunk", [16, 64])
+def test_fixed_chunk_lengths_give_the_same_result(chunk):
+    lengths = [3, 40, 17]
+    q, k, v = (torch.randn(1, sum(lengths), H, 16, device=DEVICE) for _ in range(3))
+    cu_seqlens = torch.tensor([0, 3, 43, 60], device=DEVICE)
+    o, s = lightning_attention_triton(q, k, v, slopes(H).to(DEVICE), cu_seqlens=cu_seqlens, chunk=chunk)
+    o_ref, s_ref = reference(q, k, v, slopes(H).to(DEVICE), None, lengths)
+    assert rel_err(o, o_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
+    with pytest.raises(ValueError, match="chunk must be one of"):
+        lightning_attention_triton(q, k, v, slopes(H).to(DEVICE), cu_seqlens=cu_seqlens, chunk=48)
+
+
 def test_multi_level_padding_picks_the_smallest_chunk():
     assert [chunk_size_for(n) for n in (1, 16, 17, 33, 64, 5000)] == [16, 16, 32, 64, 64, 64]
     assert chunk_size_for(5000, row_bytes=128 * 4) == 32  # float32 at head_dim 128

@@ -176,11 +176,11 @@ def _decode_slots(
 class _Plan:
     """Where each chunk sits: the chunk length, per-sequence first chunk, per-chunk start and length."""
 
-    def __init__(self, cu_seqlens: Tensor, device: torch.device, row_bytes: int) -> None:
+    def __init__(self, cu_seqlens: Tensor, device: torch.device, row_bytes: int, chunk: int | None) -> None:
         cu_seqlens = cu_seqlens.cpu()  # planned on the host (a few ints), then copied once: no device syncs
         lengths = cu_seqlens.diff()
         self.num_seqs = len(lengths)
-        self.chunk = chunk_size_for(int(lengths.max()) if self.num_seqs else 1, row_bytes)
+        self.chunk = chunk or chunk_size_for(int(lengths.max()) if self.num_seqs else 1, row_bytes)
         per_seq = (lengths + self.chunk - 1) // self.chunk
         first = torch.cumsum(per_seq, 0) - per_seq
         self.num_chunks = int(per_seq.sum())
@@ -213,8 +213,8 @@ def _states(k: Tensor, v: Tensor, slope: Tensor, init: Tensor | None, plan: _Pla
 
 class _LightningTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, slope, init, cu_seqlens):
-        plan = _Plan(cu_seqlens, q.device, triton.next_power_of_2(q.shape[-1]) * q.element_size())
+    def forward(ctx, q, k, v, slope, init, cu_seqlens, chunk):
+        plan = _Plan(cu_seqlens, q.device, triton.next_power_of_2(q.shape[-1]) * q.element_size(), chunk)
         h, d = q.shape[-2:]
         bd, bv = _tiles(d)
         states, final = _states(k, v, slope, init, plan, store=True)
@@ -247,7 +247,7 @@ class _LightningTriton(torch.autograd.Function):
         if plan.num_chunks:
             _chunk_bwd[(plan.num_chunks, h)](q, k, v, do, dq, dk, dv, slope, states, dstates, plan.start,
                                             plan.length, H=h, D=d, C=plan.chunk, BD=bd)  # fmt: skip
-        return dq, dk, dv, None, dinit if init is not None else None, None
+        return dq, dk, dv, None, dinit if init is not None else None, None, None
 
 
 def lightning_attention_triton(
@@ -257,6 +257,7 @@ def lightning_attention_triton(
     slope: Tensor,
     initial_state: Tensor | None = None,
     cu_seqlens: Tensor | None = None,
+    chunk: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Lightning attention through the Triton kernels; same contract as ``lightning_attention_chunk``.
 
@@ -265,6 +266,7 @@ def lightning_attention_triton(
             multiple of 16 up to 256.
         slope: ``[H]``. initial_state: optional ``[B or N, H, D, D]``, kept in float32.
         cu_seqlens: optional ``[N + 1]`` offsets of packed sequences.
+        chunk: a fixed chunk length of :data:`CHUNK_SIZES` instead of multi-level padding (for comparisons).
 
     Returns:
         ``o`` like ``q`` and the final states ``[B or N, H, D, D]`` in float32.
@@ -278,7 +280,9 @@ def lightning_attention_triton(
         raise ValueError(f"with cu_seqlens, pass the sequences packed as [1, total, H, D], got batch {b}")
     flat = [x.reshape(1, b * t, h, d).contiguous() for x in (q, k, v)]
     init = None if initial_state is None else initial_state.float().contiguous()
-    o, final = _LightningTriton.apply(*flat, slope.float().contiguous(), init, cu_seqlens)
+    if chunk is not None and chunk not in CHUNK_SIZES:
+        raise ValueError(f"chunk must be one of {CHUNK_SIZES}, got {chunk}")
+    o, final = _LightningTriton.apply(*flat, slope.float().contiguous(), init, cu_seqlens, chunk)
     return o.view(b, t, h, d), final
 
 
