@@ -41,9 +41,8 @@ def main() -> None:
         fixed = best_ms(
             lambda q=q, k=k, v=v, cu=cu: lightning_attention_triton(q, k, v, slope, cu_seqlens=cu, chunk=64)
         )
-        print(
-            f"| {num} x {length} | {chunk_size_for(length, d * 2)} | {picked:.3f} | {fixed:.3f} | {fixed / picked:.2f}x |"
-        )
+        chunk = chunk_size_for(length, d * 2)
+        print(f"| {num} x {length} | {chunk} | {picked:.3f} | {fixed:.3f} | {fixed / picked:.2f}x |")
 
 
 if __name__ == "__main__":
