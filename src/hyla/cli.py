@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 import time
 
@@ -10,10 +12,12 @@ import torch
 
 from hyla.checkpoint import CheckpointError, load
 from hyla.config import ConfigError, preset
+from hyla.data.corpus import CorpusError
 from hyla.data.tokenizer import load_tokenizer
 from hyla.model import HylaForCausalLM
 from hyla.runtime import tune_malloc
 from hyla.serve.generate import generate
+from hyla.train.loop import TrainConfig, train
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -87,6 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
 
+    tr = commands.add_parser("train", help="train a model on a corpus (default: the Python standard library)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.type in ("int", "float", "str", "str | None"):
+            kind = {"int": int, "float": float}.get(f.type, str)
+            default = f.default if f.default is not dataclasses.MISSING else None
+            tr.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default, help=f"default: {default}")
+    tr.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a field of the model preset, e.g. --set hidden_size=256")  # fmt: skip
+    tr.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
+
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     ctx = bench.add_parser("context", help="lightning vs softmax attention across context lengths")
     ctx.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -101,6 +115,19 @@ def build_parser() -> argparse.ArgumentParser:
     ctx.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
     ctx.add_argument("--plot", default=None, help="PNG path (default: benchmarks/context-DEVICE.png)")
     return parser
+
+
+def run_train(args: argparse.Namespace) -> None:
+    """``hyla train``: the config's fields from the flags, preset overrides from ``--set``."""
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    overrides = {}
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set takes FIELD=VALUE, got {item!r}")
+        overrides[name] = json.loads(value) if value[:1] in "0123456789-[{tfn" else value
+    metrics = train(TrainConfig(**fields, model=overrides), resume=args.resume)
+    print(json.dumps(metrics))
 
 
 def run_bench_context(args: argparse.Namespace) -> None:
@@ -137,9 +164,11 @@ def main(argv: list[str] | None = None) -> int:
                 args.seed,
                 args.dtype,
             )
+        elif args.command == "train":
+            run_train(args)
         elif args.command == "bench" and args.bench == "context":
             run_bench_context(args)
-    except (CheckpointError, ConfigError, ValueError) as e:
+    except (CheckpointError, ConfigError, CorpusError, ValueError) as e:
         print(f"hyla: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

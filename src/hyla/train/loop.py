@@ -1,0 +1,180 @@
+"""The training loop: packed batches, AdamW, warmup + cosine, accumulation, clipping, checkpoints, resume.
+
+A straight function, nanoGPT-style. A run directory holds the resolved ``train.json``, ``tokenizer.json``,
+``metrics.jsonl`` (one JSON line per step and per evaluation) and ``checkpoint/`` (the model in hyla's
+transformers-compatible layout plus ``trainer.pt``: optimizer, step and RNG state), replaced atomically.
+Resuming continues from the checkpoint's step with the same batches, so the losses equal an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from hyla.checkpoint import load, save_pretrained
+from hyla.config import preset
+from hyla.data.corpus import CorpusError, discover, documents
+from hyla.data.packing import packed_batches
+from hyla.data.shards import TokenShard, build_shards
+from hyla.data.tokenizer import train_bpe
+from hyla.model import HylaForCausalLM
+from hyla.train.optim import build_optimizer, lr_at
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    preset: str = "tiny"
+    model: dict = field(default_factory=dict)  # overrides of the preset's fields
+    data: str | None = None  # None: the Python standard library
+    tokenizer: str | None = None  # a tokenizer.json; None: train a byte-level BPE of vocab_size
+    vocab_size: int = 4096
+    steps: int = 200
+    tokens_per_batch: int = 4096
+    max_seq_len: int = 512
+    grad_accum: int = 1
+    lr: float = 3e-3
+    warmup: int = 20
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip: float = 1.0
+    eval_every: int = 50
+    eval_batches: int = 4
+    checkpoint_every: int = 100
+    eval_fraction: float = 0.01
+    seed: int = 0
+    cache_dir: str = str(Path.home() / ".cache" / "hyla")
+
+    def to_json(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def _tokenizer(cfg: TrainConfig, run: Path, sources) -> Tokenizer:
+    if (run / "tokenizer.json").is_file():
+        return Tokenizer.from_file(str(run / "tokenizer.json"))
+    if cfg.tokenizer is not None:
+        if not Path(cfg.tokenizer).is_file():
+            raise CorpusError(f"tokenizer {cfg.tokenizer!r} does not exist")
+        tokenizer = Tokenizer.from_file(cfg.tokenizer)
+    else:
+        tokenizer = train_bpe((text for source in sources for text in documents(source)), cfg.vocab_size)
+    tokenizer.save(str(run / "tokenizer.json"))
+    return tokenizer
+
+
+@torch.no_grad()
+def evaluate(model: HylaForCausalLM, shard: TokenShard, cfg: TrainConfig) -> float:
+    """Mean next-token loss over ``eval_batches`` fixed batches of the held-out shard."""
+    model.eval()
+    batches = packed_batches(shard, cfg.tokens_per_batch, cfg.max_seq_len, seed=cfg.seed)
+    losses = [model(t, labels=t, cu_seqlens=c).loss.item() for t, c in (next(batches) for _ in range(cfg.eval_batches))]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def _save_checkpoint(run: Path, model: HylaForCausalLM, optimizer, step: int) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=run))
+    try:
+        save_pretrained(model, tmp / "model")
+        shutil.copy2(run / "tokenizer.json", tmp / "model" / "tokenizer.json")
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()},
+                   tmp / "trainer.pt")  # fmt: skip
+        old = run / "checkpoint"
+        if old.exists():
+            os.replace(old, run / ".checkpoint.old")
+        os.replace(tmp, old)
+        shutil.rmtree(run / ".checkpoint.old", ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Train (or resume) a run; returns the last metrics: ``{"step", "loss", "eval_loss", ...}``."""
+    run = Path(cfg.run_dir)
+    saved = run / "train.json"
+    if resume:
+        if not (run / "checkpoint" / "trainer.pt").is_file():
+            raise CorpusError(f"nothing to resume in {run}: no checkpoint/trainer.pt")
+        previous = json.loads(saved.read_text())
+        changed = sorted(k for k, v in cfg.to_json().items() if previous.get(k) != v and k != "steps")
+        if changed:
+            raise CorpusError(f"{run} was trained with another config (differs in {changed}); use a new run_dir")
+    run.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
+    sources = discover(cfg.data)
+    tokenizer = _tokenizer(cfg, run, sources)
+    shards = build_shards(sources, tokenizer, cfg.cache_dir, cfg.eval_fraction, progress)
+    config = preset(cfg.preset, **{"vocab_size": tokenizer.get_vocab_size(), **cfg.model})
+    if tokenizer.get_vocab_size() > config.vocab_size:
+        raise CorpusError(f"the tokenizer has {tokenizer.get_vocab_size()} ids but the model only {config.vocab_size}")
+
+    torch.manual_seed(cfg.seed)
+    model = HylaForCausalLM(config)
+    model.reset_parameters(seed=cfg.seed)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
+    batches = packed_batches(shards["train"], cfg.tokens_per_batch, cfg.max_seq_len, seed=cfg.seed)
+    start = 0
+    if resume:
+        state = torch.load(run / "checkpoint" / "trainer.pt", weights_only=False)
+        model.load_state_dict(load(run / "checkpoint" / "model").state_dict())
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        start = state["step"]
+        for _ in range(start * cfg.grad_accum):  # the same batches as an uninterrupted run
+            next(batches)
+
+    stop = {"now": False}
+    previous_handlers = {s: signal.signal(s, lambda *_: stop.update(now=True)) for s in (signal.SIGINT, signal.SIGTERM)}
+    metrics: dict = {}
+    model.train()
+    try:
+        with (run / "metrics.jsonl").open("a") as log, tqdm(
+            total=cfg.steps, initial=start, disable=not progress, unit="step"
+        ) as bar:  # fmt: skip
+            tokens_seen = start * cfg.grad_accum * cfg.tokens_per_batch
+            for step in range(start, cfg.steps):
+                began = time.perf_counter()
+                lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum, tokens = 0.0, 0
+                for _ in range(cfg.grad_accum):
+                    batch, cu_seqlens = next(batches)
+                    out = model(batch, labels=batch, cu_seqlens=cu_seqlens)
+                    ((out.loss + config.router_aux_loss_coef * out.aux_loss) / cfg.grad_accum).backward()
+                    loss_sum += out.loss.item() / cfg.grad_accum
+                    tokens += batch.shape[1]
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip).item()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                tokens_seen += tokens
+                metrics = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
+                           "tokens": tokens_seen, "tokens_per_s": tokens / (time.perf_counter() - began)}  # fmt: skip
+                if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                    metrics["eval_loss"] = evaluate(
+                        model, shards["eval"] if len(shards["eval"]) else shards["train"], cfg
+                    )
+                log.write(json.dumps(metrics) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+                bar.update()
+                if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or stop["now"]:
+                    _save_checkpoint(run, model, optimizer, step + 1)
+                if stop["now"]:
+                    break
+    finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+    return metrics

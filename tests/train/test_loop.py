@@ -1,0 +1,58 @@
+"""The training loop: it learns, and a resumed run continues exactly like an uninterrupted one."""
+
+import json
+
+import pytest
+
+from hyla.data.corpus import CorpusError
+from hyla.train.loop import TrainConfig, train
+from hyla.train.optim import lr_at
+from tests.data.test_data import small_corpus
+
+MODEL = {"hidden_size": 32, "intermediate_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1}
+
+
+def config(tmp_path, run: str, steps: int, **changes) -> TrainConfig:
+    fields = dict(run_dir=str(tmp_path / run), model=MODEL, data=str(tmp_path / "corpus"), vocab_size=300,
+                  steps=steps, tokens_per_batch=256, max_seq_len=64, warmup=2, eval_every=4, eval_batches=2,
+                  checkpoint_every=3, eval_fraction=0.1, cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    fields.update(changes)
+    return TrainConfig(**fields)
+
+
+def losses(run_dir) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_continues_like_an_uninterrupted_run(tmp_path):
+    small_corpus(tmp_path / "corpus", n=40)
+    straight = train(config(tmp_path, "a", steps=6), progress=False)
+    train(config(tmp_path, "b", steps=3), progress=False)
+    resumed = train(config(tmp_path, "b", steps=6), resume=True, progress=False)
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")  # same numbers, step for step
+    assert resumed["eval_loss"] == straight["eval_loss"]
+    assert (tmp_path / "a" / "checkpoint" / "model" / "config.json").is_file()
+    assert [p.name for p in (tmp_path / "a").iterdir() if p.name.startswith(".")] == []
+
+
+def test_training_lowers_the_loss(tmp_path):
+    small_corpus(tmp_path / "corpus", n=40)
+    train(config(tmp_path, "r", steps=30, lr=1e-2, checkpoint_every=100), progress=False)
+    curve = losses(tmp_path / "r")
+    assert sum(curve[-5:]) / 5 < 0.7 * sum(curve[:3]) / 3
+
+
+def test_resume_refuses_another_config(tmp_path):
+    small_corpus(tmp_path / "corpus", n=10)
+    train(config(tmp_path, "r", steps=3), progress=False)
+    with pytest.raises(CorpusError, match=r"another config \(differs in \['lr'\]\)"):
+        train(config(tmp_path, "r", steps=6, lr=1.0), resume=True, progress=False)
+    with pytest.raises(CorpusError, match="nothing to resume"):
+        train(config(tmp_path, "new", steps=3), resume=True, progress=False)
+
+
+def test_schedule_warms_up_then_decays():
+    assert lr_at(0, 1.0, 10, 100) == pytest.approx(0.1)
+    assert lr_at(9, 1.0, 10, 100) == pytest.approx(1.0)
+    assert lr_at(100, 1.0, 10, 100) == pytest.approx(0.1)
+    assert lr_at(55, 1.0, 10, 100) == pytest.approx(0.55)
