@@ -193,7 +193,20 @@ PRESETS: dict[str, dict] = {
         layer_types=[LIGHTNING, LIGHTNING, LIGHTNING, SOFTMAX],
         max_position_embeddings=2048,
     ),
-    # ~70M parameters (~40M active), hybrid 7:1: the CPU demo and the benchmarks.
+    # ~6.5M parameters (4.7M active), hybrid 7:1 with 4 experts: sized to train on two CPU cores.
+    "demo": dict(
+        vocab_size=4096,
+        hidden_size=192,
+        intermediate_size=192,
+        num_hidden_layers=8,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        num_experts=4,
+        num_experts_per_tok=2,
+        block_size=64,
+        max_position_embeddings=2048,
+    ),
+    # ~70M parameters (~40M active), hybrid 7:1: the benchmarks.
     "small": dict(),
 }
 

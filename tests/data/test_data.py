@@ -92,3 +92,11 @@ def test_packing_covers_an_epoch_within_the_budget(tmp_path):
     assert np.array_equal(np.concatenate(streamed)[:total], epoch)
     first = [next(packed_batches(shard, 64, 32, seed=3))[0] for _ in range(2)]
     assert np.array_equal(first[0], first[1])
+
+
+def test_unigram_entropy():
+    from hyla.data.shards import TokenShard, unigram_entropy
+
+    uniform = TokenShard(np.arange(8, dtype=np.uint16).repeat(5), np.array([0, 40]))
+    assert unigram_entropy(uniform, 16) == pytest.approx(np.log(8))
+    assert unigram_entropy(TokenShard(np.zeros(9, dtype=np.uint16), np.array([0, 9])), 16) == 0.0

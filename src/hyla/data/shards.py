@@ -107,3 +107,10 @@ def _tokenize(sources: list[Source], tokenizer: Tokenizer, directory: Path, eval
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def unigram_entropy(shard: TokenShard, vocab_size: int) -> float:
+    """Entropy (nats per token) of the shard's token frequencies: the loss of a model that ignores context."""
+    counts = np.bincount(np.asarray(shard.tokens), minlength=vocab_size).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
