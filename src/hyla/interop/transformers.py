@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from hyla.config import LIGHTNING, SOFTMAX, ConfigError, HylaConfig
+from hyla.model.lightning import lightning_slopes
 
 ARCHITECTURE = "MiniMaxForCausalLM"
 MODEL_TYPE = "minimax"
@@ -160,15 +161,14 @@ def state_dict_from_hf(tensors: Mapping[str, Tensor], config: HylaConfig) -> dic
     return out
 
 
-def lightning_decay_buffers(num_heads: int, layer_idx: int, config: HylaConfig) -> dict[str, Tensor]:
+def lightning_decay_buffers(config: HylaConfig, layer_idx: int) -> dict[str, Tensor]:
     """The decay tables transformers' lightning layer keeps as saved buffers, computed as it does (float32).
 
     hyla derives them from the config and ignores them on load; writing them lets transformers load a hyla
     checkpoint with no missing key.
     """
-    from hyla.model.lightning import lightning_slopes
-
-    slope = lightning_slopes(num_heads, layer_idx, config.num_hidden_layers)[:, None, None]  # [H, 1, 1]
+    heads, layers = config.num_attention_heads, config.num_hidden_layers
+    slope = lightning_slopes(heads, layer_idx, layers)[:, None, None]  # [H, 1, 1]
     steps = torch.arange(config.block_size) + 1
     diagonal = slope * (steps[:, None] - steps[None, :])[None, None]
     return {
@@ -188,7 +188,7 @@ def state_dict_to_hf(state: Mapping[str, Tensor], config: HylaConfig) -> dict[st
     dtype = next(iter(state.values())).dtype
     for i, kind in enumerate(config.layer_types):
         if kind == LIGHTNING:
-            for name, tensor in lightning_decay_buffers(config.num_attention_heads, i, config).items():
+            for name, tensor in lightning_decay_buffers(config, i).items():
                 out[f"model.layers.{i}.self_attn.{name}"] = tensor.to(dtype)
     inter = config.intermediate_size
     for name, tensor in state.items():
