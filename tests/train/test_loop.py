@@ -24,12 +24,19 @@ def losses(run_dir) -> list[float]:
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def metrics_without_timing(run_dir) -> list[dict]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    # wall-clock speed varies; the first leg of a resumed run also evaluates at its own last step
+    return [{k: v for k, v in m.items() if k not in ("tokens_per_s", "eval_loss")} for m in lines]
+
+
 def test_resume_continues_like_an_uninterrupted_run(tmp_path):
     small_corpus(tmp_path / "corpus", n=40)
     straight = train(config(tmp_path, "a", steps=6), progress=False)
     train(config(tmp_path, "b", steps=3), progress=False)
     resumed = train(config(tmp_path, "b", steps=6), resume=True, progress=False)
-    assert losses(tmp_path / "b") == losses(tmp_path / "a")  # same numbers, step for step
+    # Same numbers step for step: loss, lr, gradient norm and tokens seen.
+    assert metrics_without_timing(tmp_path / "b") == metrics_without_timing(tmp_path / "a")
     assert resumed["eval_loss"] == straight["eval_loss"]
     assert (tmp_path / "a" / "checkpoint" / "model" / "config.json").is_file()
     assert [p.name for p in (tmp_path / "a").iterdir() if p.name.startswith(".")] == []

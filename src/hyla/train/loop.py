@@ -83,13 +83,13 @@ def evaluate(model: HylaForCausalLM, shard: TokenShard, cfg: TrainConfig) -> flo
     return sum(losses) / len(losses)
 
 
-def _save_checkpoint(run: Path, model: HylaForCausalLM, optimizer, step: int) -> None:
+def _save_checkpoint(run: Path, model: HylaForCausalLM, optimizer, step: int, tokens_seen: int) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=run))
     try:
         save_pretrained(model, tmp / "model")
         shutil.copy2(run / "tokenizer.json", tmp / "model" / "tokenizer.json")
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()},
-                   tmp / "trainer.pt")  # fmt: skip
+        state = {"step": step, "tokens": tokens_seen, "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}
+        torch.save(state, tmp / "trainer.pt")
         old = run / "checkpoint"
         if old.exists():
             os.replace(old, run / ".checkpoint.old")
@@ -125,13 +125,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     model.reset_parameters(seed=cfg.seed)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
     batches = packed_batches(shards["train"], cfg.tokens_per_batch, cfg.max_seq_len, seed=cfg.seed)
-    start = 0
+    start = tokens_seen = 0
     if resume:
         state = torch.load(run / "checkpoint" / "trainer.pt", weights_only=False)
         model.load_state_dict(load(run / "checkpoint" / "model").state_dict())
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
-        start = state["step"]
+        start, tokens_seen = state["step"], state["tokens"]
         for _ in range(start * cfg.grad_accum):  # the same batches as an uninterrupted run
             next(batches)
 
@@ -143,7 +143,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         with (run / "metrics.jsonl").open("a") as log, tqdm(
             total=cfg.steps, initial=start, disable=not progress, unit="step"
         ) as bar:  # fmt: skip
-            tokens_seen = start * cfg.grad_accum * cfg.tokens_per_batch
             for step in range(start, cfg.steps):
                 began = time.perf_counter()
                 lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
@@ -171,7 +170,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                 bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
                 bar.update()
                 if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or stop["now"]:
-                    _save_checkpoint(run, model, optimizer, step + 1)
+                    _save_checkpoint(run, model, optimizer, step + 1, tokens_seen)
                 if stop["now"]:
                     break
     finally:
