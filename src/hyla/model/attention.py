@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from hyla.config import HylaConfig
-from hyla.model.cache import DecodeCache
+from hyla.model.cache import Cache
 from hyla.ops.attention import softmax_attention
 from hyla.ops.rope import apply_rope
 
@@ -27,7 +27,7 @@ class SoftmaxAttention(nn.Module):
         self,
         x: Tensor,
         rope: tuple[Tensor, Tensor],
-        cache: DecodeCache | None = None,
+        cache: Cache | None = None,
         cu_seqlens: Tensor | None = None,
     ) -> Tensor:
         """``x`` ``[B, T, hidden]``, ``rope`` the cos/sin ``[1, T, rotary_dim]`` of its positions."""
@@ -35,7 +35,6 @@ class SoftmaxAttention(nn.Module):
         q = apply_rope(self.q_proj(x).view(b, t, self.num_heads, self.head_dim), *rope)
         k = apply_rope(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim), *rope)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        if cache is not None:
-            k, v = cache.append_kv(self.layer_idx, k, v)
-        o = softmax_attention(q, k, v, cu_seqlens)  # [B, T, H, D]
+        # [B, T, H, D]
+        o = softmax_attention(q, k, v, cu_seqlens) if cache is None else cache.attention(self.layer_idx, q, k, v)
         return self.o_proj(o.reshape(b, t, -1))

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from hyla.config import LIGHTNING, HylaConfig
 from hyla.model.attention import SoftmaxAttention
-from hyla.model.cache import DecodeCache
+from hyla.model.cache import Cache
 from hyla.model.lightning import LightningAttention
 from hyla.model.moe import SparseMoE
 from hyla.model.norm import RMSNorm
@@ -56,7 +56,7 @@ class DecoderLayer(nn.Module):
         self.mlp = SparseMoE(config)
 
     def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor], cache: DecodeCache | None, cu_seqlens: Tensor | None
+        self, x: Tensor, rope: tuple[Tensor, Tensor], cache: Cache | None, cu_seqlens: Tensor | None
     ) -> tuple[Tensor, Tensor]:
         h = self.input_layernorm(x)
         residual = h if self.postnorm else x
@@ -96,7 +96,7 @@ class HylaModel(nn.Module):
         self.inv_freq = rope_inv_freq(self.rotary_dim, self.rope_theta)
 
     def forward(
-        self, input_ids: Tensor, cache: DecodeCache | None = None, cu_seqlens: Tensor | None = None
+        self, input_ids: Tensor, cache: Cache | None = None, cu_seqlens: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """Returns the final hidden states ``[B, T, hidden]`` and the summed MoE stats ``[2, E]``."""
         x = self.embed_tokens(input_ids)
@@ -160,7 +160,7 @@ class HylaForCausalLM(nn.Module):
         self,
         input_ids: Tensor,
         labels: Tensor | None = None,
-        cache: DecodeCache | None = None,
+        cache: Cache | None = None,
         logits_to_keep: int = 0,
         cu_seqlens: Tensor | None = None,
     ) -> CausalLMOutput:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hyla.config import HylaConfig
-from hyla.model.cache import DecodeCache
+from hyla.model.cache import Cache
 from hyla.model.norm import RMSNorm
 from hyla.ops.lightning import lightning_attention
 
@@ -49,7 +49,7 @@ class LightningAttention(nn.Module):
     def reset_buffers(self) -> None:
         self.slope = lightning_slopes(self.num_heads, self.layer_idx, self.num_layers)
 
-    def forward(self, x: Tensor, cache: DecodeCache | None = None, cu_seqlens: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: Cache | None = None, cu_seqlens: Tensor | None = None) -> Tensor:
         """``x`` ``[B, T, hidden]`` -> ``[B, T, hidden]``; with a ``cache``, continues and updates its state.
 
         ``cu_seqlens`` marks sequences packed along ``T`` (``B = 1``): each starts from a zero state.
@@ -59,11 +59,11 @@ class LightningAttention(nn.Module):
         inplace = not torch.is_grad_enabled()
         qkv = F.silu(self.qkv_proj(x), inplace=inplace).view(b, t, self.num_heads, 3 * self.head_dim)
         q, k, v = qkv.split(self.head_dim, dim=-1)  # each [B, T, H, D]
-        state = cache.lightning_state(self.layer_idx) if cache is not None else None
         block_size = self.block_size if x.is_cuda else min(self.block_size, CPU_BLOCK_SIZE)
-        o, state = lightning_attention(q, k, v, self.slope, state, block_size, cu_seqlens)
-        if cache is not None:
-            cache.set_lightning_state(self.layer_idx, state)
+        if cache is None:
+            o, _ = lightning_attention(q, k, v, self.slope, None, block_size, cu_seqlens)
+        else:
+            o = cache.lightning(self.layer_idx, q, k, v, self.slope, block_size)
         o = self.norm(o.reshape(b, t, -1))
         gate = torch.sigmoid(self.output_gate(x))
         return self.out_proj(gate.mul_(o) if inplace else gate * o)

@@ -1,4 +1,5 @@
-"""Softmax attention with grouped-query heads, through ``torch.nn.functional.scaled_dot_product_attention``."""
+"""Softmax attention with grouped-query heads, through ``torch.nn.functional.scaled_dot_product_attention``:
+dense (with a cache continuation), varlen (packed documents) and paged (keys and values in a block pool)."""
 
 from __future__ import annotations
 
@@ -47,3 +48,31 @@ def _packed_causal_mask(cu_seqlens: Tensor, t: int, device: torch.device) -> Ten
     seq = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1, device=device), cu_seqlens.diff().to(device))
     causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()
     return causal & (seq[:, None] == seq[None, :])
+
+
+def paged_attention(
+    q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor, context_lens: Tensor, query_lens: Tensor
+) -> Tensor:
+    """Causal attention of ``N`` sequences over keys and values kept in a paged block pool.
+
+    Args:
+        q: ``[N, Tq, Hq, D]``: sequence ``i``'s ``query_lens[i]`` newest tokens, padded to ``Tq``.
+        k_pool, v_pool: ``[num_blocks, block_size, Hkv, D]``; sequence ``i``'s token at position ``p`` lives in
+            block ``block_tables[i, p // block_size]`` at offset ``p % block_size``.
+        block_tables: ``[N, max_blocks]`` int block ids (entries past a sequence's blocks are ignored).
+        context_lens: ``[N]`` keys of each sequence, its new tokens included (``>= 1``).
+        query_lens: ``[N]`` queries of each sequence, ``1 <= query_lens[i] <= min(Tq, context_lens[i])``; query
+            ``j`` sits at position ``context_lens[i] - query_lens[i] + j``.
+
+    Returns:
+        ``[N, Tq, Hq, D]``; rows past a sequence's ``query_lens`` hold finite values to be ignored.
+    """
+    tq = q.shape[1]
+    keys = k_pool[block_tables].flatten(1, 2)  # [N, max_blocks * block_size, Hkv, D]
+    values = v_pool[block_tables].flatten(1, 2)
+    key_pos = torch.arange(keys.shape[1], device=q.device)
+    query_pos = context_lens[:, None] - query_lens[:, None] + torch.arange(tq, device=q.device)
+    # Padding queries take the last real position, so that no row of the mask is empty.
+    query_pos = torch.minimum(query_pos, context_lens[:, None] - 1)  # [N, Tq]
+    mask = key_pos[None, None, :] <= query_pos[:, :, None]  # [N, Tq, L]
+    return _sdpa(q, keys, values, is_causal=False, mask=mask[:, None])

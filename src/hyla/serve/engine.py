@@ -1,0 +1,298 @@
+"""The continuous-batching engine: requests in, one scheduled forward per step, tokens and text out.
+
+:class:`LLMEngine` owns the model, the cache pools, the scheduler and the runner; :meth:`LLMEngine.step`
+schedules, executes, samples and turns new tokens into text deltas (stop strings, stop tokens, lengths).
+:class:`LLM` is the offline API on top: ``LLM(model_dir).generate(prompts, params)``.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from hyla.data.tokenizer import END_OF_TEXT, load_tokenizer
+from hyla.model import HylaForCausalLM
+from hyla.serve.cache import EngineCache, ScheduledSeq
+from hyla.serve.runner import ModelRunner
+from hyla.serve.sampling import RequestError, SampleInput, SamplingParams, sample
+from hyla.serve.scheduler import Request, Scheduler, Status
+
+
+@dataclass
+class EngineConfig:
+    """The engine's limits. ``num_blocks=None`` sizes the KV pool so that every one of ``max_num_seqs``
+    requests can reach ``max_model_len`` (``None``: the model's ``max_position_embeddings``) at once."""
+
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512
+    block_size: int = 16
+    num_blocks: int | None = None
+    max_model_len: int | None = None
+
+    def resolve(self, max_position_embeddings: int) -> EngineConfig:
+        """A copy with the defaults filled in; raises ``ValueError`` naming a limit that cannot work."""
+        max_model_len = self.max_model_len or max_position_embeddings
+        num_blocks = self.num_blocks or self.max_num_seqs * -(-max_model_len // self.block_size)
+        for name, value in (("max_num_seqs", self.max_num_seqs), ("max_num_batched_tokens",
+                            self.max_num_batched_tokens), ("block_size", self.block_size)):  # fmt: skip
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if max_model_len > max_position_embeddings:
+            raise ValueError(f"max_model_len {max_model_len} exceeds the model's context {max_position_embeddings}")
+        if num_blocks * self.block_size < max_model_len:
+            raise ValueError(
+                f"{num_blocks} blocks of {self.block_size} tokens cannot hold one {max_model_len}-token request; "
+                f"give at least {-(-max_model_len // self.block_size)} blocks or a smaller max_model_len"
+            )
+        return EngineConfig(self.max_num_seqs, self.max_num_batched_tokens, self.block_size, num_blocks, max_model_len)
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the most likely tokens and their logprobs, most likely first
+
+
+@dataclass
+class RequestOutput:
+    """What one step added to one sequence. ``text`` is the new text (held back while it could still turn
+    out to be the start of a stop string); ``finish_reason`` is set on the last: "stop" or "length"."""
+
+    request_id: str
+    index: int
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprob]
+    num_prompt_tokens: int
+    num_output_tokens: int
+    finish_reason: str | None = None
+    first_token_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class _Detokenized:
+    """A request's output text so far and how much of it (and of its tokens) went out already."""
+
+    text: str = ""
+    sent_chars: int = 0
+    sent_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(self, model: HylaForCausalLM, tokenizer: Tokenizer, config: EngineConfig | None = None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = (config or EngineConfig()).resolve(model.config.max_position_embeddings)
+        param = next(model.parameters())
+        self.cache = EngineCache(model.config, self.config.max_num_seqs, self.config.num_blocks,
+                                 self.config.block_size, param.dtype, param.device)  # fmt: skip
+        self.scheduler = Scheduler(self.cache, self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        self.vocab_size = min(tokenizer.get_vocab_size(), model.config.vocab_size)
+        self.runner = ModelRunner(model, self.cache, self.vocab_size)
+        eos = model.config.eos_token_id
+        self.eos_token_id = eos if eos is not None and eos < self.vocab_size else tokenizer.token_to_id(END_OF_TEXT)
+        self.requests: dict[str, list[Request]] = {}
+        self._text: dict[int, _Detokenized] = {}
+        self.num_prompt_tokens = 0  # counters for metrics
+        self.num_output_tokens = 0
+
+    # -- requests ------------------------------------------------------------------------------------------
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a prompt, text or ids, checked against the vocabulary and the context."""
+        ids = self.tokenizer.encode(prompt).ids if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise RequestError("prompt", "the prompt is empty")
+        if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in ids):
+            raise RequestError("prompt", f"token ids must be in [0, {self.vocab_size})")
+        if len(ids) >= self.config.max_model_len:
+            raise RequestError(
+                "prompt",
+                f"the prompt is {len(ids)} tokens; this model's context is {self.config.max_model_len} tokens, "
+                "including at least one to generate",
+            )
+        return ids
+
+    def max_tokens(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        room = self.config.max_model_len - len(prompt_ids)
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise RequestError(
+                "max_tokens",
+                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds this model's "
+                f"context of {self.config.max_model_len} tokens",
+            )
+        return params.max_tokens or room
+
+    def add_request(self, request_id: str, prompts: list[list[int]], params: SamplingParams) -> None:
+        """Queue ``n`` sequences for each prompt (already encoded); sequence ``i * n + j`` is prompt ``i``'s
+        ``j``-th. Raises :class:`RequestError` for a prompt or ``max_tokens`` that does not fit."""
+        if request_id in self.requests:
+            raise RequestError("request_id", f"{request_id!r} is already running")
+        stop_ids = sorted(set(params.stop_token_ids) | ({self.eos_token_id} if not params.ignore_eos else set()))
+        stop_ids = [t for t in stop_ids if t is not None]
+        now = time.monotonic()
+        sequences = []
+        for i, ids in enumerate(prompts):
+            max_tokens = self.max_tokens(ids, params)
+            for j in range(params.n):
+                seed = params.seed + j if params.seed is not None else random.getrandbits(62)
+                generator = torch.Generator(device=self.runner.device).manual_seed(seed)
+                sequences.append(Request(request_id, i * params.n + j, ids, params, max_tokens, stop_ids,
+                                         generator, now))  # fmt: skip
+        self.requests[request_id] = sequences
+        for request in sequences:
+            self._text[id(request)] = _Detokenized()
+            self.scheduler.add(request)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now (a client went away): its slots and blocks are free before the next step."""
+        for request in self.requests.pop(request_id, []):
+            if request.status is not Status.FINISHED:
+                self.scheduler.finish(request, "abort")
+            self._text.pop(id(request), None)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- a step --------------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run one forward, sample; returns the outputs of the sequences that produced a token."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        seqs, input_ids, to_sample = [], [], []
+        for row, (request, n) in enumerate(scheduled):
+            seqs.append(ScheduledSeq(request.slot, request.block_table, request.num_computed, n))
+            input_ids += request.token_ids(request.num_computed, request.num_computed + n)
+            if request.num_computed + n == request.num_tokens:
+                to_sample.append(row)
+        logits = self.runner.execute(seqs, input_ids, to_sample)
+        for request, n in scheduled:
+            if request.num_computed == 0:  # the prompt's first chunk (or a recompute after preemption)
+                self.num_prompt_tokens += len(request.prompt_ids) if not request.num_preemptions else 0
+            request.num_computed += n
+        if not to_sample:  # only prompt chunks this step
+            return []
+        requests = [scheduled[row][0] for row in to_sample]
+        rows = [SampleInput(r.params, r.prompt_ids, r.output_ids, r.generator, r.stop_ids) for r in requests]
+        sampled = sample(logits, rows)
+        return [self._append(r, i, sampled) for i, r in enumerate(requests)]
+
+    def _append(self, request: Request, row: int, sampled) -> RequestOutput:
+        token = int(sampled.tokens[row])
+        request.output_ids.append(token)
+        self.num_output_tokens += 1
+        state = self._text[id(request)]
+        if request.params.logprobs is not None:
+            k = request.params.logprobs
+            top = list(zip(sampled.top[1][row, :k].tolist(), sampled.top[0][row, :k].tolist(), strict=True))
+            state.logprobs.append(TokenLogprob(token, float(sampled.logprobs[row]), top))
+        reason = None
+        if token in request.stop_ids:
+            reason = "stop"
+        else:
+            state.text = self.tokenizer.decode(request.output_ids)
+            reason = self._check_stop_strings(request, state)
+        if reason is None and len(request.output_ids) >= request.max_tokens:
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(request, reason)
+        return self._delta(request, state, reason)
+
+    def _check_stop_strings(self, request: Request, state: _Detokenized) -> str | None:
+        """Cut the text before the first stop string; "stop" if there was one."""
+        stops = request.params.stop
+        if not stops or len(request.output_ids) < request.params.min_tokens:
+            return None
+        start = max(state.sent_chars - max(map(len, stops)), 0)
+        found = [i for i in (state.text.find(s, start) for s in stops) if i >= 0]
+        if not found:
+            return None
+        state.text = state.text[: min(found)]
+        return "stop"
+
+    def _delta(self, request: Request, state: _Detokenized, reason: str | None) -> RequestOutput:
+        end = len(state.text)
+        if reason is None:
+            # Hold back what could be the start of a stop string, or an incomplete UTF-8 character.
+            end -= max(map(len, request.params.stop), default=1) - 1
+            while end > state.sent_chars and state.text[end - 1] == "\ufffd":
+                end -= 1
+        end = max(end, state.sent_chars)
+        text, state.sent_chars = state.text[state.sent_chars : end], end
+        new_tokens = request.output_ids[state.sent_tokens :]
+        new_logprobs = state.logprobs[state.sent_tokens :]
+        state.sent_tokens = len(request.output_ids)
+        if reason is not None:
+            self._text.pop(id(request))
+            group = self.requests.get(request.request_id, [])
+            if all(r.status is Status.FINISHED for r in group):
+                self.requests.pop(request.request_id, None)
+        return RequestOutput(request.request_id, request.index, new_tokens, text, new_logprobs,
+                             len(request.prompt_ids), len(request.output_ids), reason)  # fmt: skip
+
+
+@dataclass
+class Completion:
+    """A finished sequence of :meth:`LLM.generate`."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    logprobs: list[TokenLogprob]
+
+
+class LLM:
+    """Offline batched generation: ``LLM("runs/default/checkpoint").generate(["def f(x):"], params)``."""
+
+    def __init__(
+        self,
+        model: str | Path | HylaForCausalLM,
+        tokenizer: Tokenizer | None = None,
+        config: EngineConfig | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if not isinstance(model, HylaForCausalLM):
+            from hyla.checkpoint import load
+
+            tokenizer = tokenizer or load_tokenizer(model)
+            model = load(model, dtype=dtype, device=device)
+        self.engine = LLMEngine(model, tokenizer or load_tokenizer(None), config)
+        self._next_id = 0
+
+    def stream(self, prompts: list[str | list[int]], params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Run ``prompts`` together; yield each sequence's deltas as steps produce them."""
+        params = params or SamplingParams()
+        for prompt in prompts:
+            self.engine.add_request(str(self._next_id), [self.engine.encode(prompt)], params)
+            self._next_id += 1
+        while self.engine.has_work():
+            yield from self.engine.step()
+
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | None = None) -> list[list[Completion]]:
+        """The ``n`` completions of each prompt, in the prompts' order."""
+        first = self._next_id
+        results: dict[tuple[int, int], Completion] = {}
+        for out in self.stream(prompts, params):
+            key = (int(out.request_id) - first, out.index)
+            done = results.setdefault(key, Completion("", [], "", []))
+            done.text += out.text
+            done.token_ids += out.token_ids
+            done.logprobs += out.logprobs
+            done.finish_reason = out.finish_reason or ""
+        n = (params or SamplingParams()).n
+        return [[results[(i, j)] for j in range(n)] for i in range(len(prompts))]

@@ -1,0 +1,58 @@
+"""The batching engine against a per-request full forward: prompts of different lengths served together."""
+
+import pytest
+import torch
+
+from hyla.data.tokenizer import byte_level_tokenizer
+from hyla.serve import LLM, EngineConfig, SamplingParams
+from tests.model.test_parity import PATTERNS, random_model
+
+VOCAB = 256  # the byte-level tokenizer's ids; the model's vocabulary is larger
+
+
+def full_forward_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
+    seq = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            nxt = model(seq).logits[0, -1, :VOCAB].argmax()
+            seq = torch.cat((seq, nxt.view(1, 1)), dim=1)
+    return seq[0, len(prompt) :].tolist()
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return random_model(layer_types=PATTERNS["alternating"]).double()
+
+
+def prompts(lengths: list[int], seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize(
+    ("block_size", "budget", "num_blocks", "max_num_seqs"),
+    [
+        (16, 512, None, 5),  # everything fits: one chunk per prompt
+        (4, 24, None, 5),  # prompts split into chunks, decodes and chunks share steps
+        (16, 7, None, 1),  # one request at a time, steps with prompt chunks only
+        (8, 40, 14, 5),  # too few blocks for all: the newest requests are preempted and recomputed
+        (1, 7, 100, 5),  # one-token blocks, a budget smaller than most prompts, preemption
+    ],
+)
+def test_concurrent_greedy_equals_full_forward(model, block_size, budget, num_blocks, max_num_seqs):
+    lengths = [1, 17, 64, 5, 33, 2, 48]
+    ps = prompts(lengths, seed=block_size)
+    config = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, block_size=block_size,
+                          num_blocks=num_blocks, max_model_len=100)  # fmt: skip
+    llm = LLM(model, byte_level_tokenizer(), config)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    results = llm.generate(ps, params)
+    for prompt, (completion,) in zip(ps, results, strict=True):
+        assert completion.token_ids == full_forward_greedy(model, prompt, 12)
+        assert completion.finish_reason == "length"
+    if num_blocks is not None:
+        assert llm.engine.scheduler.num_preemptions > 0
+    # Everything was given back.
+    assert llm.engine.cache.blocks.num_free == llm.engine.config.num_blocks
+    assert llm.engine.cache.slots.num_free == config.max_num_seqs
