@@ -16,6 +16,7 @@ from hyla.data.corpus import CorpusError
 from hyla.data.tokenizer import load_tokenizer
 from hyla.model import HylaForCausalLM
 from hyla.runtime import tune_malloc
+from hyla.serve.engine import EngineConfig
 from hyla.serve.generate import generate
 from hyla.train.loop import TrainConfig, train
 
@@ -101,6 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override a field of the model preset, e.g. --set hidden_size=256")  # fmt: skip
     tr.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
 
+    srv = commands.add_parser("serve", help="serve a model directory over an OpenAI-compatible HTTP API")
+    srv.add_argument("model_dir")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    srv.add_argument("--served-model-name", default=None, help="default: the directory's name")
+    srv.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    srv.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    for f in dataclasses.fields(EngineConfig):
+        srv.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default, help=f"default: {f.default}")
+    srv.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond which new ones get 503")
+
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     ctx = bench.add_parser("context", help="lightning vs softmax attention across context lengths")
     ctx.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -164,6 +177,12 @@ def main(argv: list[str] | None = None) -> int:
                 args.seed,
                 args.dtype,
             )
+        elif args.command == "serve":
+            from hyla.serve.api import serve
+
+            config = EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
+            serve(args.model_dir, args.host, args.port, args.api_key, args.served_model_name, config,
+                  args.max_waiting, DTYPES[args.dtype], args.device)  # fmt: skip
         elif args.command == "train":
             run_train(args)
         elif args.command == "bench" and args.bench == "context":

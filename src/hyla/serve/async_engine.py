@@ -1,0 +1,113 @@
+"""The engine on its own thread, fed by asyncio: what the HTTP server talks to.
+
+One thread owns the :class:`~hyla.serve.engine.LLMEngine` and loops ``step()`` while there is work; the
+server's coroutines hand it new requests and aborts through a command list and receive each step's outputs
+through per-request ``asyncio.Queue``s. Tensor work releases the GIL, so the event loop keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+from hyla.serve.engine import LLMEngine, RequestOutput
+from hyla.serve.metrics import EngineMetrics
+from hyla.serve.sampling import SamplingParams
+
+
+class EngineBusy(RuntimeError):
+    """The waiting queue is full (the server answers 503)."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, max_waiting: int = 256, metrics: EngineMetrics | None = None) -> None:
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self.metrics = metrics or EngineMetrics(engine)
+        self._commands: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="hyla-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    def _submit(self, command: Callable[[], None]) -> None:
+        with self._lock:
+            self._commands.append(command)
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            with self._lock:
+                commands, self._commands = self._commands, []
+                self._wake.clear()
+            for command in commands:
+                command()
+            if not self.engine.has_work():
+                self._wake.wait()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as error:  # a failed step fails its requests, not the server
+                for request_id in list(self.engine.requests):
+                    self.engine.abort(request_id)
+                    self._deliver(request_id, error)
+                continue
+            self.metrics.on_step(outputs)
+            for out in outputs:
+                self._deliver(out.request_id, out)
+
+    def _deliver(self, request_id: str, item: RequestOutput | Exception) -> None:
+        target = self._queues.get(request_id)
+        if target is not None:
+            loop, queue = target
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def num_waiting(self) -> int:
+        return len(self.engine.scheduler.waiting) + len(self._commands)
+
+    async def generate(self, prompts: list[list[int]], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Yield the outputs of ``n`` sequences per prompt as steps produce them, until all have finished.
+
+        Raises :class:`~hyla.serve.sampling.RequestError` before anything runs if a prompt cannot fit, and
+        :class:`EngineBusy` if the queue is full. Leaving early (a client gone) aborts the request at once.
+        """
+        for ids in prompts:
+            self.engine.max_tokens(ids, params)
+        if self.num_waiting() >= self.max_waiting:
+            raise EngineBusy(f"the server is at capacity ({self.max_waiting} requests waiting); retry later")
+        request_id = uuid.uuid4().hex
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = (asyncio.get_running_loop(), queue)
+
+        def add() -> None:
+            try:
+                self.engine.add_request(request_id, prompts, params)
+            except Exception as error:
+                self._deliver(request_id, error)
+
+        self._submit(add)
+        remaining = len(prompts) * params.n
+        timer = self.metrics.request_timer()
+        try:
+            while remaining:
+                item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                timer.on_output(item, time.monotonic())
+                remaining -= item.finished
+                yield item
+        finally:
+            self._queues.pop(request_id, None)
+            if remaining:
+                self._submit(lambda: self.engine.abort(request_id))
+            timer.done(time.monotonic())

@@ -1,0 +1,231 @@
+"""The OpenAI-compatible server, driven over loopback by the official ``openai`` client."""
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx2
+import openai
+import pytest
+import torch
+
+from tests.serve.conftest import API_KEY, MODEL, live_server, make_engine
+
+PROMPTS = ["def add(a, b):\n", "x", "import os\nprint(os.getcwd())\n" * 3, "class Stack:\n    def push(self, item):"]
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    return openai.OpenAI(base_url=base_url, api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def solo_greedy(engine, prompt: str, max_tokens: int) -> str:
+    """The reference: a full forward over the whole sequence for every token, this prompt alone."""
+    e = engine.engine
+    seq = torch.tensor([e.encode(prompt)])
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            nxt = e.model(seq).logits[0, -1, : e.vocab_size].argmax()
+            seq = torch.cat((seq, nxt.view(1, 1)), dim=1)
+    return e.tokenizer.decode(seq[0, -max_tokens:].tolist())
+
+
+def metric(base_url: str, name: str) -> float:
+    text = httpx2.get(base_url.removesuffix("/v1") + "/metrics").text
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+def test_completion_equals_the_solo_greedy_decode(client, engine):
+    out = client.completions.create(
+        model=MODEL, prompt=PROMPTS[0], max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+    )
+    (choice,) = out.choices
+    assert choice.text == solo_greedy(engine, PROMPTS[0], 12)
+    assert choice.finish_reason == "length"
+    assert out.usage.prompt_tokens == len(PROMPTS[0]) and out.usage.completion_tokens == 12
+    assert out.usage.total_tokens == len(PROMPTS[0]) + 12
+
+
+def test_concurrent_requests_each_equal_their_solo_decode(client, engine):
+    def one(prompt: str) -> str:
+        return (
+            client.completions.create(
+                model=MODEL, prompt=prompt, max_tokens=10, temperature=0, extra_body={"ignore_eos": True}
+            )
+            .choices[0]
+            .text
+        )
+
+    with ThreadPoolExecutor(8) as pool:
+        texts = list(pool.map(one, PROMPTS * 2))
+    assert texts == [solo_greedy(engine, p, 10) for p in PROMPTS * 2]
+
+
+def test_streamed_completion_equals_the_whole_one(client):
+    args = dict(model=MODEL, prompt=PROMPTS[3], max_tokens=20, temperature=0.7, seed=11)
+    whole = client.completions.create(**args).choices[0]
+    chunks = list(client.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == len(PROMPTS[3])
+
+
+def test_stream_ends_with_done(base_url):
+    body = {"model": MODEL, "prompt": "abc", "max_tokens": 3, "stream": True}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    lines = httpx2.post(base_url + "/completions", json=body, headers=headers).text.strip().split("\n\n")
+    assert lines[-1] == "data: [DONE]"
+    assert all(json.loads(line.removeprefix("data: "))["object"] == "text_completion" for line in lines[:-1])
+
+
+def test_chat_plain_and_streamed(client):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    args = dict(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+    whole = client.chat.completions.create(**args)
+    assert whole.choices[0].message.role == "assistant"
+    chunks = list(client.chat.completions.create(**args, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert whole.usage.prompt_tokens == len("system: be brief\nuser: hello\nassistant:")
+
+
+def test_seeded_samples_repeat_and_n_gives_distinct_choices(client):
+    args = dict(model=MODEL, prompt="seed", max_tokens=16, temperature=1.0, seed=3, n=3)
+    first, again = client.completions.create(**args), client.completions.create(**args)
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]
+    assert len({c.text for c in first.choices}) > 1
+
+
+def test_stop_strings_cut_the_text(client):
+    args = dict(model=MODEL, prompt=PROMPTS[2], max_tokens=30, temperature=0, extra_body={"ignore_eos": True})
+    text = client.completions.create(**args).choices[0].text
+    stop = text[5:7]
+    out = client.completions.create(**args, stop=[stop, "\x00never"]).choices[0]
+    assert out.text == text[: text.find(stop)] and out.finish_reason == "stop"
+    streamed = client.completions.create(**args, stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == out.text
+
+
+def test_logprobs(client):
+    out = client.completions.create(model=MODEL, prompt="abc", max_tokens=4, temperature=0, logprobs=3)
+    lp = out.choices[0].logprobs
+    assert len(lp.token_logprobs) == 4 and all(x <= 0 for x in lp.token_logprobs)
+    assert all(len(top) >= 1 for top in lp.top_logprobs)
+    assert "".join(lp.tokens) == out.choices[0].text
+    # Greedy: the chosen token is the most likely one.
+    assert all(abs(max(top.values()) - x) < 1e-5 for top, x in zip(lp.top_logprobs, lp.token_logprobs, strict=True))
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3, logprobs=True, top_logprobs=2
+    )
+    assert [len(c.top_logprobs) for c in chat.choices[0].logprobs.content] == [2, 2, 2]
+
+
+def test_models_health_and_metrics(client, base_url):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    root = base_url.removesuffix("/v1")
+    assert httpx2.get(root + "/health").status_code == 200
+    client.completions.create(model=MODEL, prompt="m", max_tokens=2)
+    text = httpx2.get(root + "/metrics").text
+    for name in ("hyla_requests_running", "hyla_requests_waiting", "hyla_kv_cache_usage",
+                 "hyla_generation_tokens_per_second", "hyla_time_to_first_token_seconds_count",
+                 "hyla_time_per_output_token_seconds_bucket", "hyla_generation_tokens_total"):  # fmt: skip
+        assert name in text, name
+    assert metric(base_url, "hyla_time_to_first_token_seconds_count") >= 1
+
+
+@pytest.mark.parametrize(
+    ("args", "param"),
+    [
+        (dict(temperature=-1), "temperature"),
+        (dict(top_p=0), "top_p"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(max_tokens=252), "max_tokens"),  # prompt + max_tokens past the 256-token context
+        (dict(prompt="x" * 300), "prompt"),  # longer than the context
+        (dict(prompt=""), "prompt"),
+        (dict(prompt=[100000]), "prompt"),  # not a token id of this vocabulary
+        (dict(n=0), "n"),
+        (dict(extra_body={"top_k": -5}), "top_k"),
+        (dict(stream_options={"include_usage": True}), "stream_options"),  # without stream
+        (dict(temperature="hot"), "temperature"),  # not even a number
+    ],
+)
+def test_invalid_requests_are_400_naming_the_parameter(client, args, param):
+    args = {"model": MODEL, "prompt": "hello", "max_tokens": 4, **args}
+    with pytest.raises(openai.BadRequestError) as error:
+        client.completions.create(**args)
+    assert error.value.status_code == 400
+    assert error.value.body["param"] == param
+    assert error.value.body["type"] == "invalid_request_error" and error.value.body["message"]
+
+
+def test_chat_errors(client):
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "wizard", "content": "x"}])
+    assert error.value.body["param"] == "messages"
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], top_logprobs=2)
+    assert error.value.body["param"] == "top_logprobs"
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as error:
+        client.completions.create(model="gpt-9", prompt="x", max_tokens=1)
+    assert error.value.body["code"] == "model_not_found" and MODEL in error.value.body["message"]
+
+
+@pytest.mark.parametrize("key", [None, "sk-wrong"])
+def test_missing_or_wrong_key_is_401(base_url, key):
+    client = openai.OpenAI(base_url=base_url, api_key=key or "unused", max_retries=0)
+    if key is None:
+        client.api_key = ""
+        response = httpx2.post(base_url + "/completions", json={"model": MODEL, "prompt": "x"})
+        assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
+        return
+    with pytest.raises(openai.AuthenticationError):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=1)
+
+
+def wait_for(condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_a_disconnected_stream_frees_its_slot_and_blocks(client, engine):
+    e = engine.engine
+    stream = client.completions.create(model=MODEL, prompt="go " * 20, max_tokens=150, stream=True,
+                                       extra_body={"ignore_eos": True, "min_tokens": 150})  # fmt: skip
+    for _, _chunk in zip(range(3), stream, strict=False):
+        pass
+    assert e.scheduler.running
+    stream.close()
+    wait_for(lambda: not e.scheduler.running and not e.requests)
+    assert e.cache.blocks.num_free == e.config.num_blocks and e.cache.slots.num_free == e.config.max_num_seqs
+
+
+def test_a_full_queue_is_503():
+    engine = make_engine(max_num_seqs=1, max_waiting=1)
+    try:
+        with live_server(engine) as url:
+            client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=60)
+            args = dict(model=MODEL, max_tokens=150, extra_body={"ignore_eos": True})
+            running = client.completions.create(prompt="first", stream=True, **args)
+            next(iter(running))  # the first request holds the only slot
+            done = threading.Event()
+            waiting = threading.Thread(
+                target=lambda: (client.completions.create(prompt="second", **args), done.set()), daemon=True
+            )
+            waiting.start()
+            wait_for(lambda: len(engine.engine.scheduler.waiting) == 1)
+            with pytest.raises(openai.InternalServerError) as error:
+                client.completions.create(prompt="third", **args)
+            assert error.value.status_code == 503 and "capacity" in error.value.body["message"]
+            running.close()
+            waiting.join(timeout=60)
+            assert done.is_set()
+    finally:
+        engine.shutdown()
