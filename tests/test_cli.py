@@ -1,7 +1,11 @@
 """The ``hyla`` command, run as a user runs it."""
 
+import signal
 import subprocess
 import sys
+import time
+
+import pytest
 
 import hyla
 
@@ -32,3 +36,55 @@ def test_bad_directory_is_one_clear_line(tmp_path):
         == f"hyla: error: model directory '{tmp_path / 'missing'}' does not exist or is not a directory"
     )
     assert "Traceback" not in out.stderr
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_serve_answers_the_openai_client(tmp_path):
+    """``hyla serve DIR`` as a user starts it: a real process, a real port, the official client."""
+    import openai
+
+    hyla.HylaForCausalLM(hyla.preset("tiny")).save_pretrained(tmp_path / "model")
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "hyla",
+        "serve",
+        str(tmp_path / "model"),
+        "--port",
+        str(port),
+        "--max-model-len",
+        "512",
+    ]
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                models = client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert server.poll() is None and time.monotonic() < deadline, server.stdout.read()
+                time.sleep(0.2)
+        assert [m.id for m in models.data] == ["model"]
+        out = client.completions.create(model="model", prompt="def f(x):", max_tokens=5, temperature=0,
+                                        extra_body={"ignore_eos": True})  # fmt: skip
+        assert out.usage.completion_tokens == 5
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=30)
+
+
+def test_serve_a_missing_directory_is_one_clear_line(tmp_path):
+    out = run("serve", str(tmp_path / "missing"))
+    assert out.returncode == 2
+    assert out.stderr.startswith("hyla: error:") and len(out.stderr.strip().splitlines()) == 1

@@ -16,22 +16,14 @@ from hyla.data.corpus import CorpusError
 from hyla.data.tokenizer import load_tokenizer
 from hyla.model import HylaForCausalLM
 from hyla.runtime import tune_malloc
-from hyla.serve.engine import EngineConfig
-from hyla.serve.generate import generate
+from hyla.serve import LLM, EngineConfig, RequestError, SamplingParams
 from hyla.train.loop import TrainConfig, train
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 def run_generate(
-    model_dir: str | None,
-    preset_name: str,
-    prompt: str,
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int,
-    seed: int,
-    dtype: str,
+    model_dir: str | None, preset_name: str, prompt: str, params: SamplingParams, seed: int, dtype: str
 ) -> None:
     """Stream a continuation of ``prompt`` from a model directory, or from a randomly initialised preset."""
     torch.manual_seed(seed)
@@ -42,41 +34,22 @@ def run_generate(
         model = HylaForCausalLM(preset(preset_name)).to(DTYPES[dtype]).eval()
         source = f"preset {preset_name!r} (random weights: expect noise until you train one)"
     tokenizer = load_tokenizer(model_dir)
-    ids = tokenizer.encode(prompt).ids
-    if not ids:
-        raise ValueError("the prompt encodes to no tokens; give a non-empty --prompt")
-    if max(ids) >= model.config.vocab_size:
-        raise ValueError(f"the tokenizer produced id {max(ids)} >= the model's vocab_size {model.config.vocab_size}")
-    params = model.config.num_parameters()
-    print(f"# {source}: {params / 1e6:.1f}M parameters, {dtype}", file=sys.stderr)
+    context = min(model.config.max_position_embeddings, 4096)
+    llm = LLM(model, tokenizer, EngineConfig(max_num_seqs=1, max_model_len=context))
+    print(f"# {source}: {model.config.num_parameters() / 1e6:.1f}M parameters, {dtype}", file=sys.stderr)
     print(prompt, end="", flush=True)
     start = time.perf_counter()
-    out: list[int] = []
-    first = None
-    text = ""
-    tokens = generate(
-        model,
-        torch.tensor([ids]),
-        max_new_tokens,
-        temperature,
-        top_k,
-        seed,
-        model.config.eos_token_id,
-        vocab_limit=tokenizer.get_vocab_size(),
-    )
-    for token in tokens:
+    first, count = None, 0
+    for out in llm.stream([prompt], params):
         first = first or time.perf_counter()
-        out.append(int(token[0]))
-        new = tokenizer.decode(out)
-        print(new[len(text) :], end="", flush=True)
-        text = new
+        count += len(out.token_ids)
+        print(out.text, end="", flush=True)
     end = time.perf_counter()
     print()
-    decode = f", decode {(len(out) - 1) / (end - first):.1f} tok/s" if len(out) > 1 else ""
-    print(
-        f"# prompt {len(ids)} tokens, prefill {(first - start) * 1e3:.0f} ms; generated {len(out)} tokens{decode}",
-        file=sys.stderr,
-    )
+    decode = f", decode {(count - 1) / (end - first):.1f} tok/s" if count > 1 else ""
+    prompt_tokens = len(tokenizer.encode(prompt).ids)
+    print(f"# prompt {prompt_tokens} tokens, prefill {(first - start) * 1e3:.0f} ms; generated {count} tokens{decode}",
+          file=sys.stderr)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.8)
     gen.add_argument("--top-k", type=int, default=50)
+    gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
 
@@ -165,18 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     tune_malloc()
     try:
         if args.command == "generate":
-            if args.max_new_tokens < 0:
-                raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-            run_generate(
-                args.model_dir,
-                args.preset,
-                args.prompt,
-                args.max_new_tokens,
-                args.temperature,
-                args.top_k,
-                args.seed,
-                args.dtype,
-            )
+            params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                    top_p=args.top_p, seed=args.seed)  # fmt: skip
+            run_generate(args.model_dir, args.preset, args.prompt, params, args.seed, args.dtype)
         elif args.command == "serve":
             from hyla.serve.api import serve
 
@@ -187,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             run_train(args)
         elif args.command == "bench" and args.bench == "context":
             run_bench_context(args)
-    except (CheckpointError, ConfigError, CorpusError, ValueError) as e:
+    except (CheckpointError, ConfigError, CorpusError, RequestError, ValueError) as e:
         print(f"hyla: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
