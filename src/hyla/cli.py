@@ -101,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     ctx.add_argument("--no-backward", action="store_true", help="time the forward pass only")
     ctx.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
     ctx.add_argument("--plot", default=None, help="PNG path (default: benchmarks/context-DEVICE.png)")
+    sv = bench.add_parser("serve", help="load-test an OpenAI-compatible server (start one with hyla serve)")
+    sv.add_argument("--url", default="http://127.0.0.1:8000/v1")
+    sv.add_argument("--api-key", default=None)
+    sv.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    sv.add_argument("--requests", type=int, default=None, help="per level (default: max(4, 2 x concurrency))")
+    sv.add_argument("--input-len", type=int, default=128)
+    sv.add_argument("--output-len", type=int, default=128)
+    sv.add_argument("--price-per-hour", type=float, default=1.0, help="the machine's price, for $ per 1M tokens")
     return parser
 
 
@@ -152,6 +160,13 @@ def main(argv: list[str] | None = None) -> int:
             run_train(args)
         elif args.command == "bench" and args.bench == "context":
             run_bench_context(args)
+        elif args.command == "bench" and args.bench == "serve":
+            from hyla.bench import serve as bench_serve
+
+            if min(args.concurrency) < 1 or args.input_len < 1 or args.output_len < 1:
+                raise ValueError("--concurrency, --input-len and --output-len must be >= 1")
+            bench_serve.main(args.url, args.concurrency, args.requests, args.input_len, args.output_len,
+                             args.price_per_hour, args.api_key)  # fmt: skip
     except (CheckpointError, ConfigError, CorpusError, RequestError, ValueError) as e:
         print(f"hyla: error: {e}", file=sys.stderr)
         return 2

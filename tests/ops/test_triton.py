@@ -65,22 +65,32 @@ def test_dense_batch_is_sequences_of_equal_length():
         assert rel_err(s[i : i + 1], s_ref) < 1e-5
 
 
+@pytest.mark.parametrize(
+    "slot_ids",
+    [
+        [3, -1, 0],
+        [1, 2, 3, -1, 5, 6],  # runs of consecutive slots: updated in place through views
+        [7, 0, 5, 2, 9, 4, -1, 8],  # scattered: gathered and written back
+    ],
+)
 @pytest.mark.parametrize("decode", [lightning_decode_slots, lightning_step_slots])
-def test_decode_slots_update_in_place_and_skip_padding(decode):
+def test_decode_slots_update_in_place_and_skip_padding(decode, slot_ids):
     """The Triton kernel and the torch path alike, against one recurrent step per request."""
-    d, num_slots = 16, 5
+    d, num_slots = 16, 10
     pool = torch.randn(num_slots, H, d, d, device=DEVICE)
     before = pool.clone()
-    slots = torch.tensor([3, -1, 0], device=DEVICE, dtype=torch.int32)
-    q, k, v = (torch.randn(3, H, d, device=DEVICE) for _ in range(3))
+    slots = torch.tensor(slot_ids, device=DEVICE, dtype=torch.int32)
+    b = len(slot_ids)
+    q, k, v = (torch.randn(b, H, d, device=DEVICE) for _ in range(3))
     o = decode(q, k, v, slopes(H).to(DEVICE), pool, slots)
-    for row, slot in ((0, 3), (2, 0)):
+    for row, slot in ((r, s) for r, s in enumerate(slot_ids) if s >= 0):
         o_ref, s_ref = lightning_attention_step(q[row : row + 1], k[row : row + 1], v[row : row + 1],
                                                 slopes(H).to(DEVICE), before[slot : slot + 1])  # fmt: skip
         assert rel_err(o[row : row + 1], o_ref) < 1e-5
         assert rel_err(pool[slot : slot + 1], s_ref) < 1e-5
-    assert torch.equal(o[1], torch.zeros_like(o[1]))
-    for untouched in (1, 2, 4):
+    padding = slot_ids.index(-1)
+    assert torch.equal(o[padding], torch.zeros_like(o[padding]))
+    for untouched in set(range(num_slots)) - set(slot_ids):
         assert torch.equal(pool[untouched], before[untouched])
 
 

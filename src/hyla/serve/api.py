@@ -12,6 +12,7 @@ transformers) or, without one, :data:`DEFAULT_CHAT_TEMPLATE`: one ``role: conten
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -85,8 +86,9 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
 
     @v1.get("/models")
     async def models() -> dict:
+        e = engine.engine
         card = {"id": model_name, "object": "model", "created": 0, "owned_by": "hyla",
-                "max_model_len": engine.engine.config.max_model_len}  # fmt: skip
+                "max_model_len": e.config.max_model_len, "vocab_size": e.vocab_size}  # fmt: skip
         return {"object": "list", "data": [card]}
 
     def check_model(name: str) -> None:
@@ -269,14 +271,24 @@ def serve(
     tokenizer = load_tokenizer(model_dir)
     settings = Path(model_dir) / "tokenizer_config.json"
     chat_template = json.loads(settings.read_text()).get("chat_template") if settings.is_file() else None
-    engine = AsyncEngine(LLMEngine(model, tokenizer, config), max_waiting)
+    engine = AsyncEngine(LLMEngine(model, tokenizer, config), max_waiting, start_thread=False)
     name = model_name or Path(model_dir).resolve().name
     app = build_app(engine, name, api_key, chat_template)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="hyla-http", daemon=True)
+    thread.start()
+    while not server.started and thread.is_alive():
+        time.sleep(0.05)
+    if not server.started:
+        raise ValueError(f"could not serve on {host}:{port} (is the port taken?)")
     c = engine.engine.config
     print(f"hyla: serving {name!r} on http://{host}:{port}/v1 ({c.max_num_seqs} sequences, {c.num_blocks} KV blocks "
           f"of {c.block_size} tokens, context {c.max_model_len}, {c.max_num_batched_tokens} tokens per step)",
           flush=True)  # fmt: skip
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        engine.run(keep_going=thread.is_alive)  # the tensor work on the main thread (see hyla.serve.async_engine)
+    except KeyboardInterrupt:
+        pass
     finally:
-        engine.shutdown()
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -8,7 +8,7 @@ and values: fixed-size blocks from one pool, each request owning an append-only 
 
 from __future__ import annotations
 
-from collections import deque
+import heapq
 from dataclasses import dataclass
 
 import torch
@@ -20,11 +20,12 @@ from hyla.ops.lightning import lightning_attention, lightning_decode
 
 
 class BlockPool:
-    """A free list of ``num_blocks`` block ids (or state-slot ids)."""
+    """A free list of ``num_blocks`` block ids (or state-slot ids) that hands out the lowest free ids first:
+    running requests then sit in few runs of consecutive slots, which the decode step updates in place."""
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
-        self._free = deque(range(num_blocks))
+        self._free = list(range(num_blocks))  # a heap
 
     @property
     def num_free(self) -> int:
@@ -34,10 +35,11 @@ class BlockPool:
         """``n`` ids, or None (and nothing taken) when fewer are free."""
         if n > len(self._free):
             return None
-        return [self._free.popleft() for _ in range(n)]
+        return [heapq.heappop(self._free) for _ in range(n)]
 
     def release(self, ids: list[int]) -> None:
-        self._free.extend(ids)
+        for i in ids:
+            heapq.heappush(self._free, i)
 
 
 class EngineCache:

@@ -23,11 +23,14 @@ from hyla.serve.runner import ModelRunner
 from hyla.serve.sampling import RequestError, SampleInput, SamplingParams, sample
 from hyla.serve.scheduler import Request, Scheduler, Status
 
+DEFAULT_KV_TOKENS = 2**16
+
 
 @dataclass
 class EngineConfig:
-    """The engine's limits. ``num_blocks=None`` sizes the KV pool so that every one of ``max_num_seqs``
-    requests can reach ``max_model_len`` (``None``: the model's ``max_position_embeddings``) at once."""
+    """The engine's limits. ``max_model_len=None`` is the model's ``max_position_embeddings``.
+    ``num_blocks=None`` sizes the KV pool for ``max_num_seqs`` full-length requests at once, but at most
+    :data:`DEFAULT_KV_TOKENS` tokens (and at least one full-length request); past it, requests are preempted."""
 
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 512
@@ -38,7 +41,8 @@ class EngineConfig:
     def resolve(self, max_position_embeddings: int) -> EngineConfig:
         """A copy with the defaults filled in; raises ``ValueError`` naming a limit that cannot work."""
         max_model_len = self.max_model_len or max_position_embeddings
-        num_blocks = self.num_blocks or self.max_num_seqs * -(-max_model_len // self.block_size)
+        tokens = max(max_model_len, min(self.max_num_seqs * max_model_len, DEFAULT_KV_TOKENS))
+        num_blocks = self.num_blocks or -(-tokens // self.block_size)
         for name, value in (("max_num_seqs", self.max_num_seqs), ("max_num_batched_tokens",
                             self.max_num_batched_tokens), ("block_size", self.block_size)):  # fmt: skip
             if value < 1:

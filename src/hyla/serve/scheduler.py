@@ -111,7 +111,9 @@ class Scheduler:
             self.running.append(request)
             (decodes if n == 1 else prefills).append((request, n))
             budget -= n
-        # A request preempted after it was scheduled (to make room for an older one) sits this step out.
+        # Decodes in slot order, so that the state update runs in place over consecutive slots. A request
+        # preempted after it was scheduled (to make room for an older one) sits this step out.
+        decodes.sort(key=lambda item: item[0].slot if item[0].slot is not None else -1)
         return [(r, n) for r, n in decodes + prefills if r.status is Status.RUNNING]
 
     def _grow(self, request: Request, num_tokens: int) -> bool:

@@ -37,9 +37,42 @@ def lightning_step_slots(q: Tensor, k: Tensor, v: Tensor, slope: Tensor, pool: T
 
     Returns:
         ``o`` ``[B, H, D]``.
+
+    Rows whose slots are consecutive (row ``i + 1`` in slot ``slots[i] + 1``: what a scheduler that hands out
+    the lowest free slot and orders its decodes by slot produces) update a view of the pool in place, one
+    read and one write of their states; scattered rows are gathered, stepped and written back.
     """
-    valid = slots >= 0
-    rows, chosen = valid.nonzero().squeeze(1), slots[valid].long()
-    o, states = lightning_attention_step(q[rows], k[rows], v[rows], slope, pool[chosen])
-    pool[chosen] = states
-    return torch.zeros_like(q).index_copy_(0, rows, o)
+    o = torch.zeros_like(q)
+    ids = slots.tolist()
+    runs = _runs(ids)
+    if len(runs) > MAX_INPLACE_RUNS:
+        valid = slots >= 0
+        rows, chosen = valid.nonzero().squeeze(1), slots[valid].long()
+        o_rows, states = lightning_attention_step(q[rows], k[rows], v[rows], slope, pool[chosen])
+        pool[chosen] = states
+        return o.index_copy_(0, rows, o_rows)
+    decay = torch.exp(-slope.to(pool.dtype))[None, :, None, None]  # [1, H, 1, 1]
+    for row, n in runs:
+        state = pool[ids[row] : ids[row] + n]  # [n, H, D, D], a view
+        rows = slice(row, row + n)
+        kv = k[rows].to(pool.dtype).unsqueeze(-1) * v[rows].to(pool.dtype).unsqueeze(-2)
+        state.mul_(decay).add_(kv)
+        o[rows] = torch.matmul(q[rows].to(pool.dtype).unsqueeze(-2), state).squeeze(-2).to(q.dtype)
+    return o
+
+
+# Past this many runs of consecutive slots, one gather/scatter beats a loop of in-place updates.
+MAX_INPLACE_RUNS = 4
+
+
+def _runs(slots: list[int]) -> list[tuple[int, int]]:
+    """``(first_row, length)`` of each run of rows with consecutive slots, padding rows (``-1``) left out."""
+    runs: list[tuple[int, int]] = []
+    for row, slot in enumerate(slots):
+        if slot < 0:
+            continue
+        if runs and runs[-1][0] + runs[-1][1] == row and slots[row - 1] == slot - 1:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((row, 1))
+    return runs

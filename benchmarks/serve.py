@@ -1,0 +1,141 @@
+"""Serving throughput: hyla's server vs transformers' ``generate()`` with batching, on the same weights.
+
+One run, one machine, float32 on the CPU. hyla: ``hyla serve`` in its own process, driven over HTTP by the
+load generator of ``hyla bench serve`` (``C`` concurrent streaming clients, random token-id prompts of
+``--input-len`` tokens, exactly ``--output-len`` generated). transformers: ``MiniMaxForCausalLM.generate``
+on the same prompts in static batches of ``C`` (greedy, ``min_new_tokens = max_new_tokens``), in this
+process after the server has exited. Both produce ``max(4, 2 C)`` completions per level; output tokens/s =
+all generated tokens / wall time (hyla's includes HTTP, SSE and the scheduling of arriving requests).
+
+Usage: python benchmarks/serve.py [--preset small] [--concurrency 1 8 32] [--input-len 128] [--output-len 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import platform
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import hyla
+from hyla.bench.serve import run_load
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_hyla(model_dir: Path, args: argparse.Namespace) -> list:
+    port = free_port()
+    max_len = args.input_len + args.output_len
+    cmd = [sys.executable, "-m", "hyla", "serve", str(model_dir), "--port", str(port), "--max-model-len",
+           str(max_len), "--max-num-seqs", str(max(args.concurrency))]  # fmt: skip
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"hyla serve did not start:\n{server.stdout.read()}") from None
+                time.sleep(0.2)
+        asyncio.run(run_load(url, 1, 2, args.input_len, 8))  # warm-up
+        results = []
+        for c in args.concurrency:
+            result = asyncio.run(run_load(url, c, max(4, 2 * c), args.input_len, args.output_len))
+            print(f"hyla C={c}: {result.output_tokens_per_s:.1f} out tok/s", flush=True)
+            results.append(result)
+        return results
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=30)
+
+
+@torch.inference_mode()
+def transformers_rates(model_dir: Path, vocab: int, args: argparse.Namespace) -> list[float]:
+    from transformers import MiniMaxForCausalLM
+
+    model = MiniMaxForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    rng = random.Random(0)
+    gen = dict(max_new_tokens=args.output_len, min_new_tokens=args.output_len, do_sample=False, pad_token_id=0)
+    model.generate(torch.randint(0, vocab, (1, args.input_len)), **{**gen, "max_new_tokens": 8, "min_new_tokens": 8})
+    rates = []
+    for c in args.concurrency:
+        n = max(4, 2 * c)
+        start = time.perf_counter()
+        for _ in range(n // c):
+            ids = torch.tensor([[rng.randrange(vocab) for _ in range(args.input_len)] for _ in range(c)])
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), **gen)
+            assert out.shape[1] == args.input_len + args.output_len
+        rates.append(n * args.output_len / (time.perf_counter() - start))
+        print(f"transformers C={c}: {rates[-1]:.1f} out tok/s", flush=True)
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--price-per-hour", type=float, default=1.0)
+    parser.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
+    args = parser.parse_args()
+
+    config = hyla.preset(args.preset)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / args.preset
+        hyla.HylaForCausalLM(config).save_pretrained(model_dir)
+        hyla_results = serve_hyla(model_dir, args)
+        theirs = transformers_rates(model_dir, 256, args)  # 256: the byte-level tokenizer's ids
+
+    lines = [
+        "| concurrent | hyla out tok/s | transformers out tok/s | speed-up | hyla req/s | TTFT p50 / p99 ms "
+        "| TPOT p50 / p99 ms | $ / 1M out tokens |",
+        "|" + "---|" * 8,
+    ]
+    for result, rate in zip(hyla_results, theirs, strict=True):
+        r = result.row(args.price_per_hour)
+        lines.append(
+            f"| {r['concurrency']} | {r['out_tok_s']:.1f} | {rate:.1f} | {r['out_tok_s'] / rate:.2f}x "
+            f"| {r['req_s']:.2f} | {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} "
+            f"| {r['tpot_p50_ms']:.1f} / {r['tpot_p99_ms']:.1f} | {r['usd_per_1m_out']:.2f} |"
+        )
+    table = "\n".join(lines)
+    machine = (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+    print(table)
+    if not args.no_append:
+        command = (
+            f"python benchmarks/serve.py --preset {args.preset} --concurrency "
+            f"{' '.join(map(str, args.concurrency))} --input-len {args.input_len} --output-len {args.output_len}"
+        )
+        with RESULTS.open("a") as f:
+            f.write(
+                f"\n### Serving, {args.preset} ({config.num_parameters() / 1e6:.1f}M), float32 — "
+                f"{datetime.date.today()}\n\nMachine: {machine}; price ${args.price_per_hour}/h for the cost column."
+                f"\nCommand: `{command}`\n\n{table}\n"
+            )
+
+
+if __name__ == "__main__":
+    main()
