@@ -55,8 +55,8 @@ def lightning_step_slots(q: Tensor, k: Tensor, v: Tensor, slope: Tensor, pool: T
     for row, n in runs:
         state = pool[ids[row] : ids[row] + n]  # [n, H, D, D], a view
         rows = slice(row, row + n)
-        kv = k[rows].to(pool.dtype).unsqueeze(-1) * v[rows].to(pool.dtype).unsqueeze(-2)
-        state.mul_(decay).add_(kv)
+        k_, v_ = (x[rows].to(pool.dtype).flatten(0, 1) for x in (k, v))  # [n H, D]
+        state.mul_(decay).flatten(0, 1).baddbmm_(k_.unsqueeze(-1), v_.unsqueeze(-2))
         o[rows] = torch.matmul(q[rows].to(pool.dtype).unsqueeze(-2), state).squeeze(-2).to(q.dtype)
     return o
 
