@@ -24,7 +24,7 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | None
     if cu_seqlens is not None:
         if tq != tk:
             raise ValueError("packed sequences (cu_seqlens) cannot continue a cache")
-        return _sdpa(q, k, v, is_causal=False, mask=_packed_causal_mask(cu_seqlens, tq, q.device))
+        return _packed(q, k, v, cu_seqlens)
     if tk < tq:
         raise ValueError(f"softmax_attention needs at least as many keys as queries, got {tk} < {tq}")
     if tq == tk:
@@ -43,11 +43,16 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, mask: Tensor | None 
     return o.transpose(1, 2)
 
 
-def _packed_causal_mask(cu_seqlens: Tensor, t: int, device: torch.device) -> Tensor:
-    """``[T, T]`` bool: query ``i`` sees key ``j <= i`` of its own sequence."""
-    seq = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1, device=device), cu_seqlens.diff().to(device))
-    causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()
-    return causal & (seq[:, None] == seq[None, :])
+def _packed(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor) -> Tensor:
+    """Packed sequences as a padded batch ``[N, Lmax]`` under a plain causal mask: padding sits after each
+    sequence's tokens, where causality already hides it. Costs ``N Lmax^2``, not the ``T^2`` of a block mask."""
+    cu_seqlens = cu_seqlens.to(q.device)
+    starts, lengths = cu_seqlens[:-1, None], cu_seqlens.diff()[:, None]
+    offsets = torch.arange(int(lengths.max()) if len(lengths) else 0, device=q.device)[None]
+    valid = offsets < lengths  # [N, Lmax]
+    index = torch.where(valid, starts + offsets, starts.clamp(max=q.shape[1] - 1))  # padding repeats a real token
+    o = _sdpa(q[0][index], k[0][index], v[0][index], is_causal=True)  # [N, Lmax, H, D]
+    return o[valid][None]
 
 
 def paged_attention(
