@@ -30,6 +30,16 @@ from hyla.data.shards import TokenShard, build_shards
 from hyla.data.tokenizer import train_bpe
 from hyla.model import HylaForCausalLM
 from hyla.train.optim import build_optimizer, lr_at
+from hyla.train.parallel import (
+    World,
+    all_reduce_sum,
+    barrier,
+    full_state_dict,
+    init_world,
+    parallelize,
+    shutdown,
+    to_float,
+)
 
 
 @dataclass
@@ -83,12 +93,23 @@ def evaluate(model: HylaForCausalLM, shard: TokenShard, cfg: TrainConfig) -> flo
     return sum(losses) / len(losses)
 
 
-def _save_checkpoint(run: Path, model: HylaForCausalLM, optimizer, step: int, tokens_seen: int) -> None:
+def _save_checkpoint(run: Path, model: HylaForCausalLM, optimizer, step: int, tokens_seen: int, world: World) -> None:
+    """Replace ``run/checkpoint`` atomically. Sharded runs gather the full weights (every rank takes part) and
+    rank 0 writes them; their optimizer state stays out of the checkpoint (resume is single-process)."""
+    weights = full_state_dict(model, world)
+    if not world.main:
+        return
+    if world.size > 1:
+        with torch.device("meta"):
+            model = HylaForCausalLM(model.config)
+        model.load_state_dict(weights, assign=True)
+        model.reset_buffers()
     tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=run))
     try:
         save_pretrained(model, tmp / "model")
         shutil.copy2(run / "tokenizer.json", tmp / "model" / "tokenizer.json")
-        state = {"step": step, "tokens": tokens_seen, "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}
+        optimizer_state = optimizer.state_dict() if world.size == 1 else None
+        state = {"step": step, "tokens": tokens_seen, "optimizer": optimizer_state, "rng": torch.get_rng_state()}
         torch.save(state, tmp / "trainer.pt")
         old = run / "checkpoint"
         if old.exists():
@@ -101,8 +122,24 @@ def _save_checkpoint(run: Path, model: HylaForCausalLM, optimizer, step: int, to
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
-    """Train (or resume) a run; returns the last metrics: ``{"step", "loss", "eval_loss", ...}``."""
+    """Train (or resume) a run; returns the last metrics: ``{"step", "loss", "eval_loss", ...}``.
+
+    Under ``torchrun`` the model is sharded with FSDP2 and each of the ``N`` ranks takes every ``N``-th of a
+    step's ``grad_accum`` micro-batches, so that the steps equal a single process's with the same global batch.
+    """
+    world = init_world()
+    try:
+        return _train(cfg, resume, progress and world.main, world)
+    finally:
+        shutdown(world)
+
+
+def _train(cfg: TrainConfig, resume: bool, progress: bool, world: World) -> dict:
     run = Path(cfg.run_dir)
+    if world.size > 1 and cfg.grad_accum % world.size:
+        raise CorpusError(f"grad_accum ({cfg.grad_accum}) must be a multiple of the {world.size} processes")
+    if world.size > 1 and resume:
+        raise CorpusError("--resume runs on one process; start it without torchrun")
     saved = run / "train.json"
     if resume:
         if not (run / "checkpoint" / "trainer.pt").is_file():
@@ -111,11 +148,16 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         changed = sorted(k for k, v in cfg.to_json().items() if previous.get(k) != v and k != "steps")
         if changed:
             raise CorpusError(f"{run} was trained with another config (differs in {changed}); use a new run_dir")
-    run.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
     sources = discover(cfg.data)
-    tokenizer = _tokenizer(cfg, run, sources)
-    shards = build_shards(sources, tokenizer, cfg.cache_dir, cfg.eval_fraction, progress)
+    # Rank 0 trains the tokenizer and fills the shard cache; the others then read both.
+    for turn in (True, False):
+        if world.main == turn:
+            if world.main:
+                run.mkdir(parents=True, exist_ok=True)
+                saved.write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
+            tokenizer = _tokenizer(cfg, run, sources)
+            shards = build_shards(sources, tokenizer, cfg.cache_dir, cfg.eval_fraction, progress)
+        barrier(world)
     config = preset(cfg.preset, **{"vocab_size": tokenizer.get_vocab_size(), **cfg.model})
     if tokenizer.get_vocab_size() > config.vocab_size:
         raise CorpusError(f"the tokenizer has {tokenizer.get_vocab_size()} ids but the model only {config.vocab_size}")
@@ -123,12 +165,16 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     torch.manual_seed(cfg.seed)
     model = HylaForCausalLM(config)
     model.reset_parameters(seed=cfg.seed)
+    if world.mesh is not None:
+        parallelize(model, world.mesh)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
     batches = packed_batches(shards["train"], cfg.tokens_per_batch, cfg.max_seq_len, seed=cfg.seed)
     start = tokens_seen = 0
     if resume:
         state = torch.load(run / "checkpoint" / "trainer.pt", weights_only=False)
         model.load_state_dict(load(run / "checkpoint" / "model").state_dict())
+        if state["optimizer"] is None:
+            raise CorpusError(f"{run} was trained sharded (torchrun), which keeps no optimizer state to resume from")
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         start, tokens_seen = state["step"], state["tokens"]
@@ -149,13 +195,19 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 loss_sum, tokens = 0.0, 0
-                for _ in range(cfg.grad_accum):
+                for micro in range(cfg.grad_accum):
                     batch, cu_seqlens = next(batches)
+                    if micro % world.size != world.rank:
+                        continue
                     out = model(batch, labels=batch, cu_seqlens=cu_seqlens)
-                    ((out.loss + config.router_aux_loss_coef * out.aux_loss) / cfg.grad_accum).backward()
+                    # x N: FSDP averages the N ranks' gradients, and each rank saw 1/N of the micro-batches.
+                    scale = world.size / cfg.grad_accum
+                    ((out.loss + config.router_aux_loss_coef * out.aux_loss) * scale).backward()
                     loss_sum += out.loss.item() / cfg.grad_accum
                     tokens += batch.shape[1]
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip).item()
+                loss_sum, tokens = all_reduce_sum([loss_sum, tokens], world)
+                tokens = int(tokens)
+                grad_norm = to_float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 tokens_seen += tokens
@@ -165,12 +217,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                     metrics["eval_loss"] = evaluate(
                         model, shards["eval"] if len(shards["eval"]) else shards["train"], cfg
                     )
-                log.write(json.dumps(metrics) + "\n")
-                log.flush()
+                if world.main:
+                    log.write(json.dumps(metrics) + "\n")
+                    log.flush()
                 bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
                 bar.update()
                 if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or stop["now"]:
-                    _save_checkpoint(run, model, optimizer, step + 1, tokens_seen)
+                    _save_checkpoint(run, model, optimizer, step + 1, tokens_seen, world)
                 if stop["now"]:
                     break
     finally:
