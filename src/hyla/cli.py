@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 
@@ -17,7 +18,7 @@ from hyla.data.tokenizer import load_tokenizer
 from hyla.model import HylaForCausalLM
 from hyla.runtime import tune_malloc
 from hyla.serve import LLM, EngineConfig, RequestError, SamplingParams
-from hyla.train.loop import TrainConfig, train
+from hyla.train.loop import TrainConfig, load_train_toml, train
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -71,9 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
         if f.type in ("int", "float", "str", "str | None"):
             kind = {"int": int, "float": float}.get(f.type, str)
             default = f.default if f.default is not dataclasses.MISSING else None
-            tr.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default, help=f"default: {default}")
+            # None: not given, so that a --config file's value (or the dataclass default) applies.
+            tr.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None, help=f"default: {default}")
     tr.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a field of the model preset, e.g. --set hidden_size=256")  # fmt: skip
+    tr.add_argument("--config", default=None, metavar="FILE.toml",
+                    help="the run's fields (a [model] table: preset overrides); flags override it")  # fmt: skip
     tr.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
 
     srv = commands.add_parser("serve", help="serve a model directory over an OpenAI-compatible HTTP API")
@@ -113,16 +117,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_train(args: argparse.Namespace) -> None:
-    """``hyla train``: the config's fields from the flags, preset overrides from ``--set``."""
-    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
-    overrides = {}
+    """``hyla train``: a TOML file's fields, then the flags given, then preset overrides from ``--set``."""
+    fields = load_train_toml(args.config) if args.config else {}
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    fields.update({k: v for k, v in given.items() if v is not None})
+    overrides = fields.pop("model", {})
     for item in args.set:
         name, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--set takes FIELD=VALUE, got {item!r}")
         overrides[name] = json.loads(value) if value[:1] in "0123456789-[{tfn" else value
     metrics = train(TrainConfig(**fields, model=overrides), resume=args.resume)
-    print(json.dumps(metrics))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(metrics))
 
 
 def run_bench_context(args: argparse.Namespace) -> None:

@@ -63,3 +63,30 @@ def test_schedule_warms_up_then_decays():
     assert lr_at(9, 1.0, 10, 100) == pytest.approx(1.0)
     assert lr_at(100, 1.0, 10, 100) == pytest.approx(0.1)
     assert lr_at(55, 1.0, 10, 100) == pytest.approx(0.55)
+
+
+def test_a_toml_config_sets_the_run_and_flags_override_it(tmp_path):
+    from hyla.cli import main
+
+    small_corpus(tmp_path / "corpus", n=10)
+    (tmp_path / "run.toml").write_text(
+        f'run_dir = "{tmp_path / "r"}"\ndata = "{tmp_path / "corpus"}"\nvocab_size = 300\nsteps = 2\n'
+        f"tokens_per_batch = 128\nmax_seq_len = 32\neval_every = 2\neval_batches = 1\neval_fraction = 0.1\n"
+        f'lr = 0.5\ncache_dir = "{tmp_path / "cache"}"\n\n[model]\nhidden_size = 32\nintermediate_size = 32\n'
+        f"num_attention_heads = 2\nnum_key_value_heads = 1\n"
+    )
+    assert main(["train", "--config", str(tmp_path / "run.toml"), "--lr", "0.01"]) == 0
+    saved = json.loads((tmp_path / "r" / "train.json").read_text())
+    assert saved["steps"] == 2 and saved["lr"] == 0.01 and saved["model"]["hidden_size"] == 32
+
+
+def test_a_bad_toml_config_is_named(tmp_path, capsys):
+    from hyla.cli import main
+
+    (tmp_path / "bad.toml").write_text("stpes = 3\n")
+    assert main(["train", "--config", str(tmp_path / "bad.toml")]) == 2
+    assert "unknown fields ['stpes']" in capsys.readouterr().err
+    (tmp_path / "broken.toml").write_text("steps = \n")
+    assert main(["train", "--config", str(tmp_path / "broken.toml")]) == 2
+    assert "not valid TOML" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "missing.toml")]) == 2

@@ -15,6 +15,7 @@ import shutil
 import signal
 import tempfile
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +69,23 @@ class TrainConfig:
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def load_train_toml(path: str | Path) -> dict:
+    """The fields of a :class:`TrainConfig` from a TOML file (``[model]``: preset overrides), checked by name."""
+    try:
+        fields = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CorpusError(f"config file {str(path)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise CorpusError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise CorpusError(f"config file {str(path)!r}: unknown fields {unknown}; known: {sorted(known)}")
+    if "betas" in fields:
+        fields["betas"] = tuple(fields["betas"])
+    return fields
 
 
 def _tokenizer(cfg: TrainConfig, run: Path, sources) -> Tokenizer:
