@@ -90,3 +90,19 @@ def test_a_bad_toml_config_is_named(tmp_path, capsys):
     assert main(["train", "--config", str(tmp_path / "broken.toml")]) == 2
     assert "not valid TOML" in capsys.readouterr().err
     assert main(["train", "--config", str(tmp_path / "missing.toml")]) == 2
+
+
+def test_bfloat16_autocast_trains_close_to_float32(tmp_path):
+    small_corpus(tmp_path / "corpus", n=20)
+    train(config(tmp_path, "f32", steps=6, lr=1e-2, checkpoint_every=100, dtype="float32"), progress=False)
+    train(config(tmp_path, "bf16", steps=6, lr=1e-2, checkpoint_every=100, dtype="bfloat16"), progress=False)
+    fp32, bf16 = losses(tmp_path / "f32"), losses(tmp_path / "bf16")
+    assert fp32 != bf16  # autocast really ran in bfloat16
+    assert all(abs(a - b) < 0.05 * a for a, b in zip(fp32, bf16, strict=True))
+    assert bf16[-1] < bf16[0]
+
+
+def test_an_unknown_dtype_is_named(tmp_path):
+    small_corpus(tmp_path / "corpus", n=5)
+    with pytest.raises(CorpusError, match="dtype auto/float32/bfloat16, got 'auto', 'fp8'"):
+        train(config(tmp_path, "r", steps=1, dtype="fp8"), progress=False)

@@ -65,6 +65,8 @@ class TrainConfig:
     checkpoint_every: int = 100
     eval_fraction: float = 0.01
     seed: int = 0
+    device: str = "auto"  # "auto": this rank's GPU if there is one, else the CPU
+    dtype: str = "auto"  # "auto": bfloat16 autocast on a GPU that has it, float32 on the CPU (where it is faster)
     cache_dir: str = str(Path.home() / ".cache" / "hyla")
 
     def to_json(self) -> dict:
@@ -102,13 +104,43 @@ def _tokenizer(cfg: TrainConfig, run: Path, sources) -> Tokenizer:
 
 
 @torch.no_grad()
-def evaluate(model: HylaForCausalLM, shard: TokenShard, cfg: TrainConfig) -> float:
+def evaluate(model: HylaForCausalLM, shard: TokenShard, cfg: TrainConfig, precision: Precision) -> float:
     """Mean next-token loss over ``eval_batches`` fixed batches of the held-out shard."""
     model.eval()
     batches = packed_batches(shard, cfg.tokens_per_batch, cfg.max_seq_len, seed=cfg.seed)
-    losses = [model(t, labels=t, cu_seqlens=c).loss.item() for t, c in (next(batches) for _ in range(cfg.eval_batches))]
+    losses = []
+    for _ in range(cfg.eval_batches):
+        tokens, cu_seqlens = precision.move(*next(batches))
+        with precision.autocast():
+            losses.append(model(tokens, labels=tokens, cu_seqlens=cu_seqlens).loss.item())
     model.train()
     return sum(losses) / len(losses)
+
+
+@dataclass
+class Precision:
+    """Where the step runs and whether under bfloat16 autocast (weights, optimizer and loss stay float32)."""
+
+    device: torch.device
+    bf16: bool
+
+    @classmethod
+    def resolve(cls, cfg: TrainConfig) -> Precision:
+        if cfg.device not in ("auto", "cpu", "cuda") or cfg.dtype not in ("auto", "float32", "bfloat16"):
+            raise CorpusError(f"device must be auto/cpu/cuda and dtype auto/float32/bfloat16, got {cfg.device!r}, "
+                              f"{cfg.dtype!r}")  # fmt: skip
+        cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+        if cuda and not torch.cuda.is_available():
+            raise CorpusError("device 'cuda' asked for, but no CUDA device is available")
+        device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and cuda and torch.cuda.is_bf16_supported())
+        return cls(device, bf16)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def move(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return tokens.to(self.device), cu_seqlens.to(self.device)
 
 
 def _save_checkpoint(run: Path, model: HylaForCausalLM, optimizer, step: int, tokens_seen: int, world: World) -> None:
@@ -183,6 +215,8 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, world: World) -> dict
     torch.manual_seed(cfg.seed)
     model = HylaForCausalLM(config)
     model.reset_parameters(seed=cfg.seed)
+    precision = Precision.resolve(cfg)
+    model.to(precision.device)
     if world.mesh is not None:
         parallelize(model, world.mesh)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
@@ -217,7 +251,9 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, world: World) -> dict
                     batch, cu_seqlens = next(batches)
                     if micro % world.size != world.rank:
                         continue
-                    out = model(batch, labels=batch, cu_seqlens=cu_seqlens)
+                    batch, cu_seqlens = precision.move(batch, cu_seqlens)
+                    with precision.autocast():
+                        out = model(batch, labels=batch, cu_seqlens=cu_seqlens)
                     # x N: FSDP averages the N ranks' gradients, and each rank saw 1/N of the micro-batches.
                     scale = world.size / cfg.grad_accum
                     ((out.loss + config.router_aux_loss_coef * out.aux_loss) * scale).backward()
@@ -233,7 +269,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, world: World) -> dict
                            "tokens": tokens_seen, "tokens_per_s": tokens / (time.perf_counter() - began)}  # fmt: skip
                 if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                     metrics["eval_loss"] = evaluate(
-                        model, shards["eval"] if len(shards["eval"]) else shards["train"], cfg
+                        model, shards["eval"] if len(shards["eval"]) else shards["train"], cfg, precision
                     )
                 if world.main:
                     log.write(json.dumps(metrics) + "\n")

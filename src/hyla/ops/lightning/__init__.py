@@ -10,6 +10,7 @@ One public entry point, :func:`lightning_attention`, picks the implementation:
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from hyla.ops.lightning.chunk import compute_dtype, lightning_attention_chunk
@@ -49,7 +50,10 @@ def lightning_attention(
     if q.shape[1] == 1 and initial_state is not None and cu_seqlens is None:
         o, state = lightning_attention_step(q[:, 0], k[:, 0], v[:, 0], slope, initial_state.to(compute_dtype(q.dtype)))
         return o[:, None], state
-    return lightning_attention_chunk(q, k, v, slope, initial_state, block_size, cu_seqlens)
+    # Autocast would re-cast the blockwise path's matmuls behind its own dtype handling (and its hand-written
+    # backward's): it runs in the inputs' dtype with a float32 state, as without autocast.
+    with torch.autocast(q.device.type, enabled=False):
+        return lightning_attention_chunk(q, k, v, slope, initial_state, block_size, cu_seqlens)
 
 
 def lightning_decode(q: Tensor, k: Tensor, v: Tensor, slope: Tensor, pool: Tensor, slots: Tensor) -> Tensor:
