@@ -18,7 +18,7 @@ $(VENV)/.test: pyproject.toml | $(PY)
 	touch $@
 
 demo: $(VENV)/.demo
-	$(VENV)/bin/hyla generate
+	$(VENV)/bin/hyla train
 
 test: $(VENV)/.test
 	$(PY) -m ruff check src tests benchmarks

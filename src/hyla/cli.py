@@ -128,8 +128,15 @@ def run_train(args: argparse.Namespace) -> None:
             raise ValueError(f"--set takes FIELD=VALUE, got {item!r}")
         overrides[name] = json.loads(value) if value[:1] in "0123456789-[{tfn" else value
     metrics = train(TrainConfig(**fields, model=overrides), resume=args.resume)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(metrics))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    for text in metrics.pop("samples", []):
+        print(f"--- sample ---\n{text}")
+    if "unigram_entropy" in metrics:
+        verdict = "learned" if metrics["learned"] else "NOT yet below"
+        print(f"held-out loss {metrics['eval_loss']:.3f} nats/token; unigram entropy {metrics['unigram_entropy']:.3f}; "
+              f"ratio {metrics['ratio']:.3f} ({verdict} the 0.6 bar); plot: {metrics['plot']}")  # fmt: skip
+    print(json.dumps(metrics))
 
 
 def run_bench_context(args: argparse.Namespace) -> None:

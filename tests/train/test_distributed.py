@@ -12,7 +12,8 @@ from tests.data.test_data import small_corpus
 
 
 def train_args(tmp_path, run: str) -> list[str]:
-    return ["train", "--run-dir", str(tmp_path / run), "--data", str(tmp_path / "corpus"), "--vocab-size", "300",
+    return ["train", "--preset", "tiny", "--run-dir", str(tmp_path / run), "--data", str(tmp_path / "corpus"),
+            "--vocab-size", "300",
             "--steps", "4", "--tokens-per-batch", "256", "--max-seq-len", "64", "--grad-accum", "4", "--warmup", "1",
             "--eval-every", "2", "--eval-batches", "2", "--checkpoint-every", "100", "--eval-fraction", "0.1",
             "--cache-dir", str(tmp_path / "cache"), "--lr", "1e-2",

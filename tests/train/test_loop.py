@@ -13,9 +13,9 @@ MODEL = {"hidden_size": 32, "intermediate_size": 32, "num_attention_heads": 2, "
 
 
 def config(tmp_path, run: str, steps: int, **changes) -> TrainConfig:
-    fields = dict(run_dir=str(tmp_path / run), model=MODEL, data=str(tmp_path / "corpus"), vocab_size=300,
-                  steps=steps, tokens_per_batch=256, max_seq_len=64, warmup=2, eval_every=4, eval_batches=2,
-                  checkpoint_every=3, eval_fraction=0.1, cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    fields = dict(run_dir=str(tmp_path / run), preset="tiny", model=MODEL, data=str(tmp_path / "corpus"),
+                  vocab_size=300, steps=steps, tokens_per_batch=256, max_seq_len=64, warmup=2, eval_every=4,
+                  eval_batches=2, checkpoint_every=3, eval_fraction=0.1, cache_dir=str(tmp_path / "cache"))  # fmt: skip
     fields.update(changes)
     return TrainConfig(**fields)
 
@@ -70,7 +70,7 @@ def test_a_toml_config_sets_the_run_and_flags_override_it(tmp_path):
 
     small_corpus(tmp_path / "corpus", n=10)
     (tmp_path / "run.toml").write_text(
-        f'run_dir = "{tmp_path / "r"}"\ndata = "{tmp_path / "corpus"}"\nvocab_size = 300\nsteps = 2\n'
+        f'run_dir = "{tmp_path / "r"}"\npreset = "tiny"\ndata = "{tmp_path / "corpus"}"\nvocab_size = 300\nsteps = 2\n'
         f"tokens_per_batch = 128\nmax_seq_len = 32\neval_every = 2\neval_batches = 1\neval_fraction = 0.1\n"
         f'lr = 0.5\ncache_dir = "{tmp_path / "cache"}"\n\n[model]\nhidden_size = 32\nintermediate_size = 32\n'
         f"num_attention_heads = 2\nnum_key_value_heads = 1\n"

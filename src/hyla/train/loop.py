@@ -41,26 +41,27 @@ from hyla.train.parallel import (
     shutdown,
     to_float,
 )
+from hyla.train.report import report, samples
 
 
 @dataclass
 class TrainConfig:
     run_dir: str = "runs/default"
-    preset: str = "tiny"
+    preset: str = "demo"  # the defaults are the main job: `hyla train` with no flags
     model: dict = field(default_factory=dict)  # overrides of the preset's fields
     data: str | None = None  # None: the Python standard library
     tokenizer: str | None = None  # a tokenizer.json; None: train a byte-level BPE of vocab_size
-    vocab_size: int = 4096
-    steps: int = 200
-    tokens_per_batch: int = 4096
+    vocab_size: int = 512
+    steps: int = 420
+    tokens_per_batch: int = 8192
     max_seq_len: int = 512
     grad_accum: int = 1
-    lr: float = 3e-3
+    lr: float = 5e-3
     warmup: int = 20
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     clip: float = 1.0
-    eval_every: int = 50
+    eval_every: int = 70
     eval_batches: int = 4
     checkpoint_every: int = 100
     eval_fraction: float = 0.01
@@ -283,4 +284,9 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, world: World) -> dict
     finally:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
+    if world.main and "eval_loss" in metrics and not stop["now"]:
+        summary = report(run, shards["train"], metrics["eval_loss"], tokenizer.get_vocab_size())
+        summary["samples"] = samples(load(run / "checkpoint" / "model"), tokenizer, seed=cfg.seed)
+        (run / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
+        metrics = {**metrics, **summary}
     return metrics

@@ -1,0 +1,106 @@
+"""Training throughput: hyla vs transformers' MiniMaxForCausalLM, the same config, weights and batch.
+
+One training step = forward + backward (next-token loss plus the MoE load-balancing loss, which transformers
+computes with ``output_router_logits=True``) + an AdamW step. Both models start from the same checkpoint in
+one process (with hyla's malloc tuning, which speeds both up); steps alternate between them and the median of
+``--steps`` timed steps is kept. The batch is ``[batch, seq_len]`` random tokens, unpacked (transformers'
+MiniMax has no packed-sequence path).
+
+Usage: python benchmarks/train.py [--presets demo small] [--batch 4] [--seq-len 1024] [--steps 5] [--no-append]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import hyla
+from hyla.runtime import tune_malloc
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def step_fn(model, ids: torch.Tensor, hf: bool):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    coef = model.config.router_aux_loss_coef
+
+    def step() -> None:
+        if hf:
+            loss = model(input_ids=ids, labels=ids, output_router_logits=True).loss  # includes coef * aux
+        else:
+            out = model(ids, labels=ids)
+            loss = out.loss + coef * out.aux_loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=["demo", "small"])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--no-append", action="store_true")
+    args = parser.parse_args()
+    from transformers import MiniMaxForCausalLM
+
+    tune_malloc()
+    rows = []
+    for name in args.presets:
+        config = hyla.preset(name)
+        torch.manual_seed(0)
+        ids = torch.randint(0, config.vocab_size, (args.batch, args.seq_len))
+        with tempfile.TemporaryDirectory() as tmp:
+            hyla.HylaForCausalLM(config).save_pretrained(tmp)
+            ours = hyla.load(tmp).train()
+            theirs = MiniMaxForCausalLM.from_pretrained(tmp, dtype=torch.float32).train()
+        steps = {"hyla": step_fn(ours, ids, hf=False), "transformers": step_fn(theirs, ids, hf=True)}
+        times: dict[str, list[float]] = {k: [] for k in steps}
+        for fn in steps.values():
+            fn()  # warm-up
+        for _ in range(args.steps):
+            for key, fn in steps.items():
+                start = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - start)
+        tokens = args.batch * args.seq_len
+        ours_rate = tokens / statistics.median(times["hyla"])
+        theirs_rate = tokens / statistics.median(times["transformers"])
+        rows.append((name, config.num_parameters() / 1e6, ours_rate, theirs_rate))
+        print(f"{name}: hyla {ours_rate:,.0f} tok/s, transformers {theirs_rate:,.0f} tok/s", flush=True)
+
+    lines = ["| preset | parameters | hyla tok/s | transformers tok/s | speed-up |", "|---|---|---|---|---|"]
+    for name, params, ours_rate, theirs_rate in rows:
+        lines.append(
+            f"| {name} | {params:.1f}M | {ours_rate:,.0f} | {theirs_rate:,.0f} | {ours_rate / theirs_rate:.2f}x |"
+        )
+    table = "\n".join(lines)
+    machine = (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+    print(table)
+    if not args.no_append:
+        command = (
+            f"python benchmarks/train.py --presets {' '.join(args.presets)} --batch {args.batch} "
+            f"--seq-len {args.seq_len} --steps {args.steps}"
+        )
+        with RESULTS.open("a") as f:
+            f.write(
+                f"\n### Training step (forward + backward + AdamW), float32 — {datetime.date.today()}\n\n"
+                f"Machine: {machine}. Batch {args.batch} x {args.seq_len} tokens, median of {args.steps} steps.\n"
+                f"Command: `{command}`\n\n{table}\n"
+            )
+
+
+if __name__ == "__main__":
+    main()

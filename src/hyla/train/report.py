@@ -1,0 +1,55 @@
+"""The end of a run: did it learn? Held-out loss against the corpus's unigram entropy, a loss plot, samples."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from hyla.data.shards import TokenShard, unigram_entropy
+from hyla.model import HylaForCausalLM
+
+# The main job's bar: a model that learned context, not just token frequencies.
+LEARNED_RATIO = 0.6
+SAMPLE_PROMPTS = ("class Parser:\n    def ", "    for i in range(", "def test_")
+
+
+def plot_losses(run: Path) -> Path:
+    """``run/loss.png``: train loss (every step) and held-out loss (each evaluation) against tokens seen."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot([m["tokens"] for m in lines], [m["loss"] for m in lines], lw=1, alpha=0.7, label="train")
+    evals = [m for m in lines if "eval_loss" in m]
+    ax.plot([m["tokens"] for m in evals], [m["eval_loss"] for m in evals], "o-", label="held-out")
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = run / "loss.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def samples(model: HylaForCausalLM, tokenizer: Tokenizer, max_tokens: int = 80, seed: int = 0) -> list[str]:
+    """A continuation of each of :data:`SAMPLE_PROMPTS` (temperature 0.6, top-p 0.95, seeded)."""
+    from hyla.serve import LLM, EngineConfig, SamplingParams
+
+    llm = LLM(model.eval(), tokenizer, EngineConfig(max_num_seqs=len(SAMPLE_PROMPTS), max_model_len=512))
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.6, top_p=0.95, seed=seed)
+    return [p + c[0].text for p, c in zip(SAMPLE_PROMPTS, llm.generate(list(SAMPLE_PROMPTS), params), strict=True)]
+
+
+def report(run: Path, train: TokenShard, eval_loss: float, vocab_size: int) -> dict:
+    """The learning summary: held-out loss, the unigram entropy of the training tokens, their ratio."""
+    entropy = unigram_entropy(train, vocab_size)
+    ratio = eval_loss / entropy
+    return {"eval_loss": eval_loss, "unigram_entropy": entropy, "ratio": ratio, "learned": ratio <= LEARNED_RATIO,
+            "plot": str(plot_losses(run))}  # fmt: skip
