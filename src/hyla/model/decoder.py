@@ -19,6 +19,7 @@ from hyla.model.cache import Cache
 from hyla.model.lightning import LightningAttention
 from hyla.model.moe import SparseMoE
 from hyla.model.norm import RMSNorm
+from hyla.ops.loss import linear_cross_entropy
 from hyla.ops.moe import load_balancing_loss
 from hyla.ops.rope import rope_cos_sin, rope_inv_freq
 
@@ -32,7 +33,7 @@ class CausalLMOutput:
     ``loss`` the next-token cross-entropy when ``labels`` were given.
     """
 
-    logits: Tensor
+    logits: Tensor | None
     aux_loss: Tensor
     loss: Tensor | None = None
 
@@ -163,10 +164,12 @@ class HylaForCausalLM(nn.Module):
         cache: Cache | None = None,
         logits_to_keep: int = 0,
         cu_seqlens: Tensor | None = None,
+        return_logits: bool = True,
     ) -> CausalLMOutput:
         """``input_ids`` ``[B, T]``; ``labels`` ``[B, T]`` (shifted inside, ``-100`` ignored).
 
         ``logits_to_keep=n`` computes logits for the last ``n`` positions only (a prefill needs one).
+        ``return_logits=False`` with ``labels`` (training) fuses the LM head into the loss and returns no logits.
         ``cu_seqlens`` (``[N + 1]`` offsets) packs ``N`` documents into ``B = 1``: no attention, lightning or
         softmax, crosses a document boundary, and no document's last token is trained to predict the next one's
         first.
@@ -180,19 +183,28 @@ class HylaForCausalLM(nn.Module):
         hidden, stats = self.model(input_ids, cache, cu_seqlens)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)
         rows = input_ids.numel() * len(self.model.layers)
         aux_loss = load_balancing_loss(stats, rows)
+        if labels is not None and not return_logits:  # training: the LM head fused into the loss, chunk by chunk
+            targets = self._targets(labels, cu_seqlens).flatten()
+            loss = linear_cross_entropy(hidden[:, :-1].flatten(0, 1), self.lm_head.weight, targets)
+            return CausalLMOutput(logits=None, aux_loss=aux_loss, loss=loss)
+        logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
-            targets = labels[:, 1:]
-            if cu_seqlens is not None:  # a document's last token has no next token in the packed row
-                targets = targets.clone()
-                targets[0, cu_seqlens[1:-1].to(targets.device) - 1] = -100
             scores = logits[:, :-1].flatten(0, 1)
             scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
-            loss = F.cross_entropy(scores, targets.flatten(), ignore_index=-100)
+            loss = F.cross_entropy(scores, self._targets(labels, cu_seqlens).flatten(), ignore_index=-100)
         return CausalLMOutput(logits=logits, aux_loss=aux_loss, loss=loss)
+
+    @staticmethod
+    def _targets(labels: Tensor, cu_seqlens: Tensor | None) -> Tensor:
+        """``[B, T - 1]`` next-token targets; a packed document's last token has none (``-100``)."""
+        targets = labels[:, 1:]
+        if cu_seqlens is not None:
+            targets = targets.clone()
+            targets[0, cu_seqlens[1:-1].to(targets.device) - 1] = -100
+        return targets
 
     def save_pretrained(self, path: str | Path, max_shard_size: int = 5 * 2**30) -> None:
         """Write ``config.json`` + safetensors in transformers' MiniMax layout, atomically."""

@@ -113,7 +113,7 @@ def evaluate(model: HylaForCausalLM, shard: TokenShard, cfg: TrainConfig, precis
     for _ in range(cfg.eval_batches):
         tokens, cu_seqlens = precision.move(*next(batches))
         with precision.autocast():
-            losses.append(model(tokens, labels=tokens, cu_seqlens=cu_seqlens).loss.item())
+            losses.append(model(tokens, labels=tokens, cu_seqlens=cu_seqlens, return_logits=False).loss.item())
     model.train()
     return sum(losses) / len(losses)
 
@@ -254,7 +254,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, world: World) -> dict
                         continue
                     batch, cu_seqlens = precision.move(batch, cu_seqlens)
                     with precision.autocast():
-                        out = model(batch, labels=batch, cu_seqlens=cu_seqlens)
+                        out = model(batch, labels=batch, cu_seqlens=cu_seqlens, return_logits=False)
                     # x N: FSDP averages the N ranks' gradients, and each rank saw 1/N of the micro-batches.
                     scale = world.size / cfg.grad_accum
                     ((out.loss + config.router_aux_loss_coef * out.aux_loss) * scale).backward()
