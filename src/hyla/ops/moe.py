@@ -1,8 +1,9 @@
 """Mixture of experts as functions: top-k routing, batched dispatch to SwiGLU experts, load-balancing stats.
 
 Dispatch sorts the ``N * k`` (token, expert) pairs by expert so that each expert's tokens are one
-contiguous slice; every expert then runs as one matrix product over its slice (one grouped matmul on CUDA,
-where ``torch._grouped_mm`` is fast; on the CPU a loop over experts is ~3x faster than the grouped kernel).
+contiguous slice; every expert then runs as one matrix product over its slice: one ``torch._grouped_mm`` on CUDA
+and for the CPU's small inference batches (a decode step: 15-30% faster from 4 to 512 tokens, measured), a loop
+over experts for the CPU's large or training batches (~3x faster than the grouped kernel at prefill sizes).
 There is never a loop over tokens.
 """
 
@@ -28,6 +29,9 @@ def route(router_logits: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
     return probs, weights, experts
 
 
+CPU_GROUPED_MAX_TOKENS = 512
+
+
 def swiglu_experts(
     x: Tensor,
     weights: Tensor,
@@ -42,7 +46,8 @@ def swiglu_experts(
         x: ``[N, H]`` tokens.
         weights: ``[N, k]`` router weights; experts: ``[N, k]`` expert ids.
         gate_up_proj: ``[E, 2I, H]`` (gate rows first, then up rows); down_proj: ``[E, H, I]``.
-        grouped: one ``torch._grouped_mm`` for all experts (default: on CUDA) instead of a loop over experts.
+        grouped: one ``torch._grouped_mm`` for all experts instead of a loop over experts (default: on CUDA, and
+            on the CPU without autograd for at most :data:`CPU_GROUPED_MAX_TOKENS` tokens).
 
     Returns:
         ``[N, H]`` in ``x``'s dtype.
@@ -54,7 +59,10 @@ def swiglu_experts(
     token = order // top_k
     counts = torch.bincount(flat, minlength=num_experts)
     xs = x.index_select(0, token)  # [N * k, H]
-    if x.is_cuda if grouped is None else grouped:
+    if grouped is None:
+        small = not torch.is_grad_enabled() and x.shape[0] <= CPU_GROUPED_MAX_TOKENS
+        grouped = x.dtype != torch.float64 and (x.is_cuda or small)  # (the grouped kernel has no float64)
+    if grouped:
         offsets = torch.cumsum(counts, 0).to(torch.int32)
         gate, up = torch._grouped_mm(xs, gate_up_proj.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
         ys = torch._grouped_mm(F.silu(gate) * up, down_proj.transpose(1, 2), offs=offsets)
