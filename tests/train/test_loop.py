@@ -106,3 +106,13 @@ def test_an_unknown_dtype_is_named(tmp_path):
     small_corpus(tmp_path / "corpus", n=5)
     with pytest.raises(CorpusError, match="dtype auto/float32/bfloat16, got 'auto', 'fp8'"):
         train(config(tmp_path, "r", steps=1, dtype="fp8"), progress=False)
+
+
+def test_a_new_run_in_the_same_directory_starts_its_metrics_afresh(tmp_path):
+    small_corpus(tmp_path / "corpus", n=10)
+    train(config(tmp_path, "r", steps=3), progress=False)
+    train(config(tmp_path, "r", steps=2), progress=False)
+    assert [m["step"] for m in metrics_without_timing(tmp_path / "r")] == [1, 2]
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["unigram_entropy"] > 0 and len(report["samples"]) == 3
+    assert (tmp_path / "r" / "loss.png").stat().st_size > 0

@@ -239,7 +239,9 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, world: World) -> dict
     metrics: dict = {}
     model.train()
     try:
-        with (run / "metrics.jsonl").open("a") as log, tqdm(
+        # A new run starts its metrics afresh; only rank 0 writes them.
+        log_path = run / "metrics.jsonl" if world.main else Path(os.devnull)
+        with log_path.open("a" if resume else "w") as log, tqdm(
             total=cfg.steps, initial=start, disable=not progress, unit="step"
         ) as bar:  # fmt: skip
             for step in range(start, cfg.steps):
@@ -272,9 +274,8 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, world: World) -> dict
                     metrics["eval_loss"] = evaluate(
                         model, shards["eval"] if len(shards["eval"]) else shards["train"], cfg, precision
                     )
-                if world.main:
-                    log.write(json.dumps(metrics) + "\n")
-                    log.flush()
+                log.write(json.dumps(metrics) + "\n")
+                log.flush()
                 bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
                 bar.update()
                 if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or stop["now"]:
