@@ -1,5 +1,6 @@
 """The ``hyla`` command, run as a user runs it."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -52,6 +53,8 @@ def test_serve_answers_the_openai_client(tmp_path):
     import openai
 
     hyla.HylaForCausalLM(hyla.preset("tiny")).save_pretrained(tmp_path / "model")
+    template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    (tmp_path / "model" / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
     port = free_port()
     cmd = [
         sys.executable,
@@ -79,6 +82,9 @@ def test_serve_answers_the_openai_client(tmp_path):
         out = client.completions.create(model="model", prompt="def f(x):", max_tokens=5, temperature=0,
                                         extra_body={"ignore_eos": True})  # fmt: skip
         assert out.usage.completion_tokens == 5
+        chat = client.chat.completions.create(model="model", messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=2)  # fmt: skip
+        assert chat.usage.prompt_tokens == len("<user>hi<assistant>")  # the directory's template, byte tokens
     finally:
         server.send_signal(signal.SIGINT)
         server.wait(timeout=30)

@@ -56,3 +56,13 @@ def test_concurrent_greedy_equals_full_forward(model, block_size, budget, num_bl
     # Everything was given back.
     assert llm.engine.cache.blocks.num_free == llm.engine.config.num_blocks
     assert llm.engine.cache.slots.num_free == config.max_num_seqs
+
+
+def test_llm_loads_a_model_directory(tmp_path):
+    import hyla
+
+    hyla.HylaForCausalLM(hyla.preset("tiny")).save_pretrained(tmp_path)
+    (completion,) = LLM(tmp_path).generate(["def f(x):"], SamplingParams(max_tokens=5, ignore_eos=True, seed=1))[0]
+    assert len(completion.token_ids) == 5 and completion.finish_reason == "length"
+    again = LLM(tmp_path).generate(["def f(x):"], SamplingParams(max_tokens=5, ignore_eos=True, seed=1))[0][0]
+    assert again.token_ids == completion.token_ids  # the seed fixes the sample
