@@ -229,3 +229,39 @@ def test_a_full_queue_is_503():
             assert done.is_set()
     finally:
         engine.shutdown()
+
+
+def test_malformed_json_is_400(base_url):
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    response = httpx2.post(base_url + "/completions", content=b'{"model": "hyla-test", "prompt": ', headers=headers)
+    assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_failing_step_fails_its_request_and_the_server_goes_on():
+    engine = make_engine()
+    real = engine.engine.runner.execute
+    calls = {"n": 0}
+
+    def flaky(*args):
+        calls["n"] += 1
+        if calls["n"] in (1, 7):
+            raise RuntimeError("simulated kernel failure")
+        return real(*args)
+
+    engine.engine.runner.execute = flaky
+    try:
+        with live_server(engine) as url:
+            client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=60)
+            with pytest.raises(openai.InternalServerError) as error:
+                client.completions.create(model=MODEL, prompt="boom", max_tokens=3)
+            assert error.value.status_code == 500 and "simulated kernel failure" in error.value.body["message"]
+            assert client.completions.create(model=MODEL, prompt="fine", max_tokens=3).usage.completion_tokens >= 1
+            # Mid-stream (its third step), the status is out already: the error comes as the last event.
+            body = {"model": MODEL, "prompt": "stream", "max_tokens": 20, "stream": True}
+            events = httpx2.post(url + "/completions", json=body, timeout=60).text.strip().split("\n\n")
+            assert events[-1] == "data: [DONE]" and "simulated kernel failure" in events[-2]
+            assert json.loads(events[-2].removeprefix("data: "))["error"]["type"] == "internal_error"
+            assert client.completions.create(model=MODEL, prompt="again", max_tokens=2).choices[0].finish_reason
+            assert not engine.engine.scheduler.running and engine.engine.cache.slots.num_free == 4
+    finally:
+        engine.shutdown()

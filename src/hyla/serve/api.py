@@ -43,9 +43,15 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
+    def body(self) -> dict:
+        return {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+
     def response(self) -> JSONResponse:
-        body = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
-        return JSONResponse({"error": body}, status_code=self.status)
+        return JSONResponse({"error": self.body()}, status_code=self.status)
+
+
+def _internal_error(error: Exception) -> APIError:
+    return APIError(500, f"internal error: {type(error).__name__}: {error}", "internal_error")
 
 
 def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, chat_template: str | None = None):
@@ -65,6 +71,10 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
         param = loc[0] if loc else None
         message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}"
         return APIError(400, message, "invalid_request_error", param).response()
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, error: Exception) -> JSONResponse:
+        return _internal_error(error).response()  # a last resort: engine failures are answered in the routes
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -106,6 +116,8 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
             raise APIError(400, str(error), "invalid_request_error", error.param) from None
         except EngineBusy as error:
             raise APIError(503, str(error), "service_unavailable", code="server_busy") from None
+        except Exception as error:  # a failed engine step: this request fails, the server goes on
+            raise _internal_error(error) from None
 
         async def chained() -> AsyncIterator[RequestOutput]:
             yield first
@@ -203,11 +215,14 @@ async def _collect(outputs: AsyncIterator[RequestOutput], meta: dict, ids, n: in
     texts: dict[int, str] = {}
     logprobs: dict[int, list[TokenLogprob]] = {}
     finals: dict[int, RequestOutput] = {}
-    async for out in outputs:
-        texts[out.index] = texts.get(out.index, "") + out.text
-        logprobs.setdefault(out.index, []).extend(out.logprobs)
-        if out.finished:
-            finals[out.index] = out
+    try:
+        async for out in outputs:
+            texts[out.index] = texts.get(out.index, "") + out.text
+            logprobs.setdefault(out.index, []).extend(out.logprobs)
+            if out.finished:
+                finals[out.index] = out
+    except Exception as error:
+        raise _internal_error(error) from None
     choices = [make_choice(finals[i], texts[i], logprobs[i]) for i in sorted(finals)]
     completion_tokens = sum(out.num_output_tokens for out in finals.values())
     return {**meta, "choices": choices, "usage": _usage(ids, n, completion_tokens)}
@@ -218,10 +233,15 @@ def _sse(outputs: AsyncIterator[RequestOutput], meta: dict, ids, n: int, include
 
     async def events() -> AsyncIterator[str]:
         completion_tokens = 0
-        async for out in outputs:
-            if out.finished:
-                completion_tokens += out.num_output_tokens
-            yield _event({**meta, "choices": [make_choice(out)]})
+        try:
+            async for out in outputs:
+                if out.finished:
+                    completion_tokens += out.num_output_tokens
+                yield _event({**meta, "choices": [make_choice(out)]})
+        except Exception as error:  # the status line went out already: the error is the last event
+            yield _event({"error": _internal_error(error).body()})
+            yield "data: [DONE]\n\n"
+            return
         if include_usage:
             yield _event({**meta, "choices": [], "usage": _usage(ids, n, completion_tokens)})
         yield "data: [DONE]\n\n"
