@@ -265,3 +265,25 @@ def test_a_failing_step_fails_its_request_and_the_server_goes_on():
             assert not engine.engine.scheduler.running and engine.engine.cache.slots.num_free == 4
     finally:
         engine.shutdown()
+
+
+def test_the_load_generator_measures_the_live_server(base_url):
+    import asyncio
+
+    from hyla.bench.serve import run_load
+
+    result = asyncio.run(run_load(base_url, concurrency=2, num_requests=4, input_len=8, output_len=5, api_key=API_KEY))
+    assert [r.output_tokens for r in result.records] == [5, 5, 5, 5]
+    row = result.row(price_per_hour=2.0)
+    assert row["out_tok_s"] == pytest.approx(20 / result.wall)
+    assert 0 < row["ttft_p50_ms"] <= row["ttft_p99_ms"] and row["tpot_p50_ms"] > 0
+    assert row["usd_per_1m_out"] == pytest.approx(2.0 / (row["out_tok_s"] * 3600) * 1e6)
+
+
+def test_the_load_generator_names_an_unreachable_server():
+    import asyncio
+
+    from hyla.bench.serve import run_load
+
+    with pytest.raises(ValueError, match="cannot reach a server"):
+        asyncio.run(run_load("http://127.0.0.1:9/v1", 1, 1, 4, 4))

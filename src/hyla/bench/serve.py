@@ -94,7 +94,13 @@ async def run_load(
     """Drive ``base_url`` (``http://host:port/v1``) with ``concurrency`` clients; see the module docstring."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     async with httpx2.AsyncClient(headers=headers, timeout=None) as client:
-        card = (await client.get(f"{base_url}/models")).json()["data"][0]
+        try:
+            response = await client.get(f"{base_url}/models")
+        except httpx2.TransportError as e:
+            raise ValueError(f"cannot reach a server at {base_url} ({e}); start one with `hyla serve DIR`") from None
+        if response.status_code != 200:
+            raise ValueError(f"{base_url}/models answered {response.status_code}: {response.text[:200]}")
+        card = response.json()["data"][0]
         rng = random.Random(seed)
         prompts = [[rng.randrange(card.get("vocab_size", 256)) for _ in range(input_len)] for _ in range(num_requests)]
         queue = list(reversed(prompts))
