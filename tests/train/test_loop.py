@@ -116,3 +116,16 @@ def test_a_new_run_in_the_same_directory_starts_its_metrics_afresh(tmp_path):
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["unigram_entropy"] > 0 and len(report["samples"]) == 3
     assert (tmp_path / "r" / "loss.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [("steps", 0, "steps must be >= 1"), ("grad_accum", 0, "grad_accum must be >= 1"),
+     ("max_seq_len", 0, "max_seq_len must be >= 2"), ("tokens_per_batch", 8, "tokens_per_batch must be >= max_seq_len"),
+     ("lr", -1.0, "lr must be > 0"), ("eval_fraction", 1.0, r"eval_fraction must be in \[0, 1\)")],
+)  # fmt: skip
+def test_a_config_that_cannot_work_is_named(tmp_path, field, value, message):
+    from hyla.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        config(tmp_path, "r", steps=3, **{field: value})

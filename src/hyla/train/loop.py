@@ -24,7 +24,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from hyla.checkpoint import load, save_pretrained
-from hyla.config import preset
+from hyla.config import ConfigError, preset
 from hyla.data.corpus import CorpusError, discover, documents
 from hyla.data.packing import packed_batches
 from hyla.data.shards import TokenShard, build_shards
@@ -69,6 +69,24 @@ class TrainConfig:
     device: str = "auto"  # "auto": this rank's GPU if there is one, else the CPU
     dtype: str = "auto"  # "auto": bfloat16 autocast on a GPU that has it, float32 on the CPU (where it is faster)
     cache_dir: str = str(Path.home() / ".cache" / "hyla")
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("steps", self.steps >= 1, ">= 1"),
+            ("max_seq_len", self.max_seq_len >= 2, ">= 2 (a token and its successor)"),
+            ("tokens_per_batch", self.tokens_per_batch >= self.max_seq_len, f">= max_seq_len ({self.max_seq_len})"),
+            ("grad_accum", self.grad_accum >= 1, ">= 1"),
+            ("lr", self.lr > 0, "> 0"),
+            ("warmup", self.warmup >= 0, ">= 0"),
+            ("clip", self.clip > 0, "> 0"),
+            ("eval_every", self.eval_every >= 1, ">= 1"),
+            ("eval_batches", self.eval_batches >= 1, ">= 1"),
+            ("checkpoint_every", self.checkpoint_every >= 1, ">= 1"),
+            ("eval_fraction", 0 <= self.eval_fraction < 1, "in [0, 1)"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise ConfigError(f"{name} must be {rule}, got {getattr(self, name)!r}")
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
