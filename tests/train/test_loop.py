@@ -128,4 +128,4 @@ def test_a_config_that_cannot_work_is_named(tmp_path, field, value, message):
     from hyla.config import ConfigError
 
     with pytest.raises(ConfigError, match=message):
-        config(tmp_path, "r", steps=3, **{field: value})
+        config(tmp_path, "r", **{"steps": 3, field: value})
