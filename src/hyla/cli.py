@@ -134,7 +134,8 @@ def run_train(args: argparse.Namespace) -> None:
         print(f"--- sample ---\n{text}")
     if "unigram_entropy" in metrics:
         verdict = "learned" if metrics["learned"] else "NOT yet below"
-        print(f"held-out loss {metrics['eval_loss']:.3f} nats/token; unigram entropy {metrics['unigram_entropy']:.3f}; "
+        print(f"held-out loss {metrics['held_out_loss']:.3f} nats/token over {metrics['held_out_tokens']:,} tokens; "
+              f"unigram entropy {metrics['unigram_entropy']:.3f}; "
               f"ratio {metrics['ratio']:.3f} ({verdict} the 0.6 bar); plot: {metrics['plot']}")  # fmt: skip
     print(json.dumps(metrics))
 

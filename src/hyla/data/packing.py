@@ -7,6 +7,7 @@ length; pieces are packed greedily into batches of at most ``tokens_per_batch`` 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 import numpy as np
@@ -35,17 +36,29 @@ def packed_batches(
         raise ValueError(f"max_seq_len ({max_seq_len}) cannot exceed tokens_per_batch ({tokens_per_batch})")
     if len(shard) == 0:
         raise ValueError("cannot draw batches from an empty shard")
-    epoch = 0
+    endless = itertools.chain.from_iterable(pieces(shard, max_seq_len, seed + e) for e in itertools.count())
+    yield from _group(endless, tokens_per_batch)
+
+
+def epoch_batches(
+    shard: TokenShard, tokens_per_batch: int, max_seq_len: int, seed: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every token of the shard once (one epoch, the last batch possibly smaller): a full evaluation."""
+    yield from _group(pieces(shard, max_seq_len, seed), tokens_per_batch)
+
+
+def _group(stream: Iterator[np.ndarray], tokens_per_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Pieces packed greedily, in order, into batches of at most ``tokens_per_batch`` tokens."""
     batch: list[np.ndarray] = []
     size = 0
-    while True:
-        for piece in pieces(shard, max_seq_len, seed + epoch):
-            if size + len(piece) > tokens_per_batch:
-                yield _collate(batch)
-                batch, size = [], 0
-            batch.append(piece)
-            size += len(piece)
-        epoch += 1
+    for piece in stream:
+        if size + len(piece) > tokens_per_batch:
+            yield _collate(batch)
+            batch, size = [], 0
+        batch.append(piece)
+        size += len(piece)
+    if batch:
+        yield _collate(batch)
 
 
 def _collate(batch: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:

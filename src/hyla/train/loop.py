@@ -19,6 +19,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer
 from tqdm import tqdm
@@ -26,7 +27,7 @@ from tqdm import tqdm
 from hyla.checkpoint import load, save_pretrained
 from hyla.config import ConfigError, preset
 from hyla.data.corpus import CorpusError, discover, documents
-from hyla.data.packing import packed_batches
+from hyla.data.packing import epoch_batches, packed_batches
 from hyla.data.shards import TokenShard, build_shards
 from hyla.data.tokenizer import train_bpe
 from hyla.model import HylaForCausalLM
@@ -134,6 +135,24 @@ def evaluate(model: HylaForCausalLM, shard: TokenShard, cfg: TrainConfig, precis
             losses.append(model(tokens, labels=tokens, cu_seqlens=cu_seqlens, return_logits=False).loss.item())
     model.train()
     return sum(losses) / len(losses)
+
+
+@torch.no_grad()
+def evaluate_all(model: HylaForCausalLM, shard: TokenShard, cfg: TrainConfig, precision: Precision) -> float:
+    """Mean next-token loss over every token of ``shard`` (each batch weighted by the targets it holds)."""
+    model.eval()
+    total = count = 0.0
+    for tokens, cu_seqlens in epoch_batches(shard, cfg.tokens_per_batch, cfg.max_seq_len):
+        targets = tokens.shape[1] - (len(cu_seqlens) - 1)  # every piece's last token predicts nothing
+        if targets == 0:
+            continue
+        tokens, cu_seqlens = precision.move(tokens, cu_seqlens)
+        with precision.autocast():
+            loss = model(tokens, labels=tokens, cu_seqlens=cu_seqlens, return_logits=False).loss
+        total += loss.item() * targets
+        count += targets
+    model.train()
+    return total / max(count, 1)
 
 
 @dataclass
@@ -303,9 +322,13 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, world: World) -> dict
     finally:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
-    if world.main and "eval_loss" in metrics and not stop["now"]:
-        summary = report(run, shards["train"], metrics["eval_loss"], tokenizer.get_vocab_size())
-        summary["samples"] = samples(load(run / "checkpoint" / "model"), tokenizer, seed=cfg.seed)
-        (run / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
-        metrics = {**metrics, **summary}
+    if "eval_loss" in metrics and not stop["now"]:
+        held_out = shards["eval"] if len(shards["eval"]) else shards["train"]
+        final_loss = evaluate_all(model, held_out, cfg, precision)  # every rank: the model may be sharded
+        if world.main:
+            summary = report(run, shards["train"], final_loss, tokenizer.get_vocab_size())
+            summary["held_out_tokens"] = len(np.asarray(held_out.tokens))
+            summary["samples"] = samples(load(run / "checkpoint" / "model"), tokenizer, seed=cfg.seed)
+            (run / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
+            metrics = {**metrics, **summary}
     return metrics

@@ -47,9 +47,10 @@ def samples(model: HylaForCausalLM, tokenizer: Tokenizer, max_tokens: int = 80, 
     return [p + c[0].text for p, c in zip(SAMPLE_PROMPTS, llm.generate(list(SAMPLE_PROMPTS), params), strict=True)]
 
 
-def report(run: Path, train: TokenShard, eval_loss: float, vocab_size: int) -> dict:
-    """The learning summary: held-out loss, the unigram entropy of the training tokens, their ratio."""
+def report(run: Path, train: TokenShard, held_out_loss: float, vocab_size: int) -> dict:
+    """The learning summary: held-out loss (every held-out token), the training tokens' unigram entropy, ratio."""
     entropy = unigram_entropy(train, vocab_size)
-    ratio = eval_loss / entropy
-    return {"eval_loss": eval_loss, "unigram_entropy": entropy, "ratio": ratio, "learned": ratio <= LEARNED_RATIO,
+    ratio = held_out_loss / entropy
+    learned = ratio <= LEARNED_RATIO
+    return {"held_out_loss": held_out_loss, "unigram_entropy": entropy, "ratio": ratio, "learned": learned,
             "plot": str(plot_losses(run))}  # fmt: skip
