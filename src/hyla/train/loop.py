@@ -52,8 +52,8 @@ class TrainConfig:
     model: dict = field(default_factory=dict)  # overrides of the preset's fields
     data: str | None = None  # None: the Python standard library
     tokenizer: str | None = None  # a tokenizer.json; None: train a byte-level BPE of vocab_size
-    vocab_size: int = 512
-    steps: int = 420
+    vocab_size: int = 384
+    steps: int = 440
     tokens_per_batch: int = 8192
     max_seq_len: int = 512
     grad_accum: int = 1
