@@ -64,6 +64,14 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
     async def _api_error(request: Request, error: APIError) -> JSONResponse:
         return error.response()
 
+    @app.exception_handler(RequestError)
+    async def _bad_request(request: Request, error: RequestError) -> JSONResponse:
+        return APIError(400, str(error), "invalid_request_error", error.param).response()
+
+    @app.exception_handler(EngineBusy)
+    async def _busy(request: Request, error: EngineBusy) -> JSONResponse:
+        return APIError(503, str(error), "service_unavailable", code="server_busy").response()
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
         first = error.errors()[0]
@@ -107,15 +115,13 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
                            "invalid_request_error", "model", "model_not_found")  # fmt: skip
 
     async def start(prompts: list[str | list[int]], params) -> tuple[list[list[int]], AsyncIterator[RequestOutput]]:
-        """Encode and submit; errors before anything runs become 400/503."""
+        """Encode and submit; errors before anything runs become 400 (RequestError), 503 (EngineBusy) or 500."""
+        ids = [engine.engine.encode(p) for p in prompts]
+        stream = engine.generate(ids, params)
         try:
-            ids = [engine.engine.encode(p) for p in prompts]
-            stream = engine.generate(ids, params)
             first = await anext(stream)
-        except RequestError as error:
-            raise APIError(400, str(error), "invalid_request_error", error.param) from None
-        except EngineBusy as error:
-            raise APIError(503, str(error), "service_unavailable", code="server_busy") from None
+        except (RequestError, EngineBusy):
+            raise
         except Exception as error:  # a failed engine step: this request fails, the server goes on
             raise _internal_error(error) from None
 
@@ -126,17 +132,11 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
 
         return ids, chained()
 
-    def sampling(body, max_tokens: int | None, logprobs: int | None):
-        try:
-            return body.sampling_params(max_tokens, logprobs)
-        except RequestError as error:
-            raise APIError(400, str(error), "invalid_request_error", error.param) from None
-
     @v1.post("/completions")
     async def completions(body: CompletionRequest):
         check_model(body.model)
-        params = sampling(body, body.max_tokens, body.logprobs)
-        prompts = _prompts(body)
+        params = body.sampling_params(body.max_tokens, body.logprobs)
+        prompts = body.prompts()
         ids, outputs = await start(prompts, params)
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": model_name}  # fmt: skip
@@ -157,11 +157,8 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
     async def chat(body: ChatCompletionRequest):
         check_model(body.model)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        try:
-            logprobs = body.logprobs_count()
-        except RequestError as error:
-            raise APIError(400, str(error), "invalid_request_error", error.param) from None
-        params = sampling(body, max_tokens, logprobs)
+        logprobs = body.logprobs_count()
+        params = body.sampling_params(max_tokens, logprobs)
         if not body.messages:
             raise APIError(400, "messages must not be empty", "invalid_request_error", "messages")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
@@ -195,13 +192,6 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
 def _first(out: RequestOutput) -> bool:
     """Whether this is a sequence's first delta."""
     return out.num_output_tokens == len(out.token_ids)
-
-
-def _prompts(body: CompletionRequest) -> list[str | list[int]]:
-    try:
-        return body.prompts()
-    except RequestError as error:
-        raise APIError(400, str(error), "invalid_request_error", error.param) from None
 
 
 def _usage(ids: list[list[int]], n: int, completion_tokens: int) -> dict:

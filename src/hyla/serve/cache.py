@@ -9,6 +9,7 @@ and values: fixed-size blocks from one pool, each request owning an append-only 
 from __future__ import annotations
 
 import heapq
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -105,7 +106,6 @@ class StepCache:
         bs = cache.block_size
         lengths = [s.num_tokens for s in seqs]
         self.num_decodes = sum(1 for n in lengths if n == 1)
-        self.num_tokens = sum(lengths)
 
         def ints(values: list[int]) -> Tensor:
             return torch.tensor(values, dtype=torch.long, device=device)
@@ -120,7 +120,7 @@ class StepCache:
         width = max((len(s.block_table) for s in seqs), default=0)
         self.block_tables = ints([s.block_table + [0] * (width - len(s.block_table)) for s in seqs]).view(-1, width)
         prefill = lengths[self.num_decodes :]
-        self.cu_seqlens = ints([0, *torch.tensor(prefill, dtype=torch.long).cumsum(0).tolist()])
+        self.cu_seqlens = ints([0, *itertools.accumulate(prefill)])
         # Prefill queries padded to [P, Tmax]: the packed index of each (padding repeats the last real token).
         t_max = max(prefill, default=0)
         starts = self.cu_seqlens[:-1, None] + self.num_decodes

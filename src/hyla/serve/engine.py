@@ -77,7 +77,6 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     finish_reason: str | None = None
-    first_token_time: float | None = None
 
     @property
     def finished(self) -> bool:
