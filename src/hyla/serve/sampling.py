@@ -140,13 +140,10 @@ def _apply_penalties(logits: Tensor, rows: list[SampleInput]) -> None:
     counts = _counts([r.output_ids for r in rows_], vocab, logits.device)  # [P, V]
     seen = (counts + _counts([r.prompt_ids for r in rows_], vocab, logits.device)) > 0
     x = logits[index]
-
-    def column(name: str) -> Tensor:
-        return torch.tensor([getattr(r.params, name) for r in rows_], device=logits.device)[:, None]
-
-    repetition = column("repetition_penalty")
+    params = [r.params for r in rows_]
+    repetition = _column(params, "repetition_penalty", x)
     x = torch.where(seen, torch.where(x > 0, x / repetition, x * repetition), x)
-    x -= column("frequency_penalty") * counts + column("presence_penalty") * (counts > 0)
+    x -= _column(params, "frequency_penalty", x) * counts + _column(params, "presence_penalty", x) * (counts > 0)
     logits[index] = x
 
 
@@ -164,11 +161,7 @@ def _counts(ids: list[list[int]], vocab: int, device: torch.device) -> Tensor:
 def _filtered_probs(logits: Tensor, params: list[SamplingParams]) -> Tensor:
     """``[N, V]`` probabilities after temperature, top-k, top-p and min-p (at least one token survives)."""
     device = logits.device
-
-    def column(values: list[float]) -> Tensor:
-        return torch.tensor(values, device=device, dtype=logits.dtype)[:, None]
-
-    logits = logits / column([p.temperature for p in params])
+    logits = logits / _column(params, "temperature", logits)
     vocab = logits.shape[-1]
     top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)
     ordered, order = logits.sort(dim=-1, descending=True)
@@ -176,8 +169,13 @@ def _filtered_probs(logits: Tensor, params: list[SamplingParams]) -> Tensor:
     drop = ranks >= top_k[:, None]
     probs = torch.softmax(ordered.masked_fill(drop, float("-inf")), dim=-1)
     # top-p: drop a token once the more likely ones already cover top_p (the first always stays).
-    drop |= (probs.cumsum(-1) - probs) >= column([p.top_p for p in params])
-    drop |= probs < column([p.min_p for p in params]) * probs[:, :1]
+    drop |= (probs.cumsum(-1) - probs) >= _column(params, "top_p", probs)
+    drop |= probs < _column(params, "min_p", probs) * probs[:, :1]
     drop[:, 0] = False
     probs = torch.softmax(ordered.masked_fill(drop, float("-inf")), dim=-1)
     return torch.empty_like(probs).scatter_(1, order, probs)
+
+
+def _column(params: list[SamplingParams], name: str, like: Tensor) -> Tensor:
+    """``[N, 1]``: each row's parameter ``name``, in ``like``'s dtype and device."""
+    return torch.tensor([getattr(p, name) for p in params], dtype=like.dtype, device=like.device)[:, None]
