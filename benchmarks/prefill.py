@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 
 import hyla
+from hyla.bench import machine_description
 from hyla.config import LIGHTNING, HylaConfig
 from hyla.model.lightning import CPU_BLOCK_SIZE
 from hyla.runtime import tune_malloc
@@ -122,9 +122,7 @@ def main() -> None:
             f"| {bf16_rate:,.0f} | {err:.1e} |"
         )
     table = "\n".join(lines)
-    machine = (
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    )
+    machine = machine_description()
     print(f"{args.preset}: {config.num_parameters() / 1e6:.1f}M parameters; {machine}")
     print(f"float32 matmul peak measured: {peak / 1e9:.0f} GFLOP/s")
     print(table)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
-import platform
 import random
 import signal
 import socket
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 import hyla
+from hyla.bench import machine_description
 from hyla.bench.serve import run_load
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -120,9 +120,7 @@ def main() -> None:
             f"| {r['tpot_p50_ms']:.1f} / {r['tpot_p99_ms']:.1f} | {r['usd_per_1m_out']:.2f} |"
         )
     table = "\n".join(lines)
-    machine = (
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    )
+    machine = machine_description()
     print(table)
     if not args.no_append:
         command = (

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 import statistics
 import tempfile
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 import hyla
+from hyla.bench import machine_description
 from hyla.runtime import tune_malloc
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -85,9 +85,7 @@ def main() -> None:
             f"| {name} | {params:.1f}M | {ours_rate:,.0f} | {theirs_rate:,.0f} | {ours_rate / theirs_rate:.2f}x |"
         )
     table = "\n".join(lines)
-    machine = (
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    )
+    machine = machine_description()
     print(table)
     if not args.no_append:
         command = (

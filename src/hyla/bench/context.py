@@ -19,7 +19,6 @@ from __future__ import annotations
 import datetime
 import functools
 import math
-import platform
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from hyla.bench import machine_description
 from hyla.config import SOFTMAX, preset
 from hyla.model import HylaForCausalLM
 from hyla.model.attention import SoftmaxAttention
@@ -211,10 +211,7 @@ def main(
 ) -> None:
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     tune_malloc()
-    if device == "cuda":
-        machine = f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    else:
-        machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    machine = machine_description(device)
     shape = f"hidden {hidden} = {heads} heads x {hidden // heads}, {dtype}"
     print(f"# context scaling on {device}: {machine}; one layer {shape}")
     rows = run(lengths, device, torch_dtype, hidden, heads, repeats, backward)
