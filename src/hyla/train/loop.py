@@ -123,36 +123,33 @@ def _tokenizer(cfg: TrainConfig, run: Path, sources) -> Tokenizer:
     return tokenizer
 
 
-@torch.no_grad()
 def evaluate(model: HylaForCausalLM, shard: TokenShard, cfg: TrainConfig, precision: Precision) -> float:
     """Mean next-token loss over ``eval_batches`` fixed batches of the held-out shard."""
-    model.eval()
     batches = packed_batches(shard, cfg.tokens_per_batch, cfg.max_seq_len, seed=cfg.seed)
-    losses = []
-    for _ in range(cfg.eval_batches):
-        tokens, cu_seqlens = precision.move(*next(batches))
-        with precision.autocast():
-            losses.append(model(tokens, labels=tokens, cu_seqlens=cu_seqlens, return_logits=False).loss.item())
-    model.train()
+    losses = [_batch_loss(model, *next(batches), precision) for _ in range(cfg.eval_batches)]
     return sum(losses) / len(losses)
 
 
-@torch.no_grad()
 def evaluate_all(model: HylaForCausalLM, shard: TokenShard, cfg: TrainConfig, precision: Precision) -> float:
     """Mean next-token loss over every token of ``shard`` (each batch weighted by the targets it holds)."""
-    model.eval()
     total = count = 0.0
     for tokens, cu_seqlens in epoch_batches(shard, cfg.tokens_per_batch, cfg.max_seq_len):
         targets = tokens.shape[1] - (len(cu_seqlens) - 1)  # every piece's last token predicts nothing
-        if targets == 0:
-            continue
-        tokens, cu_seqlens = precision.move(tokens, cu_seqlens)
-        with precision.autocast():
-            loss = model(tokens, labels=tokens, cu_seqlens=cu_seqlens, return_logits=False).loss
-        total += loss.item() * targets
-        count += targets
-    model.train()
+        if targets:
+            total += _batch_loss(model, tokens, cu_seqlens, precision) * targets
+            count += targets
     return total / max(count, 1)
+
+
+@torch.no_grad()
+def _batch_loss(model: HylaForCausalLM, tokens: torch.Tensor, cu_seqlens: torch.Tensor, precision: Precision) -> float:
+    """One packed batch's mean next-token loss, in eval mode."""
+    model.eval()
+    tokens, cu_seqlens = precision.move(tokens, cu_seqlens)
+    with precision.autocast():
+        loss = model(tokens, labels=tokens, cu_seqlens=cu_seqlens, return_logits=False).loss.item()
+    model.train()
+    return loss
 
 
 @dataclass
