@@ -1,5 +1,6 @@
 """Corpus discovery, BPE training, cached token shards with a held-out split, and packing."""
 
+import itertools
 import json
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 
 from hyla.data.corpus import CorpusError, discover, documents, stdlib_dir
 from hyla.data.packing import packed_batches, pieces
-from hyla.data.shards import build_shards
+from hyla.data.shards import TokenShard, build_shards
 from hyla.data.tokenizer import END_OF_TEXT, train_bpe
 
 WORDS = ("def", "return", "import", "class", "lambda", "yield", "while", "for", "if", "else", "try", "except")
@@ -94,8 +95,20 @@ def test_packing_covers_an_epoch_within_the_budget(tmp_path):
     assert np.array_equal(first[0], first[1])
 
 
+def test_pieces_are_each_documents_cuts_shuffled_across_documents():
+    lengths = [0, 1, 31, 32, 33, 64, 65, 100, 7]
+    tokens = np.arange(sum(lengths), dtype=np.uint32)
+    offsets = np.concatenate(([0], np.cumsum(lengths)))
+    shard = TokenShard(tokens, offsets)
+    cuts = {(int(s), int(min(s + 32, b))) for a, b in itertools.pairwise(offsets) for s in range(a, b, 32)}
+    order = [(int(p[0]), int(p[-1]) + 1) for p in pieces(shard, 32, seed=5)]
+    assert sorted(order) == sorted(cuts)  # each cut once; no piece crosses a document or is empty
+    assert order != sorted(order)  # the epoch's pieces are shuffled, not visited document by document
+    assert order == [(int(p[0]), int(p[-1]) + 1) for p in pieces(shard, 32, seed=5)]
+
+
 def test_unigram_entropy():
-    from hyla.data.shards import TokenShard, unigram_entropy
+    from hyla.data.shards import unigram_entropy
 
     uniform = TokenShard(np.arange(8, dtype=np.uint16).repeat(5), np.array([0, 40]))
     assert unigram_entropy(uniform, 16) == pytest.approx(np.log(8))
