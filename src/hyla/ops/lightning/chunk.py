@@ -105,11 +105,13 @@ def _varlen(
     block_in_seq = torch.arange(n) - torch.tensor(first)[seq_of_block]
     pos_in_seq = block_in_seq[:, None] * c + torch.arange(c)[None]  # [n, c]
     valid = pos_in_seq < torch.tensor(lengths)[seq_of_block][:, None]
-    slot_token = torch.where(valid, torch.tensor(offsets[:-1])[seq_of_block][:, None] + pos_in_seq, t).to(device)
+    # The block slot of every packed token, in token order.
+    token_slot = valid.reshape(-1).nonzero().squeeze(1).to(device)
 
-    def blocks(x: Tensor) -> Tensor:  # [1, T, H, D] -> [1, H, n, c, D]
-        x = F.pad(x[0].to(dtype), (0, 0, 0, 0, 0, 1))  # [T + 1, H, D], the last row zeros
-        return x.index_select(0, slot_token.reshape(-1)).view(n, c, h, d).permute(2, 0, 1, 3)[None]
+    def blocks(x: Tensor) -> Tensor:  # [1, T, H, D] -> [1, H, n, c, D], contiguous, zeros in padding slots
+        # Written by index_copy (whose backward is a gather) straight into the layout the matmuls read.
+        out = x.new_zeros(h, n * c, d, dtype=dtype)
+        return out.index_copy(1, token_slot, x[0].transpose(0, 1).to(dtype)).view(1, h, n, c, d)
 
     block_lengths = valid.sum(1).to(device=device, dtype=dtype)
     seqs = [i for i in range(num_seqs) if per_seq[i]]
@@ -117,8 +119,7 @@ def _varlen(
     ends = [first[i] + per_seq[i] - 1 for i in seqs]
     o, finals = _blocked(blocks(q), blocks(k), blocks(v), slope.to(dtype), block_lengths, starts,
                          init[seqs][:, None], ends)  # fmt: skip
-    token_slot = valid.reshape(-1).nonzero().squeeze(1).to(device)  # slots in packed-token order
-    o = o[0].permute(1, 2, 0, 3).reshape(n * c, h, d).index_select(0, token_slot)
+    o = o[0].view(h, n * c, d).index_select(1, token_slot).transpose(0, 1)  # [T, H, D]
     final = init.clone()
     final[seqs] = finals[0].transpose(0, 1)
     return o[None].to(q.dtype), final
