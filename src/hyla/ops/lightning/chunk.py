@@ -197,6 +197,7 @@ class _BlockedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dfinal):
         q, k, v, s, lengths, states = ctx.saved_tensors
+        do = do.contiguous()  # (an expanded or permuted gradient would be copied by every matmul below)
         decay = _Decays(s, lengths, q.shape[3])
         scores = torch.matmul(q, k.transpose(-1, -2)).mul_(decay.mask)
         dscores = torch.matmul(do, v.transpose(-1, -2)).mul_(decay.mask)
