@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 
 import torch
 
 import hyla
+from hyla.bench import run_times
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -25,15 +25,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def best_time(fn, repeats: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(run_times(fn, repeats, "cuda"))
 
 
 def main() -> None:

@@ -9,23 +9,14 @@ Usage (on a CUDA machine, repository root): PYTHONPATH=src python benchmarks/mul
 
 from __future__ import annotations
 
-import time
-
 import torch
 
+from hyla.bench import run_times
 from hyla.ops.lightning.triton import chunk_size_for, lightning_attention_triton
 
 
 def best_ms(fn, repeats: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+    return min(run_times(fn, repeats, "cuda")) * 1e3
 
 
 def main() -> None:

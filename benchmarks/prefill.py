@@ -20,13 +20,12 @@ import argparse
 import datetime
 import functools
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 import hyla
-from hyla.bench import machine_description
+from hyla.bench import machine_description, run_times
 from hyla.config import LIGHTNING, HylaConfig
 from hyla.model.lightning import CPU_BLOCK_SIZE
 from hyla.runtime import tune_malloc
@@ -55,13 +54,7 @@ def matmul_rate(dtype: torch.dtype = torch.float32, n: int = 4096) -> float:
 
 
 def best_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(run_times(fn, repeats))
 
 
 def main() -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,20 +25,14 @@ import torch
 import torch.nn.functional as F
 
 import hyla
-from hyla.bench import machine_description
+from hyla.bench import machine_description, run_times
 from hyla.serve.runner import transpose_weights
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return statistics.median(run_times(fn, repeats)) * 1e3
 
 
 def matrices(model: hyla.HylaForCausalLM) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:

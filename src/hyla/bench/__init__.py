@@ -1,6 +1,8 @@
 """Benchmark harnesses behind `hyla bench ...`, and what every benchmark records of the machine it ran on."""
 
 import platform
+import time
+from collections.abc import Callable
 
 import torch
 
@@ -10,3 +12,19 @@ def machine_description(device: str = "cpu") -> str:
     if device == "cuda":
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def run_times(fn: Callable[[], object], repeats: int, device: str | torch.device = "cpu") -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn``, after one warm-up call; on CUDA each waits for the GPU."""
+    cuda = torch.device(device).type == "cuda"
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime
 import functools
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from hyla.bench import machine_description
+from hyla.bench import machine_description, run_times
 from hyla.config import SOFTMAX, preset
 from hyla.model import HylaForCausalLM
 from hyla.model.attention import SoftmaxAttention
@@ -46,11 +45,6 @@ COLUMNS = (
 )
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
@@ -58,14 +52,7 @@ def _rss() -> int:
 
 def measure(fn: Callable[[], None], device: torch.device, repeats: int) -> tuple[float, float]:
     """(best seconds, peak extra bytes) of ``fn``."""
-    fn()
-    _sync(device)
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
+    best = min(run_times(fn, repeats, device))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
