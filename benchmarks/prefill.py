@@ -17,7 +17,6 @@ Usage: python benchmarks/prefill.py [--lengths 512 2048 8192] [--repeats 3] [--n
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import tempfile
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 
 import hyla
-from hyla.bench import machine_description, run_times
+from hyla.bench import append_result, machine_description, run_times
 from hyla.config import LIGHTNING, HylaConfig
 from hyla.model.lightning import CPU_BLOCK_SIZE
 from hyla.runtime import tune_malloc
@@ -122,14 +121,13 @@ def main() -> None:
     if not args.no_append:
         lightning = config.layer_types.count(LIGHTNING)
         softmax = config.num_hidden_layers - lightning
-        with RESULTS.open("a") as f:
-            f.write(
-                f"\n### Prefill, {args.preset} ({config.num_parameters() / 1e6:.1f}M, {lightning}:{softmax} hybrid)"
-                f" — {datetime.date.today()}\n\n"
-                f"Machine: {machine}; float32 matmul peak {peak / 1e9:.0f} GFLOP/s.\n"
-                f"Command: `python benchmarks/prefill.py --lengths {' '.join(map(str, args.lengths))} "
-                f"--repeats {args.repeats}`\n\n{table}\n"
-            )
+        append_result(
+            RESULTS,
+            f"Prefill, {args.preset} ({config.num_parameters() / 1e6:.1f}M, {lightning}:{softmax} hybrid)",
+            f"Machine: {machine}; float32 matmul peak {peak / 1e9:.0f} GFLOP/s.",
+            f"python benchmarks/prefill.py --lengths {' '.join(map(str, args.lengths))} --repeats {args.repeats}",
+            table,
+        )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ Usage: python benchmarks/roofline.py [--preset small] [--decode 1 32] [--train-t
 from __future__ import annotations
 
 import argparse
-import datetime
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import hyla
-from hyla.bench import machine_description, run_times
+from hyla.bench import append_result, machine_description, run_times
 from hyla.serve.runner import transpose_weights
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -121,9 +120,7 @@ def main() -> None:
     if not args.no_append:
         command = (f"python benchmarks/roofline.py --preset {args.preset} --decode {' '.join(map(str, args.decode))} "
                    f"--train-tokens {args.train_tokens} --repeats {args.repeats}")  # fmt: skip
-        with RESULTS.open("a") as f:
-            f.write(f"\n### Matmul-only floors, {args.preset}, float32 — {datetime.date.today()}\n\n"
-                    f"{header}\nCommand: `{command}`\n\n{table}\n")  # fmt: skip
+        append_result(RESULTS, f"Matmul-only floors, {args.preset}, float32", header, command, table)
 
 
 if __name__ == "__main__":

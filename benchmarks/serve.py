@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import random
 import signal
 import socket
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 
 import hyla
-from hyla.bench import machine_description
+from hyla.bench import append_result, machine_description
 from hyla.bench.serve import run_load
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -127,12 +126,9 @@ def main() -> None:
             f"python benchmarks/serve.py --preset {args.preset} --concurrency "
             f"{' '.join(map(str, args.concurrency))} --input-len {args.input_len} --output-len {args.output_len}"
         )
-        with RESULTS.open("a") as f:
-            f.write(
-                f"\n### Serving, {args.preset} ({config.num_parameters() / 1e6:.1f}M), float32 — "
-                f"{datetime.date.today()}\n\nMachine: {machine}; price ${args.price_per_hour}/h for the cost column."
-                f"\nCommand: `{command}`\n\n{table}\n"
-            )
+        title = f"Serving, {args.preset} ({config.num_parameters() / 1e6:.1f}M), float32"
+        preamble = f"Machine: {machine}; price ${args.price_per_hour}/h for the cost column."
+        append_result(RESULTS, title, preamble, command, table)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ Usage: python benchmarks/train.py [--presets demo small] [--batch 4] [--seq-len 
 from __future__ import annotations
 
 import argparse
-import datetime
 import statistics
 import tempfile
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 import hyla
-from hyla.bench import machine_description
+from hyla.bench import append_result, machine_description
 from hyla.runtime import tune_malloc
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -92,12 +91,8 @@ def main() -> None:
             f"python benchmarks/train.py --presets {' '.join(args.presets)} --batch {args.batch} "
             f"--seq-len {args.seq_len} --steps {args.steps}"
         )
-        with RESULTS.open("a") as f:
-            f.write(
-                f"\n### Training step (forward + backward + AdamW), float32 — {datetime.date.today()}\n\n"
-                f"Machine: {machine}. Batch {args.batch} x {args.seq_len} tokens, median of {args.steps} steps.\n"
-                f"Command: `{command}`\n\n{table}\n"
-            )
+        preamble = f"Machine: {machine}. Batch {args.batch} x {args.seq_len} tokens, median of {args.steps} steps."
+        append_result(RESULTS, "Training step (forward + backward + AdamW), float32", preamble, command, table)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Benchmark harnesses behind `hyla bench ...`, and what every benchmark records of the machine it ran on."""
 
+import datetime
 import platform
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -28,3 +30,9 @@ def run_times(fn: Callable[[], object], repeats: int, device: str | torch.device
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return times
+
+
+def append_result(path: str | Path, title: str, preamble: str, command: str, table: str) -> None:
+    """Append one dated section to a RESULTS.md: its title, what it ran on, the command that made it, the table."""
+    with Path(path).open("a") as f:
+        f.write(f"\n### {title} — {datetime.date.today()}\n\n{preamble}\nCommand: `{command}`\n\n{table}\n")

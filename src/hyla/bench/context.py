@@ -16,7 +16,6 @@ the resident set on the CPU (sampled), above what the inputs already hold.
 
 from __future__ import annotations
 
-import datetime
 import functools
 import threading
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from hyla.bench import machine_description, run_times
+from hyla.bench import append_result, machine_description, run_times
 from hyla.config import SOFTMAX, preset
 from hyla.model import HylaForCausalLM
 from hyla.model.attention import SoftmaxAttention
@@ -206,7 +205,6 @@ def main(
     if plot_path is not None:
         plot(rows, plot_path, f"hyla context scaling — {device}, {shape}")
     if results is not None:
-        with results.open("a") as f:
-            f.write(f"\n### Context scaling, {device} — {datetime.date.today()}\n\nMachine: {machine}; {shape}.\n"
-                    f"Command: `hyla bench context --device {device} --dtype {dtype} --lengths "
-                    f"{' '.join(map(str, lengths))} --repeats {repeats}`\n\n{table}\n")  # fmt: skip
+        command = (f"hyla bench context --device {device} --dtype {dtype} --lengths {' '.join(map(str, lengths))} "
+                   f"--repeats {repeats}")  # fmt: skip
+        append_result(results, f"Context scaling, {device}", f"Machine: {machine}; {shape}.", command, table)
