@@ -78,7 +78,7 @@ def lightning_attention_chunk(
     lengths = torch.full((n,), c, device=q.device, dtype=dtype)
     lengths[-1] = t - (n - 1) * c
     o, final = _blocked(blocks(q), blocks(k), blocks(v), slope.to(dtype), lengths, [0], state[None], [n - 1])
-    o = o.view(b, h, n * c, d)[:, :, :t].transpose(1, 2)
+    o = _token_major(o)[:, :t]
     return o.to(q.dtype), final[:, :, 0]
 
 
@@ -120,10 +120,16 @@ def _varlen(
     ends = [first[i] + per_seq[i] - 1 for i in seqs]
     o, finals = _blocked(blocks(q), blocks(k), blocks(v), slope.to(dtype), block_lengths, starts,
                          init[seqs][:, None], ends)  # fmt: skip
-    o = o[0].view(h, n * c, d).index_select(1, token_slot).transpose(0, 1)  # [T, H, D]
+    o = _token_major(o)[0].index_select(0, token_slot)  # [T, H, D]
     final = init.clone()
     final[seqs] = finals[0].transpose(0, 1)
     return o[None].to(q.dtype), final
+
+
+def _token_major(o: Tensor) -> Tensor:
+    """``[B, H, n, c, D]`` blocks -> ``[B, n * c, H, D]`` tokens (a view of :func:`_blocked`'s output)."""
+    b, h, n, c, d = o.shape
+    return o.permute(0, 2, 3, 1, 4).reshape(b, n * c, h, d)
 
 
 def _blocked(
@@ -145,7 +151,8 @@ def _blocked(
         ends: each sequence's last block, where its final state is read.
 
     Returns:
-        ``o`` ``[B, H, n, c, D]`` and the final states ``[B, H, len(ends), D, D]``.
+        ``o`` ``[B, H, n, c, D]`` (a permuted view of token-major memory, see :func:`_token_major`) and the final
+        states ``[B, H, len(ends), D, D]``.
     """
     return _BlockedAttention.apply(q, k, v, s, lengths, starts, init, ends)
 
@@ -196,11 +203,14 @@ class _BlockedAttention(torch.autograd.Function):
             else:
                 torch.addcmul(kv[:, :, i - 1], decay.block[:, i - 1], states[:, :, i - 1], out=states[:, :, i])
         final = decay.block[:, ends] * states[:, :, ends] + kv[:, :, ends]
-        # (q ⊙ decay_r) S == decay_r ⊙ (q S): the decay scales whole output rows.
-        o.addcmul_(_bmm(q, states), decay.query)
+        # (q ⊙ decay_r) S == decay_r ⊙ (q S): the decay scales whole output rows. The sum is written token-major
+        # ([B, n, c, H, D] memory), the layout callers read back, so that reading it back copies nothing.
+        b, h, n, c, d = q.shape
+        out = q.new_empty(b, n, c, h, d).permute(0, 3, 1, 2, 4)
+        torch.addcmul(o, _bmm(q, states), decay.query, out=out)
         ctx.save_for_backward(q, k, v, s, lengths, states)
         ctx.starts, ctx.ends = starts, ends
-        return o, final
+        return out, final
 
     @staticmethod
     def backward(ctx, do, dfinal):
