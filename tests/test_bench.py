@@ -22,3 +22,23 @@ def test_append_result_adds_one_dated_section(tmp_path):
         "Machine: m.\nCommand: `python x.py --n 1`\n\n| a |\n|---|\n"
     )
     assert path.read_text() == expected
+
+
+def test_bench_context_writes_table_plot_and_a_rerunnable_command(tmp_path):
+    """End to end on tiny lengths (one not a multiple of the block): every column measured, the plot drawn, and
+    the recorded command carries every option that shaped the run."""
+    from hyla.bench import context
+
+    results, plot = tmp_path / "RESULTS.md", tmp_path / "ctx.png"
+    results.write_text("# Results\n")
+    context.main([64, 100], "cpu", "float32", 64, 2, 1, True, results, plot)
+    text = results.read_text()
+    assert plot.stat().st_size > 0
+    assert ("`hyla bench context --device cpu --dtype float32 --lengths 64 100 --hidden 64 --heads 2 --repeats 1 "
+            f"--plot {plot}`") in text  # fmt: skip
+    rows = [line for line in text.splitlines() if line.startswith("| 64 ") or line.startswith("| 100 ")]
+    assert len(rows) == 2
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        # Only the whole model's forward + backward is not measured (a dash); every other cell is a number.
+        assert cells.count("—") == 1 and all(float(c.replace(",", "")) >= 0 for c in cells if c != "—")

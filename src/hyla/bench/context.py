@@ -206,5 +206,6 @@ def main(
         plot(rows, plot_path, f"hyla context scaling — {device}, {shape}")
     if results is not None:
         command = (f"hyla bench context --device {device} --dtype {dtype} --lengths {' '.join(map(str, lengths))} "
-                   f"--repeats {repeats}")  # fmt: skip
+                   f"--hidden {hidden} --heads {heads} --repeats {repeats}" + ("" if backward else " --no-backward")
+                   + (f" --plot {plot_path}" if plot_path is not None else ""))  # fmt: skip
         append_result(results, f"Context scaling, {device}", f"Machine: {machine}; {shape}.", command, table)
