@@ -8,7 +8,7 @@ import pytest
 
 from hyla.data.corpus import CorpusError, discover, documents, stdlib_dir
 from hyla.data.packing import packed_batches, pieces
-from hyla.data.shards import TokenShard, build_shards
+from hyla.data.shards import TokenShard, build_shards, is_eval, train_documents
 from hyla.data.tokenizer import END_OF_TEXT, train_bpe
 
 WORDS = ("def", "return", "import", "class", "lambda", "yield", "while", "for", "if", "else", "try", "except")
@@ -74,6 +74,22 @@ def test_shards_hold_every_document_once_and_are_cached(tmp_path):
     again = build_shards(sources, tokenizer, tmp_path / "cache", eval_fraction=0.2, progress=False)
     assert list((tmp_path / "cache").iterdir()) == entries  # no second tokenization
     assert np.array_equal(again["eval"].tokens, shards["eval"].tokens)
+
+
+def test_the_tokenizer_learns_from_the_training_split_only(tmp_path):
+    """The held-out loss is only honest if the tokenizer never saw the held-out documents: a word repeated in
+    one held-out document becomes no token, the same kind of word in a training document does."""
+    path = tmp_path / "docs.jsonl"
+    words = [f"zq{chr(97 + i % 26)}{chr(97 + i // 26)}xvw" for i in range(40)]  # one distinctive word per document
+    path.write_text("".join(json.dumps({"text": f"{w} " * 50}) + "\n" for w in words))
+    (source,) = discover(path)
+    held_out = [i for i in range(len(words)) if is_eval(source, i, 0.25)]
+    assert 0 < len(held_out) < len(words)
+    texts = list(train_documents([source], 0.25))
+    assert len(texts) == len(words) - len(held_out)
+    vocab = {token.lstrip("Ġ") for token in train_bpe(texts, vocab_size=600).get_vocab()}
+    for i, word in enumerate(words):
+        assert (word in vocab) == (i not in held_out), word
 
 
 def test_packing_covers_an_epoch_within_the_budget(tmp_path):

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,14 @@ def is_eval(source: Source, index: int, fraction: float) -> bool:
     """Deterministic held-out membership of the ``index``-th document of ``source``."""
     digest = hashlib.sha1(f"{source.path.name}|{index}".encode()).digest()
     return int.from_bytes(digest[:4], "little") < fraction * 2**32
+
+
+def train_documents(sources: list[Source], fraction: float) -> Iterator[str]:
+    """The texts of the training split only (what the tokenizer may learn from: the held-out split stays unseen)."""
+    for source in sources:
+        for index, text in enumerate(documents(source)):
+            if not is_eval(source, index, fraction):
+                yield text
 
 
 def build_shards(

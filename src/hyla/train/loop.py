@@ -26,9 +26,9 @@ from tqdm import tqdm
 
 from hyla.checkpoint import load, save_pretrained
 from hyla.config import ConfigError, preset
-from hyla.data.corpus import CorpusError, discover, documents
+from hyla.data.corpus import CorpusError, discover
 from hyla.data.packing import epoch_batches, packed_batches
-from hyla.data.shards import TokenShard, build_shards
+from hyla.data.shards import TokenShard, build_shards, train_documents
 from hyla.data.tokenizer import train_bpe
 from hyla.model import HylaForCausalLM
 from hyla.train.optim import build_optimizer, lr_at
@@ -118,7 +118,7 @@ def _tokenizer(cfg: TrainConfig, run: Path, sources) -> Tokenizer:
             raise CorpusError(f"tokenizer {cfg.tokenizer!r} does not exist")
         tokenizer = Tokenizer.from_file(cfg.tokenizer)
     else:
-        tokenizer = train_bpe((text for source in sources for text in documents(source)), cfg.vocab_size)
+        tokenizer = train_bpe(train_documents(sources, cfg.eval_fraction), cfg.vocab_size)
     tokenizer.save(str(run / "tokenizer.json"))
     return tokenizer
 
