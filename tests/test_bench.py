@@ -1,6 +1,8 @@
 """The benchmark helpers' bookkeeping (nothing here is timed against anything)."""
 
-from hyla.bench import run_times
+import datetime
+
+from hyla.bench import append_result, context, run_times
 
 
 def test_run_times_warms_up_once_then_times_each_call():
@@ -10,10 +12,6 @@ def test_run_times_warms_up_once_then_times_each_call():
 
 
 def test_append_result_adds_one_dated_section(tmp_path):
-    import datetime
-
-    from hyla.bench import append_result
-
     path = tmp_path / "RESULTS.md"
     path.write_text("# Results\n")
     append_result(path, "Serving, tiny", "Machine: m.", "python x.py --n 1", "| a |\n|---|")
@@ -27,8 +25,6 @@ def test_append_result_adds_one_dated_section(tmp_path):
 def test_bench_context_writes_table_plot_and_a_rerunnable_command(tmp_path):
     """End to end on tiny lengths (one not a multiple of the block): every column measured, the plot drawn, and
     the recorded command carries every option that shaped the run."""
-    from hyla.bench import context
-
     results, plot = tmp_path / "RESULTS.md", tmp_path / "ctx.png"
     results.write_text("# Results\n")
     context.main([64, 100], "cpu", "float32", 64, 2, 1, True, results, plot)
