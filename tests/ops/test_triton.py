@@ -4,7 +4,7 @@ at real sizes on a GPU."""
 import pytest
 import torch
 
-from hyla.ops.lightning import lightning_attention_naive, lightning_attention_step, lightning_step_slots
+from hyla.ops.lightning import fits_triton, lightning_attention_naive, lightning_attention_step, lightning_step_slots
 from hyla.ops.lightning.triton import chunk_size_for, lightning_attention_triton, lightning_decode_slots
 from tests.conftest import rel_err
 
@@ -94,11 +94,11 @@ def test_decode_slots_update_in_place_and_skip_padding(decode, slot_ids):
         assert torch.equal(pool[untouched], before[untouched])
 
 
-@pytest.mark.parametrize("chunk", [16, 64])
+@pytest.mark.parametrize("chunk", [16, 64, 128])
 def test_fixed_chunk_lengths_give_the_same_result(chunk):
-    lengths = [3, 40, 17]
+    lengths = [3, 40, 17, 150]
     q, k, v = (torch.randn(1, sum(lengths), H, 16, device=DEVICE) for _ in range(3))
-    cu_seqlens = torch.tensor([0, 3, 43, 60], device=DEVICE)
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=DEVICE)
     o, s = lightning_attention_triton(q, k, v, slopes(H).to(DEVICE), cu_seqlens=cu_seqlens, chunk=chunk)
     o_ref, s_ref = reference(q, k, v, slopes(H).to(DEVICE), None, lengths)
     assert rel_err(o, o_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
@@ -106,21 +106,45 @@ def test_fixed_chunk_lengths_give_the_same_result(chunk):
         lightning_attention_triton(q, k, v, slopes(H).to(DEVICE), cu_seqlens=cu_seqlens, chunk=48)
 
 
+def test_a_chunk_too_large_for_shared_memory_is_refused():
+    q = torch.randn(1, 8, H, 256, device=DEVICE, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"up to 64 here \(head_dim 256, torch.bfloat16\), got 128"):
+        lightning_attention_triton(q, q, q, slopes(H).to(DEVICE), chunk=128)
+
+
 def test_multi_level_padding_picks_the_smallest_chunk():
-    assert [chunk_size_for(n) for n in (1, 16, 17, 33, 64, 5000)] == [16, 16, 32, 64, 64, 64]
-    assert chunk_size_for(5000, row_bytes=128 * 4) == 32  # float32 at head_dim 128
-    assert chunk_size_for(5000, row_bytes=256 * 4) == 16
+    assert [chunk_size_for(n) for n in (1, 16, 17, 33, 64, 65, 5000)] == [16, 16, 32, 64, 64, 128, 128]
+    assert chunk_size_for(5000, row_bytes=128 * 4) == 64  # float32 at head_dim 128, bfloat16 at 256
+    # the backward holds more tiles at once: half the forward's longest chunk
+    assert [chunk_size_for(5000, row_bytes=r, backward=True) for r in (128 * 2, 128 * 4)] == [64, 32]
+    assert chunk_size_for(20, backward=True) == 32
 
 
 def test_head_dim_must_suit_the_kernels():
     q = torch.randn(1, 4, H, 24, device=DEVICE)
-    with pytest.raises(ValueError, match="multiple of 16 up to 256, got 24"):
+    with pytest.raises(ValueError, match=r"multiple of 16 up to 256 \(128 in float32\), got 24 in torch\.float32"):
+        lightning_attention_triton(q, q, q, slopes(H).to(DEVICE))
+    q = torch.randn(1, 4, H, 256, device=DEVICE)  # float32 tiles of 256 do not fit in shared memory
+    with pytest.raises(ValueError, match=r"got 256 in torch\.float32"):
         lightning_attention_triton(q, q, q, slopes(H).to(DEVICE))
 
 
+@pytest.mark.parametrize(
+    ("d", "dtype", "fits"),
+    [(64, torch.float32, True), (128, torch.float32, True), (144, torch.float32, False),
+     (256, torch.float32, False), (256, torch.bfloat16, True), (256, torch.float16, True),
+     (272, torch.bfloat16, False), (24, torch.bfloat16, False)],
+)  # fmt: skip
+def test_what_the_kernels_take_is_what_the_dispatcher_sends_them(d, dtype, fits):
+    assert fits_triton(d, dtype) is fits
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="real sizes need a GPU")
-@pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize(
+    ("d", "dtype", "tol"),
+    [(64, torch.float32, 1e-5), (128, torch.float32, 1e-5), (64, torch.bfloat16, 2e-2), (128, torch.bfloat16, 2e-2),
+     (256, torch.bfloat16, 2e-2)],
+)  # fmt: skip
 def test_real_sizes_on_gpu(d, dtype, tol):
     from hyla.ops.lightning import lightning_attention_chunk
 
@@ -137,3 +161,23 @@ def test_real_sizes_on_gpu(d, dtype, tol):
     ref = torch.autograd.grad((o_ref * do.double()).sum(), leaves)
     for g, r in zip(got, ref, strict=True):
         assert rel_err(g, r) < tol
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="real sizes need a GPU")
+def test_many_short_sequences_on_gpu():
+    """2,048 sequences x 32 heads: more programs than a second or third grid axis may hold (65,535)."""
+    from hyla.ops.lightning import lightning_attention_chunk
+
+    num, length, h, d = 2048, 5, 32, 64
+    cu_seqlens = torch.arange(num + 1) * length
+    q, k, v = (torch.randn(1, num * length, h, d, device="cuda") for _ in range(3))
+    leaves = [x.requires_grad_() for x in (q, k, v)]
+    slope = slopes(h).cuda()
+    o, s = lightning_attention_triton(q, k, v, slope, cu_seqlens=cu_seqlens)
+    o_ref, s_ref = lightning_attention_chunk(*(x.double() for x in (q, k, v)), slope.double(), cu_seqlens=cu_seqlens)
+    assert rel_err(o, o_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
+    do = torch.randn_like(o)
+    got = torch.autograd.grad((o * do).sum(), leaves)
+    ref = torch.autograd.grad((o_ref * do.double()).sum(), leaves)
+    for g, r in zip(got, ref, strict=True):
+        assert rel_err(g, r) < 1e-5

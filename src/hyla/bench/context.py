@@ -8,7 +8,9 @@ For each length: forward time, forward+backward time and peak memory of
 - ``softmax (SDPA)``: a softmax-attention layer on the same shape (torch SDPA: flash on GPU);
 - ``hybrid model``: the whole ``small`` preset (7 lightning : 1 softmax), forward only;
 - ``lightning kernel`` and ``SDPA kernel``: the attention functions alone on ``[1, T, H, D]`` q, k, v (no
-  projections): hyla's lightning attention vs causal ``scaled_dot_product_attention``.
+  projections): hyla's lightning attention vs causal ``scaled_dot_product_attention``;
+- ``fla simple_gla kernel``: on CUDA, where flash-linear-attention is installed, its ``chunk_simple_gla``
+  with the same fixed per-head decay (the same function as hyla's kernel).
 
 Times are the best of ``repeats`` runs; peak memory is the allocator's peak on CUDA and the peak growth of
 the resident set on the CPU (sampled), above what the inputs already hold.
@@ -36,6 +38,7 @@ from hyla.runtime import trim_malloc, tune_malloc
 
 COLUMNS = (
     "lightning kernel",
+    "fla simple_gla kernel",
     "SDPA kernel",
     "hyla lightning",
     "transformers lightning",
@@ -104,6 +107,15 @@ def _layers(hidden: int, heads: int, device: torch.device, dtype: torch.dtype) -
     return layers
 
 
+def _fla_simple_gla() -> Callable | None:
+    """flash-linear-attention's ``chunk_simple_gla`` if it is installed (an optional comparison), else None."""
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla
+    except ImportError:
+        return None
+    return chunk_simple_gla
+
+
 def run(
     lengths: list[int], device: str, dtype: torch.dtype, hidden: int, heads: int, repeats: int, backward: bool
 ) -> list[dict]:
@@ -113,6 +125,7 @@ def run(
     model = HylaForCausalLM(preset("small")).to(device=dev, dtype=dtype).eval()
     inv_freq = rope_inv_freq(hidden // heads, 1e6, dev)
     slope = 2.0 ** (-8 * (torch.arange(heads, device=dev) + 1) / heads)
+    fla = _fla_simple_gla() if dev.type == "cuda" else None
     rows = []
     for t in lengths:
         row: dict = {"tokens": t}
@@ -132,6 +145,8 @@ def run(
             "lightning kernel": lambda q=q, k=k, v=v: lightning_attention(q, k, v, slope)[0],
             "SDPA kernel": lambda q=q, k=k, v=v: softmax_attention(q, k, v),
         }
+        if fla is not None:
+            kernels["fla simple_gla kernel"] = lambda q=q, k=k, v=v: fla(q, k, v, g_gamma=-slope, scale=1.0)[0]
         for name, call in kernels.items():
             with torch.no_grad():
                 row[f"{name} fwd"], row[f"{name} mem"] = measure(call, dev, repeats)

@@ -18,12 +18,21 @@ from hyla.ops.lightning.naive import lightning_attention_naive
 from hyla.ops.lightning.recurrent import lightning_attention_step, lightning_step_slots
 
 __all__ = [
+    "fits_triton",
     "lightning_attention",
     "lightning_attention_chunk",
     "lightning_attention_naive",
     "lightning_attention_step",
     "lightning_decode",
 ]
+
+
+def fits_triton(head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether the Triton kernels take this head size and dtype: ``head_dim`` a multiple of 16 whose padded row
+    (the next power of two) holds at most 512 bytes, so that the backward's tiles fit in shared memory —
+    bfloat16/float16 up to 256, float32 up to 128 (an H100's 227 KB; float32 at 256 needs ~580 KB)."""
+    padded = 1 << (head_dim - 1).bit_length()
+    return head_dim % 16 == 0 and padded * torch.empty(0, dtype=dtype).element_size() <= 512
 
 
 def lightning_attention(
@@ -43,7 +52,7 @@ def lightning_attention(
     anything longer the blockwise path.
     The state is float32 (float64 for float64 inputs) whatever the inputs' dtype.
     """
-    if q.is_cuda and q.shape[1] > 1 and q.shape[-1] % 16 == 0 and q.shape[-1] <= 256:
+    if q.is_cuda and q.shape[1] > 1 and fits_triton(q.shape[-1], q.dtype):
         from hyla.ops.lightning.triton import lightning_attention_triton
 
         return lightning_attention_triton(q, k, v, slope, initial_state, cu_seqlens)
@@ -60,7 +69,7 @@ def lightning_decode(q: Tensor, k: Tensor, v: Tensor, slope: Tensor, pool: Tenso
     """One decode token for each of ``B`` requests, their states in ``pool[slots]`` (``-1``: a padding row),
     updated in place: the Triton kernel on CUDA, the torch step elsewhere. ``q, k, v`` ``[B, H, D]`` ->
     ``o`` ``[B, H, D]``; ``pool`` ``[S, H, D, D]`` float32."""
-    if q.is_cuda and q.shape[-1] % 16 == 0 and q.shape[-1] <= 256:
+    if q.is_cuda and fits_triton(q.shape[-1], q.dtype):
         from hyla.ops.lightning.triton import lightning_decode_slots
 
         return lightning_decode_slots(q, k, v, slope, pool, slots)
