@@ -75,7 +75,7 @@ def _scan(
     pid, nv, nk = tl.program_id(0), tl.cdiv(D, BV), tl.cdiv(D, BK)
     i_v, i_k, i_nh = pid % nv, (pid // nv) % nk, pid // (nv * nk)
     n, h = i_nh // H, i_nh % H
-    bos, eos = tl.load(cu_seqlens + n), tl.load(cu_seqlens + n + 1)
+    bos, eos = tl.load(cu_seqlens + n).to(tl.int64), tl.load(cu_seqlens + n + 1).to(tl.int64)  # 64-bit offsets
     first = tl.load(chunk_first + n)
     s = tl.load(slope + h).to(tl.float32)
     rk, rv, rows = i_k * BK + tl.arange(0, BK), i_v * BV + tl.arange(0, BV), tl.arange(0, C)
@@ -83,7 +83,7 @@ def _scan(
     tile_mask = (rk[:, None] < D) & (rv[None, :] < D)
     state = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_INIT:
-        state += tl.load(init + i_nh * D * D + tile, mask=tile_mask, other=0.0).to(tl.float32)
+        state += tl.load(init + i_nh.to(tl.int64) * D * D + tile, mask=tile_mask, other=0.0).to(tl.float32)
     num_chunks = tl.cdiv(eos - bos, C)
     for step in range(0, num_chunks):
         j = num_chunks - 1 - step if REVERSE else step
@@ -101,7 +101,7 @@ def _scan(
         decay = tl.where(row_mask, tl.exp(-s * steps.to(tl.float32)), 0.0)
         xt = (xt.to(tl.float32) * decay[:, None]).to(yt.dtype)
         state = state * tl.exp(-s * length.to(tl.float32)) + _dot(tl.trans(xt), yt).to(tl.float32)
-    tl.store(final + i_nh * D * D + tile, state, mask=tile_mask)
+    tl.store(final + i_nh.to(tl.int64) * D * D + tile, state, mask=tile_mask)
 
 
 @triton.jit
@@ -123,7 +123,7 @@ def _fused_fwd(
     tile_mask = (rd[:, None] < D) & (rv[None, :] < D)
     state = tl.zeros([BD, BV], dtype=tl.float32)
     if HAS_INIT:
-        state += tl.load(init + i_nh * D * D + tile, mask=tile_mask, other=0.0)
+        state += tl.load(init + i_nh.to(tl.int64) * D * D + tile, mask=tile_mask, other=0.0)
     gap = (rows[:, None] - rows[None, :]).to(tl.float32)
     mask = tl.where(gap >= 0, tl.exp(-s * tl.maximum(gap, 0.0)), 0.0)
     query_decay = tl.exp(-s * (rows + 1).to(tl.float32))
@@ -143,7 +143,7 @@ def _fused_fwd(
         key_decay = tl.where(row_mask, tl.exp(-s * (length - 1 - rows).to(tl.float32)), 0.0)
         kd = (kt.to(tl.float32) * key_decay[:, None]).to(vt.dtype)
         state = state * tl.exp(-s * length.to(tl.float32)) + _dot(tl.trans(kd), vt).to(tl.float32)
-    tl.store(final + i_nh * D * D + tile, state, mask=tile_mask)
+    tl.store(final + i_nh.to(tl.int64) * D * D + tile, state, mask=tile_mask)
 
 
 @triton.jit
@@ -152,7 +152,7 @@ def _chunk_bwd(
     H: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BD: tl.constexpr,
 ):  # fmt: skip
     j, h = tl.program_id(0), tl.program_id(1)
-    start, length = tl.load(chunk_seq_start + j), tl.load(chunk_len + j)
+    start, length = tl.load(chunk_seq_start + j).to(tl.int64), tl.load(chunk_len + j)
     s = tl.load(slope + h).to(tl.float32)
     rows, rd = tl.arange(0, C), tl.arange(0, BD)
     row_mask = rows < length
@@ -192,7 +192,7 @@ def _decode_slots(
     if slot >= 0:
         s = tl.load(slope + h).to(tl.float32)
         rd, rv = tl.arange(0, BD), i_v * BV + tl.arange(0, BV)
-        base = (b * H + h) * D
+        base = (b.to(tl.int64) * H + h) * D
         qt = tl.load(q + base + rd, mask=rd < D, other=0.0).to(tl.float32)
         kt = tl.load(k + base + rd, mask=rd < D, other=0.0).to(tl.float32)
         vt = tl.load(v + base + rv, mask=rv < D, other=0.0).to(tl.float32)
