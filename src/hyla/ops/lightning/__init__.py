@@ -32,7 +32,7 @@ def fits_triton(head_dim: int, dtype: torch.dtype) -> bool:
     (the next power of two) holds at most 512 bytes, so that the backward's tiles fit in shared memory —
     bfloat16/float16 up to 256, float32 up to 128 (an H100's 227 KB; float32 at 256 needs ~580 KB)."""
     padded = 1 << (head_dim - 1).bit_length()
-    return head_dim % 16 == 0 and padded * torch.empty(0, dtype=dtype).element_size() <= 512
+    return head_dim % 16 == 0 and padded * dtype.itemsize <= 512
 
 
 def lightning_attention(
