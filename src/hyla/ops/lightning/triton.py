@@ -245,7 +245,7 @@ def _states(k: Tensor, v: Tensor, slope: Tensor, init: Tensor | None, plan: _Pla
 
 class _LightningTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, slope, init, cu_seqlens, chunk):
+    def forward(ctx, q, k, v, slope, init, cu_seqlens, chunk, backward_chunk):
         h, d = q.shape[-2:]
         bd = _tiles(d)[0]
         num_seqs = len(cu_seqlens) - 1
@@ -259,7 +259,7 @@ class _LightningTriton(torch.autograd.Function):
             num_stages=2 if chunk >= 128 else 3,
         )  # fmt: skip
         ctx.save_for_backward(q, k, v, slope, init)
-        ctx.cu_seqlens = cu_seqlens
+        ctx.cu_seqlens, ctx.backward_chunk = cu_seqlens, backward_chunk
         return o, final
 
     @staticmethod
@@ -267,9 +267,7 @@ class _LightningTriton(torch.autograd.Function):
         q, k, v, slope, init = ctx.saved_tensors
         h, d = q.shape[-2:]
         bd, bt = _tiles(d)
-        lengths = ctx.cu_seqlens.diff()
-        longest = int(lengths.max()) if len(lengths) else 1
-        plan = _Plan(ctx.cu_seqlens, q.device, chunk_size_for(longest, bd * q.element_size(), backward=True))
+        plan = _Plan(ctx.cu_seqlens, q.device, ctx.backward_chunk)
         do = do.contiguous()
         states, _ = _states(k, v, slope, init, plan, store=True)  # per-chunk states, recomputed for the backward
         dstates = torch.empty_like(states)
@@ -284,7 +282,7 @@ class _LightningTriton(torch.autograd.Function):
         if plan.num_chunks:
             _chunk_bwd[(plan.num_chunks, h)](q, k, v, do, dq, dk, dv, slope, states, dstates, plan.start,
                                             plan.length, H=h, D=d, C=plan.chunk, BD=bd)  # fmt: skip
-        return dq, dk, dv, None, dinit if init is not None else None, None, None
+        return dq, dk, dv, None, dinit if init is not None else None, None, None, None
 
 
 def lightning_attention_triton(
@@ -320,15 +318,17 @@ def lightning_attention_triton(
     cu_seqlens = cu_seqlens.cpu()
     row_bytes = triton.next_power_of_2(d) * q.element_size()
     largest = chunk_size_for(CHUNK_SIZES[-1], row_bytes)
+    lengths = cu_seqlens.diff()
+    longest = int(lengths.max()) if len(lengths) else 1
     if chunk is None:
-        lengths = cu_seqlens.diff()
-        chunk = chunk_size_for(int(lengths.max()) if len(lengths) else 1, row_bytes)
+        chunk = chunk_size_for(longest, row_bytes)
     elif chunk not in CHUNK_SIZES or chunk > largest:
         raise ValueError(f"chunk must be one of {CHUNK_SIZES} up to {largest} here (head_dim {d}, {q.dtype}), "
                          f"got {chunk}")  # fmt: skip
     flat = [x.reshape(1, b * t, h, d).contiguous() for x in (q, k, v)]
     init = None if initial_state is None else initial_state.float().contiguous()
-    o, final = _LightningTriton.apply(*flat, slope.float().contiguous(), init, cu_seqlens, chunk)
+    o, final = _LightningTriton.apply(*flat, slope.float().contiguous(), init, cu_seqlens, chunk,
+                                      chunk_size_for(longest, row_bytes, backward=True))  # fmt: skip
     return o.view(b, t, h, d), final
 
 
