@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from hyla.ops.lightning import (
+    chunk,
     lightning_attention,
     lightning_attention_chunk,
     lightning_attention_naive,
@@ -25,11 +26,21 @@ def inputs(t: int, dtype: torch.dtype, with_state: bool):
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
 
 
+@pytest.fixture(params=["one group", "groups of 1 block", "groups of 3 blocks"])
+def groups(request, monkeypatch):
+    """The blockwise path walks the blocks in cache-sized groups: run with everything in one group, and with
+    groups small enough that states, restarts and sequence ends cross group boundaries."""
+    blocks = {"one group": None, "groups of 1 block": 1, "groups of 3 blocks": 3}[request.param]
+    if blocks is not None:  # sized for 16-token float64 blocks; longer blocks or float32 make groups of 1..6
+        monkeypatch.setattr(chunk, "GROUP_BYTES", blocks * 16 * H * D * 8)
+    return blocks
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("t", [1, 63, 64, 65, 500])
 @pytest.mark.parametrize("block_size", [16, 64, 256])
 @pytest.mark.parametrize("with_state", [False, True])
-def test_chunk_matches_naive(dtype, t, block_size, with_state):
+def test_chunk_matches_naive(dtype, t, block_size, with_state, groups):
     q, k, v, slope, state = inputs(t, dtype, with_state)
     o_ref, s_ref = lightning_attention_naive(q, k, v, slope, state)
     o, s = lightning_attention_chunk(q, k, v, slope, state, block_size=block_size)
@@ -43,7 +54,7 @@ def test_chunk_matches_naive(dtype, t, block_size, with_state):
 @pytest.mark.parametrize("t", [1, 63, 64, 65, 500])
 @pytest.mark.parametrize("block_size", [16, 64])
 @pytest.mark.parametrize("with_state", [False, True])
-def test_chunk_gradients_match_naive(t, block_size, with_state):
+def test_chunk_gradients_match_naive(t, block_size, with_state, groups):
     q, k, v, slope, state = inputs(t, torch.float64, with_state)
     leaves = [x.requires_grad_() for x in (q, k, v) + ((state,) if with_state else ())]
     do = torch.randn(B, t, H, D, dtype=torch.float64)
@@ -120,7 +131,7 @@ def varlen_reference(q, k, v, slope, states, lengths):
 @pytest.mark.parametrize("lengths", [[1, 17, 64, 200], [200, 0, 1], [5], [0, 0]])
 @pytest.mark.parametrize("block_size", [16, 64])
 @pytest.mark.parametrize("with_state", [False, True])
-def test_varlen_matches_each_sequence_alone(lengths, block_size, with_state):
+def test_varlen_matches_each_sequence_alone(lengths, block_size, with_state, groups):
     total, n = sum(lengths), len(lengths)
     q, k, v = (torch.randn(1, total, H, D, dtype=torch.float64) * 0.5 for _ in range(3))
     slope = 2.0 ** (-8 * (torch.arange(H, dtype=torch.float64) + 1) / H)
