@@ -10,6 +10,7 @@ from hyla.config import HylaConfig
 from hyla.model.cache import Cache
 from hyla.model.norm import RMSNorm
 from hyla.ops.lightning import lightning_attention
+from hyla.ops.norm import gated_rms_norm_
 
 # MiniMax's lightning norm uses its RMSNorm's default epsilon, not the config's rms_norm_eps.
 LIGHTNING_NORM_EPS = 1e-6
@@ -64,6 +65,7 @@ class LightningAttention(nn.Module):
             o, _ = lightning_attention(q, k, v, self.slope, None, block_size, cu_seqlens)
         else:
             o = cache.lightning(self.layer_idx, q, k, v, self.slope, block_size)
-        o = self.norm(o.reshape(b, t, -1))
-        gate = torch.sigmoid(self.output_gate(x))
-        return self.out_proj(gate.mul_(o) if inplace else gate * o)
+        o = o.reshape(b, t, -1)
+        if inplace:
+            return self.out_proj(gated_rms_norm_(self.output_gate(x), o, self.norm.weight, self.norm.eps))
+        return self.out_proj(torch.sigmoid(self.output_gate(x)) * self.norm(o))
