@@ -36,5 +36,6 @@ def test_bench_context_writes_table_plot_and_a_rerunnable_command(tmp_path):
     assert len(rows) == 2
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        # Only the whole model's forward + backward is not measured (a dash); every other cell is a number.
-        assert cells.count("—") == 1 and all(float(c.replace(",", "")) >= 0 for c in cells if c != "—")
+        # Only the whole model's and the projections' forward + backward are not measured (dashes); every other
+        # cell is a number.
+        assert cells.count("—") == 2 and all(float(c.replace(",", "")) >= 0 for c in cells if c != "—")

@@ -5,6 +5,9 @@ For each length: forward time, forward+backward time and peak memory of
 - ``hyla lightning``: hyla's lightning-attention layer (Triton kernels on CUDA, the blockwise path on CPU);
 - ``transformers lightning``: transformers' ``MiniMaxLightningAttention`` on the same shape (CPU only:
   its Python block loop is the point of comparison there);
+- ``lightning projections``: the q/k/v, gate and output projections of hyla's layer alone, forward only —
+  the matrix products both lightning layers share, so ``transformers / projections`` bounds the layer's
+  forward speed-up;
 - ``softmax (SDPA)``: a softmax-attention layer on the same shape (torch SDPA: flash on GPU);
 - ``hybrid model``: the whole ``small`` preset (7 lightning : 1 softmax), forward only;
 - ``lightning kernel`` and ``SDPA kernel``: the attention functions alone on ``[1, T, H, D]`` q, k, v (no
@@ -42,6 +45,7 @@ COLUMNS = (
     "SDPA kernel",
     "hyla lightning",
     "transformers lightning",
+    "lightning projections",
     "softmax (SDPA)",
     "hybrid model",
 )
@@ -85,6 +89,18 @@ def _call(layer: torch.nn.Module, x: torch.Tensor, extra: tuple) -> torch.Tensor
     return out[0] if isinstance(out, tuple) else out
 
 
+class _Projections(torch.nn.Module):
+    """The matrix products of a lightning layer's forward, without its attention: ``qkv(x)``, ``out(gate(x))``."""
+
+    def __init__(self, layer: LightningAttention) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.layer.qkv_proj(x)
+        return self.layer.out_proj(self.layer.output_gate(x))
+
+
 def _layers(hidden: int, heads: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
     config = preset("small", hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=heads,
                     num_hidden_layers=2, layer_types=["linear_attention", SOFTMAX])  # fmt: skip
@@ -92,6 +108,7 @@ def _layers(hidden: int, heads: int, device: torch.device, dtype: torch.dtype) -
         "hyla lightning": LightningAttention(config, 0),
         "softmax (SDPA)": SoftmaxAttention(config, 1),
     }
+    layers["lightning projections"] = _Projections(layers["hyla lightning"])
     if device.type == "cpu":
         try:
             from transformers import MiniMaxConfig
@@ -137,7 +154,7 @@ def run(
             call = functools.partial(_call, layer, x, extra)
             with torch.no_grad():
                 row[f"{name} fwd"], row[f"{name} mem"] = measure(call, dev, repeats)
-            if backward:
+            if backward and name != "lightning projections":
                 row[f"{name} fwd+bwd"], _ = measure(lambda call=call: call().sum().backward(), dev, repeats)
         q, k, v = (torch.randn(1, t, heads, hidden // heads, device=dev, dtype=dtype, requires_grad=backward)
                    for _ in range(3))  # fmt: skip
@@ -193,7 +210,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
                 ax.plot(*zip(*points, strict=True), marker="o", label=c)
         ax.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="seconds", title=what)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        if ax.has_data():
+            ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
