@@ -102,11 +102,18 @@ def test_empty_sequence_keeps_state():
 
 def test_bfloat16_inputs_keep_a_float32_state():
     q, k, v, slope, state = inputs(100, torch.float32, with_state=True)
-    o_ref, s_ref = lightning_attention_naive(q.double(), k.double(), v.double(), slope.double(), state.double())
-    o, s = lightning_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), slope, state, block_size=32)
+    exact = [x.double().requires_grad_() for x in (q, k, v)]
+    o_ref, s_ref = lightning_attention_naive(*exact, slope.double(), state.double())
+    half = [x.bfloat16().requires_grad_() for x in (q, k, v)]
+    o, s = lightning_attention(*half, slope, state, block_size=32)
     assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
     assert rel_err(o, o_ref) < 2e-2
     assert rel_err(s, s_ref) < 2e-2
+    do = torch.randn(o.shape)
+    got = torch.autograd.grad((o.float() * do).sum(), half)
+    ref = torch.autograd.grad((o_ref * do).sum(), exact)
+    for g, r in zip(got, ref, strict=True):
+        assert g.dtype == torch.bfloat16 and rel_err(g, r) < 2e-2
 
 
 def test_block_size_must_be_a_power_of_two():
