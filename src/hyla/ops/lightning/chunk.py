@@ -81,20 +81,55 @@ def lightning_attention_chunk(
     init = q.new_zeros(len(lengths), h, d, d, dtype=dtype) if initial_state is None else initial_state.to(dtype)
     if b * t == 0:
         return q.new_zeros(b, t, h, d), init
-    plan = _Plan(lengths, block_size, q.device, dtype)
+    plan = _Plan(lengths, block_size, h, d, dtype, q.device)
     flat = [x.reshape(b * t, h, d) for x in (q, k, v)]
     o, final = _BlockedAttention.apply(*flat, slope.to(dtype), init, plan)
     return o.view(b, t, h, d).to(q.dtype), final
 
 
-class _Plan:
-    """Where each packed token sits in the blocks, and where sequences start and end (host-side, per call).
+Index = slice | Tensor
 
-    Blocks are numbered in token order; block ``i`` holds tokens ``first_token[i] .. first_token[i + 1] - 1``
-    left-aligned, zeros after them. Tokens of a group of blocks are therefore one contiguous range.
+
+class _Group:
+    """Blocks ``lo .. hi - 1``, walked together, and where in them sequences start and end.
+
+    ``starts``/``ends`` index the local blocks that hold a sequence's first/last tokens, ``start_seqs``/
+    ``end_seqs`` those sequences (slices where both run consecutively, as for many short sequences, else index
+    tensors; None if there are none); ``inner`` are the local blocks whose entering state is the leaving state
+    of the block before them; ``carry_in``/``carry_out``: block ``lo`` continues the previous group's last
+    block / block ``hi - 1`` is continued by the next group's first block.
     """
 
-    def __init__(self, lengths: list[int], block_size: int, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, lo: int, hi: int, starts: dict[int, int], ends: dict[int, int], n: int, device) -> None:
+        self.lo, self.hi = lo, hi
+
+        def local(blocks: dict[int, int]) -> tuple[Index | None, Index | None]:
+            hits = [(i - lo, j) for i, j in blocks.items() if lo <= i < hi]  # (local block, sequence)
+            if not hits:
+                return None, None
+            (b0, j0), (b1, j1) = hits[0], hits[-1]
+            if b1 - b0 == j1 - j0 == len(hits) - 1:  # consecutive blocks of consecutive sequences
+                return slice(b0, b1 + 1), slice(j0, j1 + 1)
+            return tuple(torch.tensor(col, device=device) for col in zip(*hits, strict=True))
+
+        self.starts, self.start_seqs = local(starts)
+        self.ends, self.end_seqs = local(ends)
+        self.inner = [i for i in range(1, hi - lo) if lo + i not in starts]
+        self.carry_in = lo not in starts
+        self.carry_out = hi < n and hi not in starts
+
+
+class _Plan:
+    """Where each packed token sits in the blocks, where sequences start and end, and the groups of blocks
+    walked together (host-side, per call).
+
+    Blocks are numbered in token order; block ``i`` holds tokens ``first_token[i] .. first_token[i + 1] - 1``
+    left-aligned, zeros after them. Tokens of a group of blocks are therefore one contiguous range. A group
+    holds ~:data:`GROUP_BYTES` of one ``[H, c, D]`` operand or of its ``[H, D, D]`` states, whichever is larger.
+    """
+
+    def __init__(self, lengths: list[int], block_size: int, heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device) -> None:  # fmt: skip
         self.c = c = min(block_size, max(lengths))
         per_seq = [-(-length // c) for length in lengths]  # blocks of each sequence (0 if empty)
         offsets = [0, *itertools.accumulate(lengths)]
@@ -102,9 +137,12 @@ class _Plan:
         self.n = n = first_block[-1]
         self.first_token = [offsets[j] + i * c for j, blocks in enumerate(per_seq) for i in range(blocks)]
         self.first_token.append(offsets[-1])
-        self.empty = [j for j, length in enumerate(lengths) if length == 0]
-        self.starts = {first_block[j]: j for j, blocks in enumerate(per_seq) if blocks}  # block -> sequence
-        self.ends = {first_block[j + 1] - 1: j for j, blocks in enumerate(per_seq) if blocks}
+        self.empty = [j for j, blocks in enumerate(per_seq) if not blocks]  # their state passes through
+        starts = {first_block[j]: j for j, blocks in enumerate(per_seq) if blocks}  # block -> sequence
+        ends = {first_block[j + 1] - 1: j for j, blocks in enumerate(per_seq) if blocks}
+        # Per block, an [H, c, D] operand and an [H, D, D] state; the larger sets the group's size.
+        size = max(1, GROUP_BYTES // (heads * max(c, head_dim) * head_dim * dtype.itemsize))
+        self.groups = [_Group(lo, min(lo + size, n), starts, ends, n, device) for lo in range(0, n, size)]
         # [n] tokens in each block, for the decays of a partial block.
         self.block_lengths = torch.tensor(
             [hi - lo for lo, hi in itertools.pairwise(self.first_token)], device=device, dtype=dtype
@@ -115,11 +153,6 @@ class _Plan:
             shift = torch.tensor([i * c - lo for i, lo in enumerate(self.first_token[:-1])])  # slot - token
             block_of_token = torch.repeat_interleave(torch.arange(n), self.block_lengths.long().cpu())
             self.slot = (torch.arange(offsets[-1]) + shift[block_of_token]).to(device)
-
-    def groups(self, block_bytes: int) -> list[tuple[int, int]]:
-        """``(first block, end block)`` of each group of blocks, so that a group holds ~:data:`GROUP_BYTES`."""
-        size = max(1, GROUP_BYTES // block_bytes)
-        return [(g, min(g + size, self.n)) for g in range(0, self.n, size)]
 
     def _padded(self, g0: int, g1: int) -> bool:
         return self.first_token[g1] - self.first_token[g0] != (g1 - g0) * self.c
@@ -187,30 +220,32 @@ class _BlockedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, s, init, plan):
         _, h, d = q.shape
-        dtype, c = s.dtype, plan.c
-        decay = _Decays(s, plan.block_lengths, c)
+        dtype = s.dtype
+        decay = _Decays(s, plan.block_lengths, plan.c)
         keep = any(ctx.needs_input_grad)
         states = init.new_empty(plan.n if keep else 0, h, d, d)
         out = q.new_empty(q.shape, dtype=dtype)
-        final = init.clone()
-        carry = None  # the state entering the next group's first block
-        for g0, g1 in plan.groups(h * c * d * dtype.itemsize):
-            qg, kg, vg = (plan.gather(x, g0, g1, dtype) for x in (q, k, v))  # [G, H, c, D]
+        final = torch.empty_like(init)  # written at each sequence's last block; an empty one's is its initial
+        final[plan.empty] = init[plan.empty]
+        carry = None  # the state leaving the previous group's last block
+        for g in plan.groups:
+            qg, kg, vg = (plan.gather(x, g.lo, g.hi, dtype) for x in (q, k, v))  # [G, H, c, D]
             o = _bmm(_bmm(qg, kg.transpose(-1, -2)).mul_(decay.mask), vg)
-            kv = _bmm(kg.mul_(decay.key[g0:g1]).transpose(-1, -2), vg)  # [G, H, D, D]
-            st = states[g0:g1] if keep else torch.empty_like(kv)
-            for i in range(g0, g1):
-                if i in plan.starts:
-                    st[i - g0] = init[plan.starts[i]]
-                elif i == g0:
-                    st[0] = carry
-                else:
-                    torch.addcmul(kv[i - 1 - g0], decay.block[i - 1], st[i - 1 - g0], out=st[i - g0])
-                if i in plan.ends:
-                    final[plan.ends[i]] = torch.addcmul(kv[i - g0], decay.block[i], st[i - g0])
-            carry = torch.addcmul(kv[-1], decay.block[g1 - 1], st[-1])
+            kv = _bmm(kg.mul_(decay.key[g.lo : g.hi]).transpose(-1, -2), vg)  # [G, H, D, D]
+            block = decay.block[g.lo : g.hi]
+            st = states[g.lo : g.hi] if keep else torch.empty_like(kv)  # the state entering each block
+            if g.carry_in:
+                st[0] = carry
+            if g.starts is not None:
+                st[g.starts] = init[g.start_seqs]
+            for i in g.inner:
+                torch.addcmul(kv[i - 1], block[i - 1], st[i - 1], out=st[i])
+            if g.ends is not None:
+                final[g.end_seqs] = torch.addcmul(kv[g.ends], block[g.ends], st[g.ends])
+            if g.carry_out:
+                carry = torch.addcmul(kv[-1], block[-1], st[-1])
             # (q ⊙ decay_r) S == decay_r ⊙ (q S): the decay scales whole output rows.
-            plan.scatter(o.addcmul_(_bmm(qg, st), decay.query), out, g0, g1)
+            plan.scatter(o.addcmul_(_bmm(qg, st), decay.query), out, g.lo, g.hi)
         ctx.save_for_backward(q, k, v, s, states)
         ctx.plan = plan
         return out, final
@@ -219,32 +254,31 @@ class _BlockedAttention(torch.autograd.Function):
     def backward(ctx, do, dfinal):
         q, k, v, s, states = ctx.saved_tensors
         plan = ctx.plan
-        _, h, d = q.shape
-        dtype, c = s.dtype, plan.c
-        decay = _Decays(s, plan.block_lengths, c)
+        dtype = s.dtype
+        decay = _Decays(s, plan.block_lengths, plan.c)
         dq, dk, dv = (torch.empty(q.shape, dtype=dtype, device=q.device) for _ in range(3))
-        dinit = dfinal.clone()  # an empty sequence hands its initial state on untouched
-        carry = None  # the gradient of the state entering the later group's first block
-        for g0, g1 in reversed(plan.groups(h * c * d * dtype.itemsize)):
-            qg, kg, vg, dog = (plan.gather(x, g0, g1, dtype) for x in (q, k, v, do))  # [G, H, c, D]
-            st = states[g0:g1]
+        dinit = torch.empty_like(dfinal)  # written at each sequence's first block
+        dinit[plan.empty] = dfinal[plan.empty]  # an empty sequence hands its initial state on untouched
+        carry = None  # the gradient of the state entering the next group's first block
+        for g in reversed(plan.groups):
+            qg, kg, vg, dog = (plan.gather(x, g.lo, g.hi, dtype) for x in (q, k, v, do))  # [G, H, c, D]
+            st, block, key = states[g.lo : g.hi], decay.block[g.lo : g.hi], decay.key[g.lo : g.hi]
             scores = _bmm(qg, kg.transpose(-1, -2)).mul_(decay.mask)
             dscores = _bmm(dog, vg.transpose(-1, -2)).mul_(decay.mask)
-            plan.scatter(_bmm(dscores, kg).addcmul_(_bmm(dog, st.transpose(-1, -2)), decay.query), dq, g0, g1)
+            plan.scatter(_bmm(dscores, kg).addcmul_(_bmm(dog, st.transpose(-1, -2)), decay.query), dq, g.lo, g.hi)
             into = _bmm((qg * decay.query).transpose(-1, -2), dog)  # [G, H, D, D], the read-out's share
             grads = torch.empty_like(into)  # G_i, the gradient of the state leaving block i
-            for i in reversed(range(g0, g1)):
-                if i in plan.ends:
-                    grads[i - g0] = dfinal[plan.ends[i]]
-                elif i == g1 - 1:
-                    grads[-1] = carry
-                else:  # the next block continues this sequence: G_i is the gradient of the state entering it
-                    torch.addcmul(into[i + 1 - g0], decay.block[i + 1], grads[i + 1 - g0], out=grads[i - g0])
-                if i in plan.starts:
-                    dinit[plan.starts[i]] = torch.addcmul(into[i - g0], decay.block[i], grads[i - g0])
-            carry = torch.addcmul(into[0], decay.block[g0], grads[0])
-            kd = kg * decay.key[g0:g1]
-            plan.scatter(_bmm(dscores.transpose(-1, -2), qg).addcmul_(_bmm(vg, grads.transpose(-1, -2)),
-                                                                      decay.key[g0:g1]), dk, g0, g1)  # fmt: skip
-            plan.scatter(_bmm(scores.transpose(-1, -2), dog).add_(_bmm(kd, grads)), dv, g0, g1)
+            if g.ends is not None:
+                grads[g.ends] = dfinal[g.end_seqs]
+            if g.carry_out:
+                grads[-1] = carry
+            for i in reversed(g.inner):  # block i continues block i - 1: G_{i-1} comes from the state entering i
+                torch.addcmul(into[i], block[i], grads[i], out=grads[i - 1])
+            if g.starts is not None:
+                dinit[g.start_seqs] = torch.addcmul(into[g.starts], block[g.starts], grads[g.starts])
+            if g.carry_in:
+                carry = torch.addcmul(into[0], block[0], grads[0])
+            plan.scatter(_bmm(dscores.transpose(-1, -2), qg).addcmul_(_bmm(vg, grads.transpose(-1, -2)), key),
+                         dk, g.lo, g.hi)  # fmt: skip
+            plan.scatter(_bmm(scores.transpose(-1, -2), dog).add_(_bmm(kg * key, grads)), dv, g.lo, g.hi)
         return dq, dk, dv, None, dinit, None
