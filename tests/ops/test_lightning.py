@@ -135,7 +135,9 @@ def varlen_reference(q, k, v, slope, states, lengths):
     return torch.cat(outs, dim=1), torch.cat(finals)
 
 
-@pytest.mark.parametrize("lengths", [[1, 17, 64, 200], [200, 0, 1], [5], [0, 0], [3, 1, 4, 1, 5, 9, 2, 6, 0, 5, 3, 5, 40]])
+@pytest.mark.parametrize(
+    "lengths", [[1, 17, 64, 200], [200, 0, 1], [5], [0, 0], [3, 1, 4, 1, 5, 9, 2, 6, 0, 5, 3, 5, 40]]
+)
 @pytest.mark.parametrize("block_size", [16, 64])
 @pytest.mark.parametrize("with_state", [False, True])
 def test_varlen_matches_each_sequence_alone(lengths, block_size, with_state, groups):
