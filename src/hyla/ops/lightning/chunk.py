@@ -100,11 +100,11 @@ class _Group:
     block / block ``hi - 1`` is continued by the next group's first block.
     """
 
-    def __init__(self, lo: int, hi: int, starts: dict[int, int], ends: dict[int, int], n: int, device) -> None:
+    def __init__(self, lo: int, hi: int, start_hits: list, end_hits: list, starts: dict[int, int], n: int,
+                 device: torch.device) -> None:  # fmt: skip
         self.lo, self.hi = lo, hi
 
-        def local(blocks: dict[int, int]) -> tuple[Index | None, Index | None]:
-            hits = [(i - lo, j) for i, j in blocks.items() if lo <= i < hi]  # (local block, sequence)
+        def local(hits: list[tuple[int, int]]) -> tuple[Index | None, Index | None]:  # (local block, sequence)
             if not hits:
                 return None, None
             (b0, j0), (b1, j1) = hits[0], hits[-1]
@@ -112,8 +112,8 @@ class _Group:
                 return slice(b0, b1 + 1), slice(j0, j1 + 1)
             return tuple(torch.tensor(col, device=device) for col in zip(*hits, strict=True))
 
-        self.starts, self.start_seqs = local(starts)
-        self.ends, self.end_seqs = local(ends)
+        self.starts, self.start_seqs = local(start_hits)
+        self.ends, self.end_seqs = local(end_hits)
         self.inner = [i for i in range(1, hi - lo) if lo + i not in starts]
         self.carry_in = lo not in starts
         self.carry_out = hi < n and hi not in starts
@@ -142,7 +142,12 @@ class _Plan:
         ends = {first_block[j + 1] - 1: j for j, blocks in enumerate(per_seq) if blocks}
         # Per block, an [H, c, D] operand and an [H, D, D] state; the larger sets the group's size.
         size = max(1, GROUP_BYTES // (heads * max(c, head_dim) * head_dim * dtype.itemsize))
-        self.groups = [_Group(lo, min(lo + size, n), starts, ends, n, device) for lo in range(0, n, size)]
+        start_hits, end_hits = ([[] for _ in range(0, n, size)] for _ in range(2))  # per group: (local block, seq)
+        for blocks, hits in ((starts, start_hits), (ends, end_hits)):
+            for block, seq in blocks.items():  # in block order
+                hits[block // size].append((block % size, seq))
+        self.groups = [_Group(lo, min(lo + size, n), start_hits[g], end_hits[g], starts, n, device)
+                       for g, lo in enumerate(range(0, n, size))]  # fmt: skip
         # [n] tokens in each block, for the decays of a partial block.
         self.block_lengths = torch.tensor(
             [hi - lo for lo, hi in itertools.pairwise(self.first_token)], device=device, dtype=dtype
