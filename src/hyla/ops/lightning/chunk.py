@@ -97,12 +97,15 @@ class _Group:
     ``end_seqs`` those sequences (slices where both run consecutively, as for many short sequences, else index
     tensors; None if there are none); ``inner`` are the local blocks whose entering state is the leaving state
     of the block before them; ``carry_in``/``carry_out``: block ``lo`` continues the previous group's last
-    block / block ``hi - 1`` is continued by the next group's first block.
+    block / block ``hi - 1`` is continued by the next group's first block. Its tokens are ``t0 .. t1 - 1``;
+    ``slots`` is the local block slot (``block * c + position``) of each, where the group holds padding.
     """
 
-    def __init__(self, lo: int, hi: int, start_hits: list, end_hits: list, starts: dict[int, int], n: int,
-                 device: torch.device) -> None:  # fmt: skip
-        self.lo, self.hi = lo, hi
+    def __init__(self, lo: int, hi: int, c: int, tokens: tuple[int, int], slots: Tensor | None, start_hits: list,
+                 end_hits: list, starts: dict[int, int], n: int, device: torch.device) -> None:  # fmt: skip
+        self.lo, self.hi, self.c = lo, hi, c
+        self.t0, self.t1 = tokens
+        self.slots = slots
 
         def local(hits: list[tuple[int, int]]) -> tuple[Index | None, Index | None]:  # (local block, sequence)
             if not hits:
@@ -118,14 +121,35 @@ class _Group:
         self.carry_in = lo not in starts
         self.carry_out = hi < n and hi not in starts
 
+    def gather(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """The group's blocks of packed ``x`` ``[ΣT, H, D]`` -> ``[hi - lo, H, c, D]``, contiguous, in ``dtype``,
+        zeros in padding slots."""
+        _, h, d = x.shape
+        tokens = x[self.t0 : self.t1]
+        out = x.new_empty(self.hi - self.lo, h, self.c, d, dtype=dtype)
+        if self.slots is None:
+            return out.copy_(tokens.reshape(self.hi - self.lo, self.c, h, d).transpose(1, 2))
+        slots = x.new_zeros((self.hi - self.lo) * self.c, h, d, dtype=dtype)
+        slots.index_copy_(0, self.slots, tokens.to(dtype))
+        return out.copy_(slots.view(self.hi - self.lo, self.c, h, d).transpose(1, 2))
+
+    def scatter(self, blocks: Tensor, out: Tensor) -> None:
+        """Write ``blocks`` ``[hi - lo, H, c, D]`` back to the group's tokens in packed ``out`` ``[ΣT, H, D]``."""
+        _, h, d = out.shape
+        if self.slots is None:
+            out[self.t0 : self.t1].view(self.hi - self.lo, self.c, h, d).copy_(blocks.transpose(1, 2))
+            return
+        slots = blocks.transpose(1, 2).reshape((self.hi - self.lo) * self.c, h, d)
+        torch.index_select(slots, 0, self.slots, out=out[self.t0 : self.t1])
+
 
 class _Plan:
     """Where each packed token sits in the blocks, where sequences start and end, and the groups of blocks
     walked together (host-side, per call).
 
-    Blocks are numbered in token order; block ``i`` holds tokens ``first_token[i] .. first_token[i + 1] - 1``
-    left-aligned, zeros after them. Tokens of a group of blocks are therefore one contiguous range. A group
-    holds ~:data:`GROUP_BYTES` of one ``[H, c, D]`` operand or of its ``[H, D, D]`` states, whichever is larger.
+    Blocks are numbered in token order; each holds its tokens left-aligned, zeros after them, so the tokens of a
+    group of blocks are one contiguous range. A group holds ~:data:`GROUP_BYTES` of one ``[H, c, D]`` operand or
+    of its ``[H, D, D]`` states, whichever is larger.
     """
 
     def __init__(self, lengths: list[int], block_size: int, heads: int, head_dim: int, dtype: torch.dtype,
@@ -135,8 +159,8 @@ class _Plan:
         offsets = [0, *itertools.accumulate(lengths)]
         first_block = [0, *itertools.accumulate(per_seq)]
         self.n = n = first_block[-1]
-        self.first_token = [offsets[j] + i * c for j, blocks in enumerate(per_seq) for i in range(blocks)]
-        self.first_token.append(offsets[-1])
+        first_token = [offsets[j] + i * c for j, blocks in enumerate(per_seq) for i in range(blocks)]
+        first_token.append(offsets[-1])  # block i holds tokens first_token[i] .. first_token[i + 1] - 1
         self.empty = [j for j, blocks in enumerate(per_seq) if not blocks]  # their state passes through
         starts = {first_block[j]: j for j, blocks in enumerate(per_seq) if blocks}  # block -> sequence
         ends = {first_block[j + 1] - 1: j for j, blocks in enumerate(per_seq) if blocks}
@@ -146,43 +170,22 @@ class _Plan:
         for blocks, hits in ((starts, start_hits), (ends, end_hits)):
             for block, seq in blocks.items():  # in block order
                 hits[block // size].append((block % size, seq))
-        self.groups = [_Group(lo, min(lo + size, n), start_hits[g], end_hits[g], starts, n, device)
-                       for g, lo in enumerate(range(0, n, size))]  # fmt: skip
         # [n] tokens in each block, for the decays of a partial block.
         self.block_lengths = torch.tensor(
-            [hi - lo for lo, hi in itertools.pairwise(self.first_token)], device=device, dtype=dtype
+            [hi - lo for lo, hi in itertools.pairwise(first_token)], device=device, dtype=dtype
         )
         # The block slot (block * c + position) of every token, where some block is partial.
-        self.slot: Tensor | None = None
+        slot = None
         if offsets[-1] != n * c:
-            shift = torch.tensor([i * c - lo for i, lo in enumerate(self.first_token[:-1])])  # slot - token
+            shift = torch.tensor([i * c - lo for i, lo in enumerate(first_token[:-1])])  # slot - token
             block_of_token = torch.repeat_interleave(torch.arange(n), self.block_lengths.long().cpu())
-            self.slot = (torch.arange(offsets[-1]) + shift[block_of_token]).to(device)
-
-    def _padded(self, g0: int, g1: int) -> bool:
-        return self.first_token[g1] - self.first_token[g0] != (g1 - g0) * self.c
-
-    def gather(self, x: Tensor, g0: int, g1: int, dtype: torch.dtype) -> Tensor:
-        """Blocks ``g0 .. g1 - 1`` of packed ``x`` ``[ΣT, H, D]`` -> ``[g1 - g0, H, c, D]``, contiguous, in
-        ``dtype``, zeros in padding slots."""
-        lo, hi = self.first_token[g0], self.first_token[g1]
-        _, h, d = x.shape
-        out = x.new_empty(g1 - g0, h, self.c, d, dtype=dtype)
-        if not self._padded(g0, g1):
-            return out.copy_(x[lo:hi].reshape(g1 - g0, self.c, h, d).transpose(1, 2))
-        slots = x.new_zeros((g1 - g0) * self.c, h, d, dtype=dtype)
-        slots.index_copy_(0, self.slot[lo:hi] - g0 * self.c, x[lo:hi].to(dtype))
-        return out.copy_(slots.view(g1 - g0, self.c, h, d).transpose(1, 2))
-
-    def scatter(self, blocks: Tensor, out: Tensor, g0: int, g1: int) -> None:
-        """Write ``blocks`` ``[g1 - g0, H, c, D]`` back to their tokens in packed ``out`` ``[ΣT, H, D]``."""
-        lo, hi = self.first_token[g0], self.first_token[g1]
-        _, h, d = out.shape
-        if not self._padded(g0, g1):
-            out[lo:hi].view(g1 - g0, self.c, h, d).copy_(blocks.transpose(1, 2))
-            return
-        slots = blocks.transpose(1, 2).reshape((g1 - g0) * self.c, h, d)
-        torch.index_select(slots, 0, self.slot[lo:hi] - g0 * self.c, out=out[lo:hi])
+            slot = (torch.arange(offsets[-1]) + shift[block_of_token]).to(device)
+        self.groups = []
+        for g, lo in enumerate(range(0, n, size)):
+            hi = min(lo + size, n)
+            t0, t1 = first_token[lo], first_token[hi]
+            slots = None if t1 - t0 == (hi - lo) * c else slot[t0:t1] - lo * c
+            self.groups.append(_Group(lo, hi, c, (t0, t1), slots, start_hits[g], end_hits[g], starts, n, device))
 
 
 def _bmm(a: Tensor, b: Tensor) -> Tensor:
@@ -234,7 +237,7 @@ class _BlockedAttention(torch.autograd.Function):
         final[plan.empty] = init[plan.empty]
         carry = None  # the state leaving the previous group's last block
         for g in plan.groups:
-            qg, kg, vg = (plan.gather(x, g.lo, g.hi, dtype) for x in (q, k, v))  # [G, H, c, D]
+            qg, kg, vg = (g.gather(x, dtype) for x in (q, k, v))  # [G, H, c, D]
             o = _bmm(_bmm(qg, kg.transpose(-1, -2)).mul_(decay.mask), vg)
             kv = _bmm(kg.mul_(decay.key[g.lo : g.hi]).transpose(-1, -2), vg)  # [G, H, D, D]
             block = decay.block[g.lo : g.hi]
@@ -250,27 +253,26 @@ class _BlockedAttention(torch.autograd.Function):
             if g.carry_out:
                 carry = torch.addcmul(kv[-1], block[-1], st[-1])
             # (q ⊙ decay_r) S == decay_r ⊙ (q S): the decay scales whole output rows.
-            plan.scatter(o.addcmul_(_bmm(qg, st), decay.query), out, g.lo, g.hi)
-        ctx.save_for_backward(q, k, v, s, states)
-        ctx.plan = plan
+            g.scatter(o.addcmul_(_bmm(qg, st), decay.query), out)
+        ctx.save_for_backward(q, k, v, states)
+        ctx.plan, ctx.decay = plan, decay
         return out, final
 
     @staticmethod
     def backward(ctx, do, dfinal):
-        q, k, v, s, states = ctx.saved_tensors
-        plan = ctx.plan
-        dtype = s.dtype
-        decay = _Decays(s, plan.block_lengths, plan.c)
+        q, k, v, states = ctx.saved_tensors
+        plan, decay = ctx.plan, ctx.decay
+        dtype = states.dtype
         dq, dk, dv = (torch.empty(q.shape, dtype=dtype, device=q.device) for _ in range(3))
         dinit = torch.empty_like(dfinal)  # written at each sequence's first block
         dinit[plan.empty] = dfinal[plan.empty]  # an empty sequence hands its initial state on untouched
         carry = None  # the gradient of the state entering the next group's first block
         for g in reversed(plan.groups):
-            qg, kg, vg, dog = (plan.gather(x, g.lo, g.hi, dtype) for x in (q, k, v, do))  # [G, H, c, D]
+            qg, kg, vg, dog = (g.gather(x, dtype) for x in (q, k, v, do))  # [G, H, c, D]
             st, block, key = states[g.lo : g.hi], decay.block[g.lo : g.hi], decay.key[g.lo : g.hi]
             scores = _bmm(qg, kg.transpose(-1, -2)).mul_(decay.mask)
             dscores = _bmm(dog, vg.transpose(-1, -2)).mul_(decay.mask)
-            plan.scatter(_bmm(dscores, kg).addcmul_(_bmm(dog, st.transpose(-1, -2)), decay.query), dq, g.lo, g.hi)
+            g.scatter(_bmm(dscores, kg).addcmul_(_bmm(dog, st.transpose(-1, -2)), decay.query), dq)
             into = _bmm((qg * decay.query).transpose(-1, -2), dog)  # [G, H, D, D], the read-out's share
             grads = torch.empty_like(into)  # G_i, the gradient of the state leaving block i
             if g.ends is not None:
@@ -283,7 +285,6 @@ class _BlockedAttention(torch.autograd.Function):
                 dinit[g.start_seqs] = torch.addcmul(into[g.starts], block[g.starts], grads[g.starts])
             if g.carry_in:
                 carry = torch.addcmul(into[0], block[0], grads[0])
-            plan.scatter(_bmm(dscores.transpose(-1, -2), qg).addcmul_(_bmm(vg, grads.transpose(-1, -2)), key),
-                         dk, g.lo, g.hi)  # fmt: skip
-            plan.scatter(_bmm(scores.transpose(-1, -2), dog).add_(_bmm(kg * key, grads)), dv, g.lo, g.hi)
+            g.scatter(_bmm(dscores.transpose(-1, -2), qg).addcmul_(_bmm(vg, grads.transpose(-1, -2)), key), dk)
+            g.scatter(_bmm(scores.transpose(-1, -2), dog).add_(_bmm(kg * key, grads)), dv)
         return dq, dk, dv, None, dinit, None
