@@ -19,25 +19,55 @@ def reference_experts(x, weights, experts, gate_up, down):
     return out
 
 
-@pytest.mark.parametrize(("n", "num_experts", "top_k"), [(1, 4, 2), (37, 8, 2), (50, 4, 4), (64, 16, 1)])
+@pytest.mark.parametrize(("n", "num_experts", "top_k"), [(1, 4, 2), (37, 8, 2), (50, 4, 4), (64, 16, 1), (3, 16, 2)])
 @pytest.mark.parametrize("grouped", [False, True])
 def test_swiglu_experts_match_per_token_loop(n, num_experts, top_k, grouped):
+    """Outputs and every gradient (tokens, router weights, both expert weights); most experts get no token when
+    ``n`` is small."""
     dtype = torch.float32 if grouped else torch.float64  # the grouped kernel has no float64
     h, inter = 16, 24
     x = torch.randn(n, h, dtype=dtype, requires_grad=True)
     gate_up = (torch.randn(num_experts, 2 * inter, h, dtype=dtype) * 0.2).requires_grad_()
     down = (torch.randn(num_experts, h, inter, dtype=dtype) * 0.2).requires_grad_()
     _, weights, experts = route(torch.randn(n, num_experts), top_k)
-    weights = weights.to(dtype)
+    weights = weights.to(dtype).requires_grad_()
     got = swiglu_experts(x, weights, experts, gate_up, down, grouped=grouped)
     ref = reference_experts(x, weights, experts, gate_up, down)
     tol = 1e-5 if grouped else 1e-12
+    assert got.shape == x.shape and got.dtype == dtype
     assert rel_err(got, ref) < tol
     dy = torch.randn_like(got)
-    g_got = torch.autograd.grad(got, (x, gate_up, down), dy)
-    g_ref = torch.autograd.grad(ref, (x, gate_up, down), dy)
+    g_got = torch.autograd.grad(got, (x, weights, gate_up, down), dy)
+    g_ref = torch.autograd.grad(ref, (x, weights, gate_up, down), dy)
     for a, b in zip(g_got, g_ref, strict=True):
-        assert rel_err(a, b) < tol
+        assert a.dtype == b.dtype and rel_err(a, b) < tol
+
+
+def test_swiglu_experts_with_no_tokens_or_no_weight_gradients():
+    gate_up, down = torch.randn(4, 8, 6, requires_grad=True), torch.randn(4, 6, 4, requires_grad=True)
+    x = torch.randn(0, 6, requires_grad=True)
+    out = swiglu_experts(x, torch.ones(0, 2), torch.zeros(0, 2, dtype=torch.long), gate_up, down)
+    assert out.shape == (0, 6)
+    out.sum().backward()
+    assert torch.equal(gate_up.grad, torch.zeros_like(gate_up)) and x.grad.shape == (0, 6)
+    x = torch.randn(5, 6, requires_grad=True)  # only the input wants a gradient
+    _, weights, experts = route(torch.randn(5, 4), 2)
+    gx = torch.autograd.grad(swiglu_experts(x, weights, experts, gate_up.detach(), down.detach()).sum(), x)[0]
+    ref = torch.autograd.grad(reference_experts(x, weights, experts, gate_up.detach(), down.detach()).sum(), x)[0]
+    assert rel_err(gx, ref) < 1e-5
+
+
+def test_swiglu_experts_under_autocast():
+    """The loop composed of autograd ops (autocast casts each product to bfloat16); the output keeps x's dtype."""
+    x = torch.randn(40, 16, requires_grad=True)
+    gate_up, down = torch.randn(4, 48, 16) * 0.2, torch.randn(4, 16, 24) * 0.2
+    _, weights, experts = route(torch.randn(40, 4), 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = swiglu_experts(x, weights, experts, gate_up, down)
+    assert got.dtype == torch.float32
+    assert rel_err(got, reference_experts(x, weights, experts, gate_up, down)) < 2e-2
+    got.sum().backward()
+    assert x.grad is not None and x.grad.isfinite().all()
 
 
 def test_route_renormalises_the_top_k():

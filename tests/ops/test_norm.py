@@ -4,7 +4,7 @@ as in transformers, whatever the inputs' dtype)."""
 import pytest
 import torch
 
-from hyla.ops.norm import gated_rms_norm_, rms_norm
+from hyla.ops.norm import gated_rms_norm_, rms_norm, rms_norm_reference
 from tests.conftest import rel_err
 
 
@@ -31,6 +31,27 @@ def test_rms_norm_gradients_match_the_formula():
     ref = torch.autograd.grad((reference(x, weight, 1e-5) * dy).sum(), (x, weight))
     for g, r in zip(got, ref, strict=True):
         assert rel_err(g, r) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("wants", [(True, True), (True, False), (False, True)])
+def test_rms_norm_backward_equals_the_composed_forms(dtype, wants):
+    """The hand-written backward against autograd through the composed ops, on rows that include a zero one."""
+    x = torch.randn(3, 11, 40, dtype=dtype) * 2
+    x[1, 4] = 0
+    weight = torch.rand(40, dtype=dtype) + 0.5
+    dy = torch.randn(3, 11, 40, dtype=dtype)
+    leaves = [t.clone().requires_grad_(w) for t, w in zip((x, weight), wants, strict=True)]
+    out = rms_norm(*leaves, 1e-6)
+    wanted = [t for t in leaves if t.requires_grad]
+    got = torch.autograd.grad((out * dy).sum(), wanted)
+    ref_leaves = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]
+    ref_out = rms_norm_reference(*ref_leaves, 1e-6)
+    assert torch.equal(out.detach(), rms_norm_reference(x, weight, 1e-6))  # same forward values
+    ref = torch.autograd.grad((ref_out * dy.double()).sum(), [t for t in ref_leaves if t.requires_grad])
+    for g, r, leaf in zip(got, ref, wanted, strict=True):
+        assert g.dtype == leaf.dtype and g.shape == leaf.shape
+        assert rel_err(g, r) < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
 def test_rms_norm_eps_guards_a_zero_row():

@@ -4,7 +4,8 @@ Dispatch sorts the ``N * k`` (token, expert) pairs by expert so that each expert
 contiguous slice; every expert then runs as one matrix product over its slice: one ``torch._grouped_mm`` on CUDA
 and for the CPU's small inference batches (a decode step: 15-30% faster from 4 to 512 tokens, measured), a loop
 over experts for the CPU's large or training batches (~3x faster than the grouped kernel at prefill sizes).
-There is never a loop over tokens.
+There is never a loop over tokens. The loop has a hand-written backward (:class:`_SwiGLUExperts`); under
+autocast, which must cast each product, it is composed of autograd ops instead.
 """
 
 from __future__ import annotations
@@ -52,37 +53,116 @@ def swiglu_experts(
     Returns:
         ``[N, H]`` in ``x``'s dtype.
     """
-    top_k = experts.shape[1]
-    num_experts = gate_up_proj.shape[0]
-    flat = experts.reshape(-1)
-    order = torch.argsort(flat, stable=True)  # [N * k], grouped by expert
-    token = order // top_k
-    counts = torch.bincount(flat, minlength=num_experts)
-    xs = x.index_select(0, token)  # [N * k, H]
     if grouped is None:
         small = not torch.is_grad_enabled() and x.shape[0] <= CPU_GROUPED_MAX_TOKENS
         grouped = x.dtype != torch.float64 and (x.is_cuda or small)  # (the grouped kernel has no float64)
+    if not grouped and not torch.is_autocast_enabled(x.device.type):
+        return _SwiGLUExperts.apply(x, weights, experts, gate_up_proj, down_proj)
+    dispatch = _Dispatch(experts, gate_up_proj.shape[0])
+    xs = x.index_select(0, dispatch.token)  # [N * k, H]
     if grouped:
-        offsets = torch.cumsum(counts, 0).to(torch.int32)
+        offsets = torch.cumsum(dispatch.counts, 0).to(torch.int32)
         gate, up = torch._grouped_mm(xs, gate_up_proj.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
         ys = torch._grouped_mm(F.silu(gate) * up, down_proj.transpose(1, 2), offs=offsets)
-    else:
+    else:  # the loop over experts composed of autograd ops: under autocast, which casts each product
         ys = torch.cat(
             [
-                _swiglu(chunk, gate_up_proj[e], down_proj[e])
-                for e, chunk in enumerate(xs.split(counts.tolist()))
-                if chunk.shape[0]
+                F.linear(F.silu(g) * u, down_proj[e])
+                for e, (lo, hi) in dispatch.segments()
+                for g, u in [F.linear(xs[lo:hi], gate_up_proj[e]).chunk(2, dim=-1)]
             ]
             or [xs[:0]]
         )
-    # (In-place: ys is a fresh matmul/cat output that no backward needs.)
-    ys = ys.mul_(weights.reshape(-1)[order, None].to(ys.dtype))
-    return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
+    return dispatch.combine(ys, weights.to(ys.dtype)).to(x.dtype)
 
 
-def _swiglu(x: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-    return F.linear(F.silu(gate).mul_(up), down)
+class _Dispatch:
+    """Where each of the ``N * k`` (token, expert) pairs goes: sorted by expert, each expert one slice.
+
+    ``token`` ``[N * k]``: the token of each sorted pair; ``slot`` ``[N * k]``: for each pair in token-major order
+    (``n * k + j``), its row in the sorted order; ``counts`` ``[E]``: pairs per expert.
+    """
+
+    def __init__(self, experts: Tensor, num_experts: int) -> None:
+        flat = experts.reshape(-1)
+        self.top_k = experts.shape[1]
+        self.order = torch.argsort(flat, stable=True)  # [N * k], grouped by expert
+        self.token = self.order // self.top_k
+        self.slot = torch.empty_like(self.order)
+        self.slot[self.order] = torch.arange(len(self.order), device=flat.device)
+        self.counts = torch.bincount(flat, minlength=num_experts)
+
+    def segments(self) -> list[tuple[int, tuple[int, int]]]:
+        """``(expert, (lo, hi))`` for each expert with pairs: its rows ``lo:hi`` of the sorted order."""
+        ends = torch.cumsum(self.counts, 0).tolist()
+        return [(e, (end - n, end)) for e, (n, end) in enumerate(zip(self.counts.tolist(), ends, strict=True)) if n]
+
+    def combine(self, ys: Tensor, weights: Tensor) -> Tensor:
+        """``out[n] = sum_j weights[n, j] * ys[slot[n * k + j]]``: ``ys`` ``[N * k, H]`` sorted -> ``[N, H]``."""
+        per_token = ys.index_select(0, self.slot).view(-1, self.top_k, ys.shape[-1])  # [N, k, H]
+        out = per_token[:, 0] * weights[:, :1]
+        for j in range(1, self.top_k):
+            out = out.addcmul(per_token[:, j], weights[:, j : j + 1])
+        return out
+
+
+class _SwiGLUExperts(torch.autograd.Function):
+    """The loop over experts with a hand-written backward (the CPU's training path).
+
+    Each expert's products write straight into slices of shared buffers, and the backward runs the same loop:
+    no concatenation of the experts' outputs or of the gate/up gradients, no full-size zero gradient per
+    expert slice of the stacked weights, no scatter (pairs are gathered back to their tokens, ``k`` per token).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weights: Tensor, experts: Tensor, gate_up_proj: Tensor, down_proj: Tensor) -> Tensor:
+        inter = down_proj.shape[-1]
+        dispatch = _Dispatch(experts, gate_up_proj.shape[0])
+        segments = dispatch.segments()
+        xs = x.index_select(0, dispatch.token)  # [M, H], M = N * k
+        gate_up = xs.new_empty(xs.shape[0], 2 * inter)
+        silu = xs.new_empty(xs.shape[0], inter)
+        act = xs.new_empty(xs.shape[0], inter)
+        ys = torch.empty_like(xs)
+        for e, (lo, hi) in segments:
+            gu = torch.mm(xs[lo:hi], gate_up_proj[e].t(), out=gate_up[lo:hi])
+            torch.mul(torch.ops.aten.silu.out(gu[:, :inter], out=silu[lo:hi]), gu[:, inter:], out=act[lo:hi])
+            torch.mm(act[lo:hi], down_proj[e].t(), out=ys[lo:hi])
+        ctx.dispatch, ctx.segments = dispatch, segments
+        ctx.save_for_backward(xs, gate_up, silu, act, ys, weights, gate_up_proj, down_proj)
+        return dispatch.combine(ys, weights.to(ys.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        xs, gate_up, silu, act, ys, weights, gate_up_proj, down_proj = ctx.saved_tensors
+        dispatch: _Dispatch = ctx.dispatch
+        inter = down_proj.shape[-1]
+        want_dx, want_dw, _, want_dgu, want_ddown = ctx.needs_input_grad
+        grad_pairs = grad.index_select(0, dispatch.token)  # [M, H]: each pair's output gradient
+        dweights = None
+        if want_dw:  # d out / d weights[n, j] = ys[slot[n * k + j]]
+            dot = torch.linalg.vecdot(grad_pairs, ys)
+            dweights = dot.index_select(0, dispatch.slot).view_as(weights).to(weights.dtype)
+        dys = grad_pairs.mul_(weights.reshape(-1).index_select(0, dispatch.order)[:, None].to(grad.dtype))
+        dxs = torch.empty_like(xs) if want_dx else None
+        dgu = torch.zeros_like(gate_up_proj) if want_dgu else None
+        ddown = torch.zeros_like(down_proj) if want_ddown else None
+        dgate_up = torch.empty_like(gate_up)
+        for e, (lo, hi) in ctx.segments:
+            if want_ddown:
+                torch.mm(dys[lo:hi].t(), act[lo:hi], out=ddown[e])
+            dact = dys[lo:hi] @ down_proj[e]  # [n, I]
+            gate, up = gate_up[lo:hi, :inter], gate_up[lo:hi, inter:]
+            torch.mul(dact, silu[lo:hi], out=dgate_up[lo:hi, inter:])
+            torch.ops.aten.silu_backward.grad_input(dact.mul_(up), gate, grad_input=dgate_up[lo:hi, :inter])
+            if want_dgu:
+                torch.mm(dgate_up[lo:hi].t(), xs[lo:hi], out=dgu[e])
+            if want_dx:
+                torch.mm(dgate_up[lo:hi], gate_up_proj[e], out=dxs[lo:hi])
+        dx = None
+        if want_dx:  # each token's k pair gradients summed
+            dx = dxs.index_select(0, dispatch.slot).view(-1, dispatch.top_k, xs.shape[-1]).sum(1)
+        return dx, dweights, None, dgu, ddown
 
 
 def load_balancing_stats(probs: Tensor, experts: Tensor) -> Tensor:
