@@ -6,7 +6,12 @@ one process (with hyla's malloc tuning, which speeds both up); steps alternate b
 ``--steps`` timed steps is kept. The batch is ``[batch, seq_len]`` random tokens, unpacked (transformers'
 MiniMax has no packed-sequence path).
 
-Usage: python benchmarks/train.py [--presets demo small] [--batch 4] [--seq-len 1024] [--steps 5] [--no-append]
+``--ceiling`` adds a third, timed the same way: hyla with its lightning-attention op replaced by ``o = v`` (a
+copy: the projections, SiLU, gated norm, MoE, softmax layer and optimizer all still run). It is not a model; its
+speed-up over transformers bounds what any lightning kernel, however fast, could give at this shape.
+
+Usage: python benchmarks/train.py [--presets demo small] [--batch 4] [--seq-len 1024] [--steps 5] [--ceiling]
+    [--no-append]
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 import torch
 
 import hyla
+import hyla.model.lightning
 from hyla.bench import append_result, machine_description
 from hyla.runtime import tune_malloc
 
@@ -43,12 +49,30 @@ def step_fn(model, ids: torch.Tensor, hf: bool):
     return step
 
 
+def free_lightning(step):
+    """``step`` with every lightning-attention op replaced by ``o = v`` (see ``--ceiling``)."""
+
+    def copy_v(q, k, v, *args, **kwargs):
+        return v.clone(), None
+
+    def run() -> None:
+        real = hyla.model.lightning.lightning_attention
+        hyla.model.lightning.lightning_attention = copy_v
+        try:
+            step()
+        finally:
+            hyla.model.lightning.lightning_attention = real
+
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["demo", "small"])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--ceiling", action="store_true", help="also time hyla with a free lightning op")
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
     from transformers import MiniMaxForCausalLM
@@ -64,6 +88,8 @@ def main() -> None:
             ours = hyla.load(tmp).train()
             theirs = MiniMaxForCausalLM.from_pretrained(tmp, dtype=torch.float32).train()
         steps = {"hyla": step_fn(ours, ids, hf=False), "transformers": step_fn(theirs, ids, hf=True)}
+        if args.ceiling:  # (its own optimizer over the same parameters: the weights drift, the shapes do not)
+            steps["ceiling"] = free_lightning(step_fn(ours, ids, hf=False))
         times: dict[str, list[float]] = {k: [] for k in steps}
         for fn in steps.values():
             fn()  # warm-up
@@ -73,23 +99,27 @@ def main() -> None:
                 fn()
                 times[key].append(time.perf_counter() - start)
         tokens = args.batch * args.seq_len
-        ours_rate = tokens / statistics.median(times["hyla"])
-        theirs_rate = tokens / statistics.median(times["transformers"])
-        rows.append((name, config.num_parameters() / 1e6, ours_rate, theirs_rate))
-        print(f"{name}: hyla {ours_rate:,.0f} tok/s, transformers {theirs_rate:,.0f} tok/s", flush=True)
+        rates = {key: tokens / statistics.median(t) for key, t in times.items()}
+        rows.append((name, config.num_parameters() / 1e6, rates))
+        print(f"{name}: " + ", ".join(f"{key} {rate:,.0f} tok/s" for key, rate in rates.items()), flush=True)
 
-    lines = ["| preset | parameters | hyla tok/s | transformers tok/s | speed-up |", "|---|---|---|---|---|"]
-    for name, params, ours_rate, theirs_rate in rows:
-        lines.append(
-            f"| {name} | {params:.1f}M | {ours_rate:,.0f} | {theirs_rate:,.0f} | {ours_rate / theirs_rate:.2f}x |"
-        )
+    header = "| preset | parameters | hyla tok/s | transformers tok/s | speed-up |"
+    if args.ceiling:
+        header += " hyla, free lightning op: tok/s | ceiling speed-up |"
+    lines = [header, "|---" * header.count(" |") + "|"]
+    for name, params, rates in rows:
+        ours_rate, theirs_rate = rates["hyla"], rates["transformers"]
+        line = f"| {name} | {params:.1f}M | {ours_rate:,.0f} | {theirs_rate:,.0f} | {ours_rate / theirs_rate:.2f}x |"
+        if args.ceiling:
+            line += f" {rates['ceiling']:,.0f} | {rates['ceiling'] / theirs_rate:.2f}x |"
+        lines.append(line)
     table = "\n".join(lines)
     machine = machine_description()
     print(table)
     if not args.no_append:
         command = (
             f"python benchmarks/train.py --presets {' '.join(args.presets)} --batch {args.batch} "
-            f"--seq-len {args.seq_len} --steps {args.steps}"
+            f"--seq-len {args.seq_len} --steps {args.steps}" + (" --ceiling" if args.ceiling else "")
         )
         preamble = f"Machine: {machine}. Batch {args.batch} x {args.seq_len} tokens, median of {args.steps} steps."
         append_result(RESULTS, "Training step (forward + backward + AdamW), float32", preamble, command, table)
