@@ -39,3 +39,34 @@ def test_bench_context_writes_table_plot_and_a_rerunnable_command(tmp_path):
         # Only the whole model's and the projections' forward + backward are not measured (dashes); every other
         # cell is a number.
         assert cells.count("—") == 2 and all(float(c.replace(",", "")) >= 0 for c in cells if c != "—")
+
+
+def test_training_benchmark_ceiling_skips_only_the_lightning_op(monkeypatch):
+    """``benchmarks/train.py --ceiling``: the step runs with the op replaced (never called), which is restored."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    import hyla
+    import hyla.model.lightning
+
+    spec = importlib.util.spec_from_file_location("train_bench", Path(__file__).parents[1] / "benchmarks/train.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    calls = []
+    real = hyla.model.lightning.lightning_attention
+
+    def counted(*args, **kwargs):
+        calls.append(None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hyla.model.lightning, "lightning_attention", counted)
+    model = hyla.HylaForCausalLM(hyla.preset("tiny")).train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 40))
+    before = [p.detach().clone() for p in model.parameters()]
+    bench.free_lightning(bench.step_fn(model, ids, hf=False))()
+    assert not calls and hyla.model.lightning.lightning_attention is counted
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))  # it trained
+    bench.step_fn(model, ids, hf=False)()
+    assert len(calls) == sum(layer.is_lightning for layer in model.model.layers)
