@@ -1,7 +1,8 @@
 """Training throughput: hyla vs transformers' MiniMaxForCausalLM, the same config, weights and batch.
 
 One training step = forward + backward (next-token loss plus the MoE load-balancing loss, which transformers
-computes with ``output_router_logits=True``) + an AdamW step. Both models start from the same checkpoint in
+computes with ``output_router_logits=True``) + a fused AdamW step (``hyla train``'s optimizer, and the default of
+transformers' Trainer from torch 2.8). Both models start from the same checkpoint in
 one process (with hyla's malloc tuning, which speeds both up); steps alternate between them and the median of
 ``--steps`` timed steps is kept. The batch is ``[batch, seq_len]`` random tokens, unpacked (transformers'
 MiniMax has no packed-sequence path).
@@ -33,7 +34,7 @@ RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 def step_fn(model, ids: torch.Tensor, hf: bool):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     coef = model.config.router_aux_loss_coef
 
     def step() -> None:
