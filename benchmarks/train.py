@@ -7,8 +7,9 @@ one process (with hyla's malloc tuning, which speeds both up); steps alternate b
 ``--steps`` timed steps is kept. The batch is ``[batch, seq_len]`` random tokens, unpacked (transformers'
 MiniMax has no packed-sequence path).
 
-``--ceiling`` adds a third, timed the same way: hyla with its lightning-attention op replaced by ``o = v`` (a
-copy: the projections, SiLU, gated norm, MoE, softmax layer and optimizer all still run). It is not a model; its
+``--ceiling`` adds a third, timed the same way: hyla with its lightning-attention op (SiLU of q, k, v included)
+replaced by a copy of v's pre-activation (the projections, gated norm, MoE, softmax layer and optimizer all still
+run). It is not a model; its
 speed-up over transformers bounds what any lightning kernel, however fast, could give at this shape.
 
 Usage: python benchmarks/train.py [--presets demo small] [--batch 4] [--seq-len 1024] [--steps 5] [--ceiling]
@@ -51,18 +52,18 @@ def step_fn(model, ids: torch.Tensor, hf: bool):
 
 
 def free_lightning(step):
-    """``step`` with every lightning-attention op replaced by ``o = v`` (see ``--ceiling``)."""
+    """``step`` with every lightning-attention op (its SiLU included) replaced by a copy of v (see ``--ceiling``)."""
 
-    def copy_v(q, k, v, *args, **kwargs):
-        return v.clone(), None
+    def copy_v(qkv, *args, **kwargs):
+        return qkv[..., -(qkv.shape[-1] // 3) :].clone(), None
 
     def run() -> None:
-        real = hyla.model.lightning.lightning_attention
-        hyla.model.lightning.lightning_attention = copy_v
+        real = hyla.model.lightning.lightning_attention_qkv
+        hyla.model.lightning.lightning_attention_qkv = copy_v
         try:
             step()
         finally:
-            hyla.model.lightning.lightning_attention = real
+            hyla.model.lightning.lightning_attention_qkv = real
 
     return run
 

@@ -55,18 +55,18 @@ def test_training_benchmark_ceiling_skips_only_the_lightning_op(monkeypatch):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     calls = []
-    real = hyla.model.lightning.lightning_attention
+    real = hyla.model.lightning.lightning_attention_qkv
 
     def counted(*args, **kwargs):
         calls.append(None)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(hyla.model.lightning, "lightning_attention", counted)
+    monkeypatch.setattr(hyla.model.lightning, "lightning_attention_qkv", counted)
     model = hyla.HylaForCausalLM(hyla.preset("tiny")).train()
     ids = torch.randint(0, model.config.vocab_size, (2, 40))
     before = [p.detach().clone() for p in model.parameters()]
     bench.free_lightning(bench.step_fn(model, ids, hf=False))()
-    assert not calls and hyla.model.lightning.lightning_attention is counted
+    assert not calls and hyla.model.lightning.lightning_attention_qkv is counted
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))  # it trained
     bench.step_fn(model, ids, hf=False)()
     assert len(calls) == sum(layer.is_lightning for layer in model.model.layers)

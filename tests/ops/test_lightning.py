@@ -8,6 +8,7 @@ from hyla.ops.lightning import (
     lightning_attention,
     lightning_attention_chunk,
     lightning_attention_naive,
+    lightning_attention_qkv,
     lightning_attention_step,
 )
 from tests.conftest import rel_err
@@ -168,3 +169,53 @@ def test_varlen_rejects_a_batch_and_bad_offsets():
         lightning_attention_chunk(q, q, q, slope, cu_seqlens=torch.tensor([0, 10]))
     with pytest.raises(ValueError, match="must rise from 0 to the packed length 10"):
         lightning_attention_chunk(q[:1], q[:1], q[:1], slope, cu_seqlens=torch.tensor([0, 4, 9]))
+
+
+def silu_then_naive(qkv, slope, states, lengths):
+    """The fused entry's reference: the activation and the split first, then each sequence's recurrence alone."""
+    q, k, v = torch.nn.functional.silu(qkv).split(qkv.shape[-1] // 3, dim=-1)
+    if lengths is None:
+        return lightning_attention_naive(q, k, v, slope, states)
+    return varlen_reference(q, k, v, slope, states, lengths)
+
+
+@pytest.mark.parametrize(
+    ("batch", "lengths"), [(2, None), (1, [1, 17, 64, 130]), (1, [70, 0, 1]), (1, [3, 1, 4, 1, 5, 9, 2, 6, 0, 5])]
+)
+@pytest.mark.parametrize("with_state", [False, True])
+def test_fused_silu_qkv_matches_silu_then_attention(batch, lengths, with_state, groups):
+    """``lightning_attention_qkv``: SiLU and q/k/v split inside the blockwise walk; outputs, states and the
+    gradients of the pre-activation and of the initial states against the unfused recurrence (float64)."""
+    total = sum(lengths) if lengths else 77  # 77: a partial last block
+    n = len(lengths) if lengths else batch
+    qkv = (torch.randn(batch, total, H, 3 * D, dtype=torch.float64) * 1.5).requires_grad_()
+    slope = 2.0 ** (-8 * (torch.arange(H, dtype=torch.float64) + 1) / H)
+    states = torch.randn(n, H, D, D, dtype=torch.float64).requires_grad_() if with_state else None
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()]) if lengths else None
+    o, s = lightning_attention_qkv(qkv, slope, states, 16, cu_seqlens)
+    o_ref, s_ref = silu_then_naive(qkv, slope, states, lengths)
+    assert o.shape == (batch, total, H, D) and s.shape == (n, H, D, D)
+    assert rel_err(o, o_ref) < 1e-10 and rel_err(s, s_ref) < 1e-10
+    leaves = [qkv] + ([states] if with_state else [])
+    do, ds = torch.randn_like(o), torch.randn_like(s)
+    got = torch.autograd.grad((o * do).sum() + (s * ds).sum(), leaves)
+    ref = torch.autograd.grad((o_ref * do).sum() + (s_ref * ds).sum(), leaves)
+    for g, r in zip(got, ref, strict=True):
+        assert g.shape == r.shape and rel_err(g, r) < 1e-10
+
+
+def test_fused_silu_qkv_in_bfloat16_and_its_bad_shape():
+    qkv = torch.randn(1, 50, H, 3 * D)
+    slope = 2.0 ** (-8 * (torch.arange(H) + 1) / H)
+    half = qkv.bfloat16().requires_grad_()
+    o, s = lightning_attention_qkv(half, slope, block_size=16)
+    exact = qkv.double().requires_grad_()
+    o_ref, s_ref = silu_then_naive(exact, slope.double(), None, None)
+    assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
+    assert rel_err(o, o_ref) < 2e-2 and rel_err(s, s_ref) < 2e-2
+    do = torch.randn(o.shape)
+    (g,) = torch.autograd.grad((o.float() * do).sum(), half)
+    (r,) = torch.autograd.grad((o_ref * do).sum(), exact)
+    assert g.dtype == torch.bfloat16 and rel_err(g, r) < 2e-2
+    with pytest.raises(ValueError, match="3 x head_dim"):
+        lightning_attention_qkv(torch.randn(1, 4, H, 20), slope)

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from hyla.config import HylaConfig
 from hyla.model.cache import Cache
 from hyla.model.norm import RMSNorm
-from hyla.ops.lightning import lightning_attention
+from hyla.ops.lightning import lightning_attention_qkv
 from hyla.ops.norm import gated_rms_norm_
 
 # MiniMax's lightning norm uses its RMSNorm's default epsilon, not the config's rms_norm_eps.
@@ -58,12 +58,12 @@ class LightningAttention(nn.Module):
         b, t, _ = x.shape
         # In place when no backward will need the projection's output.
         inplace = not torch.is_grad_enabled()
-        qkv = F.silu(self.qkv_proj(x), inplace=inplace).view(b, t, self.num_heads, 3 * self.head_dim)
-        q, k, v = qkv.split(self.head_dim, dim=-1)  # each [B, T, H, D]
+        qkv = self.qkv_proj(x).view(b, t, self.num_heads, 3 * self.head_dim)
         block_size = self.block_size if x.is_cuda else min(self.block_size, CPU_BLOCK_SIZE)
-        if cache is None:
-            o, _ = lightning_attention(q, k, v, self.slope, None, block_size, cu_seqlens)
+        if cache is None:  # the SiLU and the q/k/v split inside the op
+            o, _ = lightning_attention_qkv(qkv, self.slope, None, block_size, cu_seqlens)
         else:
+            q, k, v = F.silu(qkv, inplace=inplace).split(self.head_dim, dim=-1)  # each [B, T, H, D]
             o = cache.lightning(self.layer_idx, q, k, v, self.slope, block_size)
         o = o.reshape(b, t, -1)
         if inplace:

@@ -1,6 +1,7 @@
 """Lightning attention: causal linear attention with a per-head exponential decay.
 
-One public entry point, :func:`lightning_attention`, picks the implementation:
+One public entry point, :func:`lightning_attention` (and :func:`lightning_attention_qkv` for MiniMax's activated
+q/k/v projection), picks the implementation:
 
 - ``naive.py``: the token-by-token recurrence, the reference;
 - ``chunk.py``: blockwise, ``O(T C D + T D^2)``, vectorised over blocks and heads (prefill, training);
@@ -11,9 +12,10 @@ One public entry point, :func:`lightning_attention`, picks the implementation:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from hyla.ops.lightning.chunk import compute_dtype, lightning_attention_chunk
+from hyla.ops.lightning.chunk import compute_dtype, lightning_attention_chunk, lightning_attention_chunk_qkv
 from hyla.ops.lightning.naive import lightning_attention_naive
 from hyla.ops.lightning.recurrent import lightning_attention_step, lightning_step_slots
 
@@ -22,6 +24,7 @@ __all__ = [
     "lightning_attention",
     "lightning_attention_chunk",
     "lightning_attention_naive",
+    "lightning_attention_qkv",
     "lightning_attention_step",
     "lightning_decode",
 ]
@@ -63,6 +66,28 @@ def lightning_attention(
     # backward's): it runs in the inputs' dtype with a float32 state, as without autocast.
     with torch.autocast(q.device.type, enabled=False):
         return lightning_attention_chunk(q, k, v, slope, initial_state, block_size, cu_seqlens)
+
+
+def lightning_attention_qkv(
+    qkv: Tensor,
+    slope: Tensor,
+    initial_state: Tensor | None = None,
+    block_size: int = 64,
+    cu_seqlens: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`lightning_attention` on ``q, k, v = silu(qkv).split(D, dim=-1)``, ``qkv`` ``[B, T, H, 3D]`` being
+    the pre-activation of MiniMax's q/k/v projection.
+
+    On the CPU the activation and the split happen inside the blockwise kernel, group by group
+    (:func:`~hyla.ops.lightning.chunk.lightning_attention_chunk_qkv`): one activation pass, one ``[B, T, H, 3D]``
+    copy and one concatenation in the backward fewer, and a third of the layer's attention inputs kept for the
+    backward. On CUDA, and for a single token continuing a state, they run first.
+    """
+    if qkv.is_cuda or (qkv.shape[1] == 1 and initial_state is not None and cu_seqlens is None):
+        q, k, v = F.silu(qkv).split(qkv.shape[-1] // 3, dim=-1)
+        return lightning_attention(q, k, v, slope, initial_state, block_size, cu_seqlens)
+    with torch.autocast(qkv.device.type, enabled=False):  # (as in lightning_attention)
+        return lightning_attention_chunk_qkv(qkv, slope, initial_state, block_size, cu_seqlens)
 
 
 def lightning_decode(q: Tensor, k: Tensor, v: Tensor, slope: Tensor, pool: Tensor, slots: Tensor) -> Tensor:

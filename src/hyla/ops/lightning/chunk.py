@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 # Bytes of one group's block-major copy of q (and of k, v, the scores, the output...): small enough that a
@@ -65,9 +66,43 @@ def lightning_attention_chunk(
         o2, state2 = lightning_attention_chunk(q2, k2, v2, slope, initial_state=state)  # continue
         o, states = lightning_attention_chunk(q, k, v, slope, cu_seqlens=torch.tensor([0, 17, 81]))
     """
+    return _blocked(q.shape, (q, k, v), False, slope, initial_state, block_size, cu_seqlens)
+
+
+def lightning_attention_chunk_qkv(
+    qkv: Tensor,
+    slope: Tensor,
+    initial_state: Tensor | None = None,
+    block_size: int = 64,
+    cu_seqlens: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`lightning_attention_chunk` on ``q, k, v = silu(qkv).split(D, dim=-1)``, fused.
+
+    ``qkv`` ``[B, T, H, 3D]`` is the pre-activation (MiniMax's q/k/v projection). The SiLU is applied to each group
+    of blocks as it is read (and again in the backward), and the backward writes one ``[B, T, H, 3D]`` gradient
+    of ``qkv``: no activation pass over the whole tensor, no SiLU output kept for the backward, no concatenation
+    of ``dq, dk, dv``. Same values as the unfused form.
+    """
+    b, t, h, d3 = qkv.shape
+    if d3 % 3:
+        raise ValueError(f"qkv's last dim must be 3 x head_dim, got {d3}")
+    return _blocked((b, t, h, d3 // 3), (qkv,), True, slope, initial_state, block_size, cu_seqlens)
+
+
+def _blocked(
+    shape: tuple[int, int, int, int],
+    parts: tuple[Tensor, ...],
+    silu: bool,
+    slope: Tensor,
+    initial_state: Tensor | None,
+    block_size: int,
+    cu_seqlens: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """Both entries: ``shape`` ``(B, T, H, D)``; ``parts`` ``(q, k, v)`` or, with ``silu``, ``(qkv,)``."""
     if block_size <= 0 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two, got {block_size}")
-    b, t, h, d = q.shape
+    b, t, h, d = shape
+    q = parts[0]
     if cu_seqlens is None:
         lengths = [t] * b
     else:
@@ -82,8 +117,8 @@ def lightning_attention_chunk(
     if b * t == 0:
         return q.new_zeros(b, t, h, d), init
     plan = _Plan(lengths, block_size, h, d, dtype, q.device)
-    flat = [x.reshape(b * t, h, d) for x in (q, k, v)]
-    o, final = _BlockedAttention.apply(*flat, slope.to(dtype), init, plan)
+    flat = [x.reshape(b * t, h, x.shape[-1]) for x in parts]
+    o, final = _BlockedAttention.apply(slope.to(dtype), init, plan, silu, *flat)
     return o.view(b, t, h, d).to(q.dtype), final
 
 
@@ -121,26 +156,33 @@ class _Group:
         self.carry_in = lo not in starts
         self.carry_out = hi < n and hi not in starts
 
-    def gather(self, x: Tensor, dtype: torch.dtype) -> Tensor:
-        """The group's blocks of packed ``x`` ``[ΣT, H, D]`` -> ``[hi - lo, H, c, D]``, contiguous, in ``dtype``,
+    def gather(self, tokens: Tensor, dtype: torch.dtype) -> Tensor:
+        """The group's tokens ``[t1 - t0, H, D]`` -> its blocks ``[hi - lo, H, c, D]``, contiguous, in ``dtype``,
         zeros in padding slots."""
-        _, h, d = x.shape
-        tokens = x[self.t0 : self.t1]
-        out = x.new_empty(self.hi - self.lo, h, self.c, d, dtype=dtype)
+        _, h, d = tokens.shape
+        out = tokens.new_empty(self.hi - self.lo, h, self.c, d, dtype=dtype)
         if self.slots is None:
             return out.copy_(tokens.reshape(self.hi - self.lo, self.c, h, d).transpose(1, 2))
-        slots = x.new_zeros((self.hi - self.lo) * self.c, h, d, dtype=dtype)
+        slots = tokens.new_zeros((self.hi - self.lo) * self.c, h, d, dtype=dtype)
         slots.index_copy_(0, self.slots, tokens.to(dtype))
         return out.copy_(slots.view(self.hi - self.lo, self.c, h, d).transpose(1, 2))
 
-    def scatter(self, blocks: Tensor, out: Tensor) -> None:
-        """Write ``blocks`` ``[hi - lo, H, c, D]`` back to the group's tokens in packed ``out`` ``[ΣT, H, D]``."""
-        _, h, d = out.shape
+    def scatter(self, blocks: Tensor, tokens: Tensor) -> None:
+        """Write ``blocks`` ``[hi - lo, H, c, D]`` to the group's ``tokens`` ``[t1 - t0, H, D]`` (may be strided)."""
+        _, h, d = tokens.shape
         if self.slots is None:
-            out[self.t0 : self.t1].view(self.hi - self.lo, self.c, h, d).copy_(blocks.transpose(1, 2))
+            tokens.view(self.hi - self.lo, self.c, h, d).copy_(blocks.transpose(1, 2))
             return
         slots = blocks.transpose(1, 2).reshape((self.hi - self.lo) * self.c, h, d)
-        torch.index_select(slots, 0, self.slots, out=out[self.t0 : self.t1])
+        tokens.copy_(slots.index_select(0, self.slots))
+
+    def inputs(self, parts: tuple[Tensor, ...], silu: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """The group's q, k, v blocks ``[hi - lo, H, c, D]`` from packed ``(q, k, v)``, or from packed
+        pre-activation ``(qkv,)`` ``[ΣT, H, 3D]`` with ``silu`` (applied to the group's tokens only)."""
+        tokens = [x[self.t0 : self.t1] for x in parts]
+        if silu:
+            tokens = F.silu(tokens[0]).chunk(3, dim=-1)
+        return tuple(self.gather(x, dtype) for x in tokens)
 
 
 class _Plan:
@@ -220,24 +262,26 @@ class _BlockedAttention(torch.autograd.Function):
         dV = A^T dO + (K ⊙ k_decay) G_i
         G_{i-1} = block_decay_i G_i + (Q_i ⊙ q_decay)^T dO_i      (reverse scan; dfinal at sequence ends)
 
-    Inputs are packed ``[ΣT, H, D]``; ``init`` ``[N, H, D, D]``; returns ``o`` ``[ΣT, H, D]`` (compute dtype)
-    and the final states ``[N, H, D, D]``. The states entering each block are kept for the backward only
-    when a gradient is wanted.
+    Inputs are ``q, k, v`` packed ``[ΣT, H, D]``, or with ``silu`` one packed pre-activation ``qkv``
+    ``[ΣT, H, 3D]`` (its SiLU applied per group, its gradient taken through it); ``init`` ``[N, H, D, D]``; returns
+    ``o`` ``[ΣT, H, D]`` (compute dtype) and the final states ``[N, H, D, D]``. The states entering each block are
+    kept for the backward only when a gradient is wanted.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, s, init, plan):
-        _, h, d = q.shape
+    def forward(ctx, s, init, plan, silu, *parts):
+        h, d = init.shape[1:3]
+        total = parts[0].shape[0]
         dtype = s.dtype
         decay = _Decays(s, plan.block_lengths, plan.c)
         keep = any(ctx.needs_input_grad)
         states = init.new_empty(plan.n if keep else 0, h, d, d)
-        out = q.new_empty(q.shape, dtype=dtype)
+        out = init.new_empty(total, h, d)
         final = torch.empty_like(init)  # written at each sequence's last block; an empty one's is its initial
         final[plan.empty] = init[plan.empty]
         carry = None  # the state leaving the previous group's last block
         for g in plan.groups:
-            qg, kg, vg = (g.gather(x, dtype) for x in (q, k, v))  # [G, H, c, D]
+            qg, kg, vg = g.inputs(parts, silu, dtype)  # [G, H, c, D]
             o = _bmm(_bmm(qg, kg.transpose(-1, -2)).mul_(decay.mask), vg)
             kv = _bmm(kg.mul_(decay.key[g.lo : g.hi]).transpose(-1, -2), vg)  # [G, H, D, D]
             block = decay.block[g.lo : g.hi]
@@ -253,22 +297,26 @@ class _BlockedAttention(torch.autograd.Function):
             if g.carry_out:
                 carry = torch.addcmul(kv[-1], block[-1], st[-1])
             # (q ⊙ decay_r) S == decay_r ⊙ (q S): the decay scales whole output rows.
-            g.scatter(o.addcmul_(_bmm(qg, st), decay.query), out)
-        ctx.save_for_backward(q, k, v, states)
-        ctx.plan, ctx.decay = plan, decay
+            g.scatter(o.addcmul_(_bmm(qg, st), decay.query), out[g.t0 : g.t1])
+        ctx.save_for_backward(states, *parts)
+        ctx.plan, ctx.decay, ctx.silu = plan, decay, silu
         return out, final
 
     @staticmethod
     def backward(ctx, do, dfinal):
-        q, k, v, states = ctx.saved_tensors
-        plan, decay = ctx.plan, ctx.decay
+        states, *parts = ctx.saved_tensors
+        plan, decay, silu = ctx.plan, ctx.decay, ctx.silu
         dtype = states.dtype
-        dq, dk, dv = (torch.empty(q.shape, dtype=dtype, device=q.device) for _ in range(3))
+        grads_in = [torch.empty(x.shape, dtype=dtype, device=x.device) for x in parts]  # d(q, k, v) or d(qkv)
         dinit = torch.empty_like(dfinal)  # written at each sequence's first block
         dinit[plan.empty] = dfinal[plan.empty]  # an empty sequence hands its initial state on untouched
         carry = None  # the gradient of the state entering the next group's first block
         for g in reversed(plan.groups):
-            qg, kg, vg, dog = (g.gather(x, dtype) for x in (q, k, v, do))  # [G, H, c, D]
+            qg, kg, vg = g.inputs(parts, silu, dtype)  # [G, H, c, D]
+            dog = g.gather(do[g.t0 : g.t1], dtype)
+            # This group's tokens of dq, dk, dv: views into d(qkv) when fused.
+            dests = [x[g.t0 : g.t1] for x in grads_in]
+            dq, dk, dv = dests[0].chunk(3, dim=-1) if silu else dests
             st, block, key = states[g.lo : g.hi], decay.block[g.lo : g.hi], decay.key[g.lo : g.hi]
             scores = _bmm(qg, kg.transpose(-1, -2)).mul_(decay.mask)
             dscores = _bmm(dog, vg.transpose(-1, -2)).mul_(decay.mask)
@@ -287,4 +335,7 @@ class _BlockedAttention(torch.autograd.Function):
                 carry = torch.addcmul(into[0], block[0], grads[0])
             g.scatter(_bmm(dscores.transpose(-1, -2), qg).addcmul_(_bmm(vg, grads.transpose(-1, -2)), key), dk)
             g.scatter(_bmm(scores.transpose(-1, -2), dog).add_(_bmm(kg * key, grads)), dv)
-        return dq, dk, dv, None, dinit, None
+            if silu:  # through the activation, in place, while the group's tokens are in cache
+                pre = parts[0][g.t0 : g.t1].to(dtype)
+                torch.ops.aten.silu_backward.grad_input(dests[0], pre, grad_input=dests[0])
+        return None, dinit, None, None, *grads_in
