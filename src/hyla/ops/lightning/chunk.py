@@ -16,6 +16,10 @@ and heads while everything they touch stays in the CPU's cache. Processing every
 each ``[C, C]`` score and ``[D, D]`` state tile through main memory several times: the forward took 1.7x as
 long (measured at 32k tokens, 8 x 64 heads, float32: 157-168 vs 85-95 ms). The state hand-over
 ``S_{i+1} = exp(-s C) S_i + KV_i`` (and its reverse in the backward) is a loop over blocks, a sequential scan.
+
+:func:`lightning_attention_chunk_qkv` takes MiniMax's q/k/v projection before its SiLU and applies the activation
+group by group as it reads them, which saves the activation's passes over memory and its copy kept for the
+backward (the layer's forward + backward peak at 32k tokens x 512: 1.6 -> 0.8-1.1 GB).
 """
 
 from __future__ import annotations
