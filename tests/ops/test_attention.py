@@ -1,5 +1,6 @@
 """Softmax attention (SDPA, GQA, cache continuation) and RoPE against explicit formulas in float64."""
 
+import itertools
 import math
 
 import pytest
@@ -58,16 +59,23 @@ def test_rope_rotates_pairs_and_passes_the_rest(rotary_dim):
     assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1))
 
 
-def test_packed_sequences_attend_only_within_themselves():
-    lengths = [5, 1, 12]
-    q = torch.randn(1, 18, 4, 8, dtype=torch.float64)
-    k, v = (torch.randn(1, 18, 2, 8, dtype=torch.float64) for _ in range(2))
-    out = softmax_attention(q, k, v, cu_seqlens=torch.tensor([0, 5, 6, 18]))
-    start = 0
-    for n in lengths:
-        s = slice(start, start + n)
-        assert rel_err(out[:, s], reference_attention(q[:, s], k[:, s], v[:, s])) < 1e-12
-        start += n
+@pytest.mark.parametrize("lengths", [[5, 1, 12], [5, 1, 12, 0, 70, 130, 64, 65, 3], [200], [0, 9, 0]])
+def test_packed_sequences_attend_only_within_themselves(lengths):
+    """Packed sequences (in length buckets: here several, some sharing one, some empty) against each sequence's
+    own attention, outputs and gradients."""
+    total = sum(lengths)
+    q = torch.randn(1, total, 4, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(1, total, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    out = softmax_attention(q, k, v, cu_seqlens=cu_seqlens)
+    bounds = cu_seqlens.tolist()
+    ref = torch.cat([reference_attention(q[:, a:b], k[:, a:b], v[:, a:b]) for a, b in itertools.pairwise(bounds)], 1)
+    assert out.shape == q.shape and rel_err(out, ref) < 1e-12
+    do = torch.randn_like(out)
+    got = torch.autograd.grad((out * do).sum(), (q, k, v))
+    want = torch.autograd.grad((ref * do).sum(), (q, k, v))
+    for g, w in zip(got, want, strict=True):
+        assert rel_err(g, w) < 1e-12
 
 
 @pytest.mark.parametrize("block_size", [1, 4, 16])
