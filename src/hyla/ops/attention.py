@@ -43,24 +43,26 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, mask: Tensor | None 
     return o.transpose(1, 2)
 
 
-# Packed sequences are padded to a power of two, at least this many tokens (one bucket for all short ones).
-MIN_BUCKET = 64
+# Packed sequences are padded to a multiple of this many tokens, and those of one padded length run together.
+BUCKET = 64
 
 
 def _packed(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor) -> Tensor:
-    """Packed sequences in buckets (multi-level padding): each sequence goes to the bucket of its length rounded up
-    to a power of two (at least :data:`MIN_BUCKET`), and each bucket runs as one padded batch ``[n, P]`` under a
-    plain causal mask — padding sits after each sequence's tokens, where causality already hides it.
+    """Packed sequences in length buckets (multi-level padding): each sequence is padded to a multiple of
+    :data:`BUCKET` tokens, and each padded length runs as one batch ``[n, P]`` under a plain causal mask — padding
+    sits after each sequence's tokens, where causality already hides it.
 
-    Costs at most ~4x ``sum(length^2)``, where a single batch padded to the longest sequence costs
-    ``N Lmax^2``: with one 8k document among many short ones, ~N times the work. Measured here (33 documents of
-    20-512 tokens, 8k tokens, GQA 2:1 x 64, float32, forward + backward): 95 -> 77 ms.
+    At most ``BUCKET - 1`` padding tokens per sequence and one SDPA call per padded length, where padding every
+    sequence to the longest costs ``N Lmax^2`` (with one 4k document among 64 short ones, ~40x the work here).
+    Measured forward + backward, 8k tokens, float32, same process (`benchmarks/packed_softmax.py` has the
+    re-runnable comparison with one call per sequence): 33 documents of 20-512 tokens, 2 x 64 heads: 58 ms, against
+    66 with power-of-two buckets, 60 with one call per document and ~95 padded to the longest.
     """
     lengths = cu_seqlens.diff().tolist()
     buckets: dict[int, list[int]] = {}
     for i, length in enumerate(lengths):
         if length:
-            buckets.setdefault(max(MIN_BUCKET, 1 << (length - 1).bit_length()), []).append(i)
+            buckets.setdefault(-(-length // BUCKET) * BUCKET, []).append(i)
     cu_seqlens = cu_seqlens.to(q.device)
     outs, positions = [], []
     for pad, seqs in sorted(buckets.items()):
