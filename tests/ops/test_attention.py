@@ -78,6 +78,13 @@ def test_packed_sequences_attend_only_within_themselves(lengths):
         assert rel_err(g, w) < 1e-12
 
 
+@pytest.mark.parametrize("offsets", [[1, 5, 18], [0, 5, 17], [0, 9, 5, 18]])
+def test_packed_offsets_that_do_not_cover_the_row_are_refused(offsets):
+    q, k, v = torch.randn(1, 18, 2, 8), torch.randn(1, 18, 1, 8), torch.randn(1, 18, 1, 8)
+    with pytest.raises(ValueError, match="rise from 0 to the packed length 18"):
+        softmax_attention(q, k, v, cu_seqlens=torch.tensor(offsets))
+
+
 @pytest.mark.parametrize("block_size", [1, 4, 16])
 def test_paged_attention_equals_dense_per_sequence(block_size):
     """Sequences scattered over a shuffled block pool, padded queries, GQA: each equals its dense attention."""
