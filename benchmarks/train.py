@@ -2,15 +2,14 @@
 
 One training step = forward + backward (next-token loss plus the MoE load-balancing loss, which transformers
 computes with ``output_router_logits=True``) + a fused AdamW step (``hyla train``'s optimizer, and the default of
-transformers' Trainer from torch 2.8). Both models start from the same checkpoint in
-one process (with hyla's malloc tuning, which speeds both up); steps alternate between them and the median of
-``--steps`` timed steps is kept. The batch is ``[batch, seq_len]`` random tokens, unpacked (transformers'
-MiniMax has no packed-sequence path).
+transformers' Trainer from torch 2.8). Both models start from the same checkpoint in one process (with hyla's malloc
+tuning, which speeds both up); steps alternate between them and the median of ``--steps`` timed steps is kept. The
+batch is ``[batch, seq_len]`` random tokens, unpacked (transformers' MiniMax has no packed-sequence path).
 
 ``--ceiling`` adds a third, timed the same way: hyla with its lightning-attention op (SiLU of q, k, v included)
 replaced by a copy of v's pre-activation (the projections, gated norm, MoE, softmax layer and optimizer all still
-run). It is not a model; its
-speed-up over transformers bounds what any lightning kernel, however fast, could give at this shape.
+run). It is not a model; its speed-up over transformers bounds what any lightning kernel, however fast, could give
+at this shape.
 
 Usage: python benchmarks/train.py [--presets demo small] [--batch 4] [--seq-len 1024] [--steps 5] [--ceiling]
     [--no-append]
