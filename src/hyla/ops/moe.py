@@ -73,7 +73,8 @@ def swiglu_experts(
             ]
             or [xs[:0]]
         )
-    return dispatch.combine(ys, weights.to(ys.dtype)).to(x.dtype)
+    # The k outputs are weighted and summed in x's dtype (float32 under bfloat16 autocast), as index_add_ did.
+    return dispatch.combine(ys.to(x.dtype), weights.to(x.dtype))
 
 
 class _Dispatch:
