@@ -55,17 +55,25 @@ def lightning_attention(
     anything longer the blockwise path.
     The state is float32 (float64 for float64 inputs) whatever the inputs' dtype.
     """
-    if q.is_cuda and q.shape[1] > 1 and fits_triton(q.shape[-1], q.dtype):
+    route = _route(q, q.shape[-1], initial_state, cu_seqlens)
+    if route == "triton":
         from hyla.ops.lightning.triton import lightning_attention_triton
 
         return lightning_attention_triton(q, k, v, slope, initial_state, cu_seqlens)
-    if q.shape[1] == 1 and initial_state is not None and cu_seqlens is None:
+    if route == "step":
         o, state = lightning_attention_step(q[:, 0], k[:, 0], v[:, 0], slope, initial_state.to(compute_dtype(q.dtype)))
         return o[:, None], state
-    # Autocast would re-cast the blockwise path's matmuls behind its own dtype handling (and its hand-written
-    # backward's): it runs in the inputs' dtype with a float32 state, as without autocast.
-    with torch.autocast(q.device.type, enabled=False):
-        return lightning_attention_chunk(q, k, v, slope, initial_state, block_size, cu_seqlens)
+    return lightning_attention_chunk(q, k, v, slope, initial_state, block_size, cu_seqlens)
+
+
+def _route(x: Tensor, head_dim: int, initial_state: Tensor | None, cu_seqlens: Tensor | None) -> str:
+    """The implementation that takes a call on ``x`` ``[B, T, ...]``: ``"triton"`` on CUDA for more than one token
+    (head sizes and dtypes it takes), ``"step"`` for a single token continuing a state, else ``"chunk"``."""
+    if x.is_cuda and x.shape[1] > 1 and fits_triton(head_dim, x.dtype):
+        return "triton"
+    if x.shape[1] == 1 and initial_state is not None and cu_seqlens is None:
+        return "step"
+    return "chunk"
 
 
 def lightning_attention_qkv(
@@ -78,16 +86,15 @@ def lightning_attention_qkv(
     """:func:`lightning_attention` on ``q, k, v = silu(qkv).split(D, dim=-1)``, ``qkv`` ``[B, T, H, 3D]`` being
     the pre-activation of MiniMax's q/k/v projection.
 
-    On the CPU the activation and the split happen inside the blockwise kernel, group by group
+    On the blockwise path the activation and the split happen inside the blockwise kernel, group by group
     (:func:`~hyla.ops.lightning.chunk.lightning_attention_chunk_qkv`): one activation pass, one ``[B, T, H, 3D]``
     copy and one concatenation in the backward fewer, and a third of the layer's attention inputs kept for the
-    backward. On CUDA, and for a single token continuing a state, they run first.
+    backward. Where :func:`lightning_attention` takes another path (Triton, the one-token step), they run first.
     """
-    if qkv.is_cuda or (qkv.shape[1] == 1 and initial_state is not None and cu_seqlens is None):
+    if _route(qkv, qkv.shape[-1] // 3, initial_state, cu_seqlens) != "chunk":
         q, k, v = F.silu(qkv).split(qkv.shape[-1] // 3, dim=-1)
         return lightning_attention(q, k, v, slope, initial_state, block_size, cu_seqlens)
-    with torch.autocast(qkv.device.type, enabled=False):  # (as in lightning_attention)
-        return lightning_attention_chunk_qkv(qkv, slope, initial_state, block_size, cu_seqlens)
+    return lightning_attention_chunk_qkv(qkv, slope, initial_state, block_size, cu_seqlens)
 
 
 def lightning_decode(q: Tensor, k: Tensor, v: Tensor, slope: Tensor, pool: Tensor, slots: Tensor) -> Tensor:

@@ -122,7 +122,10 @@ def _blocked(
         return q.new_zeros(b, t, h, d), init
     plan = _Plan(lengths, block_size, h, d, dtype, q.device)
     flat = [x.reshape(b * t, h, x.shape[-1]) for x in parts]
-    o, final = _BlockedAttention.apply(slope.to(dtype), init, plan, silu, *flat)
+    # Autocast would re-cast the matmuls behind this path's own dtype handling (and its hand-written backward's):
+    # it runs in the inputs' dtype with a float32 state, as without autocast.
+    with torch.autocast(q.device.type, enabled=False):
+        o, final = _BlockedAttention.apply(slope.to(dtype), init, plan, silu, *flat)
     return o.view(b, t, h, d).to(q.dtype), final
 
 
