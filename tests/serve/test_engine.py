@@ -10,11 +10,11 @@ from tests.model.test_parity import PATTERNS, random_model
 VOCAB = 256  # the byte-level tokenizer's ids; the model's vocabulary is larger
 
 
-def full_forward_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
+def full_forward_greedy(model, prompt: list[int], max_tokens: int, vocab: int = VOCAB) -> list[int]:
     seq = torch.tensor([prompt])
     with torch.no_grad():
         for _ in range(max_tokens):
-            nxt = model(seq).logits[0, -1, :VOCAB].argmax()
+            nxt = model(seq).logits[0, -1, :vocab].argmax()
             seq = torch.cat((seq, nxt.view(1, 1)), dim=1)
     return seq[0, len(prompt) :].tolist()
 
@@ -66,3 +66,28 @@ def test_llm_loads_a_model_directory(tmp_path):
     assert len(completion.token_ids) == 5 and completion.finish_reason == "length"
     again = LLM(tmp_path).generate(["def f(x):"], SamplingParams(max_tokens=5, ignore_eos=True, seed=1))[0][0]
     assert again.token_ids == completion.token_ids  # the seed fixes the sample
+
+
+def test_long_outputs_under_preemption_equal_full_forward():
+    """Recomputing a preempted request whose outputs outnumber a prefill chunk (the chunk ends inside the
+    prompt while outputs exist): every token still equals the full forward's."""
+    torch.manual_seed(0)
+    model = random_model(layer_types=PATTERNS["alternating"], vocab_size=96).double()
+    ps = [torch.randint(0, 96, (31,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(3)]
+    config = EngineConfig(max_num_seqs=3, max_num_batched_tokens=17, block_size=4, max_model_len=120, num_blocks=30)
+    llm = LLM(model, byte_level_tokenizer(), config)  # the model's 96 ids limit the tokenizer's 256
+    results = llm.generate(ps, SamplingParams(max_tokens=60, temperature=0, ignore_eos=True))
+    assert llm.engine.scheduler.num_preemptions > 0
+    for prompt, (completion,) in zip(ps, results, strict=True):
+        assert completion.token_ids == full_forward_greedy(model, prompt, 60, vocab=96)
+    assert llm.engine.cache.blocks.num_free == 30 and llm.engine.cache.slots.num_free == 3
+
+
+def test_token_ids_slice_prompt_and_outputs():
+    from hyla.serve.scheduler import Request
+
+    r = Request("r", 0, [1, 2, 3], SamplingParams(), 5, [], torch.Generator(), 0.0, output_ids=[7, 8])
+    whole = [1, 2, 3, 7, 8]
+    for start in range(6):
+        for stop in range(start, 6):
+            assert r.token_ids(start, stop) == whole[start:stop]

@@ -53,7 +53,7 @@ class Request:
     def token_ids(self, start: int, stop: int) -> list[int]:
         """Tokens ``start .. stop - 1`` of prompt + outputs."""
         p = len(self.prompt_ids)
-        return (self.prompt_ids[start:stop] if start < p else []) + self.output_ids[max(start - p, 0) : stop - p]
+        return self.prompt_ids[start:stop] + self.output_ids[max(start - p, 0) : max(stop - p, 0)]
 
 
 class Scheduler:
