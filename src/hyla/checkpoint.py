@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from hyla.config import ConfigError
+from hyla.errors import CheckpointError, ConfigError
 from hyla.interop.transformers import config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf
 from hyla.model import HylaForCausalLM
 
@@ -25,10 +25,6 @@ WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 # Files a save writes; anything else already in the target directory (a tokenizer, ...) is kept.
 _OWN = ("config.json", "generation_config.json", WEIGHTS, INDEX)
-
-
-class CheckpointError(ValueError):
-    """A model directory that cannot be loaded; the message says what is wrong and where."""
 
 
 def read_config(path: str | Path):

@@ -6,18 +6,21 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 import time
 
 import torch
 
 from hyla.checkpoint import CheckpointError, load
 from hyla.config import ConfigError, preset
-from hyla.data.corpus import CorpusError
-from hyla.data.tokenizer import load_tokenizer
+from hyla.data.tokenizer import byte_level_tokenizer, load_tokenizer
+from hyla.errors import DataError
 from hyla.model import HylaForCausalLM
 from hyla.runtime import tune_malloc
 from hyla.serve import LLM, EngineConfig, RequestError, SamplingParams
+from hyla.serve.api import DEFAULT_MAX_REQUEST_BYTES
 from hyla.train.loop import TrainConfig, load_train_toml, train
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -34,7 +37,7 @@ def run_generate(
     else:
         model = HylaForCausalLM(preset(preset_name)).to(DTYPES[dtype]).eval()
         source = f"preset {preset_name!r} (random weights: expect noise until you train one)"
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir) if model_dir is not None else byte_level_tokenizer()
     context = min(model.config.max_position_embeddings, 4096)
     llm = LLM(model, tokenizer, EngineConfig(max_num_seqs=1, max_model_len=context))
     print(f"# {source}: {model.config.num_parameters() / 1e6:.1f}M parameters, {dtype}", file=sys.stderr)
@@ -91,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(EngineConfig):
         srv.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default, help=f"default: {f.default}")
     srv.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond which new ones get 503")
+    srv.add_argument("--tokenizer", default=None, metavar="PATH",
+                     help="a tokenizer.json (default: the one in the model directory)")  # fmt: skip
+    srv.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                     help="request bodies past this size get 413 (default: %(default)s)")  # fmt: skip
+    srv.add_argument("--shutdown-timeout", type=float, default=5.0, metavar="SECONDS",
+                     help="on SIGINT/SIGTERM, seconds running requests get to finish")  # fmt: skip
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     ctx = bench.add_parser("context", help="lightning vs softmax attention across context lengths")
@@ -140,6 +149,31 @@ def run_train(args: argparse.Namespace) -> None:
     print(json.dumps(metrics))
 
 
+def run_serve(args: argparse.Namespace) -> None:
+    """``hyla serve``: the first SIGINT or SIGTERM starts a graceful shutdown, a second one stops at once."""
+    from hyla.serve.api import serve
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        print(f"hyla: {name}: shutting down (no new requests; running ones have {args.shutdown_timeout:g} s to "
+              f"finish; {name} again to stop now)", file=sys.stderr, flush=True)  # fmt: skip
+        stop.set()
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_DFL if s == signal.SIGTERM else signal.default_int_handler)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    config = EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
+    try:
+        serve(args.model_dir, stop, args.host, args.port, args.api_key, args.served_model_name, config,
+              args.max_waiting, DTYPES[args.dtype], args.device, args.tokenizer, args.max_request_bytes,
+              args.shutdown_timeout, log=lambda line: print(line, file=sys.stderr, flush=True))  # fmt: skip
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def run_bench_context(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -166,11 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                                     top_p=args.top_p, seed=args.seed)  # fmt: skip
             run_generate(args.model_dir, args.preset, args.prompt, params, args.seed, args.dtype)
         elif args.command == "serve":
-            from hyla.serve.api import serve
-
-            config = EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
-            serve(args.model_dir, args.host, args.port, args.api_key, args.served_model_name, config,
-                  args.max_waiting, DTYPES[args.dtype], args.device)  # fmt: skip
+            run_serve(args)
         elif args.command == "train":
             run_train(args)
         elif args.command == "bench" and args.bench == "context":
@@ -182,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("--concurrency, --input-len and --output-len must be >= 1")
             bench_serve.main(args.url, args.concurrency, args.requests, args.input_len, args.output_len,
                              args.price_per_hour, args.api_key)  # fmt: skip
-    except (CheckpointError, ConfigError, CorpusError, RequestError, ValueError) as e:
+    except (CheckpointError, ConfigError, DataError, RequestError, ValueError) as e:
         print(f"hyla: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -9,13 +9,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from hyla.errors import ConfigError
+
 LIGHTNING = "linear_attention"
 SOFTMAX = "full_attention"
 LAYER_TYPES = (LIGHTNING, SOFTMAX)
-
-
-class ConfigError(ValueError):
-    """A model configuration that cannot work; the message names the field and the fix."""
 
 
 def hybrid_layer_types(num_layers: int, period: int = 8) -> list[str]:

@@ -6,10 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from hyla.data.corpus import CorpusError, discover, documents, stdlib_dir
+from hyla.data.corpus import discover, documents, stdlib_dir
 from hyla.data.packing import packed_batches, pieces
 from hyla.data.shards import TokenShard, build_shards, is_eval, train_documents
 from hyla.data.tokenizer import END_OF_TEXT, train_bpe
+from hyla.errors import DataError
 
 WORDS = ("def", "return", "import", "class", "lambda", "yield", "while", "for", "if", "else", "try", "except")
 
@@ -35,14 +36,14 @@ def test_user_corpora(tmp_path):
     (tmp_path / "a.jsonl").write_text(json.dumps({"text": "one"}) + "\n\n" + json.dumps({"text": "two"}) + "\n")
     assert list(documents(discover(tmp_path / "a.jsonl")[0])) == ["one", "two"]
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"body": 1}\n')
-    with pytest.raises(CorpusError, match=r"bad\.jsonl:2: expected a JSON object with a 'text' field"):
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: expected a JSON object with a 'text' field"):
         list(documents(discover(tmp_path / "bad.jsonl")[0]))
     (tmp_path / "blob.bin").write_bytes(b"\xff\xfe\x00")
     assert list(documents(discover(tmp_path / "blob.bin")[0])) == []  # undecodable: skipped
     assert len(discover(tmp_path, "*.jsonl")) == 2
-    with pytest.raises(CorpusError, match="does not exist"):
+    with pytest.raises(DataError, match="does not exist"):
         discover(tmp_path / "missing")
-    with pytest.raises(CorpusError, match="no files matching"):
+    with pytest.raises(DataError, match="no files matching"):
         discover(tmp_path, "*.txt")
 
 

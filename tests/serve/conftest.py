@@ -32,9 +32,9 @@ def ascii_tokenizer() -> Tokenizer:
 
 
 @contextmanager
-def live_server(engine: AsyncEngine, api_key: str | None = None) -> Iterator[str]:
+def live_server(engine: AsyncEngine, api_key: str | None = None, **app_args) -> Iterator[str]:
     """Serve ``engine`` on a free loopback port; yields the base URL (``http://127.0.0.1:PORT/v1``)."""
-    app = build_app(engine, MODEL, api_key)
+    app = build_app(engine, MODEL, api_key, **app_args)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -51,12 +51,23 @@ def live_server(engine: AsyncEngine, api_key: str | None = None) -> Iterator[str
         thread.join(timeout=10)
 
 
-def make_engine(**config) -> AsyncEngine:
+def make_engine(step_delay: float = 0.0, start_thread: bool = True, **config) -> AsyncEngine:
+    """An engine over a random model; ``step_delay`` seconds added to every step make a slow model (for
+    tests of what happens while requests are still running)."""
     torch.manual_seed(0)
     model = random_model(layer_types=PATTERNS["alternating"])
     max_waiting = config.pop("max_waiting", 64)
     defaults = dict(max_num_seqs=4, max_num_batched_tokens=64, block_size=8, max_model_len=256)
-    return AsyncEngine(LLMEngine(model, ascii_tokenizer(), EngineConfig(**{**defaults, **config})), max_waiting)
+    engine = LLMEngine(model, ascii_tokenizer(), EngineConfig(**{**defaults, **config}))
+    if step_delay:
+        execute = engine.runner.execute
+
+        def slow(*args):
+            time.sleep(step_delay)
+            return execute(*args)
+
+        engine.runner.execute = slow
+    return AsyncEngine(engine, max_waiting, start_thread=start_thread)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import openai
 import pytest
 import torch
 
+from hyla.errors import RequestError
 from tests.serve.conftest import API_KEY, MODEL, live_server, make_engine
 
 PROMPTS = ["def add(a, b):\n", "x", "import os\nprint(os.getcwd())\n" * 3, "class Stack:\n    def push(self, item):"]
@@ -95,6 +96,7 @@ def test_seeded_samples_repeat_and_n_gives_distinct_choices(client):
     args = dict(model=MODEL, prompt="seed", max_tokens=16, temperature=1.0, seed=3, n=3)
     first, again = client.completions.create(**args), client.completions.create(**args)
     assert [c.index for c in first.choices] == [0, 1, 2]
+    assert first.usage.prompt_tokens == len("seed")  # the prompt once, not once per completion
     assert [c.text for c in first.choices] == [c.text for c in again.choices]
     assert len({c.text for c in first.choices}) > 1
 
@@ -150,6 +152,7 @@ def test_models_health_and_metrics(client, base_url):
         (dict(extra_body={"top_k": -5}), "top_k"),
         (dict(stream_options={"include_usage": True}), "stream_options"),  # without stream
         (dict(temperature="hot"), "temperature"),  # not even a number
+        (dict(extra_body={"stop_token_ids": [5, 96]}), "stop_token_ids"),  # 96: past the 96-id vocabulary
     ],
 )
 def test_invalid_requests_are_400_naming_the_parameter(client, args, param):
@@ -234,7 +237,13 @@ def test_a_full_queue_is_503():
 def test_malformed_json_is_400(base_url):
     headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
     response = httpx2.post(base_url + "/completions", content=b'{"model": "hyla-test", "prompt": ', headers=headers)
-    assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["type"] == "invalid_request_error"
+    assert (
+        error["param"] is None
+        and "not valid JSON" in error["message"]
+        and "Expecting value at byte 33" in error["message"]
+    )
 
 
 def test_a_failing_step_fails_its_request_and_the_server_goes_on():
@@ -287,3 +296,109 @@ def test_the_load_generator_names_an_unreachable_server():
 
     with pytest.raises(ValueError, match="cannot reach a server"):
         asyncio.run(run_load("http://127.0.0.1:9/v1", 1, 1, 4, 4))
+
+
+def test_a_client_that_leaves_a_non_streamed_request_aborts_it():
+    """The openai client's timeout closes the connection: the generation stops within a step, not at its end."""
+    engine = make_engine(step_delay=0.02)
+    try:
+        with live_server(engine) as url:
+            e = engine.engine
+            client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=0.5)
+            with pytest.raises(openai.APITimeoutError):
+                client.completions.create(model=MODEL, prompt="leave", max_tokens=240,
+                                          extra_body={"ignore_eos": True})  # fmt: skip
+            wait_for(lambda: not e.scheduler.running and not e.requests, timeout=5)
+            assert e.num_output_tokens < 120  # 240 at 20 ms a step would take ~5 s
+            assert e.cache.blocks.num_free == e.config.num_blocks and e.cache.slots.num_free == e.config.max_num_seqs
+    finally:
+        engine.shutdown()
+
+
+def test_a_body_over_the_limit_is_413_and_the_server_stays_responsive():
+    engine = make_engine()
+    try:
+        with live_server(engine, max_request_bytes=10_000) as url:
+            body = {"model": MODEL, "prompt": "x" * 20_000, "max_tokens": 1}
+            response = httpx2.post(url + "/completions", json=body)
+            assert response.status_code == 413
+            error = response.json()["error"]
+            assert "10,000" in error["message"] and error["code"] == "request_too_large"
+
+            def chunks():  # no Content-Length: counted as it arrives
+                for _ in range(40):
+                    yield b" " * 1000
+
+            response = httpx2.post(url + "/completions", content=chunks(), headers={"Content-Type": "application/json"})
+            assert response.status_code == 413 and "over" in response.json()["error"]["message"]
+            assert httpx2.get(url.removesuffix("/v1") + "/health").status_code == 200
+            ok = httpx2.post(url + "/completions", json={"model": MODEL, "prompt": "x" * 100, "max_tokens": 1})
+            assert ok.status_code == 200
+    finally:
+        engine.shutdown()
+
+
+def test_a_prompt_known_to_be_past_the_context_is_refused_without_tokenizing(engine):
+    e = engine.engine
+    tokenizer = e.tokenizer
+    refused = "y" * (e.config.max_model_len * 2 + 1)  # a byte-level token spells at most 2 bytes here
+
+    class Untouchable:
+        def __getattr__(self, name):
+            if name == "encode":
+                raise AssertionError("the prompt was tokenized")
+            return getattr(tokenizer, name)
+
+    e.tokenizer = Untouchable()
+    try:
+        with pytest.raises(RequestError, match="at least 257 tokens"):
+            e.encode(refused)
+    finally:
+        e.tokenizer = tokenizer
+    with pytest.raises(RequestError, match="300 tokens"):  # within the bound: tokenized, then refused
+        e.encode("y" * 300)
+
+
+def test_graceful_shutdown():
+    """Once stopped: 503 for new requests and /health; a short request finishes; a long one (streamed or not)
+    ends at the deadline with an error: the stream's last events are the error and [DONE]."""
+    engine = make_engine(step_delay=0.02, start_thread=False)
+    stop = threading.Event()
+    result = {}
+    loop = threading.Thread(target=lambda: result.update(counts=engine.run(stop=stop, grace_s=1.0)), daemon=True)
+    loop.start()
+    try:
+        with live_server(engine) as url:
+            client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=60)
+            long = {"model": MODEL, "prompt": "long", "max_tokens": 240, "ignore_eos": True}
+            streamed = {}
+            threads = [
+                threading.Thread(target=lambda: streamed.update(
+                    events=httpx2.post(url + "/completions", json={**long, "stream": True}, timeout=60).text)),
+                threading.Thread(target=lambda: streamed.update(
+                    whole=httpx2.post(url + "/completions", json=long, timeout=60))),
+                threading.Thread(target=lambda: streamed.update(short=client.completions.create(
+                    model=MODEL, prompt="short", max_tokens=20, extra_body={"ignore_eos": True}))),
+            ]  # fmt: skip
+            for t in threads:
+                t.start()
+            wait_for(lambda: len(engine.engine.scheduler.running) == 3)
+            stop.set()
+            wait_for(lambda: engine.draining)
+            with pytest.raises(openai.InternalServerError) as error:
+                client.completions.create(model=MODEL, prompt="late", max_tokens=2)
+            assert error.value.status_code == 503 and "shutting down" in error.value.body["message"]
+            assert httpx2.get(url.removesuffix("/v1") + "/health").status_code == 503
+            for t in threads:
+                t.join(timeout=30)
+            assert streamed["short"].usage.completion_tokens == 20
+            events = streamed["events"].strip().split("\n\n")
+            assert events[-1] == "data: [DONE]"
+            assert json.loads(events[-2].removeprefix("data: "))["error"]["code"] == "server_shutting_down"
+            assert streamed["whole"].status_code == 503
+            loop.join(timeout=10)
+            assert result["counts"] == (1, 2)  # the short one finished, the two long ones were ended
+            e = engine.engine
+            assert e.cache.blocks.num_free == e.config.num_blocks and e.cache.slots.num_free == e.config.max_num_seqs
+    finally:
+        engine.shutdown()

@@ -62,6 +62,7 @@ def test_llm_loads_a_model_directory(tmp_path):
     import hyla
 
     hyla.HylaForCausalLM(hyla.preset("tiny")).save_pretrained(tmp_path)
+    byte_level_tokenizer().save(str(tmp_path / "tokenizer.json"))
     (completion,) = LLM(tmp_path).generate(["def f(x):"], SamplingParams(max_tokens=5, ignore_eos=True, seed=1))[0]
     assert len(completion.token_ids) == 5 and completion.finish_reason == "length"
     again = LLM(tmp_path).generate(["def f(x):"], SamplingParams(max_tokens=5, ignore_eos=True, seed=1))[0][0]

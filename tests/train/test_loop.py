@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from hyla.data.corpus import CorpusError
+from hyla.errors import DataError
 from hyla.train.loop import TrainConfig, train
 from hyla.train.optim import lr_at
 from tests.data.test_data import small_corpus
@@ -52,9 +52,9 @@ def test_training_lowers_the_loss(tmp_path):
 def test_resume_refuses_another_config(tmp_path):
     small_corpus(tmp_path / "corpus", n=10)
     train(config(tmp_path, "r", steps=3), progress=False)
-    with pytest.raises(CorpusError, match=r"another config \(differs in \['lr'\]\)"):
+    with pytest.raises(DataError, match=r"another config \(differs in \['lr'\]\)"):
         train(config(tmp_path, "r", steps=6, lr=1.0), resume=True, progress=False)
-    with pytest.raises(CorpusError, match="nothing to resume"):
+    with pytest.raises(DataError, match="nothing to resume"):
         train(config(tmp_path, "new", steps=3), resume=True, progress=False)
 
 
@@ -104,7 +104,7 @@ def test_bfloat16_autocast_trains_close_to_float32(tmp_path):
 
 def test_an_unknown_dtype_is_named(tmp_path):
     small_corpus(tmp_path / "corpus", n=5)
-    with pytest.raises(CorpusError, match="dtype auto/float32/bfloat16, got 'auto', 'fp8'"):
+    with pytest.raises(DataError, match="dtype auto/float32/bfloat16, got 'auto', 'fp8'"):
         train(config(tmp_path, "r", steps=1, dtype="fp8"), progress=False)
 
 

@@ -14,9 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-
-class CorpusError(ValueError):
-    """Data that cannot be used; the message names the path and the problem."""
+from hyla.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -41,11 +39,11 @@ def discover(spec: str | Path | None, pattern: str = "**/*") -> list[Source]:
     if path.is_dir():
         files = sorted(p for p in path.glob(pattern) if p.is_file() and not p.name.startswith("."))
         if not files:
-            raise CorpusError(f"no files matching {pattern!r} under {path}")
+            raise DataError(f"no files matching {pattern!r} under {path}")
         return [_source(p) for p in files]
     if path.is_file():
         return [_source(path)]
-    raise CorpusError(f"corpus {str(path)!r} does not exist")
+    raise DataError(f"corpus {str(path)!r} does not exist")
 
 
 def _source(path: Path) -> Source:
@@ -71,7 +69,7 @@ def documents(source: Source) -> Iterator[str]:
                 try:
                     text = json.loads(line)["text"]
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise CorpusError(
+                    raise DataError(
                         f"{source.path}:{number}: expected a JSON object with a 'text' field ({e})"
                     ) from None
                 if isinstance(text, str) and text.strip():
@@ -80,8 +78,8 @@ def documents(source: Source) -> Iterator[str]:
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise CorpusError(f"reading {source.path} needs pyarrow: pip install pyarrow") from None
+            raise DataError(f"reading {source.path} needs pyarrow: pip install pyarrow") from None
         table = pq.read_table(source.path)
         if "text" not in table.column_names:
-            raise CorpusError(f"{source.path} has no 'text' column (columns: {table.column_names})")
+            raise DataError(f"{source.path} has no 'text' column (columns: {table.column_names})")
         yield from (t for t in table.column("text").to_pylist() if isinstance(t, str) and t.strip())

@@ -20,8 +20,9 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from hyla.data.corpus import CorpusError, Source, documents
+from hyla.data.corpus import Source, documents
 from hyla.data.tokenizer import END_OF_TEXT
+from hyla.errors import DataError
 
 SPLITS = ("train", "eval")
 
@@ -91,7 +92,7 @@ def build_shards(
 def _tokenize(sources: list[Source], tokenizer: Tokenizer, directory: Path, eval_fraction: float, progress: bool):
     eot = tokenizer.token_to_id(END_OF_TEXT)
     if eot is None:
-        raise CorpusError(f"the tokenizer has no {END_OF_TEXT} token")
+        raise DataError(f"the tokenizer has no {END_OF_TEXT} token")
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.uint32
     parts: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
     for source in tqdm(sources, desc="tokenizing", unit="file", disable=not progress):
@@ -101,7 +102,7 @@ def _tokenize(sources: list[Source], tokenizer: Tokenizer, directory: Path, eval
             ids = np.asarray([*encoding.ids, eot], dtype=dtype)
             parts["eval" if is_eval(source, index, eval_fraction) else "train"].append(ids)
     if not parts["train"]:
-        raise CorpusError("the corpus holds no documents with text")
+        raise DataError("the corpus holds no documents with text")
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from hyla.errors import DataError
+
 END_OF_TEXT = "<|endoftext|>"
 
 
@@ -39,8 +41,18 @@ def byte_level_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-def load_tokenizer(model_dir: str | Path | None) -> Tokenizer:
-    """``model_dir/tokenizer.json`` if there is one, else :func:`byte_level_tokenizer`."""
-    if model_dir is not None and (Path(model_dir) / "tokenizer.json").is_file():
-        return Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
-    return byte_level_tokenizer()
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A ``tokenizer.json`` file, or the one in model directory ``path``; :class:`~hyla.errors.DataError` naming
+    the file when there is none or it cannot be read (no silent fallback: another tokenizer's ids would be
+    garbage to the model)."""
+    path = Path(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise DataError(
+            f"{file} is missing: the model directory needs the tokenizer it was trained with "
+            "(pass one with --tokenizer PATH/tokenizer.json)"
+        )
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises a bare Exception for malformed files
+        raise DataError(f"cannot read the tokenizer {file}: {e}") from None

@@ -2,20 +2,27 @@
 
 Errors use OpenAI's envelope ``{"error": {"message", "type", "param", "code"}}``: 400 for an invalid parameter
 (named in ``param``) or a prompt longer than the context, 401 for a missing or wrong API key (when the
-server has one), 404 for an unknown model, 503 when the waiting queue is full.
+server has one), 404 for an unknown model, 413 for a body over the size limit, 503 when the waiting queue is
+full or the server is shutting down.
 
 Chat prompts come from the model directory's ``tokenizer_config.json`` ``chat_template`` (Jinja, as in
 transformers) or, without one, :data:`DEFAULT_CHAT_TEMPLATE`: one ``role: content`` line per message, then
 ``assistant:``.
+
+The routes are module-level functions reading the one :class:`ServerState` in ``app.state.hyla``; tokenizing
+runs in a worker thread, so that a long prompt does not hold up the event loop. A client that goes away
+aborts its request, streamed or not, before the engine's next step.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +33,21 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from tokenizers import Tokenizer
 
-from hyla.serve.async_engine import AsyncEngine, EngineBusy
+from hyla.errors import RequestError
+from hyla.serve.async_engine import AsyncEngine, EngineBusy, EngineStopped
 from hyla.serve.engine import EngineConfig, LLMEngine, RequestOutput, TokenLogprob
 from hyla.serve.protocol import ChatCompletionRequest, CompletionRequest
-from hyla.serve.sampling import RequestError
+from hyla.serve.sampling import SamplingParams
 
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message.role }}: {{ message.content }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
+# Request bodies past this size are refused (413) before they are parsed.
+DEFAULT_MAX_REQUEST_BYTES = 4 * 2**20
 
 
 class APIError(Exception):
@@ -50,143 +62,260 @@ class APIError(Exception):
         return JSONResponse({"error": self.body()}, status_code=self.status)
 
 
-def _internal_error(error: Exception) -> APIError:
+def _api_error(error: Exception) -> APIError:
+    """The envelope of an engine-side failure: 503 when the server stopped, else 500."""
+    if isinstance(error, EngineStopped):
+        return APIError(503, str(error), "service_unavailable", code="server_shutting_down")
+    if isinstance(error, APIError):
+        return error
     return APIError(500, f"internal error: {type(error).__name__}: {error}", "internal_error")
 
 
-def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, chat_template: str | None = None):
+@dataclass
+class ServerState:
+    """What the routes share: the engine, the served name, the key and the chat template."""
+
+    engine: AsyncEngine
+    model_name: str
+    api_key: str | None
+    template: jinja2.Template
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.engine.tokenizer
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.hyla
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` is answered 413 without being read further (checked
+    against ``Content-Length`` first, then counted as it arrives)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._refuse(int(declared), send)
+        body: list[Message] = []
+        size, more = 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                body.append(message)
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                return await self._refuse(size, send, at_least=True)
+            body.append(message)
+            more = message.get("more_body", False)
+
+        async def replay() -> Message:
+            return body.pop(0) if body else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, size: int, send: Send, at_least: bool = False) -> None:
+        size_text = f"{'over ' if at_least else ''}{size:,} bytes"
+        message = (f"the request body is {size_text}; this server takes at most {self.max_bytes:,} "
+                   "(hyla serve --max-request-bytes)")  # fmt: skip
+        response = APIError(413, message, "invalid_request_error", code="request_too_large").response()
+        response.headers["connection"] = "close"
+        await response({"type": "http"}, _no_body, send)
+
+
+async def _no_body() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def build_app(
+    engine: AsyncEngine,
+    model_name: str,
+    api_key: str | None = None,
+    chat_template: str | None = None,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+) -> FastAPI:
     """The FastAPI app serving ``engine`` as model ``model_name``."""
     app = FastAPI(title="hyla", docs_url=None, redoc_url=None)
     template = jinja2.Environment(autoescape=False).from_string(chat_template or DEFAULT_CHAT_TEMPLATE)
-    tokenizer = engine.engine.tokenizer
-
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, error: APIError) -> JSONResponse:
-        return error.response()
-
-    @app.exception_handler(RequestError)
-    async def _bad_request(request: Request, error: RequestError) -> JSONResponse:
-        return APIError(400, str(error), "invalid_request_error", error.param).response()
-
-    @app.exception_handler(EngineBusy)
-    async def _busy(request: Request, error: EngineBusy) -> JSONResponse:
-        return APIError(503, str(error), "service_unavailable", code="server_busy").response()
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
-        first = error.errors()[0]
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        param = loc[0] if loc else None
-        message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}"
-        return APIError(400, message, "invalid_request_error", param).response()
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, error: Exception) -> JSONResponse:
-        return _internal_error(error).response()  # a last resort: engine failures are answered in the routes
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        return APIError(error.status_code, str(error.detail), "invalid_request_error").response()
-
-    async def authorize(request: Request) -> None:
-        if api_key is not None and request.headers.get("authorization", "") != f"Bearer {api_key}":
-            raise APIError(401, "missing or wrong API key", "authentication_error", code="invalid_api_key")
-
+    app.state.hyla = ServerState(engine, model_name, api_key, template)
+    for error_type, handler in _HANDLERS.items():
+        app.add_exception_handler(error_type, handler)
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/metrics", metrics, methods=["GET"])
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
-
-    @app.get("/health")
-    async def health() -> Response:
-        return Response(status_code=200)
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    @v1.get("/models")
-    async def models() -> dict:
-        e = engine.engine
-        card = {"id": model_name, "object": "model", "created": 0, "owned_by": "hyla",
-                "max_model_len": e.config.max_model_len, "vocab_size": e.vocab_size}  # fmt: skip
-        return {"object": "list", "data": [card]}
-
-    def check_model(name: str) -> None:
-        if name != model_name:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves {model_name!r}",
-                           "invalid_request_error", "model", "model_not_found")  # fmt: skip
-
-    async def start(prompts: list[str | list[int]], params) -> tuple[list[list[int]], AsyncIterator[RequestOutput]]:
-        """Encode and submit; errors before anything runs become 400 (RequestError), 503 (EngineBusy) or 500."""
-        ids = [engine.engine.encode(p) for p in prompts]
-        stream = engine.generate(ids, params)
-        try:
-            first = await anext(stream)
-        except (RequestError, EngineBusy):
-            raise
-        except Exception as error:  # a failed engine step: this request fails, the server goes on
-            raise _internal_error(error) from None
-
-        async def chained() -> AsyncIterator[RequestOutput]:
-            yield first
-            async for out in stream:
-                yield out
-
-        return ids, chained()
-
-    @v1.post("/completions")
-    async def completions(body: CompletionRequest):
-        check_model(body.model)
-        params = body.sampling_params(body.max_tokens, body.logprobs)
-        prompts = body.prompts()
-        ids, outputs = await start(prompts, params)
-        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": model_name}  # fmt: skip
-        echoes = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts] if body.echo else None
-
-        def choice(out: RequestOutput, text: str, entries: list[TokenLogprob], first: bool) -> dict:
-            if echoes is not None and first:
-                text = echoes[out.index // params.n] + text
-            lp = _completion_logprobs(tokenizer, entries) if params.logprobs is not None else None
-            return {"index": out.index, "text": text, "logprobs": lp, "finish_reason": out.finish_reason}
-
-        if body.stream:
-            return _sse(outputs, meta, ids, params.n, body.include_usage,
-                        lambda out: choice(out, out.text, out.logprobs, _first(out)))  # fmt: skip
-        return await _collect(outputs, meta, ids, params.n, lambda out, text, lps: choice(out, text, lps, True))
-
-    @v1.post("/chat/completions")
-    async def chat(body: ChatCompletionRequest):
-        check_model(body.model)
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        logprobs = body.logprobs_count()
-        params = body.sampling_params(max_tokens, logprobs)
-        if not body.messages:
-            raise APIError(400, "messages must not be empty", "invalid_request_error", "messages")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        prompt = template.render(messages=messages, add_generation_prompt=True, bos_token="", eos_token="")
-        ids, outputs = await start([prompt], params)
-        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": model_name}  # fmt: skip
-
-        def lp(entries: list[TokenLogprob]) -> dict | None:
-            return {"content": _chat_logprobs(tokenizer, entries)} if logprobs is not None else None
-
-        def delta(out: RequestOutput) -> dict:
-            d = {"content": out.text}
-            if _first(out):  # the first delta names the role
-                d = {"role": "assistant", **d}
-            return {"index": out.index, "delta": d, "logprobs": lp(out.logprobs), "finish_reason": out.finish_reason}
-
-        if body.stream:
-            return _sse(outputs, {**meta, "object": "chat.completion.chunk"}, ids, params.n, body.include_usage, delta)
-
-        def message(out: RequestOutput, text: str, lps: list[TokenLogprob]) -> dict:
-            return {"index": out.index, "message": {"role": "assistant", "content": text}, "logprobs": lp(lps),
-                    "finish_reason": out.finish_reason}  # fmt: skip
-
-        return await _collect(outputs, meta, ids, params.n, message)
-
+    v1.add_api_route("/models", models, methods=["GET"])
+    v1.add_api_route("/completions", completions, methods=["POST"])
+    v1.add_api_route("/chat/completions", chat_completions, methods=["POST"])
     app.include_router(v1)
     return app
+
+
+# -- errors ----------------------------------------------------------------------------------------------------
+
+
+async def _on_api_error(request: Request, error: APIError) -> JSONResponse:
+    return error.response()
+
+
+async def _on_request_error(request: Request, error: RequestError) -> JSONResponse:
+    return APIError(400, str(error), "invalid_request_error", error.param).response()
+
+
+async def _on_busy(request: Request, error: EngineBusy) -> JSONResponse:
+    return APIError(503, str(error), "service_unavailable", code="server_busy").response()
+
+
+async def _on_invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+    first = error.errors()[0]
+    if first.get("type") == "json_invalid":
+        where = first.get("loc", ("body", "?"))[-1]
+        reason = first.get("ctx", {}).get("error") or first.get("msg", "invalid JSON")
+        message = f"the request body is not valid JSON: {reason} at byte {where}"
+        return APIError(400, message, "invalid_request_error").response()
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    param = loc[0] if loc else None
+    message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}"
+    return APIError(400, message, "invalid_request_error", param).response()
+
+
+async def _on_http(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    return APIError(error.status_code, str(error.detail), "invalid_request_error").response()
+
+
+async def _on_internal(request: Request, error: Exception) -> JSONResponse:
+    return _api_error(error).response()  # a last resort: engine failures are answered in the routes
+
+
+_HANDLERS: dict[type[Exception], Callable] = {
+    APIError: _on_api_error,
+    RequestError: _on_request_error,
+    EngineBusy: _on_busy,
+    RequestValidationError: _on_invalid,
+    StarletteHTTPException: _on_http,
+    Exception: _on_internal,
+}
+
+
+# -- routes ----------------------------------------------------------------------------------------------------
+
+
+async def authorize(request: Request) -> None:
+    key = _state(request).api_key
+    if key is not None and request.headers.get("authorization", "") != f"Bearer {key}":
+        raise APIError(401, "missing or wrong API key", "authentication_error", code="invalid_api_key")
+
+
+async def health(request: Request) -> Response:
+    """200 while serving; 503 once a shutdown began (so that a load balancer sends no more)."""
+    return Response(status_code=503 if _state(request).engine.draining else 200)
+
+
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(_state(request).engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def models(request: Request) -> dict:
+    state = _state(request)
+    e = state.engine.engine
+    card = {"id": state.model_name, "object": "model", "created": 0, "owned_by": "hyla",
+            "max_model_len": e.config.max_model_len, "vocab_size": e.vocab_size}  # fmt: skip
+    return {"object": "list", "data": [card]}
+
+
+async def completions(body: CompletionRequest, request: Request) -> Any:
+    state = _state(request)
+    _check_model(state, body.model)
+    params = body.sampling_params(body.max_tokens, body.logprobs)
+    prompts = body.prompts()
+    ids, outputs = await _start(state, prompts, params)
+    meta = _meta("cmpl", "text_completion", state.model_name)
+    tokenizer = state.tokenizer
+    echoes = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts] if body.echo else None
+
+    def choice(out: RequestOutput, text: str, entries: list[TokenLogprob], first: bool) -> dict:
+        if echoes is not None and first:
+            text = echoes[out.index // params.n] + text
+        lp = _completion_logprobs(tokenizer, entries) if params.logprobs is not None else None
+        return {"index": out.index, "text": text, "logprobs": lp, "finish_reason": out.finish_reason}
+
+    if body.stream:
+        return _sse(
+            outputs, meta, ids, body.include_usage, lambda out: choice(out, out.text, out.logprobs, _first(out))
+        )
+    return await _collect(request, outputs, meta, ids, lambda out, text, lps: choice(out, text, lps, True))
+
+
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    state = _state(request)
+    _check_model(state, body.model)
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    logprobs = body.logprobs_count()
+    params = body.sampling_params(max_tokens, logprobs)
+    if not body.messages:
+        raise APIError(400, "messages must not be empty", "invalid_request_error", "messages")
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    prompt = state.template.render(messages=messages, add_generation_prompt=True, bos_token="", eos_token="")
+    ids, outputs = await _start(state, [prompt], params)
+    meta = _meta("chatcmpl", "chat.completion", state.model_name)
+    tokenizer = state.tokenizer
+
+    def lp(entries: list[TokenLogprob]) -> dict | None:
+        return {"content": _chat_logprobs(tokenizer, entries)} if logprobs is not None else None
+
+    def delta(out: RequestOutput) -> dict:
+        d = {"content": out.text}
+        if _first(out):  # the first delta names the role
+            d = {"role": "assistant", **d}
+        return {"index": out.index, "delta": d, "logprobs": lp(out.logprobs), "finish_reason": out.finish_reason}
+
+    if body.stream:
+        return _sse(outputs, {**meta, "object": "chat.completion.chunk"}, ids, body.include_usage, delta)
+
+    def message(out: RequestOutput, text: str, lps: list[TokenLogprob]) -> dict:
+        return {"index": out.index, "message": {"role": "assistant", "content": text}, "logprobs": lp(lps),
+                "finish_reason": out.finish_reason}  # fmt: skip
+
+    return await _collect(request, outputs, meta, ids, message)
+
+
+def _check_model(state: ServerState, name: str) -> None:
+    if name != state.model_name:
+        raise APIError(404, f"the model {name!r} does not exist; this server serves {state.model_name!r}",
+                       "invalid_request_error", "model", "model_not_found")  # fmt: skip
+
+
+def _meta(prefix: str, kind: str, model_name: str) -> dict:
+    return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": model_name}
+
+
+async def _start(
+    state: ServerState, prompts: list[str | list[int]], params: SamplingParams
+) -> tuple[list[list[int]], AsyncIterator[RequestOutput]]:
+    """Encode (in a worker thread) and submit; errors before anything runs become 400 (RequestError), 503
+    (EngineBusy) or 500."""
+    engine = state.engine
+    ids = await asyncio.to_thread(lambda: [engine.engine.encode(p) for p in prompts])
+    stream = engine.generate(ids, params)
+    try:
+        first = await anext(stream)
+    except (RequestError, EngineBusy):
+        raise
+    except Exception as error:  # a failed engine step: this request fails, the server goes on
+        raise _api_error(error) from None
+
+    async def chained() -> AsyncIterator[RequestOutput]:
+        yield first
+        async for out in stream:
+            yield out
+
+    return ids, chained()
 
 
 def _first(out: RequestOutput) -> bool:
@@ -194,32 +323,51 @@ def _first(out: RequestOutput) -> bool:
     return out.num_output_tokens == len(out.token_ids)
 
 
-def _usage(ids: list[list[int]], n: int, completion_tokens: int) -> dict:
-    prompt_tokens = sum(len(p) for p in ids) * n
+def _usage(ids: list[list[int]], completion_tokens: int) -> dict:
+    """OpenAI's usage: each prompt counted once, however many completions (``n``) it has."""
+    prompt_tokens = sum(len(p) for p in ids)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
 
 
-async def _collect(outputs: AsyncIterator[RequestOutput], meta: dict, ids, n: int, make_choice) -> dict:
-    """A whole (non-streamed) response: each sequence's deltas joined into one choice."""
+async def _until_disconnected(request: Request) -> None:
+    """Return once the client has gone (the server's ``http.disconnect``)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _collect(request: Request, outputs: AsyncIterator[RequestOutput], meta: dict, ids, make_choice) -> Any:
+    """A whole (non-streamed) response: each sequence's deltas joined into one choice. A client that leaves
+    before the end cancels the collection, which aborts the request in the engine."""
     texts: dict[int, str] = {}
     logprobs: dict[int, list[TokenLogprob]] = {}
     finals: dict[int, RequestOutput] = {}
-    try:
+
+    async def gather() -> None:
         async for out in outputs:
             texts[out.index] = texts.get(out.index, "") + out.text
             logprobs.setdefault(out.index, []).extend(out.logprobs)
             if out.finished:
                 finals[out.index] = out
-    except Exception as error:
-        raise _internal_error(error) from None
+
+    collecting = asyncio.ensure_future(gather())
+    watching = asyncio.ensure_future(_until_disconnected(request))
+    await asyncio.wait((collecting, watching), return_when=asyncio.FIRST_COMPLETED)
+    watching.cancel()
+    if not collecting.done():  # the client left: nobody reads this answer
+        collecting.cancel()
+        await asyncio.gather(collecting, return_exceptions=True)
+        return Response(status_code=499)
+    if collecting.exception() is not None:
+        raise _api_error(collecting.exception())
     choices = [make_choice(finals[i], texts[i], logprobs[i]) for i in sorted(finals)]
     completion_tokens = sum(out.num_output_tokens for out in finals.values())
-    return {**meta, "choices": choices, "usage": _usage(ids, n, completion_tokens)}
+    return {**meta, "choices": choices, "usage": _usage(ids, completion_tokens)}
 
 
-def _sse(outputs: AsyncIterator[RequestOutput], meta: dict, ids, n: int, include_usage: bool, make_choice):
-    """Server-sent events: one chunk per delta, a usage chunk if asked, then ``[DONE]``."""
+def _sse(outputs: AsyncIterator[RequestOutput], meta: dict, ids, include_usage: bool, make_choice):
+    """Server-sent events: one chunk per delta, a usage chunk if asked, then ``[DONE]``. (Starlette cancels
+    the stream when the client leaves, which aborts the request.)"""
 
     async def events() -> AsyncIterator[str]:
         completion_tokens = 0
@@ -229,11 +377,11 @@ def _sse(outputs: AsyncIterator[RequestOutput], meta: dict, ids, n: int, include
                     completion_tokens += out.num_output_tokens
                 yield _event({**meta, "choices": [make_choice(out)]})
         except Exception as error:  # the status line went out already: the error is the last event
-            yield _event({"error": _internal_error(error).body()})
+            yield _event({"error": _api_error(error).body()})
             yield "data: [DONE]\n\n"
             return
         if include_usage:
-            yield _event({**meta, "choices": [], "usage": _usage(ids, n, completion_tokens)})
+            yield _event({**meta, "choices": [], "usage": _usage(ids, completion_tokens)})
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")
@@ -243,7 +391,7 @@ def _event(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-def _completion_logprobs(tokenizer, entries: list[TokenLogprob]) -> dict:
+def _completion_logprobs(tokenizer: Tokenizer, entries: list[TokenLogprob]) -> dict:
     return {
         "tokens": [tokenizer.decode([e.token_id]) for e in entries],
         "token_logprobs": [e.logprob for e in entries],
@@ -252,7 +400,7 @@ def _completion_logprobs(tokenizer, entries: list[TokenLogprob]) -> dict:
     }
 
 
-def _chat_logprobs(tokenizer, entries: list[TokenLogprob]) -> list[dict]:
+def _chat_logprobs(tokenizer: Tokenizer, entries: list[TokenLogprob]) -> list[dict]:
     def item(token_id: int, logprob: float) -> dict:
         text = tokenizer.decode([token_id])
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
@@ -260,8 +408,12 @@ def _chat_logprobs(tokenizer, entries: list[TokenLogprob]) -> list[dict]:
     return [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries]
 
 
+# -- the server ------------------------------------------------------------------------------------------------
+
+
 def serve(
     model_dir: str,
+    stop: threading.Event,
     host: str = "127.0.0.1",
     port: int = 8000,
     api_key: str | None = None,
@@ -270,35 +422,53 @@ def serve(
     max_waiting: int = 256,
     dtype: torch.dtype | None = None,
     device: str = "cpu",
+    tokenizer_path: str | None = None,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    shutdown_timeout: float = 5.0,
+    log: Callable[[str], None] = print,
 ) -> None:
-    """``hyla serve``: load a model directory and serve it until interrupted."""
+    """``hyla serve``: load a model directory and serve it until ``stop`` is set (the CLI sets it on SIGINT and
+    SIGTERM), then shut down gracefully: new requests get 503, running ones have ``shutdown_timeout`` seconds
+    to finish, and those left end with an error (an error event and ``[DONE]`` when streamed)."""
     import uvicorn
 
     from hyla.checkpoint import load
     from hyla.data.tokenizer import load_tokenizer
 
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {port}")
+    if max_request_bytes < 1 or shutdown_timeout < 0:
+        raise ValueError("--max-request-bytes must be >= 1 and --shutdown-timeout >= 0")
+    tokenizer = load_tokenizer(tokenizer_path or model_dir)
     model = load(model_dir, dtype=dtype, device=device)
-    tokenizer = load_tokenizer(model_dir)
     settings = Path(model_dir) / "tokenizer_config.json"
     chat_template = json.loads(settings.read_text()).get("chat_template") if settings.is_file() else None
     engine = AsyncEngine(LLMEngine(model, tokenizer, config), max_waiting, start_thread=False)
     name = model_name or Path(model_dir).resolve().name
-    app = build_app(engine, name, api_key, chat_template)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    app = build_app(engine, name, api_key, chat_template, max_request_bytes)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="critical",
+                                           timeout_graceful_shutdown=max(shutdown_timeout, 1.0)))  # fmt: skip
     thread = threading.Thread(target=server.run, name="hyla-http", daemon=True)
     thread.start()
     while not server.started and thread.is_alive():
         time.sleep(0.05)
     if not server.started:
-        raise ValueError(f"could not serve on {host}:{port} (is the port taken?)")
+        raise ValueError(f"could not serve on {host}:{port} (is the port taken, or the address not this machine's?)")
     c = engine.engine.config
-    print(f"hyla: serving {name!r} on http://{host}:{port}/v1 ({c.max_num_seqs} sequences, {c.num_blocks} KV blocks "
-          f"of {c.block_size} tokens, context {c.max_model_len}, {c.max_num_batched_tokens} tokens per step)",
-          flush=True)  # fmt: skip
+    log(
+        f"hyla: serving {name!r} on http://{host}:{port}/v1 ({c.max_num_seqs} sequences, {c.num_blocks} KV "
+        f"blocks of {c.block_size} tokens, context {c.max_model_len}, {c.max_num_batched_tokens} tokens per step)"
+    )
+
+    watchdog = threading.Thread(target=lambda: (thread.join(), stop.set()), name="hyla-http-watch", daemon=True)
+    watchdog.start()  # the HTTP server dying on its own stops the engine loop too
     try:
-        engine.run(keep_going=thread.is_alive)  # the tensor work on the main thread (see hyla.serve.async_engine)
-    except KeyboardInterrupt:
-        pass
+        # The tensor work runs on the main thread (see hyla.serve.async_engine).
+        finished, ended = engine.run(stop=stop, grace_s=shutdown_timeout)
     finally:
         server.should_exit = True
-        thread.join(timeout=10)
+        thread.join(timeout=shutdown_timeout + 5)
+    log(
+        f"hyla: stopped; {finished} in-flight sequence(s) finished during the shutdown, {ended} ended at the "
+        f"{shutdown_timeout:g} s deadline"
+    )

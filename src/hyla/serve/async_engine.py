@@ -23,7 +23,11 @@ from hyla.serve.sampling import SamplingParams
 
 
 class EngineBusy(RuntimeError):
-    """The waiting queue is full (the server answers 503)."""
+    """The waiting queue is full, or the server is shutting down (the server answers 503)."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine stopped (a shutdown's grace period ran out) before the request finished."""
 
 
 class AsyncEngine:
@@ -42,6 +46,7 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopped = False
+        self.draining = False  # set once a shutdown began: no new requests
         self._thread = None
         if start_thread:
             self._thread = threading.Thread(target=self.run, name="hyla-engine", daemon=True)
@@ -58,29 +63,47 @@ class AsyncEngine:
             self._commands.append(command)
         self._wake.set()
 
-    def run(self, keep_going: Callable[[], bool] = lambda: True) -> None:
-        """The engine loop: until :meth:`shutdown`, or ``keep_going()`` is false while idle."""
+    def run(self, stop: threading.Event | None = None, grace_s: float = 5.0) -> tuple[int, int]:
+        """The engine loop, until :meth:`shutdown` or, once ``stop`` is set, a graceful shutdown: new requests
+        are refused (:class:`EngineBusy`), running ones go on for up to ``grace_s`` seconds, and those left then
+        end with :class:`EngineStopped`. Returns ``(finished, ended)``: the sequences that finished after
+        ``stop`` and those ended at the deadline."""
+        deadline, in_flight = None, 0
         while not self._stopped:
+            if deadline is None and stop is not None and stop.is_set():
+                self.draining = True
+                deadline = time.monotonic() + grace_s
+                in_flight = self._num_sequences()
             with self._lock:
                 commands, self._commands = self._commands, []
                 self._wake.clear()
             for command in commands:
                 command()
+            if deadline is not None and (not self.engine.has_work() or time.monotonic() >= deadline):
+                ended = self._num_sequences()
+                self._end_all(EngineStopped(f"the server shut down before this request finished ({grace_s:g} s "
+                                            "grace period)"))  # fmt: skip
+                return in_flight - ended, ended
             if not self.engine.has_work():
-                if not keep_going():
-                    return
-                self._wake.wait(timeout=0.5)
+                self._wake.wait(timeout=0.1 if stop is not None else 0.5)
                 continue
             try:
                 outputs = self.engine.step()
             except Exception as error:  # a failed step fails its requests, not the server
-                for request_id in list(self.engine.requests):
-                    self.engine.abort(request_id)
-                    self._deliver(request_id, error)
+                self._end_all(error)
                 continue
             self.metrics.on_step(outputs)
             for out in outputs:
                 self._deliver(out.request_id, out)
+        return 0, 0
+
+    def _num_sequences(self) -> int:
+        return sum(len(group) for group in self.engine.requests.values())
+
+    def _end_all(self, error: Exception) -> None:
+        for request_id in list(self.engine.requests):
+            self.engine.abort(request_id)
+            self._deliver(request_id, error)
 
     def _deliver(self, request_id: str, item: RequestOutput | Exception) -> None:
         target = self._queues.get(request_id)
@@ -94,11 +117,14 @@ class AsyncEngine:
     async def generate(self, prompts: list[list[int]], params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Yield the outputs of ``n`` sequences per prompt as steps produce them, until all have finished.
 
-        Raises :class:`~hyla.serve.sampling.RequestError` before anything runs if a prompt cannot fit, and
-        :class:`EngineBusy` if the queue is full. Leaving early (a client gone) aborts the request at once.
+        Raises :class:`~hyla.errors.RequestError` before anything runs if a prompt cannot fit, and
+        :class:`EngineBusy` if the queue is full or the server is shutting down. Leaving early (a client gone:
+        the generator closed or its task cancelled) aborts the request before the engine's next step.
         """
         for ids in prompts:
-            self.engine.max_tokens(ids, params)
+            self.engine.check(ids, params)
+        if self.draining:
+            raise EngineBusy("the server is shutting down; retry on another server or later")
         if self.num_waiting() >= self.max_waiting:
             raise EngineBusy(f"the server is at capacity ({self.max_waiting} requests waiting); retry later")
         request_id = uuid.uuid4().hex

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, pre_tokenizers
 
 from hyla.data.tokenizer import END_OF_TEXT, load_tokenizer
 from hyla.model import HylaForCausalLM
@@ -106,6 +106,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.cache, self.vocab_size)
         eos = model.config.eos_token_id
         self.eos_token_id = eos if eos is not None and eos < self.vocab_size else tokenizer.token_to_id(END_OF_TEXT)
+        self._max_token_bytes = _max_token_bytes(tokenizer)
         self.requests: dict[str, list[Request]] = {}
         self._text: dict[int, _Detokenized] = {}
         self.num_prompt_tokens = 0  # counters for metrics
@@ -114,19 +115,42 @@ class LLMEngine:
     # -- requests ------------------------------------------------------------------------------------------
 
     def encode(self, prompt: str | list[int]) -> list[int]:
-        """Token ids of a prompt, text or ids, checked against the vocabulary and the context."""
-        ids = self.tokenizer.encode(prompt).ids if isinstance(prompt, str) else list(prompt)
+        """Token ids of a prompt, text or ids, checked against the vocabulary and the context.
+
+        A text known to be over the context (more bytes than its longest possible tokenization covers) is
+        refused without being tokenized."""
+        context = self.config.max_model_len
+        if isinstance(prompt, str):
+            if self._max_token_bytes and len(prompt) > self._max_token_bytes * context:  # chars <= UTF-8 bytes
+                num_bytes = len(prompt.encode())
+                if num_bytes > self._max_token_bytes * context:
+                    raise RequestError(
+                        "prompt",
+                        f"the prompt is {num_bytes:,} bytes: at least {-(-num_bytes // self._max_token_bytes):,} "
+                        f"tokens, past this model's context of {context} tokens",
+                    )
+            ids = self.tokenizer.encode(prompt).ids
+        else:
+            ids = list(prompt)
         if not ids:
             raise RequestError("prompt", "the prompt is empty")
-        if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in ids):
-            raise RequestError("prompt", f"token ids must be in [0, {self.vocab_size})")
-        if len(ids) >= self.config.max_model_len:
+        if len(ids) >= context:
             raise RequestError(
                 "prompt",
-                f"the prompt is {len(ids)} tokens; this model's context is {self.config.max_model_len} tokens, "
+                f"the prompt is {len(ids)} tokens; this model's context is {context} tokens, "
                 "including at least one to generate",
             )
+        if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in ids):
+            raise RequestError("prompt", f"token ids must be in [0, {self.vocab_size})")
         return ids
+
+    def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise :class:`RequestError` for parameters this model cannot take: ``max_tokens`` past the context,
+        stop token ids outside the vocabulary."""
+        self.max_tokens(prompt_ids, params)
+        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad:
+            raise RequestError("stop_token_ids", f"{bad} are not token ids of this model (ids are < {self.vocab_size})")
 
     def max_tokens(self, prompt_ids: list[int], params: SamplingParams) -> int:
         room = self.config.max_model_len - len(prompt_ids)
@@ -147,6 +171,8 @@ class LLMEngine:
         stop_ids = [t for t in stop_ids if t is not None]
         now = time.monotonic()
         sequences = []
+        for ids in prompts:
+            self.check(ids, params)
         for i, ids in enumerate(prompts):
             max_tokens = self.max_tokens(ids, params)
             for j in range(params.n):
@@ -248,6 +274,17 @@ class LLMEngine:
                              len(request.prompt_ids), len(request.output_ids), reason)  # fmt: skip
 
 
+def _max_token_bytes(tokenizer: Tokenizer) -> int:
+    """An upper bound on the UTF-8 bytes of text one token covers, or 0 when none is known.
+
+    Known for byte-level BPE without a normalizer (hyla's own tokenizers, GPT-2's): every byte of the text is
+    in some token, spelled as one or two bytes of the token's string. Elsewhere a normalizer, an unknown-token
+    id or dropped characters can make a long text a few tokens, and only the body-size limit applies."""
+    if tokenizer.normalizer is not None or not isinstance(tokenizer.pre_tokenizer, pre_tokenizers.ByteLevel):
+        return 0
+    return max((len(t.encode()) for t in tokenizer.get_vocab(with_added_tokens=True)), default=0)
+
+
 @dataclass
 class Completion:
     """A finished sequence of :meth:`LLM.generate`."""
@@ -274,7 +311,9 @@ class LLM:
 
             tokenizer = tokenizer or load_tokenizer(model)
             model = load(model, dtype=dtype, device=device)
-        self.engine = LLMEngine(model, tokenizer or load_tokenizer(None), config)
+        if tokenizer is None:
+            raise ValueError("LLM(model) of a model object needs its tokenizer: LLM(model, tokenizer)")
+        self.engine = LLMEngine(model, tokenizer, config)
         self._next_id = 0
 
     def stream(self, prompts: list[str | list[int]], params: SamplingParams | None = None) -> Iterator[RequestOutput]:

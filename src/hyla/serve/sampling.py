@@ -13,13 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-
-class RequestError(ValueError):
-    """An invalid request: ``param`` names the parameter at fault (the HTTP API answers 400 with it)."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(f"{param}: {message}")
-        self.param = param
+from hyla.errors import RequestError
 
 
 @dataclass

@@ -26,10 +26,11 @@ from tqdm import tqdm
 
 from hyla.checkpoint import load, save_pretrained
 from hyla.config import ConfigError, preset
-from hyla.data.corpus import CorpusError, discover
+from hyla.data.corpus import discover
 from hyla.data.packing import epoch_batches, packed_batches
 from hyla.data.shards import TokenShard, build_shards, train_documents
 from hyla.data.tokenizer import train_bpe
+from hyla.errors import DataError
 from hyla.model import HylaForCausalLM
 from hyla.train.optim import build_optimizer, lr_at
 from hyla.train.parallel import (
@@ -98,13 +99,13 @@ def load_train_toml(path: str | Path) -> dict:
     try:
         fields = tomllib.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise CorpusError(f"config file {str(path)!r} does not exist") from None
+        raise DataError(f"config file {str(path)!r} does not exist") from None
     except tomllib.TOMLDecodeError as e:
-        raise CorpusError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+        raise DataError(f"config file {str(path)!r} is not valid TOML: {e}") from None
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:
-        raise CorpusError(f"config file {str(path)!r}: unknown fields {unknown}; known: {sorted(known)}")
+        raise DataError(f"config file {str(path)!r}: unknown fields {unknown}; known: {sorted(known)}")
     if "betas" in fields:
         fields["betas"] = tuple(fields["betas"])
     return fields
@@ -115,7 +116,7 @@ def _tokenizer(cfg: TrainConfig, run: Path, sources) -> Tokenizer:
         return Tokenizer.from_file(str(run / "tokenizer.json"))
     if cfg.tokenizer is not None:
         if not Path(cfg.tokenizer).is_file():
-            raise CorpusError(f"tokenizer {cfg.tokenizer!r} does not exist")
+            raise DataError(f"tokenizer {cfg.tokenizer!r} does not exist")
         tokenizer = Tokenizer.from_file(cfg.tokenizer)
     else:
         tokenizer = train_bpe(train_documents(sources, cfg.eval_fraction), cfg.vocab_size)
@@ -162,11 +163,11 @@ class Precision:
     @classmethod
     def resolve(cls, cfg: TrainConfig) -> Precision:
         if cfg.device not in ("auto", "cpu", "cuda") or cfg.dtype not in ("auto", "float32", "bfloat16"):
-            raise CorpusError(f"device must be auto/cpu/cuda and dtype auto/float32/bfloat16, got {cfg.device!r}, "
+            raise DataError(f"device must be auto/cpu/cuda and dtype auto/float32/bfloat16, got {cfg.device!r}, "
                               f"{cfg.dtype!r}")  # fmt: skip
         cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
         if cuda and not torch.cuda.is_available():
-            raise CorpusError("device 'cuda' asked for, but no CUDA device is available")
+            raise DataError("device 'cuda' asked for, but no CUDA device is available")
         device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and cuda and torch.cuda.is_bf16_supported())
         return cls(device, bf16)
@@ -222,17 +223,17 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
 def _train(cfg: TrainConfig, resume: bool, progress: bool, world: World) -> dict:
     run = Path(cfg.run_dir)
     if world.size > 1 and cfg.grad_accum % world.size:
-        raise CorpusError(f"grad_accum ({cfg.grad_accum}) must be a multiple of the {world.size} processes")
+        raise DataError(f"grad_accum ({cfg.grad_accum}) must be a multiple of the {world.size} processes")
     if world.size > 1 and resume:
-        raise CorpusError("--resume runs on one process; start it without torchrun")
+        raise DataError("--resume runs on one process; start it without torchrun")
     saved = run / "train.json"
     if resume:
         if not (run / "checkpoint" / "trainer.pt").is_file():
-            raise CorpusError(f"nothing to resume in {run}: no checkpoint/trainer.pt")
+            raise DataError(f"nothing to resume in {run}: no checkpoint/trainer.pt")
         previous = json.loads(saved.read_text())
         changed = sorted(k for k, v in cfg.to_json().items() if previous.get(k) != v and k != "steps")
         if changed:
-            raise CorpusError(f"{run} was trained with another config (differs in {changed}); use a new run_dir")
+            raise DataError(f"{run} was trained with another config (differs in {changed}); use a new run_dir")
     sources = discover(cfg.data)
     # Rank 0 trains the tokenizer and fills the shard cache; the others then read both.
     for turn in (True, False):
@@ -245,7 +246,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, world: World) -> dict
         barrier(world)
     config = preset(cfg.preset, **{"vocab_size": tokenizer.get_vocab_size(), **cfg.model})
     if tokenizer.get_vocab_size() > config.vocab_size:
-        raise CorpusError(f"the tokenizer has {tokenizer.get_vocab_size()} ids but the model only {config.vocab_size}")
+        raise DataError(f"the tokenizer has {tokenizer.get_vocab_size()} ids but the model only {config.vocab_size}")
 
     torch.manual_seed(cfg.seed)
     model = HylaForCausalLM(config)
@@ -261,7 +262,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, world: World) -> dict
         state = torch.load(run / "checkpoint" / "trainer.pt", weights_only=False)
         model.load_state_dict(load(run / "checkpoint" / "model").state_dict())
         if state["optimizer"] is None:
-            raise CorpusError(f"{run} was trained sharded (torchrun), which keeps no optimizer state to resume from")
+            raise DataError(f"{run} was trained sharded (torchrun), which keeps no optimizer state to resume from")
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         start, tokens_seen = state["step"], state["tokens"]
