@@ -128,3 +128,128 @@ def test_serve_without_a_tokenizer_names_the_file(tmp_path):
 def test_serve_a_bad_port_is_one_clear_line(tmp_path):
     out = run("serve", str(model_dir(tmp_path)), "--port", "99999")
     assert out.returncode == 2 and out.stderr.strip() == "hyla: error: --port must be in 0..65535, got 99999"
+
+
+TRAIN = ["--preset", "tiny", "--vocab-size", "300", "--tokens-per-batch", "256", "--max-seq-len", "64",
+         "--eval-every", "4", "--eval-batches", "1", "--eval-fraction", "0.1", "--warmup", "2",
+         "--set", "hidden_size=32", "--set", "intermediate_size=32"]  # fmt: skip
+
+
+def train_args(tmp_path, run: str, steps: int) -> list[str]:
+    return ["train", "--run-dir", str(tmp_path / run), "--data", str(tmp_path / "corpus"), "--steps", str(steps),
+            "--cache-dir", str(tmp_path / "cache"), *TRAIN]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished tiny run, as `hyla train` leaves it, and what it printed."""
+    from tests.data.test_data import small_corpus
+
+    tmp_path = tmp_path_factory.mktemp("cli")
+    small_corpus(tmp_path / "corpus", n=20)
+    out = run(*train_args(tmp_path, "r", 4))
+    assert out.returncode == 0, out.stderr
+    return tmp_path, out
+
+
+def test_train_plans_then_summarises_in_words(trained):
+    tmp_path, out = trained
+    run_dir = tmp_path / "r"
+    assert out.stdout.startswith(f"hyla train: a new run in {run_dir}: preset 'tiny'")
+    assert "training a 300-id byte-level BPE tokenizer on 20 files" in out.stdout
+    assert "tokenizer trained in" in out.stdout
+    assert "x the unigram entropy" in out.stdout and "held-out tokens" in out.stdout
+    assert f"model: {run_dir / 'checkpoint' / 'model'}" in out.stdout
+    assert f"hyla generate {run_dir}" in out.stdout and f"hyla chat {run_dir}" in out.stdout
+    assert not out.stdout.rstrip().endswith("}")  # no raw JSON line
+
+
+def test_train_refuses_to_touch_an_existing_run(trained):
+    tmp_path, _ = trained
+    saved = (tmp_path / "r" / "train.json").read_bytes()
+    metrics = (tmp_path / "r" / "metrics.jsonl").read_bytes()
+    out = run(*train_args(tmp_path, "r", 4), "--set", "hidden_size=101")  # a config that cannot work
+    assert out.returncode == 2 and "num_attention_heads (4) must divide hidden_size (101)" in out.stderr
+    out = run(*train_args(tmp_path, "r", 4))  # a config that works, but the directory holds a run
+    assert out.returncode == 2 and "already holds a run" in out.stderr and "Traceback" not in out.stderr
+    assert (tmp_path / "r" / "train.json").read_bytes() == saved
+    assert (tmp_path / "r" / "metrics.jsonl").read_bytes() == metrics
+    out = run(*train_args(tmp_path, "r", 4), "--resume")
+    assert out.returncode == 0 and "already finished its 4 steps: nothing to do" in out.stdout
+    assert "--resume --steps 8" in out.stdout
+
+
+def test_generate_and_serve_find_the_model_of_a_run_directory(trained):
+    tmp_path, _ = trained
+    out = run("generate", str(tmp_path / "r"), "--max-new-tokens", "3", "--temperature", "0")
+    assert out.returncode == 0, out.stderr
+    assert f"# {tmp_path / 'r' / 'checkpoint' / 'model'}:" in out.stderr and "generated 3 tokens" in out.stderr
+    out = run("generate", str(tmp_path / "corpus"))
+    assert out.returncode == 2 and "is not a model directory: it has no config.json" in out.stderr
+
+
+def test_chat_reads_turns_from_a_pipe(trained):
+    """Completion mode (the demo-like model has no chat template): the second turn continues the first; /reset
+    forgets it, so the third turn (the same text as the first) gets the first turn's reply."""
+    tmp_path, _ = trained
+    turns = "def add(a, b):\nreturn\n/reset\ndef add(a, b):\n/quit\nnever read\n"
+    cmd = [sys.executable, "-m", "hyla", "chat", str(tmp_path / "r"), "--temperature", "0", "--max-tokens", "6"]
+    out = subprocess.run(cmd, input=turns, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "completion" in out.stderr and "/reset" in out.stderr
+    replies = out.stdout.split("(history cleared)\n")
+    assert len(replies) == 2
+    first, second = replies[0].split("\n")[0], replies[1].split("\n")[0]
+    assert first == second and first  # the same prompt after /reset: the same greedy reply
+
+
+def test_every_command_and_option_has_help():
+    from hyla.cli import build_parser
+
+    parser = build_parser()
+
+    def check(p, name):
+        assert p.description, name
+        for action in p._actions:
+            if action.dest == "help":
+                continue
+            sub = getattr(action, "choices", None)
+            if isinstance(sub, dict):
+                for child_name, child in sub.items():
+                    check(child, f"{name} {child_name}")
+            else:
+                assert action.help and action.help.strip(), f"{name}: {action.option_strings or action.dest}"
+
+    check(parser, "hyla")
+    out = run("train", "--help")
+    assert out.returncode == 0 and "A run directory is never replaced by accident" in out.stdout
+
+
+def test_train_interrupted_says_how_to_resume(tmp_path):
+    """Ctrl-C (SIGINT) while training: the step ends, a checkpoint is saved, the message says how to resume."""
+    from tests.data.test_data import small_corpus
+
+    small_corpus(tmp_path / "corpus", n=20)
+    proc = subprocess.Popen([sys.executable, "-m", "hyla", *train_args(tmp_path, "r", 100_000)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        metrics = tmp_path / "r" / "metrics.jsonl"
+        while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "SIGINT: stopping after this step" in stderr and "Traceback" not in stderr
+    step = len(metrics.read_text().splitlines())
+    assert (
+        f"interrupted at step {step}; checkpoint saved; resume with: hyla train --run-dir {tmp_path / 'r'} --resume"
+        in stdout
+    )
+    out = run(*train_args(tmp_path, "r", step + 2), "--resume")
+    assert out.returncode == 0, out.stderr
+    assert f"resuming at step {step}" in out.stdout and len(metrics.read_text().splitlines()) == step + 2

@@ -8,15 +8,14 @@ that replaces the target only once every file is complete.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from hyla.atomic import atomic_directory
 from hyla.errors import CheckpointError, ConfigError
 from hyla.interop.transformers import config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf
 from hyla.model import HylaForCausalLM
@@ -25,6 +24,21 @@ WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 # Files a save writes; anything else already in the target directory (a tokenizer, ...) is kept.
 _OWN = ("config.json", "generation_config.json", WEIGHTS, INDEX)
+
+
+def find_model_dir(path: str | Path) -> Path:
+    """The model directory at ``path``: ``path`` itself, or the model of a training run directory
+    (``path/checkpoint/model``); :class:`CheckpointError` saying what is there otherwise."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"model directory {str(path)!r} does not exist or is not a directory")
+    if (path / "config.json").is_file():
+        return path
+    if (path / "checkpoint" / "model" / "config.json").is_file():
+        return path / "checkpoint" / "model"
+    if (path / "train.json").is_file():
+        raise CheckpointError(f"{path} is a training run without a checkpoint yet (it writes checkpoint/model)")
+    raise CheckpointError(f"{path} is not a model directory: it has no config.json (nor checkpoint/model/)")
 
 
 def read_config(path: str | Path):
@@ -121,11 +135,9 @@ def save_pretrained(model: HylaForCausalLM, path: str | Path, max_shard_size: in
     Other files already in ``path`` (a tokenizer, ...) are kept.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     dtype = next(model.parameters()).dtype
     tensors = {k: v.detach().cpu() for k, v in state_dict_to_hf(model.state_dict(), model.config).items()}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_directory(path) as tmp:
         if path.is_dir():
             for item in path.iterdir():
                 if item.name not in _OWN and not (item.name.startswith("model-") and item.suffix == ".safetensors"):
@@ -145,20 +157,3 @@ def save_pretrained(model: HylaForCausalLM, path: str | Path, max_shard_size: in
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; an existing ``target`` is renamed away first and removed only after."""
-    os.chmod(new, 0o755)
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-    os.rmdir(old)
-    os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)

@@ -1,4 +1,8 @@
-"""The ``hyla`` command: one subcommand per function, parsing arguments and calling it."""
+"""hyla: train, run, chat with and serve hybrid lightning-attention language models on your own machine.
+
+Start with `hyla train` (a small code model on this Python's standard library, ~7 minutes on 2 cores), then
+`hyla chat runs/default`, `hyla generate runs/default` or `hyla serve runs/default`.
+"""
 
 from __future__ import annotations
 
@@ -10,123 +14,184 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 
-from hyla.checkpoint import CheckpointError, load
-from hyla.config import ConfigError, preset
+from hyla.checkpoint import find_model_dir, load
+from hyla.config import preset
 from hyla.data.tokenizer import byte_level_tokenizer, load_tokenizer
-from hyla.errors import DataError
+from hyla.errors import HylaError
 from hyla.model import HylaForCausalLM
 from hyla.runtime import tune_malloc
-from hyla.serve import LLM, EngineConfig, RequestError, SamplingParams
+from hyla.serve import LLM, EngineConfig, SamplingParams
 from hyla.serve.api import DEFAULT_MAX_REQUEST_BYTES
 from hyla.train.loop import TrainConfig, load_train_toml, train
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+# The prompts of the samples at the end of `hyla train` (the default corpus is Python code).
+SAMPLE_PROMPTS = ("class Parser:\n    def ", "    for i in range(", "def test_")
 
 
-def run_generate(
-    model_dir: str | None, preset_name: str, prompt: str, params: SamplingParams, seed: int, dtype: str
-) -> None:
-    """Stream a continuation of ``prompt`` from a model directory, or from a randomly initialised preset."""
-    torch.manual_seed(seed)
-    if model_dir is not None:
-        model = load(model_dir, dtype=DTYPES[dtype])
-        source = model_dir
-    else:
+# -- generate --------------------------------------------------------------------------------------------------
+
+
+def _model_and_tokenizer(model_dir: str | None, preset_name: str, dtype: str, tokenizer_path: str | None):
+    """A trained model (a model or run directory) with its tokenizer, or a random preset with byte tokens."""
+    if model_dir is None:
         model = HylaForCausalLM(preset(preset_name)).to(DTYPES[dtype]).eval()
         source = f"preset {preset_name!r} (random weights: expect noise until you train one)"
-    tokenizer = load_tokenizer(model_dir) if model_dir is not None else byte_level_tokenizer()
+        return model, load_tokenizer(tokenizer_path) if tokenizer_path else byte_level_tokenizer(), source
+    path = find_model_dir(model_dir)
+    tokenizer = load_tokenizer(tokenizer_path or path)
+    return load(path, dtype=DTYPES[dtype]), tokenizer, str(path)
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    """Stream a continuation of ``--prompt``, then report prefill and decode speed."""
+    torch.manual_seed(args.seed)
+    model, tokenizer, source = _model_and_tokenizer(args.model_dir, args.preset, args.dtype, args.tokenizer)
     context = min(model.config.max_position_embeddings, 4096)
     llm = LLM(model, tokenizer, EngineConfig(max_num_seqs=1, max_model_len=context))
-    print(f"# {source}: {model.config.num_parameters() / 1e6:.1f}M parameters, {dtype}", file=sys.stderr)
-    print(prompt, end="", flush=True)
+    print(f"# {source}: {model.config.num_parameters() / 1e6:.1f}M parameters, {args.dtype}", file=sys.stderr)
+    print(args.prompt, end="", flush=True)
     start = time.perf_counter()
     first, count = None, 0
-    for out in llm.stream([prompt], params):
+    for out in llm.stream([args.prompt], _sampling(args)):
         first = first or time.perf_counter()
         count += len(out.token_ids)
         print(out.text, end="", flush=True)
     end = time.perf_counter()
     print()
     decode = f", decode {(count - 1) / (end - first):.1f} tok/s" if count > 1 else ""
-    prompt_tokens = len(tokenizer.encode(prompt).ids)
+    prompt_tokens = len(tokenizer.encode(args.prompt).ids)
     print(f"# prompt {prompt_tokens} tokens, prefill {(first - start) * 1e3:.0f} ms; generated {count} tokens{decode}",
           file=sys.stderr)  # fmt: skip
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hyla", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    gen = commands.add_parser("generate", help="stream a continuation of a prompt")
-    gen.add_argument("model_dir", nargs="?", default=None, help="a model directory (default: a random preset)")
-    gen.add_argument("--preset", default="small", help="preset used when no model directory is given")
-    gen.add_argument("--prompt", default="def fibonacci(n):\n")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.8)
-    gen.add_argument("--top-k", type=int, default=50)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-
-    tr = commands.add_parser("train", help="train a model on a corpus (default: the Python standard library)")
-    for f in dataclasses.fields(TrainConfig):
-        if f.type in ("int", "float", "str", "str | None"):
-            kind = {"int": int, "float": float}.get(f.type, str)
-            default = f.default if f.default is not dataclasses.MISSING else None
-            # None: not given, so that a --config file's value (or the dataclass default) applies.
-            tr.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None, help=f"default: {default}")
-    tr.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                    help="override a field of the model preset, e.g. --set hidden_size=256")  # fmt: skip
-    tr.add_argument("--config", default=None, metavar="FILE.toml",
-                    help="the run's fields (a [model] table: preset overrides); flags override it")  # fmt: skip
-    tr.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
-
-    srv = commands.add_parser("serve", help="serve a model directory over an OpenAI-compatible HTTP API")
-    srv.add_argument("model_dir")
-    srv.add_argument("--host", default="127.0.0.1")
-    srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
-    srv.add_argument("--served-model-name", default=None, help="default: the directory's name")
-    srv.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    srv.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    for f in dataclasses.fields(EngineConfig):
-        srv.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default, help=f"default: {f.default}")
-    srv.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond which new ones get 503")
-    srv.add_argument("--tokenizer", default=None, metavar="PATH",
-                     help="a tokenizer.json (default: the one in the model directory)")  # fmt: skip
-    srv.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
-                     help="request bodies past this size get 413 (default: %(default)s)")  # fmt: skip
-    srv.add_argument("--shutdown-timeout", type=float, default=5.0, metavar="SECONDS",
-                     help="on SIGINT/SIGTERM, seconds running requests get to finish")  # fmt: skip
-
-    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    ctx = bench.add_parser("context", help="lightning vs softmax attention across context lengths")
-    ctx.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ctx.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                     help="default: bfloat16 on CUDA, float32 on the CPU")  # fmt: skip
-    ctx.add_argument("--lengths", type=int, nargs="+", default=None,
-                     help="default: 1k..64k on the CPU, 4k..128k on CUDA")  # fmt: skip
-    ctx.add_argument("--hidden", type=int, default=512)
-    ctx.add_argument("--heads", type=int, default=8)
-    ctx.add_argument("--repeats", type=int, default=3)
-    ctx.add_argument("--no-backward", action="store_true", help="time the forward pass only")
-    ctx.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
-    ctx.add_argument("--plot", default=None, help="PNG path (default: benchmarks/context-DEVICE.png)")
-    sv = bench.add_parser("serve", help="load-test an OpenAI-compatible server (start one with hyla serve)")
-    sv.add_argument("--url", default="http://127.0.0.1:8000/v1")
-    sv.add_argument("--api-key", default=None)
-    sv.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    sv.add_argument("--requests", type=int, default=None, help="per level (default: max(4, 2 x concurrency))")
-    sv.add_argument("--input-len", type=int, default=128)
-    sv.add_argument("--output-len", type=int, default=128)
-    sv.add_argument("--price-per-hour", type=float, default=1.0, help="the machine's price, for $ per 1M tokens")
-    return parser
+def _sampling(args: argparse.Namespace, **changes) -> SamplingParams:
+    fields = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                  seed=args.seed)  # fmt: skip
+    return SamplingParams(**{**fields, **changes})
 
 
-def run_train(args: argparse.Namespace) -> None:
-    """``hyla train``: a TOML file's fields, then the flags given, then preset overrides from ``--set``."""
+def _add_sampling(parser: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-tokens", "--max-new-tokens", type=int, default=max_tokens,
+                       help="tokens to generate (default: %(default)s)")  # fmt: skip
+    group.add_argument("--temperature", type=float, default=temperature,
+                       help="0: always the likeliest token; higher: more varied (default: %(default)s)")  # fmt: skip
+    group.add_argument("--top-k", type=int, default=50, help="draw from the k likeliest tokens, 0: all (default: 50)")
+    group.add_argument("--top-p", type=float, default=1.0,
+                       help="draw from the likeliest tokens covering this probability (default: 1, all)")  # fmt: skip
+    group.add_argument("--seed", type=int, default=0, help="the same seed gives the same text (default: 0)")
+
+
+# -- chat ------------------------------------------------------------------------------------------------------
+
+
+def chat(
+    llm: LLM,
+    params: SamplingParams,
+    lines: Iterable[str],
+    write: Callable[[str], None],
+    template: str | None = None,
+    system: str | None = None,
+) -> None:
+    """The conversation loop of ``hyla chat``: each line of ``lines`` is a turn, its reply streamed to ``write``.
+
+    With a chat ``template`` (Jinja, as transformers' ``chat_template``), turns are user messages and the
+    history is the list of messages; without one (completion mode, for code models), the history is the text so
+    far and each line is appended to it and continued. ``/reset`` forgets the history, ``/quit`` ends; when the
+    history outgrows the context, its oldest tokens are dropped.
+    """
+    import jinja2
+
+    render = jinja2.Environment(autoescape=False).from_string(template).render if template else None
+    engine = llm.engine
+    room = engine.config.max_model_len - (params.max_tokens or 0) - 1
+    messages: list[dict] = [{"role": "system", "content": system}] if system and render else []
+    history = ""
+    for line in lines:
+        text = line.rstrip("\n")
+        if text.strip() in ("/quit", "/exit"):
+            return
+        if text.strip() == "/reset":
+            messages, history = messages[:1] if system and render else [], ""
+            write("(history cleared)\n")
+            continue
+        if text.strip() == "/help":
+            write("type a line and press enter; /reset forgets the conversation, /quit ends\n")
+            continue
+        if render is not None:
+            messages.append({"role": "user", "content": text})
+            prompt = render(messages=messages, add_generation_prompt=True, bos_token="", eos_token="")
+        else:
+            history += text + "\n"
+            prompt = history
+        ids = engine.tokenizer.encode(prompt).ids
+        if len(ids) > room:
+            write(f"(the conversation is past the {engine.config.max_model_len}-token context: its oldest "
+                  f"{len(ids) - room} tokens are dropped)\n")  # fmt: skip
+            ids = ids[-room:]
+        reply = ""
+        for out in llm.stream([ids], params):
+            reply += out.text
+            write(out.text)
+        write("\n")
+        if render is not None:
+            messages.append({"role": "assistant", "content": reply})
+        else:
+            history += reply + "\n"
+
+
+def _stdin_lines(prompt: str) -> Iterator[str]:
+    """Lines typed at a prompt (a terminal) or read from a pipe; ends at end of input."""
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            yield input(prompt) if interactive else next(sys.stdin)
+        except (EOFError, StopIteration):
+            return
+
+
+def run_chat(args: argparse.Namespace) -> None:
+    model, tokenizer, source = _model_and_tokenizer(args.model_dir, args.preset, args.dtype, args.tokenizer)
+    template = None
+    if args.model_dir is not None and args.mode != "completion":
+        settings = find_model_dir(args.model_dir) / "tokenizer_config.json"
+        template = json.loads(settings.read_text()).get("chat_template") if settings.is_file() else None
+    if args.mode == "chat" and template is None:
+        raise HylaError("--mode chat needs a chat_template in the model directory's tokenizer_config.json")
+    context = min(model.config.max_position_embeddings, args.context)
+    if args.max_tokens >= context:
+        raise HylaError(f"--max-tokens ({args.max_tokens}) must be below the context ({context})")
+    llm = LLM(model, tokenizer, EngineConfig(max_num_seqs=1, max_model_len=context))
+    mode = "chat" if template else "completion: each line is appended to the text so far and continued"
+    print(f"# {source}: {model.config.num_parameters() / 1e6:.1f}M parameters; {mode}; /reset forgets, /quit ends",
+          file=sys.stderr, flush=True)  # fmt: skip
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    chat(llm, _sampling(args), _stdin_lines("> "), write, template, args.system)
+
+
+# -- train -----------------------------------------------------------------------------------------------------
+
+
+def _samples(model: HylaForCausalLM, tokenizer: Tokenizer, seed: int) -> list[str]:
+    """A continuation of each of :data:`SAMPLE_PROMPTS` (temperature 0.6, top-p 0.95, seeded)."""
+    llm = LLM(model.eval(), tokenizer, EngineConfig(max_num_seqs=len(SAMPLE_PROMPTS), max_model_len=512))
+    params = SamplingParams(max_tokens=80, temperature=0.6, top_p=0.95, seed=seed)
+    return [p + c[0].text for p, c in zip(SAMPLE_PROMPTS, llm.generate(list(SAMPLE_PROMPTS), params), strict=True)]
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    """A TOML file's fields, then the flags given, then preset overrides from ``--set``."""
     fields = load_train_toml(args.config) if args.config else {}
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     fields.update({k: v for k, v in given.items() if v is not None})
@@ -134,19 +199,66 @@ def run_train(args: argparse.Namespace) -> None:
     for item in args.set:
         name, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"--set takes FIELD=VALUE, got {item!r}")
+            raise HylaError(f"--set takes FIELD=VALUE, got {item!r}")
         overrides[name] = json.loads(value) if value[:1] in "0123456789-[{tfn" else value
-    metrics = train(TrainConfig(**fields, model=overrides), resume=args.resume)
-    if int(os.environ.get("RANK", "0")) != 0:
-        return
-    for text in metrics.pop("samples", []):
-        print(f"--- sample ---\n{text}")
-    if "unigram_entropy" in metrics:
-        verdict = "learned" if metrics["learned"] else "NOT yet below"
-        print(f"held-out loss {metrics['held_out_loss']:.3f} nats/token over {metrics['held_out_tokens']:,} tokens; "
-              f"unigram entropy {metrics['unigram_entropy']:.3f}; "
-              f"ratio {metrics['ratio']:.3f} ({verdict} the 0.6 bar); plot: {metrics['plot']}")  # fmt: skip
-    print(json.dumps(metrics))
+    return TrainConfig(**fields, model=overrides)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """``hyla train``: Ctrl-C or SIGTERM stops at the end of the step, saves a checkpoint and says how to resume."""
+    cfg = _train_config(args)
+    stop = threading.Event()
+    main = int(os.environ.get("RANK", "0")) == 0
+
+    def on_signal(signum: int, frame) -> None:
+        if main:
+            print(f"\nhyla: {signal.Signals(signum).name}: stopping after this step (again to stop at once)",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        metrics = train(cfg, resume=args.resume, overwrite=args.overwrite, stop=stop, sampler=_samples)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if main:
+        print(_train_summary(cfg, metrics))
+    return 130 if metrics.get("interrupted") else 0
+
+
+def _train_summary(cfg: TrainConfig, m: dict) -> str:
+    """What a run did, where its model is, and the commands that come next."""
+    run = cfg.run_dir
+    if m.get("already_finished"):
+        return (f"{run} already finished its {m['step']} steps: nothing to do. To train it further, raise --steps "
+                f"(hyla train --run-dir {run} --resume --steps {2 * m['step']}), or start a new run with another "
+                "--run-dir.")  # fmt: skip
+    lines = [f"--- sample ---\n{text}" for text in m.get("samples", [])]
+    if m.get("interrupted") and "held_out_loss" not in m:
+        lines.append(f"interrupted at step {m['step']}; checkpoint saved; resume with: "
+                     f"hyla train --run-dir {run} --resume")  # fmt: skip
+        return "\n".join(lines)
+    if "held_out_loss" in m:
+        verdict = "learned" if m["learned"] else "not yet learned: the bar is 0.6"
+        scope = (f"all {m['held_out_tokens']:,} held-out tokens" if m["held_out_complete"] else
+                 f"the first {m['held_out_tokens']:,} held-out tokens (evaluation interrupted)")  # fmt: skip
+        lines.append(f"held-out loss {m['held_out_loss']:.3f} nats/token over {scope} = {m['ratio']:.3f} x the "
+                     f"unigram entropy ({m['unigram_entropy']:.3f}) — {verdict}")  # fmt: skip
+    lines += [
+        f"model: {m.get('model_dir', Path(run) / 'checkpoint' / 'model')}  (report: {Path(run) / 'report.json'}, "
+        f"curve: {Path(run) / 'loss.png'}, every step: {Path(run) / 'metrics.jsonl'})",
+        "next:",
+        f'  hyla generate {run} --prompt "def fibonacci(n):"',
+        f"  hyla chat {run}",
+        f"  hyla serve {run}",
+    ]
+    return "\n".join(lines)
+
+
+# -- serve -----------------------------------------------------------------------------------------------------
 
 
 def run_serve(args: argparse.Namespace) -> None:
@@ -160,65 +272,185 @@ def run_serve(args: argparse.Namespace) -> None:
         print(f"hyla: {name}: shutting down (no new requests; running ones have {args.shutdown_timeout:g} s to "
               f"finish; {name} again to stop now)", file=sys.stderr, flush=True)  # fmt: skip
         stop.set()
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, signal.SIG_DFL if s == signal.SIGTERM else signal.default_int_handler)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     config = EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
     try:
-        serve(args.model_dir, stop, args.host, args.port, args.api_key, args.served_model_name, config,
-              args.max_waiting, DTYPES[args.dtype], args.device, args.tokenizer, args.max_request_bytes,
-              args.shutdown_timeout, log=lambda line: print(line, file=sys.stderr, flush=True))  # fmt: skip
+        serve(str(find_model_dir(args.model_dir)), stop, args.host, args.port, args.api_key,
+              args.served_model_name or Path(args.model_dir).resolve().name, config, args.max_waiting,
+              DTYPES[args.dtype], args.device, args.tokenizer, args.max_request_bytes, args.shutdown_timeout,
+              log=lambda line: print(line, file=sys.stderr, flush=True))  # fmt: skip
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
 
 
-def run_bench_context(args: argparse.Namespace) -> None:
-    from pathlib import Path
+# -- bench -----------------------------------------------------------------------------------------------------
 
+
+def run_bench_context(args: argparse.Namespace) -> None:
     from hyla.bench import context
 
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but no CUDA device is available")
+        raise HylaError("--device cuda, but no CUDA device is available")
     lengths = args.lengths or [2**i for i in (range(12, 18) if cuda else range(10, 17))]
     if args.hidden % args.heads:
-        raise ValueError(f"--heads ({args.heads}) must divide --hidden ({args.hidden})")
+        raise HylaError(f"--heads ({args.heads}) must divide --hidden ({args.hidden})")
     results = None if args.no_append else Path("benchmarks/RESULTS.md")
     plot = Path(args.plot or f"benchmarks/context-{args.device}.png")
     context.main(lengths, args.device, args.dtype or ("bfloat16" if cuda else "float32"), args.hidden,
                  args.heads, args.repeats, not args.no_backward, results, plot)  # fmt: skip
 
 
+def run_bench_serve(args: argparse.Namespace) -> None:
+    from hyla.bench import serve as bench_serve
+
+    if min(args.concurrency) < 1 or args.input_len < 1 or args.output_len < 1:
+        raise HylaError("--concurrency, --input-len and --output-len must be >= 1")
+    bench_serve.main(args.url, args.concurrency, args.requests, args.input_len, args.output_len,
+                     args.price_per_hour, args.api_key)  # fmt: skip
+
+
+# -- the parser ------------------------------------------------------------------------------------------------
+
+
+def _add_model_args(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "model_dir",
+        nargs="?",
+        default=None,
+        help=f"a model directory or a `hyla train` run directory (default: a random {what})",
+    )
+    parser.add_argument("--preset", default="small", help="the random model's preset without a directory")
+    parser.add_argument("--tokenizer", default=None, metavar="PATH",
+                        help="a tokenizer.json (default: the model directory's)")  # fmt: skip
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights' dtype")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="hyla", description=__doc__, formatter_class=formatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    tr = commands.add_parser("train", help="train a model (default: the 2.3M demo on the Python standard library)",
+                             description="Train a model. With no flags: the main job, a 2.3M-parameter code model "
+                             "on this Python's standard library (~7 minutes on 2 CPU cores), into runs/default. "
+                             "A run directory is never replaced by accident: continue it with --resume or "
+                             "replace it with --overwrite.")  # fmt: skip
+    for f in dataclasses.fields(TrainConfig):
+        if f.type in ("int", "float", "str", "str | None"):
+            kind = {"int": int, "float": float}.get(f.type, str)
+            default = f.default if f.default is not dataclasses.MISSING else None
+            # None: not given, so that a --config file's value (or the dataclass default) applies.
+            tr.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None,
+                            help=f"{f.metadata.get('help', '')} (default: {default})")  # fmt: skip
+    tr.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="change a field of the model preset, e.g. --set hidden_size=256 (repeatable)")  # fmt: skip
+    tr.add_argument("--config", default=None, metavar="FILE.toml",
+                    help="the run's fields from a TOML file ([model]: preset changes); flags override it")  # fmt: skip
+    tr.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
+    tr.add_argument("--overwrite", action="store_true", help="replace the run in --run-dir, deleting its files")
+
+    gen = commands.add_parser("generate", help="continue a prompt with a model",
+                              description="Stream a continuation of a prompt, then print the prefill and decode "
+                              "speed.")  # fmt: skip
+    _add_model_args(gen, "preset")
+    gen.add_argument("--prompt", default="def fibonacci(n):\n", help="the text to continue")
+    _add_sampling(gen, max_tokens=64, temperature=0.8)
+
+    ch = commands.add_parser("chat", help="talk to a model, turn by turn, in the terminal",
+                             description="An interactive prompt on a model: each line you type is a turn, the "
+                             "reply streams back, the conversation is kept. With a chat template in the model "
+                             "directory the turns are chat messages; without one (a code model, like the demo) "
+                             "each line is added to the text so far and continued. /reset forgets, /quit ends; "
+                             "input can be piped.")  # fmt: skip
+    _add_model_args(ch, "preset")
+    ch.add_argument("--mode", choices=["auto", "chat", "completion"], default="auto",
+                    help="auto: chat if the model has a chat template, else completion")  # fmt: skip
+    ch.add_argument("--system", default=None, help="a system message (chat mode)")
+    ch.add_argument("--context", type=int, default=4096, help="tokens of conversation kept (default: 4096)")
+    _add_sampling(ch, max_tokens=128, temperature=0.7)
+
+    srv = commands.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                              description="Serve a model directory (or a run directory's model) with continuous "
+                              "batching behind /v1/completions, /v1/chat/completions, /v1/models, /health and "
+                              "/metrics. SIGINT/SIGTERM shut it down gracefully.")  # fmt: skip
+    srv.add_argument("model_dir", help="a model directory or a `hyla train` run directory")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    srv.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    srv.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the directory's)")
+    srv.add_argument("--tokenizer", default=None, metavar="PATH",
+                     help="a tokenizer.json (default: the model directory's)")  # fmt: skip
+    srv.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights' dtype")
+    srv.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    engine_help = {"max_num_seqs": "requests generated at once", "max_num_batched_tokens": "tokens in one step",
+                   "block_size": "tokens per KV-cache block", "num_blocks": "KV-cache blocks (default: sized "
+                   "for max-num-seqs full requests)", "max_model_len": "longest prompt + output, in tokens "
+                   "(default: the model's)"}  # fmt: skip
+    for f in dataclasses.fields(EngineConfig):
+        srv.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default,
+                         help=f"{engine_help[f.name]} (default: {f.default})")  # fmt: skip
+    srv.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond which new ones get 503")
+    srv.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                     help="request bodies past this size get 413 (default: %(default)s)")  # fmt: skip
+    srv.add_argument("--shutdown-timeout", type=float, default=5.0, metavar="SECONDS",
+                     help="on SIGINT/SIGTERM, seconds running requests get to finish (default: 5)")  # fmt: skip
+
+    bench = commands.add_parser("bench", help="measure speed: attention scaling, a server under load",
+                                description="Benchmarks: `hyla bench context` (lightning vs softmax attention "
+                                "across context lengths), `hyla bench serve` (a server under load).")  # fmt: skip
+    benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    ctx = benches.add_parser("context", help="lightning vs softmax attention across context lengths",
+                             description="Time one lightning layer, its kernel and softmax attention from 1k to 64k "
+                             "tokens; print a table, plot it and append it to benchmarks/RESULTS.md.")  # fmt: skip
+    ctx.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    ctx.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                     help="default: bfloat16 on CUDA, float32 on the CPU")  # fmt: skip
+    ctx.add_argument("--lengths", type=int, nargs="+", default=None,
+                     help="default: 1k..64k on the CPU, 4k..128k on CUDA")  # fmt: skip
+    ctx.add_argument("--hidden", type=int, default=512, help="the layer's width (default: 512)")
+    ctx.add_argument("--heads", type=int, default=8, help="attention heads (default: 8)")
+    ctx.add_argument("--repeats", type=int, default=3, help="timed runs per length, the median kept (default: 3)")
+    ctx.add_argument("--no-backward", action="store_true", help="time the forward pass only")
+    ctx.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    ctx.add_argument("--plot", default=None, help="PNG path (default: benchmarks/context-DEVICE.png)")
+    sv = benches.add_parser("serve", help="load-test an OpenAI-compatible server (start one with hyla serve)",
+                            description="Send streaming completions at several concurrency levels and report "
+                            "tokens/s, time to first token, time per output token and $ per 1M tokens.")  # fmt: skip
+    sv.add_argument("--url", default="http://127.0.0.1:8000/v1", help="the server's /v1 URL")
+    sv.add_argument("--api-key", default=None, help="the server's key, if it has one")
+    sv.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="clients at once, per level")
+    sv.add_argument("--requests", type=int, default=None, help="per level (default: max(4, 2 x concurrency))")
+    sv.add_argument("--input-len", type=int, default=128, help="prompt tokens (default: 128)")
+    sv.add_argument("--output-len", type=int, default=128, help="generated tokens (default: 128)")
+    sv.add_argument("--price-per-hour", type=float, default=1.0, help="the machine's price, for $ per 1M tokens")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     tune_malloc()
+    commands: dict[str, Callable[[argparse.Namespace], int | None]] = {
+        "generate": run_generate,
+        "chat": run_chat,
+        "serve": run_serve,
+        "train": run_train,
+        "context": run_bench_context,
+        "serve-bench": run_bench_serve,
+    }
+    name = "serve-bench" if args.command == "bench" and args.bench == "serve" else getattr(args, "bench", None)
     try:
-        if args.command == "generate":
-            params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                    top_p=args.top_p, seed=args.seed)  # fmt: skip
-            run_generate(args.model_dir, args.preset, args.prompt, params, args.seed, args.dtype)
-        elif args.command == "serve":
-            run_serve(args)
-        elif args.command == "train":
-            run_train(args)
-        elif args.command == "bench" and args.bench == "context":
-            run_bench_context(args)
-        elif args.command == "bench" and args.bench == "serve":
-            from hyla.bench import serve as bench_serve
-
-            if min(args.concurrency) < 1 or args.input_len < 1 or args.output_len < 1:
-                raise ValueError("--concurrency, --input-len and --output-len must be >= 1")
-            bench_serve.main(args.url, args.concurrency, args.requests, args.input_len, args.output_len,
-                             args.price_per_hour, args.api_key)  # fmt: skip
-    except (CheckpointError, ConfigError, DataError, RequestError, ValueError) as e:
+        return commands[name or args.command](args) or 0
+    except (HylaError, ValueError) as e:
         print(f"hyla: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nhyla: interrupted", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

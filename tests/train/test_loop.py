@@ -1,10 +1,13 @@
 """The training loop: it learns, and a resumed run continues exactly like an uninterrupted one."""
 
 import json
+import threading
 
 import pytest
 
-from hyla.errors import DataError
+from hyla.cli import _samples
+from hyla.data.tokenizer import load_tokenizer
+from hyla.errors import ConfigError, DataError
 from hyla.train.loop import TrainConfig, train
 from hyla.train.optim import lr_at
 from tests.data.test_data import small_corpus
@@ -103,19 +106,83 @@ def test_bfloat16_autocast_trains_close_to_float32(tmp_path):
 
 
 def test_an_unknown_dtype_is_named(tmp_path):
-    small_corpus(tmp_path / "corpus", n=5)
-    with pytest.raises(DataError, match="dtype auto/float32/bfloat16, got 'auto', 'fp8'"):
-        train(config(tmp_path, "r", steps=1, dtype="fp8"), progress=False)
+    with pytest.raises(ConfigError, match="dtype must be auto, float32 or bfloat16, got 'fp8'"):
+        config(tmp_path, "r", steps=1, dtype="fp8")
 
 
-def test_a_new_run_in_the_same_directory_starts_its_metrics_afresh(tmp_path):
+def test_an_existing_run_is_refused_unless_resumed_or_overwritten(tmp_path):
     small_corpus(tmp_path / "corpus", n=10)
     train(config(tmp_path, "r", steps=3), progress=False)
-    train(config(tmp_path, "r", steps=2), progress=False)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir() if p.is_file()}
+    with pytest.raises(DataError, match="already holds a run: continue it with --resume, replace it with --overwrite"):
+        train(config(tmp_path, "r", steps=2, vocab_size=280), progress=False)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir() if p.is_file()} == before
+    with pytest.raises(ConfigError, match="give one of them"):
+        train(config(tmp_path, "r", steps=2), resume=True, overwrite=True, progress=False)
+    # --overwrite: a fresh run, its own tokenizer (not the old one's 300 ids) and metrics.
+    train(config(tmp_path, "r", steps=2, vocab_size=280), overwrite=True, progress=False, sampler=_samples)
     assert [m["step"] for m in metrics_without_timing(tmp_path / "r")] == [1, 2]
+    assert load_tokenizer(tmp_path / "r").get_vocab_size() == 280
     report = json.loads((tmp_path / "r" / "report.json").read_text())
-    assert report["unigram_entropy"] > 0 and len(report["samples"]) == 3
+    assert report["unigram_entropy"] > 0 and len(report["samples"]) == 3 and report["held_out_complete"]
     assert (tmp_path / "r" / "loss.png").stat().st_size > 0
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="holds other files"):
+        train(config(tmp_path, "other", steps=2), overwrite=True, progress=False)
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_nothing_is_written_before_the_config_is_checked(tmp_path):
+    small_corpus(tmp_path / "corpus", n=5)
+    for changes in ({"model": {**MODEL, "hidden_size": 101}}, {"model": {"bogus_field": 3}}, {"preset": "huge"},
+                    {"data": str(tmp_path / "missing")}, {"tokenizer": str(tmp_path / "none.json")}):  # fmt: skip
+        with pytest.raises((ConfigError, DataError)):
+            train(config(tmp_path, "r", steps=2, **changes), progress=False)
+        assert not (tmp_path / "r").exists(), changes
+    assert not (tmp_path / "cache").exists()
+
+
+def test_resume_compares_resolved_paths_and_a_moved_run_resumes(tmp_path, monkeypatch):
+    small_corpus(tmp_path / "corpus", n=10)
+    monkeypatch.chdir(tmp_path)
+    train(config(tmp_path, "r", steps=3, run_dir="r", data="corpus"), progress=False)
+    train(config(tmp_path, "r", steps=4, run_dir="./r/", data=str(tmp_path / "corpus")), resume=True, progress=False)
+    (tmp_path / "r").rename(tmp_path / "moved")
+    out = train(config(tmp_path, "moved", steps=5, data="./corpus"), resume=True, progress=False)
+    assert out["step"] == 5 and [m["step"] for m in metrics_without_timing(tmp_path / "moved")] == [1, 2, 3, 4, 5]
+    assert train(config(tmp_path, "moved", steps=5), resume=True, progress=False) == {
+        "already_finished": True, "step": 5, "run_dir": str(tmp_path / "moved")}  # fmt: skip
+
+
+def test_a_stop_saves_the_step_and_resume_continues_exactly(tmp_path):
+    small_corpus(tmp_path / "corpus", n=20)
+    straight = train(config(tmp_path, "a", steps=5, checkpoint_every=100), progress=False)
+    stop = threading.Event()
+    stop.set()  # as if Ctrl-C came during the first step
+    out = train(config(tmp_path, "b", steps=5, checkpoint_every=100), progress=False, stop=stop)
+    assert out["interrupted"] and out["step"] == 1 and not (tmp_path / "b" / "report.json").exists()
+    resumed = train(config(tmp_path, "b", steps=5, checkpoint_every=100), resume=True, progress=False)
+    assert metrics_without_timing(tmp_path / "b") == metrics_without_timing(tmp_path / "a")
+    assert resumed["held_out_loss"] == straight["held_out_loss"]
+
+
+def test_a_stop_during_the_final_evaluation_still_writes_the_report(tmp_path, monkeypatch):
+    import hyla.train.loop as loop
+
+    small_corpus(tmp_path / "corpus", n=20)
+    stop = threading.Event()
+    real = loop.evaluate_all
+
+    def interrupted(*args, **kwargs):
+        stop.set()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate_all", interrupted)
+    out = train(config(tmp_path, "r", steps=2), progress=False, stop=stop, sampler=_samples)
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["interrupted"] and not report["held_out_complete"] and "samples" not in report
+    assert out["step"] == 2 and (tmp_path / "r" / "checkpoint" / "model" / "config.json").is_file()
 
 
 @pytest.mark.parametrize(
@@ -125,7 +192,5 @@ def test_a_new_run_in_the_same_directory_starts_its_metrics_afresh(tmp_path):
      ("lr", -1.0, "lr must be > 0"), ("eval_fraction", 1.0, r"eval_fraction must be in \[0, 1\)")],
 )  # fmt: skip
 def test_a_config_that_cannot_work_is_named(tmp_path, field, value, message):
-    from hyla.config import ConfigError
-
     with pytest.raises(ConfigError, match=message):
         config(tmp_path, "r", **{"steps": 3, field: value})

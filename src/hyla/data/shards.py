@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +17,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from hyla.atomic import atomic_directory
 from hyla.data.corpus import Source, documents
 from hyla.data.tokenizer import END_OF_TEXT
 from hyla.errors import DataError
@@ -103,9 +101,7 @@ def _tokenize(sources: list[Source], tokenizer: Tokenizer, directory: Path, eval
             parts["eval" if is_eval(source, index, eval_fraction) else "train"].append(ids)
     if not parts["train"]:
         raise DataError("the corpus holds no documents with text")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as tmp:
         meta: dict = {"dtype": np.dtype(dtype).name, "vocab_size": tokenizer.get_vocab_size()}
         for split, docs in parts.items():
             lengths = np.asarray([len(d) for d in docs], dtype=np.int64)
@@ -113,10 +109,6 @@ def _tokenize(sources: list[Source], tokenizer: Tokenizer, directory: Path, eval
             (np.concatenate(docs) if docs else np.zeros(0, dtype)).tofile(tmp / f"{split}.tokens")
             meta[split] = {"documents": len(docs), "tokens": int(lengths.sum())}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def unigram_entropy(shard: TokenShard, vocab_size: int) -> float:

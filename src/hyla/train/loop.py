@@ -1,9 +1,12 @@
 """The training loop: packed batches, AdamW, warmup + cosine, accumulation, clipping, checkpoints, resume.
 
-A straight function, nanoGPT-style. A run directory holds the resolved ``train.json``, ``tokenizer.json``,
-``metrics.jsonl`` (one JSON line per step and per evaluation) and ``checkpoint/`` (the model in hyla's
-transformers-compatible layout plus ``trainer.pt``: optimizer, step and RNG state), replaced atomically.
-Resuming continues from the checkpoint's step with the same batches, so the losses equal an uninterrupted run's.
+A straight function, nanoGPT-style, in three ideas: :func:`plan_run` checks everything a run needs before
+anything is written (a mistake costs a second, not a run), :func:`train` sets the run up and steps, and the
+end of a run evaluates every held-out token and writes the report. A run directory holds the resolved
+``train.json``, ``tokenizer.json``, ``metrics.jsonl`` (one JSON line per step and per evaluation) and
+``checkpoint/`` (the model in hyla's transformers-compatible layout plus ``trainer.pt``: optimizer, step and
+RNG state), replaced atomically. Resuming continues from the checkpoint's step with the same batches, so the
+losses equal an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -12,25 +15,25 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
-import tempfile
+import threading
 import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from hyla.atomic import atomic_directory
 from hyla.checkpoint import load, save_pretrained
-from hyla.config import ConfigError, preset
-from hyla.data.corpus import discover
+from hyla.config import HylaConfig, preset
+from hyla.data.corpus import Source, discover
 from hyla.data.packing import epoch_batches, packed_batches
 from hyla.data.shards import TokenShard, build_shards, train_documents
-from hyla.data.tokenizer import train_bpe
-from hyla.errors import DataError
+from hyla.data.tokenizer import load_tokenizer, train_bpe
+from hyla.errors import ConfigError, DataError
 from hyla.model import HylaForCausalLM
 from hyla.train.optim import build_optimizer, lr_at
 from hyla.train.parallel import (
@@ -43,34 +46,50 @@ from hyla.train.parallel import (
     shutdown,
     to_float,
 )
-from hyla.train.report import report, samples
+from hyla.train.report import report
+
+# Writes a few continuations of a trained model: (model, tokenizer, seed) -> texts.
+Sampler = Callable[[HylaForCausalLM, Tokenizer, int], list[str]]
+# Fields that name files: compared resolved when a run is resumed, so that `runs/x`, `./runs/x/` or a moved run
+# directory are the same run.
+_PATHS = ("data", "tokenizer", "cache_dir")
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
 
 
 @dataclass
 class TrainConfig:
-    run_dir: str = "runs/default"
-    preset: str = "demo"  # the defaults are the main job: `hyla train` with no flags
-    model: dict = field(default_factory=dict)  # overrides of the preset's fields
-    data: str | None = None  # None: the Python standard library
-    tokenizer: str | None = None  # a tokenizer.json; None: train a byte-level BPE of vocab_size
-    vocab_size: int = 384
-    steps: int = 440
-    tokens_per_batch: int = 8192
-    max_seq_len: int = 512
-    grad_accum: int = 1
-    lr: float = 5e-3
-    warmup: int = 20
-    weight_decay: float = 0.1
+    """A training run. The defaults are the main job: `hyla train` with no flags."""
+
+    run_dir: str = field(default="runs/default", metadata=_help("where the run's files go"))
+    preset: str = field(default="demo", metadata=_help("model preset: tiny, demo (2.3M) or small (68.7M)"))
+    model: dict = field(default_factory=dict)  # overrides of the preset's fields (--set FIELD=VALUE)
+    data: str | None = field(default=None, metadata=_help(
+        "a text file, a directory, .jsonl or .parquet (default: this Python's standard library)"))  # fmt: skip
+    tokenizer: str | None = field(default=None, metadata=_help(
+        "a tokenizer.json to use (default: train a byte-level BPE on the data)"))  # fmt: skip
+    vocab_size: int = field(default=384, metadata=_help("ids of the BPE tokenizer trained on the data"))
+    steps: int = field(default=440, metadata=_help("optimizer steps"))
+    tokens_per_batch: int = field(default=8192, metadata=_help("tokens in one micro-batch"))
+    max_seq_len: int = field(default=512, metadata=_help("longest piece of a document in a batch"))
+    grad_accum: int = field(default=1, metadata=_help("micro-batches per optimizer step"))
+    lr: float = field(default=5e-3, metadata=_help("peak learning rate"))
+    warmup: int = field(default=20, metadata=_help("steps of linear warmup, before the cosine decay"))
+    weight_decay: float = field(default=0.1, metadata=_help("AdamW weight decay (not on norms)"))
     betas: tuple[float, float] = (0.9, 0.95)
-    clip: float = 1.0
-    eval_every: int = 70
-    eval_batches: int = 4
-    checkpoint_every: int = 100
-    eval_fraction: float = 0.01
-    seed: int = 0
-    device: str = "auto"  # "auto": this rank's GPU if there is one, else the CPU
-    dtype: str = "auto"  # "auto": bfloat16 autocast on a GPU that has it, float32 on the CPU (where it is faster)
-    cache_dir: str = str(Path.home() / ".cache" / "hyla")
+    clip: float = field(default=1.0, metadata=_help("gradient-norm clipping"))
+    eval_every: int = field(default=70, metadata=_help("steps between held-out evaluations"))
+    eval_batches: int = field(default=4, metadata=_help("batches in each periodic evaluation"))
+    checkpoint_every: int = field(default=100, metadata=_help("steps between checkpoints"))
+    eval_fraction: float = field(default=0.01, metadata=_help("share of documents held out"))
+    seed: int = field(default=0, metadata=_help("seed of the weights, batches and samples"))
+    device: str = field(default="auto", metadata=_help("auto (a GPU if there is one), cpu or cuda"))
+    dtype: str = field(default="auto", metadata=_help(
+        "auto (bfloat16 autocast on a GPU, float32 on a CPU), float32 or bfloat16"))  # fmt: skip
+    cache_dir: str = field(default=str(Path.home() / ".cache" / "hyla"), metadata=_help(
+        "where tokenized corpora are cached"))  # fmt: skip
 
     def __post_init__(self) -> None:
         checks = [
@@ -85,10 +104,14 @@ class TrainConfig:
             ("eval_batches", self.eval_batches >= 1, ">= 1"),
             ("checkpoint_every", self.checkpoint_every >= 1, ">= 1"),
             ("eval_fraction", 0 <= self.eval_fraction < 1, "in [0, 1)"),
+            ("device", self.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
+            ("dtype", self.dtype in ("auto", "float32", "bfloat16"), "auto, float32 or bfloat16"),
         ]
         for name, ok, rule in checks:
             if not ok:
                 raise ConfigError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+        if self.tokenizer is None and self.vocab_size < 257:
+            raise ConfigError(f"vocab_size must be >= 257 (256 bytes + end of text), got {self.vocab_size}")
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -99,29 +122,121 @@ def load_train_toml(path: str | Path) -> dict:
     try:
         fields = tomllib.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise DataError(f"config file {str(path)!r} does not exist") from None
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
     except tomllib.TOMLDecodeError as e:
-        raise DataError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}") from None
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:
-        raise DataError(f"config file {str(path)!r}: unknown fields {unknown}; known: {sorted(known)}")
+        raise ConfigError(f"config file {str(path)!r}: unknown fields {unknown}; known: {sorted(known)}")
     if "betas" in fields:
         fields["betas"] = tuple(fields["betas"])
     return fields
 
 
-def _tokenizer(cfg: TrainConfig, run: Path, sources) -> Tokenizer:
-    if (run / "tokenizer.json").is_file():
-        return Tokenizer.from_file(str(run / "tokenizer.json"))
+@dataclass
+class RunPlan:
+    """What :func:`plan_run` found: everything checked, nothing written yet."""
+
+    cfg: TrainConfig
+    run: Path
+    sources: list[Source]
+    model_config: HylaConfig
+    precision: Precision
+    resume_step: int  # 0 for a new run
+    finished: bool  # --resume of a run that already did its steps
+
+
+def _comparable(fields: dict) -> dict:
+    """A run's fields as they decide its numbers: paths resolved; the run directory and the step count left out
+    (a run may move, and may be extended)."""
+    out = {k: v for k, v in fields.items() if k not in ("run_dir", "steps")}
+    for key in _PATHS:
+        if out.get(key) is not None:
+            out[key] = str(Path(out[key]).expanduser().resolve())
+    return out
+
+
+def plan_run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, world: World | None = None) -> RunPlan:
+    """Check a run before anything is written: the data, the tokenizer file, the model's config (preset and
+    overrides), device and dtype, and what the run directory holds. Raises :class:`ConfigError` or
+    :class:`DataError` naming the problem and the fix."""
+    world = world or World()
+    run = Path(cfg.run_dir)
+    if resume and overwrite:
+        raise ConfigError("--resume continues a run and --overwrite replaces it: give one of them")
+    if world.size > 1 and cfg.grad_accum % world.size:
+        raise ConfigError(f"grad_accum ({cfg.grad_accum}) must be a multiple of the {world.size} processes")
+    if world.size > 1 and resume:
+        raise ConfigError("--resume runs on one process; start it without torchrun")
+    precision = Precision.resolve(cfg)
+    sources = discover(cfg.data)
+    vocab_size = cfg.vocab_size
+    if resume and (run / "tokenizer.json").is_file():
+        vocab_size = load_tokenizer(run / "tokenizer.json").get_vocab_size()
+    elif cfg.tokenizer is not None:
+        vocab_size = load_tokenizer(cfg.tokenizer).get_vocab_size()
+    model_config = preset(cfg.preset, **{"vocab_size": vocab_size, **cfg.model})
+    if vocab_size > model_config.vocab_size:
+        raise ConfigError(f"the tokenizer has {vocab_size} ids but the model only {model_config.vocab_size}")
+    holds_a_run = run.is_dir() and any(run.iterdir())
+    if run.exists() and not run.is_dir():
+        raise DataError(f"--run-dir {run} is a file, not a directory")
+    resume_step, finished = 0, False
+    if resume:
+        if not (run / "checkpoint" / "trainer.pt").is_file():
+            raise DataError(f"nothing to resume in {run}: no checkpoint/trainer.pt (start it without --resume)")
+        try:
+            previous = json.loads((run / "train.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise DataError(f"cannot resume {run}: its train.json is missing or damaged ({e})") from None
+        changed = sorted(k for k, v in _comparable(cfg.to_json()).items() if _comparable(previous).get(k) != v)
+        if changed:
+            raise DataError(f"{run} was trained with another config (differs in {changed}); use a new --run-dir")
+        resume_step = torch.load(run / "checkpoint" / "trainer.pt", weights_only=False)["step"]
+        finished = resume_step >= cfg.steps
+    elif holds_a_run and not overwrite and world.main:
+        raise DataError(f"{run} already holds a run: continue it with --resume, replace it with --overwrite, "
+                        "or choose another --run-dir")  # fmt: skip
+    elif holds_a_run and not (run / "train.json").is_file():
+        raise DataError(f"--overwrite replaces a hyla run, but {run} holds other files (no train.json): "
+                        "choose another --run-dir")  # fmt: skip
+    return RunPlan(cfg, run, sources, model_config, precision, resume_step, finished)
+
+
+def _start_run_dir(plan: RunPlan, overwrite: bool) -> Tokenizer:
+    """Write the run's ``train.json`` and ``tokenizer.json`` (training a BPE on the data's training split unless
+    one is given or the run is resumed); with ``overwrite``, the old run's files go first."""
+    run, cfg = plan.run, plan.cfg
+    if plan.resume_step:
+        return load_tokenizer(run / "tokenizer.json")
+    if overwrite and run.is_dir():
+        shutil.rmtree(run)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "train.json").write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
     if cfg.tokenizer is not None:
-        if not Path(cfg.tokenizer).is_file():
-            raise DataError(f"tokenizer {cfg.tokenizer!r} does not exist")
-        tokenizer = Tokenizer.from_file(cfg.tokenizer)
+        tokenizer = load_tokenizer(cfg.tokenizer)
     else:
-        tokenizer = train_bpe(train_documents(sources, cfg.eval_fraction), cfg.vocab_size)
+        began = time.perf_counter()
+        print(f"training a {cfg.vocab_size}-id byte-level BPE tokenizer on {len(plan.sources):,} files "
+              "(the training split) ...", flush=True)  # fmt: skip
+        tokenizer = train_bpe(train_documents(plan.sources, cfg.eval_fraction), cfg.vocab_size)
+        print(f"tokenizer trained in {time.perf_counter() - began:.0f} s", flush=True)
     tokenizer.save(str(run / "tokenizer.json"))
     return tokenizer
+
+
+def _describe(plan: RunPlan) -> str:
+    """The one-line plan printed at the start."""
+    cfg, c = plan.cfg, plan.model_config
+    data = cfg.data or "the Python standard library"
+    size = f"{c.num_parameters() / 1e6:.1f}M parameters ({c.num_parameters(active=True) / 1e6:.1f}M active)"
+    tokens = cfg.steps * cfg.tokens_per_batch * cfg.grad_accum
+    start = f"resuming at step {plan.resume_step}" if plan.resume_step else "a new run"
+    where = f"{plan.precision.device.type}, {'bfloat16 autocast' if plan.precision.bf16 else 'float32'}"
+    return (f"hyla train: {start} in {plan.run}: preset {cfg.preset!r}, {size}; {cfg.steps} steps x "
+            f"{cfg.tokens_per_batch * cfg.grad_accum:,} tokens = {tokens / 1e6:.1f}M tokens of {data} "
+            f"({len(plan.sources):,} files); {where}")  # fmt: skip
 
 
 def evaluate(model: HylaForCausalLM, shard: TokenShard, cfg: TrainConfig, precision: Precision) -> float:
@@ -131,15 +246,26 @@ def evaluate(model: HylaForCausalLM, shard: TokenShard, cfg: TrainConfig, precis
     return sum(losses) / len(losses)
 
 
-def evaluate_all(model: HylaForCausalLM, shard: TokenShard, cfg: TrainConfig, precision: Precision) -> float:
-    """Mean next-token loss over every token of ``shard`` (each batch weighted by the targets it holds)."""
+def evaluate_all(
+    model: HylaForCausalLM,
+    shard: TokenShard,
+    cfg: TrainConfig,
+    precision: Precision,
+    stop: threading.Event | None = None,
+) -> tuple[float, int, bool]:
+    """Mean next-token loss over every token of ``shard`` (each batch weighted by the targets it holds).
+
+    Returns ``(loss, targets, complete)``: ``complete`` is False when ``stop`` was set before the end (the
+    loss is then that of the ``targets`` evaluated)."""
     total = count = 0.0
     for tokens, cu_seqlens in epoch_batches(shard, cfg.tokens_per_batch, cfg.max_seq_len):
+        if stop is not None and stop.is_set():
+            return total / max(count, 1), int(count), False
         targets = tokens.shape[1] - (len(cu_seqlens) - 1)  # every piece's last token predicts nothing
         if targets:
             total += _batch_loss(model, tokens, cu_seqlens, precision) * targets
             count += targets
-    return total / max(count, 1)
+    return total / max(count, 1), int(count), True
 
 
 @torch.no_grad()
@@ -162,12 +288,9 @@ class Precision:
 
     @classmethod
     def resolve(cls, cfg: TrainConfig) -> Precision:
-        if cfg.device not in ("auto", "cpu", "cuda") or cfg.dtype not in ("auto", "float32", "bfloat16"):
-            raise DataError(f"device must be auto/cpu/cuda and dtype auto/float32/bfloat16, got {cfg.device!r}, "
-                              f"{cfg.dtype!r}")  # fmt: skip
         cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
         if cuda and not torch.cuda.is_available():
-            raise DataError("device 'cuda' asked for, but no CUDA device is available")
+            raise ConfigError("device 'cuda' asked for, but no CUDA device is available")
         device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and cuda and torch.cuda.is_bf16_supported())
         return cls(device, bf16)
@@ -190,75 +313,65 @@ def _save_checkpoint(run: Path, model: HylaForCausalLM, optimizer, step: int, to
             model = HylaForCausalLM(model.config)
         model.load_state_dict(weights, assign=True)
         model.reset_buffers()
-    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=run))
-    try:
+    with atomic_directory(run / "checkpoint") as tmp:
         save_pretrained(model, tmp / "model")
         shutil.copy2(run / "tokenizer.json", tmp / "model" / "tokenizer.json")
         optimizer_state = optimizer.state_dict() if world.size == 1 else None
         state = {"step": step, "tokens": tokens_seen, "optimizer": optimizer_state, "rng": torch.get_rng_state()}
         torch.save(state, tmp / "trainer.pt")
-        old = run / "checkpoint"
-        if old.exists():
-            os.replace(old, run / ".checkpoint.old")
-        os.replace(tmp, old)
-        shutil.rmtree(run / ".checkpoint.old", ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
-    """Train (or resume) a run; returns the last metrics: ``{"step", "loss", "eval_loss", ...}``.
+def train(
+    cfg: TrainConfig,
+    resume: bool = False,
+    progress: bool = True,
+    overwrite: bool = False,
+    stop: threading.Event | None = None,
+    sampler: Sampler | None = None,
+) -> dict:
+    """Train (or resume) a run; returns the last metrics: ``{"step", "loss", "eval_loss", ...}``, with
+    ``"interrupted": True`` when ``stop`` was set (a checkpoint of the last step is saved) and
+    ``"already_finished": True`` for ``resume`` of a run that had done its steps (nothing runs).
+    ``sampler(model, tokenizer, seed)`` writes the report's samples (the CLI hands it the serving engine's).
 
     Under ``torchrun`` the model is sharded with FSDP2 and each of the ``N`` ranks takes every ``N``-th of a
     step's ``grad_accum`` micro-batches, so that the steps equal a single process's with the same global batch.
     """
     world = init_world()
     try:
-        return _train(cfg, resume, progress and world.main, world)
+        plan = plan_run(cfg, resume, overwrite, world)
+        if plan.finished:
+            return {"already_finished": True, "step": plan.resume_step, "run_dir": str(plan.run)}
+        return _train(plan, overwrite, progress and world.main, world, stop or threading.Event(), sampler)
     finally:
         shutdown(world)
 
 
-def _train(cfg: TrainConfig, resume: bool, progress: bool, world: World) -> dict:
-    run = Path(cfg.run_dir)
-    if world.size > 1 and cfg.grad_accum % world.size:
-        raise DataError(f"grad_accum ({cfg.grad_accum}) must be a multiple of the {world.size} processes")
-    if world.size > 1 and resume:
-        raise DataError("--resume runs on one process; start it without torchrun")
-    saved = run / "train.json"
-    if resume:
-        if not (run / "checkpoint" / "trainer.pt").is_file():
-            raise DataError(f"nothing to resume in {run}: no checkpoint/trainer.pt")
-        previous = json.loads(saved.read_text())
-        changed = sorted(k for k, v in cfg.to_json().items() if previous.get(k) != v and k != "steps")
-        if changed:
-            raise DataError(f"{run} was trained with another config (differs in {changed}); use a new run_dir")
-    sources = discover(cfg.data)
-    # Rank 0 trains the tokenizer and fills the shard cache; the others then read both.
-    for turn in (True, False):
-        if world.main == turn:
-            if world.main:
-                run.mkdir(parents=True, exist_ok=True)
-                saved.write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
-            tokenizer = _tokenizer(cfg, run, sources)
-            shards = build_shards(sources, tokenizer, cfg.cache_dir, cfg.eval_fraction, progress)
-        barrier(world)
-    config = preset(cfg.preset, **{"vocab_size": tokenizer.get_vocab_size(), **cfg.model})
-    if tokenizer.get_vocab_size() > config.vocab_size:
-        raise DataError(f"the tokenizer has {tokenizer.get_vocab_size()} ids but the model only {config.vocab_size}")
+def _train(
+    plan: RunPlan, overwrite: bool, progress: bool, world: World, stop: threading.Event, sampler: Sampler | None
+) -> dict:
+    cfg, run, precision = plan.cfg, plan.run, plan.precision
+    if progress:
+        print(_describe(plan), flush=True)
+    # Rank 0 writes the run directory and fills the shard cache; the others then read both.
+    if world.main:
+        tokenizer = _start_run_dir(plan, overwrite)
+        shards = build_shards(plan.sources, tokenizer, cfg.cache_dir, cfg.eval_fraction, progress)
+    barrier(world)
+    if not world.main:
+        tokenizer = load_tokenizer(run / "tokenizer.json")
+        shards = build_shards(plan.sources, tokenizer, cfg.cache_dir, cfg.eval_fraction, progress=False)
 
     torch.manual_seed(cfg.seed)
-    model = HylaForCausalLM(config)
+    model = HylaForCausalLM(plan.model_config)
     model.reset_parameters(seed=cfg.seed)
-    precision = Precision.resolve(cfg)
     model.to(precision.device)
     if world.mesh is not None:
         parallelize(model, world.mesh)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
     batches = packed_batches(shards["train"], cfg.tokens_per_batch, cfg.max_seq_len, seed=cfg.seed)
     start = tokens_seen = 0
-    if resume:
+    if plan.resume_step:
         state = torch.load(run / "checkpoint" / "trainer.pt", weights_only=False)
         model.load_state_dict(load(run / "checkpoint" / "model").state_dict())
         if state["optimizer"] is None:
@@ -269,64 +382,73 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, world: World) -> dict
         for _ in range(start * cfg.grad_accum):  # the same batches as an uninterrupted run
             next(batches)
 
-    stop = {"now": False}
-    previous_handlers = {s: signal.signal(s, lambda *_: stop.update(now=True)) for s in (signal.SIGINT, signal.SIGTERM)}
+    held_out = shards["eval"] if len(shards["eval"]) else shards["train"]
     metrics: dict = {}
     model.train()
-    try:
-        # A new run starts its metrics afresh; only rank 0 writes them.
-        log_path = run / "metrics.jsonl" if world.main else Path(os.devnull)
-        with log_path.open("a" if resume else "w") as log, tqdm(
-            total=cfg.steps, initial=start, disable=not progress, unit="step"
-        ) as bar:  # fmt: skip
-            for step in range(start, cfg.steps):
-                began = time.perf_counter()
-                lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss_sum, tokens = 0.0, 0
-                for micro in range(cfg.grad_accum):
-                    batch, cu_seqlens = next(batches)
-                    if micro % world.size != world.rank:
-                        continue
-                    batch, cu_seqlens = precision.move(batch, cu_seqlens)
-                    with precision.autocast():
-                        out = model(batch, labels=batch, cu_seqlens=cu_seqlens, return_logits=False)
-                    # x N: FSDP averages the N ranks' gradients, and each rank saw 1/N of the micro-batches.
-                    scale = world.size / cfg.grad_accum
-                    ((out.loss + config.router_aux_loss_coef * out.aux_loss) * scale).backward()
-                    loss_sum += out.loss.item() / cfg.grad_accum
-                    tokens += batch.shape[1]
-                loss_sum, tokens = all_reduce_sum([loss_sum, tokens], world)
-                tokens = int(tokens)
-                grad_norm = to_float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                tokens_seen += tokens
-                metrics = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
-                           "tokens": tokens_seen, "tokens_per_s": tokens / (time.perf_counter() - began)}  # fmt: skip
-                if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-                    metrics["eval_loss"] = evaluate(
-                        model, shards["eval"] if len(shards["eval"]) else shards["train"], cfg, precision
-                    )
-                log.write(json.dumps(metrics) + "\n")
-                log.flush()
-                bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-                bar.update()
-                if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or stop["now"]:
-                    _save_checkpoint(run, model, optimizer, step + 1, tokens_seen, world)
-                if stop["now"]:
-                    break
-    finally:
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
-    if "eval_loss" in metrics and not stop["now"]:
-        held_out = shards["eval"] if len(shards["eval"]) else shards["train"]
-        final_loss = evaluate_all(model, held_out, cfg, precision)  # every rank: the model may be sharded
-        if world.main:
-            summary = report(run, shards["train"], final_loss, tokenizer.get_vocab_size())
-            summary["held_out_tokens"] = len(np.asarray(held_out.tokens))
-            summary["samples"] = samples(load(run / "checkpoint" / "model"), tokenizer, seed=cfg.seed)
-            (run / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
-            metrics = {**metrics, **summary}
-    return metrics
+    # A new run starts its metrics afresh; only rank 0 writes them.
+    log_path = run / "metrics.jsonl" if world.main else Path(os.devnull)
+    with log_path.open("a" if plan.resume_step else "w") as log, tqdm(
+        total=cfg.steps, initial=start, disable=not progress, unit="step"
+    ) as bar:  # fmt: skip
+        for step in range(start, cfg.steps):
+            metrics = _step(model, optimizer, batches, step, cfg, precision, world)
+            tokens_seen += metrics.pop("step_tokens")
+            metrics["tokens"] = tokens_seen
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                metrics["eval_loss"] = evaluate(model, held_out, cfg, precision)
+            log.write(json.dumps(metrics) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+            bar.update()
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or stop.is_set():
+                _save_checkpoint(run, model, optimizer, step + 1, tokens_seen, world)
+            if stop.is_set():
+                return {**metrics, "interrupted": True, "run_dir": str(run)}
+    return {**metrics, **_finish(model, held_out, shards["train"], tokenizer, plan, world, stop, sampler)}
+
+
+def _step(model, optimizer, batches, step: int, cfg: TrainConfig, precision: Precision, world: World) -> dict:
+    """One optimizer step over ``grad_accum`` micro-batches; the step's metrics (``step_tokens``: its tokens)."""
+    began = time.perf_counter()
+    lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum, tokens = 0.0, 0
+    for micro in range(cfg.grad_accum):
+        batch, cu_seqlens = next(batches)
+        if micro % world.size != world.rank:
+            continue
+        batch, cu_seqlens = precision.move(batch, cu_seqlens)
+        with precision.autocast():
+            out = model(batch, labels=batch, cu_seqlens=cu_seqlens, return_logits=False)
+        # x N: FSDP averages the N ranks' gradients, and each rank saw 1/N of the micro-batches.
+        scale = world.size / cfg.grad_accum
+        ((out.loss + model.config.router_aux_loss_coef * out.aux_loss) * scale).backward()
+        loss_sum += out.loss.item() / cfg.grad_accum
+        tokens += batch.shape[1]
+    loss_sum, tokens = all_reduce_sum([loss_sum, tokens], world)
+    grad_norm = to_float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "step_tokens": int(tokens),
+            "tokens_per_s": tokens / (time.perf_counter() - began)}  # fmt: skip
+
+
+def _finish(model, held_out: TokenShard, train_shard: TokenShard, tokenizer: Tokenizer, plan: RunPlan, world: World,
+            stop: threading.Event, sampler: Sampler | None) -> dict:  # fmt: skip
+    """The end of a run: every held-out token evaluated (every rank: the model may be sharded), then, on rank 0,
+    ``report.json`` with the loss against the unigram entropy, the plot and samples. Stopped during the
+    evaluation, the report still holds what finished: the training, and the loss over the tokens evaluated."""
+    loss, targets, complete = evaluate_all(model, held_out, plan.cfg, plan.precision, stop)
+    if not world.main:
+        return {}
+    summary = report(plan.run, train_shard, loss, tokenizer.get_vocab_size())
+    summary.update(
+        held_out_tokens=targets, held_out_complete=complete, model_dir=str(plan.run / "checkpoint" / "model")
+    )
+    if not complete:
+        summary["interrupted"] = True
+    elif sampler is not None:
+        summary["samples"] = sampler(load(plan.run / "checkpoint" / "model"), tokenizer, plan.cfg.seed)
+    (plan.run / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -1,18 +1,14 @@
-"""The end of a run: did it learn? Held-out loss against the corpus's unigram entropy, a loss plot, samples."""
+"""The end of a run: did it learn? Held-out loss against the corpus's unigram entropy, and a loss plot."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from tokenizers import Tokenizer
-
 from hyla.data.shards import TokenShard, unigram_entropy
-from hyla.model import HylaForCausalLM
 
 # The main job's bar: a model that learned context, not just token frequencies.
 LEARNED_RATIO = 0.6
-SAMPLE_PROMPTS = ("class Parser:\n    def ", "    for i in range(", "def test_")
 
 
 def plot_losses(run: Path) -> Path:
@@ -36,15 +32,6 @@ def plot_losses(run: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def samples(model: HylaForCausalLM, tokenizer: Tokenizer, max_tokens: int = 80, seed: int = 0) -> list[str]:
-    """A continuation of each of :data:`SAMPLE_PROMPTS` (temperature 0.6, top-p 0.95, seeded)."""
-    from hyla.serve import LLM, EngineConfig, SamplingParams
-
-    llm = LLM(model.eval(), tokenizer, EngineConfig(max_num_seqs=len(SAMPLE_PROMPTS), max_model_len=512))
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.6, top_p=0.95, seed=seed)
-    return [p + c[0].text for p, c in zip(SAMPLE_PROMPTS, llm.generate(list(SAMPLE_PROMPTS), params), strict=True)]
 
 
 def report(run: Path, train: TokenShard, held_out_loss: float, vocab_size: int) -> dict:
