@@ -36,11 +36,9 @@ def test_packed_float32_matches_to_rounding():
 
 
 def test_packing_needs_one_row_and_no_cache():
-    from hyla.model import DecodeCache
-
     model = random_model()
     ids = torch.randint(0, 100, (2, 10))
     with pytest.raises(ValueError, match="one row of input_ids"):
         model(ids, cu_seqlens=torch.tensor([0, 10]))
     with pytest.raises(ValueError, match="without a cache"):
-        model(ids[:1], cu_seqlens=torch.tensor([0, 10]), cache=DecodeCache())
+        model(ids[:1], cu_seqlens=torch.tensor([0, 10]), cache=object())

@@ -92,3 +92,13 @@ def test_token_ids_slice_prompt_and_outputs():
     for start in range(6):
         for stop in range(start, 6):
             assert r.token_ids(start, stop) == whole[start:stop]
+
+
+def test_a_sequence_stops_at_its_end_of_text_token(model):
+    """The first greedy token, made the end-of-text id, ends the sequence at once (finish_reason "stop")."""
+    llm = LLM(model, byte_level_tokenizer(), EngineConfig(max_num_seqs=2, max_model_len=64))
+    prompt = prompts([9], seed=3)[0]
+    first = full_forward_greedy(model, prompt, 1)[0]
+    llm.engine.eos_token_id = first
+    (completion,) = llm.generate([prompt], SamplingParams(max_tokens=10, temperature=0))[0]
+    assert completion.token_ids == [first] and completion.finish_reason == "stop"

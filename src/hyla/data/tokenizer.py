@@ -12,8 +12,9 @@ from hyla.errors import DataError
 END_OF_TEXT = "<|endoftext|>"
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """A byte-level BPE tokenizer of ``vocab_size`` ids (all 256 bytes, then merges), with ``<|endoftext|>``."""
+def train_bpe(texts: Iterable[str], vocab_size: int, progress: bool = False) -> Tokenizer:
+    """A byte-level BPE tokenizer of ``vocab_size`` ids (all 256 bytes, then merges), with ``<|endoftext|>``;
+    ``progress`` shows the trainer's progress bars (on a terminal)."""
     if vocab_size < 257:
         raise ValueError(
             f"a byte-level BPE vocabulary needs at least 257 ids (256 bytes + end of text), got {vocab_size}"
@@ -25,7 +26,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
         vocab_size=vocab_size,
         special_tokens=[END_OF_TEXT],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=progress,
     )
     tokenizer.train_from_iterator(texts, trainer)
     return tokenizer

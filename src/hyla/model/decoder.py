@@ -114,8 +114,6 @@ class HylaModel(nn.Module):
         for layer in self.layers:
             x, layer_stats = layer(x, rope, cache, cu_seqlens)
             stats.append(layer_stats)
-        if cache is not None:
-            cache.advance(t)
         return self.norm(x), torch.stack(stats).sum(0)
 
 

@@ -169,9 +169,6 @@ class StepCache:
             out[0, nd:] = o[self.query_valid]
         return out
 
-    def advance(self, num_tokens: int) -> None:
-        """The engine advances each request's count itself."""
-
 
 def _range(seq: ScheduledSeq) -> range:
     return range(seq.num_computed, seq.num_computed + seq.num_tokens)

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import threading
 import time
 import tomllib
@@ -220,7 +221,8 @@ def _start_run_dir(plan: RunPlan, overwrite: bool) -> Tokenizer:
         began = time.perf_counter()
         print(f"training a {cfg.vocab_size}-id byte-level BPE tokenizer on {len(plan.sources):,} files "
               "(the training split) ...", flush=True)  # fmt: skip
-        tokenizer = train_bpe(train_documents(plan.sources, cfg.eval_fraction), cfg.vocab_size)
+        documents = train_documents(plan.sources, cfg.eval_fraction)
+        tokenizer = train_bpe(documents, cfg.vocab_size, progress=sys.stderr.isatty())
         print(f"tokenizer trained in {time.perf_counter() - began:.0f} s", flush=True)
     tokenizer.save(str(run / "tokenizer.json"))
     return tokenizer
