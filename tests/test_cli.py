@@ -147,7 +147,7 @@ def trained(tmp_path_factory):
 
     tmp_path = tmp_path_factory.mktemp("cli")
     small_corpus(tmp_path / "corpus", n=20)
-    out = run(*train_args(tmp_path, "r", 4))
+    out = run(*train_args(tmp_path, "r", 6))
     assert out.returncode == 0, out.stderr
     return tmp_path, out
 
@@ -158,6 +158,7 @@ def test_train_plans_then_summarises_in_words(trained):
     assert out.stdout.startswith(f"hyla train: a new run in {run_dir}: preset 'tiny'")
     assert "training a 300-id byte-level BPE tokenizer on 20 files" in out.stdout
     assert "tokenizer trained in" in out.stdout
+    assert "expected: ~" in out.stdout and "more minutes for 1 steps" in out.stdout
     assert "x the unigram entropy" in out.stdout and "held-out tokens" in out.stdout
     assert f"model: {run_dir / 'checkpoint' / 'model'}" in out.stdout
     assert f"hyla generate {run_dir}" in out.stdout and f"hyla chat {run_dir}" in out.stdout
@@ -168,15 +169,15 @@ def test_train_refuses_to_touch_an_existing_run(trained):
     tmp_path, _ = trained
     saved = (tmp_path / "r" / "train.json").read_bytes()
     metrics = (tmp_path / "r" / "metrics.jsonl").read_bytes()
-    out = run(*train_args(tmp_path, "r", 4), "--set", "hidden_size=101")  # a config that cannot work
+    out = run(*train_args(tmp_path, "r", 6), "--set", "hidden_size=101")  # a config that cannot work
     assert out.returncode == 2 and "num_attention_heads (4) must divide hidden_size (101)" in out.stderr
-    out = run(*train_args(tmp_path, "r", 4))  # a config that works, but the directory holds a run
+    out = run(*train_args(tmp_path, "r", 6))  # a config that works, but the directory holds a run
     assert out.returncode == 2 and "already holds a run" in out.stderr and "Traceback" not in out.stderr
     assert (tmp_path / "r" / "train.json").read_bytes() == saved
     assert (tmp_path / "r" / "metrics.jsonl").read_bytes() == metrics
-    out = run(*train_args(tmp_path, "r", 4), "--resume")
-    assert out.returncode == 0 and "already finished its 4 steps: nothing to do" in out.stdout
-    assert "--resume --steps 8" in out.stdout
+    out = run(*train_args(tmp_path, "r", 6), "--resume")
+    assert out.returncode == 0 and "already finished its 6 steps: nothing to do" in out.stdout
+    assert "--resume --steps 12" in out.stdout
 
 
 def test_generate_and_serve_find_the_model_of_a_run_directory(trained):

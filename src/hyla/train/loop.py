@@ -51,6 +51,8 @@ from hyla.train.report import report
 
 # Writes a few continuations of a trained model: (model, tokenizer, seed) -> texts.
 Sampler = Callable[[HylaForCausalLM, Tokenizer, int], list[str]]
+# Steps timed before the run prints how long the rest should take.
+ESTIMATE_AFTER = 5
 # Fields that name files: compared resolved when a run is resumed, so that `runs/x`, `./runs/x/` or a moved run
 # directory are the same run.
 _PATHS = ("data", "tokenizer", "cache_dir")
@@ -389,6 +391,7 @@ def _train(
     model.train()
     # A new run starts its metrics afresh; only rank 0 writes them.
     log_path = run / "metrics.jsonl" if world.main else Path(os.devnull)
+    began = time.perf_counter()
     with log_path.open("a" if plan.resume_step else "w") as log, tqdm(
         total=cfg.steps, initial=start, disable=not progress, unit="step"
     ) as bar:  # fmt: skip
@@ -402,6 +405,10 @@ def _train(
             log.flush()
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
             bar.update()
+            if progress and step == start + ESTIMATE_AFTER - 1 < cfg.steps - 1:
+                per_step, left = (time.perf_counter() - began) / ESTIMATE_AFTER, cfg.steps - step - 1
+                bar.write(f"expected: ~{per_step * left / 60:.1f} more minutes for {left} steps "
+                          f"({per_step:.2f} s a step so far), then the evaluation")  # fmt: skip
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or stop.is_set():
                 _save_checkpoint(run, model, optimizer, step + 1, tokens_seen, world)
             if stop.is_set():
