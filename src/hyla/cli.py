@@ -390,9 +390,14 @@ def build_parser() -> argparse.ArgumentParser:
     engine_help = {"max_num_seqs": "requests generated at once", "max_num_batched_tokens": "tokens in one step",
                    "block_size": "tokens per KV-cache block", "num_blocks": "KV-cache blocks (default: sized "
                    "for max-num-seqs full requests)", "max_model_len": "longest prompt + output, in tokens "
-                   "(default: the model's)"}  # fmt: skip
+                   "(default: the model's)", "enable_prefix_caching": "reuse the KV blocks and lightning "
+                   "states of earlier requests' shared prefixes (exact)", "prefix_cache_gb": "memory for "
+                   "lightning-state snapshots, GB", "snapshot_every": "inside long prompts, a snapshot every this "
+                   "many tokens"}  # fmt: skip
     for f in dataclasses.fields(EngineConfig):
-        srv.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default,
+        kind = {"bool": argparse.BooleanOptionalAction, "float": float}.get(f.type, int)
+        typed = {"action": kind} if kind is argparse.BooleanOptionalAction else {"type": kind}
+        srv.add_argument(f"--{f.name.replace('_', '-')}", **typed, default=f.default,
                          help=f"{engine_help[f.name]} (default: {f.default})")  # fmt: skip
     srv.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond which new ones get 503")
     srv.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,

@@ -402,3 +402,16 @@ def test_graceful_shutdown():
             assert e.cache.blocks.num_free == e.config.num_blocks and e.cache.slots.num_free == e.config.max_num_seqs
     finally:
         engine.shutdown()
+
+
+def test_usage_reports_the_cached_prompt_tokens(client):
+    prompt = "You are a careful assistant. Answer in one line.\n" * 3  # 150 byte tokens
+    args = dict(model=MODEL, max_tokens=2, temperature=0)
+    client.completions.create(prompt=prompt + "Q: first", **args)
+    second = client.completions.create(prompt=prompt + "Q: second", **args)
+    # The second finds the first's blocks up to where they part (144: the shared 150 tokens' last block
+    # boundary) but no snapshot there: it computes the prefix and takes one, which the third reads.
+    assert second.usage.prompt_tokens_details.cached_tokens == 0
+    streamed = list(client.completions.create(prompt=prompt + "Q: third", stream=True,
+                                              stream_options={"include_usage": True}, **args))  # fmt: skip
+    assert streamed[-1].usage.prompt_tokens_details.cached_tokens == 144

@@ -323,11 +323,16 @@ def _first(out: RequestOutput) -> bool:
     return out.num_output_tokens == len(out.token_ids)
 
 
-def _usage(ids: list[list[int]], completion_tokens: int) -> dict:
-    """OpenAI's usage: each prompt counted once, however many completions (``n``) it has."""
+def _usage(ids: list[list[int]], finals: list[RequestOutput]) -> dict:
+    """OpenAI's usage of the finished sequences: each prompt counted once, however many completions (``n``) it
+    has, and the prompt tokens read from the prefix cache (those of each prompt's first sequence)."""
     prompt_tokens = sum(len(p) for p in ids)
+    completion_tokens = sum(out.num_output_tokens for out in finals)
+    n = max(len(finals) // max(len(ids), 1), 1)
+    cached = sum(out.num_cached_tokens for out in finals if out.index % n == 0)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached}}  # fmt: skip
 
 
 async def _until_disconnected(request: Request) -> None:
@@ -361,8 +366,7 @@ async def _collect(request: Request, outputs: AsyncIterator[RequestOutput], meta
     if collecting.exception() is not None:
         raise _api_error(collecting.exception())
     choices = [make_choice(finals[i], texts[i], logprobs[i]) for i in sorted(finals)]
-    completion_tokens = sum(out.num_output_tokens for out in finals.values())
-    return {**meta, "choices": choices, "usage": _usage(ids, completion_tokens)}
+    return {**meta, "choices": choices, "usage": _usage(ids, list(finals.values()))}
 
 
 def _sse(outputs: AsyncIterator[RequestOutput], meta: dict, ids, include_usage: bool, make_choice):
@@ -370,18 +374,18 @@ def _sse(outputs: AsyncIterator[RequestOutput], meta: dict, ids, include_usage: 
     the stream when the client leaves, which aborts the request.)"""
 
     async def events() -> AsyncIterator[str]:
-        completion_tokens = 0
+        finals: list[RequestOutput] = []
         try:
             async for out in outputs:
                 if out.finished:
-                    completion_tokens += out.num_output_tokens
+                    finals.append(out)
                 yield _event({**meta, "choices": [make_choice(out)]})
         except Exception as error:  # the status line went out already: the error is the last event
             yield _event({"error": _api_error(error).body()})
             yield "data: [DONE]\n\n"
             return
         if include_usage:
-            yield _event({**meta, "choices": [], "usage": _usage(ids, completion_tokens)})
+            yield _event({**meta, "choices": [], "usage": _usage(ids, finals)})
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")

@@ -1,174 +1,205 @@
-"""The engine's memory: a pool of lightning-state slots and a paged key/value block pool, and the per-step
-view of them that the model's layers call (the :class:`~hyla.model.Cache` protocol).
+"""The engine's cache bookkeeping, in ids only (the runner owns the tensors): lightning-state slots, paged KV
+blocks with reference counts, and the prefix cache — KV blocks and lightning-state snapshots found by a hash
+chained over the tokens before them.
 
-Lightning layers need a constant ``[H, D, D]`` float32 state per request, whatever its length: one slot per
-running request, taken at admission and given back when it finishes. Softmax layers need every token's keys
-and values: fixed-size blocks from one pool, each request owning an append-only block table.
+Lightning layers need one constant ``[H, D, D]`` state per running request, whatever its length: a *slot*,
+taken at admission and given back when the request ends. Softmax layers need every token's keys and values:
+fixed-size *blocks*, each request holding an append-only block table.
+
+Prefix caching, exact for hybrid models: a full block of tokens is named by ``hash(parent's hash, its tokens)``,
+so a name fixes every token before it. A block whose request ended stays cached (reference count 0, in an LRU
+list) until its id is needed. A softmax layer can resume from cached blocks alone, but a lightning layer's past
+is its state: a *snapshot* of every lightning layer's state, taken when a request's computed tokens reach a
+chosen block boundary, is kept under that boundary's block name in a pool of its own (LRU, its own budget). A
+new request resumes at the longest boundary for which both the blocks and the snapshot are cached.
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
-import itertools
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
-import torch
-from torch import Tensor
-
-from hyla.config import LIGHTNING, HylaConfig
-from hyla.ops.attention import paged_attention
-from hyla.ops.lightning import lightning_attention, lightning_decode
+import numpy as np
 
 
-class BlockPool:
-    """A free list of ``num_blocks`` block ids (or state-slot ids) that hands out the lowest free ids first:
-    running requests then sit in few runs of consecutive slots, which the decode step updates in place."""
+class SlotPool:
+    """A free list of ``num`` ids that hands out the lowest free ids first: running requests then sit in few runs
+    of consecutive slots, which the decode step updates in place."""
 
-    def __init__(self, num_blocks: int) -> None:
-        self.num_blocks = num_blocks
-        self._free = list(range(num_blocks))  # a heap
+    def __init__(self, num: int) -> None:
+        self.num = num
+        self._free = list(range(num))  # a heap
 
     @property
     def num_free(self) -> int:
         return len(self._free)
 
+    def allocate(self) -> int | None:
+        return heapq.heappop(self._free) if self._free else None
+
+    def release(self, slot: int) -> None:
+        heapq.heappush(self._free, slot)
+
+
+def block_hashes(token_ids: Sequence[int], block_size: int, parent: bytes = b"") -> list[bytes]:
+    """The chained names of the full blocks of ``token_ids``: block ``i``'s name hashes block ``i - 1``'s name and
+    its own tokens (128-bit BLAKE2b: collisions are not a practical concern)."""
+    names = []
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        tokens = np.asarray(token_ids[start : start + block_size], dtype=np.int64).tobytes()
+        parent = hashlib.blake2b(parent + tokens, digest_size=16).digest()
+        names.append(parent)
+    return names
+
+
+@dataclass
+class _Block:
+    ref: int = 0
+    name: bytes | None = None  # set once the block is full and registered in the prefix cache
+
+
+class BlockPool:
+    """KV-block ids with reference counts. Free ids are handed out first; then cached blocks nobody holds, oldest
+    first (their names leave the prefix cache). ``num_free`` counts both: every block nobody holds."""
+
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self._blocks = [_Block() for _ in range(num_blocks)]
+        self._free = list(range(num_blocks))  # a heap of blocks that hold nothing
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks nobody holds, least recent first
+        self.cached: dict[bytes, int] = {}  # block name -> block id
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free) + len(self._evictable)
+
     def allocate(self, n: int) -> list[int] | None:
-        """``n`` ids, or None (and nothing taken) when fewer are free."""
-        if n > len(self._free):
+        """``n`` fresh block ids (reference 1), or None (and nothing taken) when fewer are free."""
+        if n > self.num_free:
             return None
-        return [heapq.heappop(self._free) for _ in range(n)]
+        ids = []
+        for _ in range(n):
+            if self._free:
+                ids.append(heapq.heappop(self._free))
+                continue
+            block_id, _ = self._evictable.popitem(last=False)
+            del self.cached[self._blocks[block_id].name]
+            self._blocks[block_id].name = None
+            ids.append(block_id)
+        for block_id in ids:
+            self._blocks[block_id].ref = 1
+        return ids
 
-    def release(self, ids: list[int]) -> None:
-        for i in ids:
-            heapq.heappush(self._free, i)
+    def take(self, block_id: int) -> None:
+        """Hold a cached block (another reference)."""
+        block = self._blocks[block_id]
+        if block.ref == 0:
+            del self._evictable[block_id]
+        block.ref += 1
 
-
-class EngineCache:
-    """Preallocated pools for every layer: ``[S, H, D, D]`` float32 states per lightning layer and
-    ``[num_blocks, block_size, Hkv, D]`` keys and values per softmax layer."""
-
-    def __init__(
-        self,
-        config: HylaConfig,
-        num_slots: int,
-        num_blocks: int,
-        block_size: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> None:
-        self.block_size = block_size
-        h, hkv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        self.states: dict[int, Tensor] = {}
-        self.keys: dict[int, Tensor] = {}
-        self.values: dict[int, Tensor] = {}
-        for i, kind in enumerate(config.layer_types):
-            if kind == LIGHTNING:
-                self.states[i] = torch.zeros(num_slots, h, d, d, dtype=state_dtype, device=device)
+    def release(self, ids: Sequence[int]) -> None:
+        for block_id in ids:
+            block = self._blocks[block_id]
+            block.ref -= 1
+            if block.ref:
+                continue
+            if block.name is None:
+                heapq.heappush(self._free, block_id)
             else:
-                self.keys[i] = torch.zeros(num_blocks, block_size, hkv, d, dtype=dtype, device=device)
-                self.values[i] = torch.zeros_like(self.keys[i])
-        self.slots = BlockPool(num_slots)
-        self.blocks = BlockPool(num_blocks)
+                self._evictable[block_id] = None
 
-    def reset_slot(self, slot: int) -> None:
-        """Zero a slot's states (a new request starts from an empty history)."""
-        for pool in self.states.values():
-            pool[slot].zero_()
+    def register(self, block_id: int, name: bytes) -> None:
+        """Name a full block in the prefix cache (unless an equal block already has the name: the first stays)."""
+        if name not in self.cached and self._blocks[block_id].name is None:
+            self.cached[name] = block_id
+            self._blocks[block_id].name = name
+
+
+class SnapshotPool:
+    """Snapshot ids, each named by a boundary's block name once its states are copied; LRU eviction."""
+
+    def __init__(self, num: int) -> None:
+        self.num = num
+        self._free = list(range(num))
+        self._named: OrderedDict[bytes, int] = OrderedDict()  # name -> snapshot id, least recent first
+
+    @property
+    def num_used(self) -> int:
+        return self.num - len(self._free)
+
+    def find(self, name: bytes) -> int | None:
+        snapshot = self._named.get(name)
+        if snapshot is not None:
+            self._named.move_to_end(name)
+        return snapshot
+
+    def allocate(self) -> int | None:
+        """A snapshot id to copy states into: a free one, else the least recently used named one (forgotten)."""
+        if self._free:
+            return self._free.pop()
+        if not self._named:
+            return None
+        _, snapshot = self._named.popitem(last=False)
+        return snapshot
+
+    def name(self, snapshot: int, name: bytes) -> None:
+        """Keep ``snapshot`` under ``name``; if another already has it, ``snapshot`` goes back to the free list."""
+        if name in self._named:
+            self._free.append(snapshot)
+        else:
+            self._named[name] = snapshot
+
+    def release(self, snapshot: int) -> None:
+        self._free.append(snapshot)
+
+
+@dataclass
+class PrefixHit:
+    """A cached prefix: its ``num_tokens`` (a block boundary), its blocks, and the snapshot of the states there;
+    ``matched_tokens``: how far the cached blocks alone reach (where this sequence parts from an earlier one)."""
+
+    num_tokens: int
+    blocks: list[int] = field(default_factory=list)
+    snapshot: int | None = None
+    matched_tokens: int = 0
+
+
+class CacheManager:
+    """Every id the scheduler hands out: slots, KV blocks and (with prefix caching) snapshots and block names."""
+
+    def __init__(self, num_slots: int, num_blocks: int, block_size: int, num_snapshots: int) -> None:
+        self.block_size = block_size
+        self.slots = SlotPool(num_slots)
+        self.blocks = BlockPool(num_blocks)
+        self.snapshots = SnapshotPool(num_snapshots)
+        self.prefix_caching = num_snapshots > 0
+        self.queried_tokens = 0  # prompt tokens looked up, and those found: the hit rate
+        self.hit_tokens = 0
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def lookup(self, names: list[bytes], max_tokens: int) -> PrefixHit:
+        """The longest cached prefix of at most ``max_tokens`` tokens whose blocks are all cached and whose last
+        boundary has a snapshot; ``names`` are the sequence's block names. Takes nothing yet."""
+        best = PrefixHit(0)
+        if not self.prefix_caching:
+            return best
+        blocks: list[int] = []
+        for i, name in enumerate(names[: max_tokens // self.block_size]):
+            block_id = self.blocks.cached.get(name)
+            if block_id is None:
+                break
+            blocks.append(block_id)
+            snapshot = self.snapshots.find(name)
+            if snapshot is not None:
+                best = PrefixHit((i + 1) * self.block_size, list(blocks), snapshot)
+        best.matched_tokens = len(blocks) * self.block_size
+        return best
 
-@dataclass
-class ScheduledSeq:
-    """One request's share of a step: ``num_tokens`` new tokens after ``num_computed`` cached ones."""
-
-    slot: int
-    block_table: list[int]
-    num_computed: int
-    num_tokens: int
-
-
-class StepCache:
-    """The cache as one engine step sees it: ``N`` requests packed into one row ``[1, ΣT]``.
-
-    Requests with one new token (decodes) come first and take the in-place slot-decode kernel and a batched
-    paged attention with one query each; the rest (prefill chunks) take the varlen blockwise kernel from
-    their slots' states and a paged attention with padded queries. No loop over requests runs in a layer.
-    """
-
-    def __init__(self, cache: EngineCache, seqs: list[ScheduledSeq], device: torch.device) -> None:
-        first_prefill = next((i for i, s in enumerate(seqs) if s.num_tokens > 1), len(seqs))
-        if any(s.num_tokens == 1 for s in seqs[first_prefill:]):
-            raise ValueError("decodes (one new token) must come before prefill chunks in a step")
-        self.cache = cache
-        bs = cache.block_size
-        lengths = [s.num_tokens for s in seqs]
-        self.num_decodes = sum(1 for n in lengths if n == 1)
-
-        def ints(values: list[int]) -> Tensor:
-            return torch.tensor(values, dtype=torch.long, device=device)
-
-        positions = [s.num_computed + j for s in seqs for j in range(s.num_tokens)]
-        self._positions = ints(positions)[None]
-        # Each new token's row in the flattened [num_blocks * block_size] pool.
-        self.slot_mapping = ints([s.block_table[p // bs] * bs + p % bs for s in seqs for p in _range(s)])
-        self.slots = ints([s.slot for s in seqs])
-        self.context_lens = ints([s.num_computed + s.num_tokens for s in seqs])
-        self.query_lens = ints(lengths)
-        width = max((len(s.block_table) for s in seqs), default=0)
-        self.block_tables = ints([s.block_table + [0] * (width - len(s.block_table)) for s in seqs]).view(-1, width)
-        prefill = lengths[self.num_decodes :]
-        self.cu_seqlens = ints([0, *itertools.accumulate(prefill)])
-        # Prefill queries padded to [P, Tmax]: the packed index of each (padding repeats the last real token).
-        t_max = max(prefill, default=0)
-        starts = self.cu_seqlens[:-1, None] + self.num_decodes
-        offsets = torch.arange(t_max, device=device)[None]
-        self.query_index = starts + torch.minimum(offsets, self.query_lens[self.num_decodes :, None] - 1)
-        self.query_valid = offsets < self.query_lens[self.num_decodes :, None]
-
-    def positions(self, num_tokens: int, device: torch.device) -> Tensor:
-        return self._positions
-
-    def lightning(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, slope: Tensor, block_size: int) -> Tensor:
-        pool = self.cache.states[layer_idx]
-        nd = self.num_decodes
-        out = torch.empty_like(q)  # [1, ΣT, H, D]
-        if nd:
-            out[0, :nd] = lightning_decode(q[0, :nd], k[0, :nd], v[0, :nd], slope, pool, self.slots[:nd])
-        if nd < self.slots.numel():
-            slots = self.slots[nd:]
-            o, states = lightning_attention(
-                q[:, nd:], k[:, nd:], v[:, nd:], slope, pool[slots], block_size, self.cu_seqlens
-            )
-            pool[slots] = states
-            out[:, nd:] = o
-        return out
-
-    def attention(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        k_pool, v_pool = self.cache.keys[layer_idx], self.cache.values[layer_idx]
-        k_pool.view(-1, *k_pool.shape[2:]).index_copy_(0, self.slot_mapping, k[0])
-        v_pool.view(-1, *v_pool.shape[2:]).index_copy_(0, self.slot_mapping, v[0])
-        nd = self.num_decodes
-        out = torch.empty_like(q)  # [1, ΣT, H, D]
-        if nd:
-            o = paged_attention(
-                q[0, :nd, None], k_pool, v_pool, self.block_tables[:nd], self.context_lens[:nd], self.query_lens[:nd]
-            )
-            out[0, :nd] = o[:, 0]
-        if nd < self.slots.numel():
-            o = paged_attention(
-                q[0][self.query_index],
-                k_pool,
-                v_pool,
-                self.block_tables[nd:],
-                self.context_lens[nd:],
-                self.query_lens[nd:],
-            )
-            out[0, nd:] = o[self.query_valid]
-        return out
-
-
-def _range(seq: ScheduledSeq) -> range:
-    return range(seq.num_computed, seq.num_computed + seq.num_tokens)
+    def take(self, hit: PrefixHit) -> None:
+        for block_id in hit.blocks:
+            self.blocks.take(block_id)

@@ -7,6 +7,7 @@ schedules, executes, samples and turns new tokens into text deltas (stop strings
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from collections.abc import Iterator
@@ -17,10 +18,11 @@ import torch
 from tokenizers import Tokenizer, pre_tokenizers
 
 from hyla.data.tokenizer import END_OF_TEXT, load_tokenizer
+from hyla.errors import RequestError
 from hyla.model import HylaForCausalLM
-from hyla.serve.cache import EngineCache, ScheduledSeq
-from hyla.serve.runner import ModelRunner
-from hyla.serve.sampling import RequestError, SampleInput, SamplingParams, sample
+from hyla.serve.cache import CacheManager
+from hyla.serve.runner import ModelRunner, snapshot_bytes
+from hyla.serve.sampling import SampleInput, SamplingParams, sample
 from hyla.serve.scheduler import Request, Scheduler, Status
 
 DEFAULT_KV_TOKENS = 2**16
@@ -30,13 +32,20 @@ DEFAULT_KV_TOKENS = 2**16
 class EngineConfig:
     """The engine's limits. ``max_model_len=None`` is the model's ``max_position_embeddings``.
     ``num_blocks=None`` sizes the KV pool for ``max_num_seqs`` full-length requests at once, but at most
-    :data:`DEFAULT_KV_TOKENS` tokens (and at least one full-length request); past it, requests are preempted."""
+    :data:`DEFAULT_KV_TOKENS` tokens (and at least one full-length request); past it, requests are preempted.
+
+    Prefix caching (``enable_prefix_caching``) keeps finished requests' KV blocks and snapshots of their lightning
+    states for later requests that share a prefix: ``prefix_cache_gb`` is the snapshot pool's budget, and inside
+    long prompts a snapshot is taken every ``snapshot_every`` tokens (rounded up to whole blocks)."""
 
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 512
     block_size: int = 16
     num_blocks: int | None = None
     max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    prefix_cache_gb: float = 0.25
+    snapshot_every: int = 256
 
     def resolve(self, max_position_embeddings: int) -> EngineConfig:
         """A copy with the defaults filled in; raises ``ValueError`` naming a limit that cannot work."""
@@ -44,9 +53,12 @@ class EngineConfig:
         tokens = max(max_model_len, min(self.max_num_seqs * max_model_len, DEFAULT_KV_TOKENS))
         num_blocks = self.num_blocks or -(-tokens // self.block_size)
         for name, value in (("max_num_seqs", self.max_num_seqs), ("max_num_batched_tokens",
-                            self.max_num_batched_tokens), ("block_size", self.block_size)):  # fmt: skip
+                            self.max_num_batched_tokens), ("block_size", self.block_size),
+                            ("snapshot_every", self.snapshot_every)):  # fmt: skip
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.prefix_cache_gb < 0:
+            raise ValueError(f"prefix_cache_gb must be >= 0, got {self.prefix_cache_gb}")
         if max_model_len > max_position_embeddings:
             raise ValueError(f"max_model_len {max_model_len} exceeds the model's context {max_position_embeddings}")
         if num_blocks * self.block_size < max_model_len:
@@ -54,7 +66,18 @@ class EngineConfig:
                 f"{num_blocks} blocks of {self.block_size} tokens cannot hold one {max_model_len}-token request; "
                 f"give at least {-(-max_model_len // self.block_size)} blocks or a smaller max_model_len"
             )
-        return EngineConfig(self.max_num_seqs, self.max_num_batched_tokens, self.block_size, num_blocks, max_model_len)
+        snapshot_every = -(-self.snapshot_every // self.block_size) * self.block_size
+        return dataclasses.replace(self, num_blocks=num_blocks, max_model_len=max_model_len,
+                                   snapshot_every=snapshot_every)  # fmt: skip
+
+    def num_snapshots(self, snapshot_bytes: int) -> int:
+        """Snapshots in ``prefix_cache_gb`` (0 without prefix caching; a model without lightning layers needs
+        no memory for them: one per block)."""
+        if not self.enable_prefix_caching:
+            return 0
+        if snapshot_bytes == 0:
+            return self.num_blocks or 0
+        return max(int(self.prefix_cache_gb * 2**30 // snapshot_bytes), 0)
 
 
 @dataclass
@@ -77,6 +100,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     finish_reason: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens read from the prefix cache instead of computed
 
     @property
     def finished(self) -> bool:
@@ -94,21 +118,23 @@ class _Detokenized:
 
 
 class LLMEngine:
+    """The continuous-batching engine. It takes ownership of ``model`` (see :class:`ModelRunner`)."""
+
     def __init__(self, model: HylaForCausalLM, tokenizer: Tokenizer, config: EngineConfig | None = None) -> None:
-        self.model = model.eval()
         self.tokenizer = tokenizer
-        self.config = (config or EngineConfig()).resolve(model.config.max_position_embeddings)
-        param = next(model.parameters())
-        self.cache = EngineCache(model.config, self.config.max_num_seqs, self.config.num_blocks,
-                                 self.config.block_size, param.dtype, param.device)  # fmt: skip
-        self.scheduler = Scheduler(self.cache, self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        self.config = c = (config or EngineConfig()).resolve(model.config.max_position_embeddings)
+        dtype = next(model.parameters()).dtype
+        num_snapshots = c.num_snapshots(snapshot_bytes(model.config, dtype))
+        self.cache = CacheManager(c.max_num_seqs, c.num_blocks, c.block_size, num_snapshots)
+        self.scheduler = Scheduler(self.cache, c.max_num_seqs, c.max_num_batched_tokens, c.snapshot_every)
         self.vocab_size = min(tokenizer.get_vocab_size(), model.config.vocab_size)
-        self.runner = ModelRunner(model, self.cache, self.vocab_size)
+        self.runner = ModelRunner(model, c.max_num_seqs, c.num_blocks, c.block_size, num_snapshots, self.vocab_size)
+        self.model = self.runner.model
         eos = model.config.eos_token_id
         self.eos_token_id = eos if eos is not None and eos < self.vocab_size else tokenizer.token_to_id(END_OF_TEXT)
         self._max_token_bytes = _max_token_bytes(tokenizer)
         self.requests: dict[str, list[Request]] = {}
-        self._text: dict[int, _Detokenized] = {}
+        self._text: dict[tuple[str, int], _Detokenized] = {}  # the output processor's state, per sequence
         self.num_prompt_tokens = 0  # counters for metrics
         self.num_output_tokens = 0
 
@@ -182,7 +208,7 @@ class LLMEngine:
                                          generator, now))  # fmt: skip
         self.requests[request_id] = sequences
         for request in sequences:
-            self._text[id(request)] = _Detokenized()
+            self._text[request.key] = _Detokenized()
             self.scheduler.add(request)
 
     def abort(self, request_id: str) -> None:
@@ -190,7 +216,7 @@ class LLMEngine:
         for request in self.requests.pop(request_id, []):
             if request.status is not Status.FINISHED:
                 self.scheduler.finish(request, "abort")
-            self._text.pop(id(request), None)
+            self._text.pop(request.key, None)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -199,46 +225,38 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run one forward, sample; returns the outputs of the sequences that produced a token."""
-        scheduled = self.scheduler.schedule()
-        if not scheduled:
+        out = self.scheduler.schedule()
+        if not out.seqs:
             return []
-        seqs, input_ids, to_sample = [], [], []
-        for row, (request, n) in enumerate(scheduled):
-            seqs.append(ScheduledSeq(request.slot, request.block_table, request.num_computed, n))
-            input_ids += request.token_ids(request.num_computed, request.num_computed + n)
-            if request.num_computed + n == request.num_tokens:
-                to_sample.append(row)
-        logits = self.runner.execute(seqs, input_ids, to_sample)
-        for request, n in scheduled:
-            if request.num_computed == 0:  # the prompt's first chunk (or a recompute after preemption)
-                self.num_prompt_tokens += len(request.prompt_ids) if not request.num_preemptions else 0
-            request.num_computed += n
+        logits = self.runner.execute(out)
+        for seq, key in zip(out.seqs, out.keys, strict=True):
+            request = self.scheduler.requests[key]
+            if seq.num_computed == request.num_cached_tokens and not request.num_preemptions:  # its first chunk
+                self.num_prompt_tokens += len(request.prompt_ids) - request.num_cached_tokens
+        to_sample = [self.scheduler.requests[k] for k, s in zip(out.keys, out.seqs, strict=True) if s.sample]
         if not to_sample:  # only prompt chunks this step
+            self.scheduler.update(out, [])
             return []
-        requests = [scheduled[row][0] for row in to_sample]
-        rows = [SampleInput(r.params, r.prompt_ids, r.output_ids, r.generator, r.stop_ids) for r in requests]
+        rows = [SampleInput(r.params, r.prompt_ids, r.output_ids, r.generator, r.stop_ids) for r in to_sample]
         sampled = sample(logits, rows)
-        return [self._append(r, i, sampled) for i, r in enumerate(requests)]
+        updates = self.scheduler.update(out, sampled.tokens.tolist())
+        return [self._process(request, token, row, sampled) for row, (request, token) in enumerate(updates)]
 
-    def _append(self, request: Request, row: int, sampled) -> RequestOutput:
-        token = int(sampled.tokens[row])
-        request.output_ids.append(token)
+    def _process(self, request: Request, token: int, row: int, sampled) -> RequestOutput:
+        """Turn a sampled token into text: logprobs, stop strings (which finish the request), the delta to send."""
         self.num_output_tokens += 1
-        state = self._text[id(request)]
+        state = self._text[request.key]
         if request.params.logprobs is not None:
             k = request.params.logprobs
             top = list(zip(sampled.top[1][row, :k].tolist(), sampled.top[0][row, :k].tolist(), strict=True))
             state.logprobs.append(TokenLogprob(token, float(sampled.logprobs[row]), top))
-        reason = None
-        if token in request.stop_ids:
-            reason = "stop"
-        else:
+        reason = request.finish_reason
+        if reason != "stop" or token not in request.stop_ids:  # a stop token adds no text
             state.text = self.tokenizer.decode(request.output_ids)
-            reason = self._check_stop_strings(request, state)
-        if reason is None and len(request.output_ids) >= request.max_tokens:
-            reason = "length"
-        if reason is not None:
-            self.scheduler.finish(request, reason)
+            if self._check_stop_strings(request, state):
+                reason = "stop"
+                if request.status is not Status.FINISHED:
+                    self.scheduler.finish(request, reason)
         return self._delta(request, state, reason)
 
     def _check_stop_strings(self, request: Request, state: _Detokenized) -> str | None:
@@ -266,12 +284,13 @@ class LLMEngine:
         new_logprobs = state.logprobs[state.sent_tokens :]
         state.sent_tokens = len(request.output_ids)
         if reason is not None:
-            self._text.pop(id(request))
+            self._text.pop(request.key)
             group = self.requests.get(request.request_id, [])
             if all(r.status is Status.FINISHED for r in group):
                 self.requests.pop(request.request_id, None)
         return RequestOutput(request.request_id, request.index, new_tokens, text, new_logprobs,
-                             len(request.prompt_ids), len(request.output_ids), reason)  # fmt: skip
+                             len(request.prompt_ids), len(request.output_ids), reason,
+                             request.num_cached_tokens)  # fmt: skip
 
 
 def _max_token_bytes(tokenizer: Tokenizer) -> int:

@@ -31,8 +31,14 @@ class EngineMetrics:
             lambda: 1 - cache.blocks.num_free / cache.blocks.num_blocks
         )
         Gauge("hyla_state_slots_usage", "Fraction of the lightning state slots in use", registry=r).set_function(
-            lambda: 1 - cache.slots.num_free / cache.slots.num_blocks
+            lambda: 1 - cache.slots.num_free / cache.slots.num
         )
+        Gauge("hyla_prefix_cache_hit_rate", "Share of prompt tokens read from the prefix cache since the start",
+              registry=r).set_function(lambda: cache.hit_tokens / max(cache.queried_tokens, 1))  # fmt: skip
+        Gauge("hyla_prefix_cache_snapshots_usage", "Fraction of the lightning-state snapshot pool in use",
+              registry=r).set_function(lambda: cache.snapshots.num_used / max(cache.snapshots.num, 1))  # fmt: skip
+        Gauge("hyla_prefix_cache_hit_tokens", "Prompt tokens read from the prefix cache since the start",
+              registry=r).set_function(lambda: cache.hit_tokens)  # fmt: skip
         Gauge("hyla_preemptions", "Requests preempted since the start", registry=r).set_function(
             lambda: scheduler.num_preemptions
         )

@@ -1,36 +1,182 @@
-"""The runner executes a scheduled step: one forward over every request's new tokens, packed in one row."""
+"""The runner owns every tensor of the engine — the model, the lightning-state slots, the snapshot pool and the
+paged KV pools — and executes a :class:`~hyla.serve.scheduler.SchedulerOutput`: slot resets and snapshot
+restores, one forward over every request's new tokens packed in one row, then the snapshots to keep.
+"""
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 from torch import Tensor, nn
 
+from hyla.config import LIGHTNING, HylaConfig
 from hyla.model import HylaForCausalLM
-from hyla.serve.cache import EngineCache, ScheduledSeq, StepCache
+from hyla.ops.attention import paged_attention
+from hyla.ops.lightning import lightning_attention, lightning_decode
+from hyla.serve.scheduler import ScheduledSeq, SchedulerOutput
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Lightning states are float32 (float64 for a float64 model) whatever the weights' dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def snapshot_bytes(config: HylaConfig, dtype: torch.dtype) -> int:
+    """Bytes of one snapshot: every lightning layer's ``[H, D, D]`` state."""
+    layers = sum(t == LIGHTNING for t in config.layer_types)
+    return layers * config.num_attention_heads * config.head_dim**2 * state_dtype(dtype).itemsize
 
 
 class ModelRunner:
-    def __init__(self, model: HylaForCausalLM, cache: EngineCache, vocab_limit: int) -> None:
-        self.model = model
-        self.cache = cache
+    """Preallocated pools for every layer: ``[S, H, D, D]`` states and ``[P, H, D, D]`` snapshots per lightning
+    layer, ``[num_blocks, block_size, Hkv, D]`` keys and values per softmax layer.
+
+    The engine takes ownership of the model: it is put in eval mode and, on the CPU, its weight matrices are
+    re-laid out in place (:func:`transpose_weights`; same values)."""
+
+    def __init__(
+        self,
+        model: HylaForCausalLM,
+        num_slots: int,
+        num_blocks: int,
+        block_size: int,
+        num_snapshots: int,
+        vocab_limit: int,
+    ) -> None:
+        self.model = model.eval()
         self.vocab_limit = vocab_limit  # logits at or past it (padding past the tokenizer's ids) are dropped
-        self.device = next(model.parameters()).device
+        param = next(model.parameters())
+        self.device, dtype = param.device, param.dtype
         if self.device.type == "cpu":
             transpose_weights(model)
+        config = model.config
+        self.block_size = block_size
+        h, hkv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        kind = dict(dtype=state_dtype(dtype), device=self.device)
+        self.states: dict[int, Tensor] = {}
+        self.snapshots: dict[int, Tensor] = {}
+        self.keys: dict[int, Tensor] = {}
+        self.values: dict[int, Tensor] = {}
+        for i, layer_type in enumerate(config.layer_types):
+            if layer_type == LIGHTNING:
+                self.states[i] = torch.zeros(num_slots, h, d, d, **kind)
+                self.snapshots[i] = torch.zeros(num_snapshots, h, d, d, **kind)
+            else:
+                self.keys[i] = torch.zeros(num_blocks, block_size, hkv, d, dtype=dtype, device=self.device)
+                self.values[i] = torch.zeros_like(self.keys[i])
 
     @torch.inference_mode()
-    def execute(self, seqs: list[ScheduledSeq], input_ids: list[int], logits_rows: list[int]) -> Tensor:
-        """Run ``input_ids`` (every sequence's new tokens, decodes first, concatenated) through the model.
+    def execute(self, out: SchedulerOutput) -> Tensor:
+        """Run one step; returns the ``[num sampled, vocab_limit]`` float32 logits of the last new token of each
+        sequence with ``sample`` set, in order."""
+        self._copy_states(out)
+        step = StepCache(self, out.seqs)
+        ids = torch.tensor([t for s in out.seqs for t in s.token_ids], dtype=torch.long, device=self.device)
+        hidden, _ = self.model.model(ids[None], step)  # [1, ΣT, hidden]
+        ends = list(itertools.accumulate(s.num_tokens for s in out.seqs))
+        rows = [e - 1 for e, s in zip(ends, out.seqs, strict=True) if s.sample]
+        rows = torch.tensor(rows, dtype=torch.long, device=self.device)
+        logits = self.model.lm_head(hidden[0, rows])[:, : self.vocab_limit].float()
+        if out.saves:
+            slots, snapshots = (torch.tensor(x, device=self.device) for x in zip(*out.saves, strict=True))
+            for layer, pool in self.states.items():
+                self.snapshots[layer][snapshots] = pool[slots]
+        return logits
 
-        Returns the ``[len(logits_rows), vocab_limit]`` float32 logits of the last new token of the sequences
-        ``logits_rows``: those whose next token is to be sampled.
-        """
-        step = StepCache(self.cache, seqs, self.device)
-        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)[None]  # [1, ΣT]
-        hidden, _ = self.model.model(ids, step)  # [1, ΣT, hidden]
-        ends = torch.tensor([s.num_tokens for s in seqs], device=self.device).cumsum(0) - 1
-        rows = ends[torch.tensor(logits_rows, dtype=torch.long, device=self.device)]
-        return self.model.lm_head(hidden[0, rows])[:, : self.vocab_limit].float()
+    def _copy_states(self, out: SchedulerOutput) -> None:
+        """Zero the slots of requests that start from nothing; copy snapshots into those that resume."""
+        if out.zero_slots:
+            zero = torch.tensor(out.zero_slots, device=self.device)
+            for pool in self.states.values():
+                pool[zero] = 0
+        if out.restores:
+            snapshots, slots = (torch.tensor(x, device=self.device) for x in zip(*out.restores, strict=True))
+            for layer, pool in self.states.items():
+                pool[slots] = self.snapshots[layer][snapshots]
+
+
+class StepCache:
+    """The cache as one engine step's forward sees it (the :class:`~hyla.model.Cache` protocol): ``N`` requests
+    packed into one row ``[1, ΣT]``, their per-step metadata built once here and used by every layer.
+
+    Requests with one new token (decodes) come first and take the in-place slot-decode kernel and a batched
+    paged attention with one query each; the rest (prefill chunks) take the varlen blockwise kernel from
+    their slots' states and a paged attention with padded queries. No loop over requests runs in a layer.
+    """
+
+    def __init__(self, runner: ModelRunner, seqs: list[ScheduledSeq]) -> None:
+        first_prefill = next((i for i, s in enumerate(seqs) if s.num_tokens > 1), len(seqs))
+        if any(s.num_tokens == 1 for s in seqs[first_prefill:]):
+            raise ValueError("decodes (one new token) must come before prefill chunks in a step")
+        self.runner = runner
+        device = runner.device
+        bs = runner.block_size
+        lengths = [s.num_tokens for s in seqs]
+        self.num_decodes = sum(1 for n in lengths if n == 1)
+
+        def ints(values: list[int]) -> Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        ranges = [range(s.num_computed, s.num_computed + s.num_tokens) for s in seqs]
+        self._positions = ints([p for r in ranges for p in r])[None]
+        # Each new token's row in the flattened [num_blocks * block_size] pool.
+        self.slot_mapping = ints([s.block_table[p // bs] * bs + p % bs for s, r in zip(seqs, ranges, strict=True)
+                                  for p in r])  # fmt: skip
+        self.slots = ints([s.slot for s in seqs])
+        self.context_lens = ints([s.num_computed + s.num_tokens for s in seqs])
+        self.query_lens = ints(lengths)
+        width = max((len(s.block_table) for s in seqs), default=0)
+        self.block_tables = ints([s.block_table + [0] * (width - len(s.block_table)) for s in seqs]).view(-1, width)
+        prefill = lengths[self.num_decodes :]
+        self.cu_seqlens = ints([0, *itertools.accumulate(prefill)])
+        # Prefill queries padded to [P, Tmax]: the packed index of each (padding repeats the last real token).
+        t_max = max(prefill, default=0)
+        starts = self.cu_seqlens[:-1, None] + self.num_decodes
+        offsets = torch.arange(t_max, device=device)[None]
+        self.query_index = starts + torch.minimum(offsets, self.query_lens[self.num_decodes :, None] - 1)
+        self.query_valid = offsets < self.query_lens[self.num_decodes :, None]
+
+    def positions(self, num_tokens: int, device: torch.device) -> Tensor:
+        return self._positions
+
+    def lightning(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, slope: Tensor, block_size: int) -> Tensor:
+        pool = self.runner.states[layer_idx]
+        nd = self.num_decodes
+        out = torch.empty_like(q)  # [1, ΣT, H, D]
+        if nd:
+            out[0, :nd] = lightning_decode(q[0, :nd], k[0, :nd], v[0, :nd], slope, pool, self.slots[:nd])
+        if nd < self.slots.numel():
+            slots = self.slots[nd:]
+            o, states = lightning_attention(
+                q[:, nd:], k[:, nd:], v[:, nd:], slope, pool[slots], block_size, self.cu_seqlens
+            )
+            pool[slots] = states
+            out[:, nd:] = o
+        return out
+
+    def attention(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        k_pool, v_pool = self.runner.keys[layer_idx], self.runner.values[layer_idx]
+        k_pool.view(-1, *k_pool.shape[2:]).index_copy_(0, self.slot_mapping, k[0])
+        v_pool.view(-1, *v_pool.shape[2:]).index_copy_(0, self.slot_mapping, v[0])
+        nd = self.num_decodes
+        out = torch.empty_like(q)  # [1, ΣT, H, D]
+        if nd:
+            o = paged_attention(
+                q[0, :nd, None], k_pool, v_pool, self.block_tables[:nd], self.context_lens[:nd], self.query_lens[:nd]
+            )
+            out[0, :nd] = o[:, 0]
+        if nd < self.slots.numel():
+            o = paged_attention(
+                q[0][self.query_index],
+                k_pool,
+                v_pool,
+                self.block_tables[nd:],
+                self.context_lens[nd:],
+                self.query_lens[nd:],
+            )
+            out[0, nd:] = o[self.query_valid]
+        return out
 
 
 def transpose_weights(model: nn.Module) -> None:

@@ -1,4 +1,5 @@
-"""The scheduler decides what each engine step computes, within one token budget.
+"""The scheduler decides what each engine step computes, within one token budget, and is the only writer of
+request state.
 
 There is no prefill phase: a request is a list of tokens (prompt, then outputs) of which ``num_computed``
 are in the cache, and each step gives it some of the rest. Running decodes (one token left) are served
@@ -6,17 +7,27 @@ first, then running prompts continue in chunks, then waiting requests are admitt
 state slots and the KV blocks last. When a running request needs a block and none is free, the newest
 running request is preempted: its slot and blocks are freed and it waits at the front of the queue, to be
 recomputed from its prompt and the outputs it already has (so its output is unchanged).
+
+:meth:`Scheduler.schedule` returns a plain :class:`SchedulerOutput` (token ids, slots, block tables, and the
+slot resets and snapshot copies the runner makes around the forward); :meth:`Scheduler.update` applies the
+step's sampled tokens. With prefix caching, an admitted request starts after the longest cached prefix (its
+blocks shared, its lightning states copied from the snapshot there), and prefill chunks end at the boundaries
+where snapshots are taken: the end of the prompt's last full block (and of the one before, when the prompt
+ends on a boundary), every ``snapshot_every`` tokens inside it, the point where it parts from the cached blocks
+of an earlier sequence (a shared system prompt's end, so that the sequences after it resume there), and, for
+the request's end, the last block boundary its decodes passed.
 """
 
 from __future__ import annotations
 
+import bisect
 import enum
 from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
-from hyla.serve.cache import EngineCache
+from hyla.serve.cache import CacheManager, block_hashes
 from hyla.serve.sampling import SamplingParams
 
 
@@ -45,6 +56,15 @@ class Request:
     block_table: list[int] = field(default_factory=list)
     num_preemptions: int = 0
     finish_reason: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at the first admission
+    block_names: list[bytes] = field(default_factory=list)  # the prefix-cache names of its full blocks
+    boundaries: list[int] = field(default_factory=list)  # where prefill chunks end and snapshots are taken
+    pending_snapshot: int | None = None  # the states at the last block boundary a decode passed ...
+    pending_boundary: int = 0  # ... and that boundary
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.request_id, self.index
 
     @property
     def num_tokens(self) -> int:
@@ -56,17 +76,66 @@ class Request:
         return self.prompt_ids[start:stop] + self.output_ids[max(start - p, 0) : max(stop - p, 0)]
 
 
+@dataclass
+class ScheduledSeq:
+    """One request's share of a step: ``token_ids`` (``num_tokens`` new tokens) after ``num_computed`` cached
+    ones, in state slot ``slot`` and KV blocks ``block_table``; ``sample``: its next token is drawn."""
+
+    slot: int
+    block_table: list[int]
+    num_computed: int
+    token_ids: list[int]
+    sample: bool
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class SchedulerOutput:
+    """One step, in plain values: decodes (one new token) first in slot order, then prefill chunks. Before the
+    forward the runner zeroes ``zero_slots`` and copies each ``(snapshot, slot)`` of ``restores``; after it, each
+    ``(slot, snapshot)`` of ``saves``."""
+
+    seqs: list[ScheduledSeq] = field(default_factory=list)
+    keys: list[tuple[str, int]] = field(default_factory=list)  # the request of each seq
+    zero_slots: list[int] = field(default_factory=list)
+    restores: list[tuple[int, int]] = field(default_factory=list)
+    saves: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass
+class _Save:
+    request: Request
+    snapshot: int
+    boundary: int
+    pending: bool  # a decode's boundary (named when the request ends) or a prompt's (named now)
+
+
 class Scheduler:
-    def __init__(self, cache: EngineCache, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self, cache: CacheManager, max_num_seqs: int, max_num_batched_tokens: int, snapshot_every: int = 256
+    ) -> None:
         self.cache = cache
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.snapshot_every = snapshot_every
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last is the first preempted
-        self._preempted: set[int] = set()
+        self.requests: dict[tuple[str, int], Request] = {}
+        self._preempted: set[tuple[str, int]] = set()
+        self._saves: list[_Save] = []
         self.num_preemptions = 0  # since the start, for metrics
 
     def add(self, request: Request) -> None:
+        if self.cache.prefix_caching:
+            bs = self.cache.block_size
+            request.block_names = block_hashes(request.prompt_ids, bs)
+            p = len(request.prompt_ids)
+            ends = {p // bs * bs, (p - 1) // bs * bs}  # the prompt's last full block; the one before if p ends one
+            request.boundaries = sorted({*range(self.snapshot_every, p, self.snapshot_every), *ends} - {0})
+        self.requests[request.key] = request
         self.waiting.append(request)
 
     def has_work(self) -> bool:
@@ -80,41 +149,153 @@ class Scheduler:
         elif request.status is Status.WAITING:
             self.waiting.remove(request)
         request.status, request.finish_reason = Status.FINISHED, reason
+        self.requests.pop(request.key, None)
 
-    def schedule(self) -> list[tuple[Request, int]]:
-        """This step's ``(request, num_new_tokens)``: decodes first, then prompt chunks."""
+    # -- a step --------------------------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        """This step: decodes first, then prompt chunks of running requests, then newly admitted ones."""
         budget = self.max_num_batched_tokens
-        self._preempted: set[int] = set()
-        decodes: list[tuple[Request, int]] = []
-        prefills: list[tuple[Request, int]] = []
+        self._preempted = set()
+        for save in self._saves:  # planned for a step that failed: the snapshot was never written
+            if not save.pending:
+                self.cache.snapshots.release(save.snapshot)
+        self._saves = []
+        out = SchedulerOutput()
+        chosen: list[tuple[Request, int]] = []
         for want_decode in (True, False):
             for request in list(self.running):
                 left = request.num_tokens - request.num_computed
                 if budget == 0 or request.status is not Status.RUNNING or (left == 1) != want_decode:
                     continue
-                n = min(left, budget)
+                n = self._chunk(request, min(left, budget))
                 if self._grow(request, request.num_computed + n):
-                    (decodes if n == 1 else prefills).append((request, n))
+                    chosen.append((request, n))
                     budget -= n
         while self.waiting and budget and len(self.running) < self.max_num_seqs and self.cache.slots.num_free:
             request = self.waiting[0]
-            if id(request) in self._preempted:  # it gave its blocks up this step: not back before the next
+            if request.key in self._preempted:  # it gave its blocks up this step: not back before the next
                 break
-            n = min(request.num_tokens, budget)
-            blocks = self.cache.blocks.allocate(self.cache.blocks_for(n))
-            if blocks is None:
+            n = self._admit(request, budget, out)
+            if n is None:
                 break
-            self.waiting.popleft()
-            (request.slot,) = self.cache.slots.allocate(1)
-            self.cache.reset_slot(request.slot)
-            request.block_table, request.status = blocks, Status.RUNNING
-            self.running.append(request)
-            (decodes if n == 1 else prefills).append((request, n))
+            chosen.append((request, n))
             budget -= n
-        # Decodes in slot order, so that the state update runs in place over consecutive slots. A request
-        # preempted after it was scheduled (to make room for an older one) sits this step out.
-        decodes.sort(key=lambda item: item[0].slot if item[0].slot is not None else -1)
-        return [(r, n) for r, n in decodes + prefills if r.status is Status.RUNNING]
+        # A request preempted after it was scheduled (to make room for an older one) sits this step out.
+        chosen = [(r, n) for r, n in chosen if r.status is Status.RUNNING]
+        # Decodes in slot order, so that the state update runs in place over consecutive slots.
+        decodes = sorted((c for c in chosen if c[1] == 1), key=lambda c: c[0].slot)
+        for request, n in decodes + [c for c in chosen if c[1] > 1]:
+            start, end = request.num_computed, request.num_computed + n
+            tokens = request.token_ids(start, end)
+            out.seqs.append(
+                ScheduledSeq(request.slot, list(request.block_table), start, tokens, end == request.num_tokens)
+            )
+            out.keys.append(request.key)
+            self._plan_save(request, start + n)
+        out.saves = [(s.request.slot, s.snapshot) for s in self._saves if s.request.status is Status.RUNNING]
+        return out
+
+    def _chunk(self, request: Request, n: int) -> int:
+        """``n`` new tokens, cut at the next snapshot boundary inside them."""
+        i = bisect.bisect_right(request.boundaries, request.num_computed)
+        if i < len(request.boundaries):
+            n = min(n, request.boundaries[i] - request.num_computed)
+        return n
+
+    def _admit(self, request: Request, budget: int, out: SchedulerOutput) -> int | None:
+        """Give ``request`` a slot, its cached prefix and blocks for this step's tokens; None if they do not fit."""
+        cache = self.cache
+        if cache.prefix_caching:
+            self._extend_names(request, request.num_tokens - 1)
+        hit = cache.lookup(request.block_names, request.num_tokens - 1)
+        if hit.matched_tokens > hit.num_tokens and hit.matched_tokens not in request.boundaries:
+            # Another sequence shares the prefix up to here (a system prompt, say) but no snapshot was taken at
+            # the point where they part: take one, so that the next sequence that shares it resumes there.
+            bisect.insort(request.boundaries, hit.matched_tokens)
+        cache.take(hit)
+        request.num_computed = hit.num_tokens
+        n = self._chunk(request, min(request.num_tokens - hit.num_tokens, budget))
+        blocks = cache.blocks.allocate(cache.blocks_for(hit.num_tokens + n) - len(hit.blocks))
+        if blocks is None:
+            cache.blocks.release(hit.blocks)
+            request.num_computed = 0
+            return None
+        self.waiting.popleft()
+        request.slot = cache.slots.allocate()
+        if hit.snapshot is None:
+            out.zero_slots.append(request.slot)
+        else:
+            out.restores.append((hit.snapshot, request.slot))
+        if request.num_preemptions == 0:
+            request.num_cached_tokens = hit.num_tokens
+            cache.queried_tokens += len(request.prompt_ids)
+            cache.hit_tokens += hit.num_tokens
+        request.block_table, request.status = hit.blocks + blocks, Status.RUNNING
+        self.running.append(request)
+        return n
+
+    def _plan_save(self, request: Request, computed: int) -> None:
+        """A snapshot after this step if it ends at one of the request's boundaries (or, decoding, any block's)."""
+        if not self.cache.prefix_caching:
+            return
+        if computed in request.boundaries:
+            snapshot = self.cache.snapshots.allocate()
+            if snapshot is not None:
+                self._saves.append(_Save(request, snapshot, computed, pending=False))
+        elif computed > len(request.prompt_ids) and computed % self.cache.block_size == 0:
+            if request.pending_snapshot is None:
+                request.pending_snapshot = self.cache.snapshots.allocate()
+            if request.pending_snapshot is not None:
+                self._saves.append(_Save(request, request.pending_snapshot, computed, pending=True))
+
+    def update(self, out: SchedulerOutput, sampled: list[int]) -> list[tuple[Request, int]]:
+        """Apply a step that ran: advance each request, cache its newly full blocks and snapshots, append the
+        ``sampled`` tokens (one per seq with ``sample``, in order) and finish those that reached a stop token or
+        ``max_tokens``. Returns each sampled ``(request, token)``."""
+        requests = [self.requests[k] for k in out.keys]
+        for request, seq in zip(requests, out.seqs, strict=True):
+            request.num_computed += seq.num_tokens
+            self._register_blocks(request, seq.num_computed, request.num_computed)
+        for save in self._saves:
+            if save.pending:
+                save.request.pending_boundary = save.boundary
+            else:
+                name = save.request.block_names[save.boundary // self.cache.block_size - 1]
+                self.cache.snapshots.name(save.snapshot, name)
+        self._saves = []
+        results = []
+        tokens = iter(sampled)
+        for request, seq in zip(requests, out.seqs, strict=True):
+            if not seq.sample:
+                continue
+            token = next(tokens)
+            request.output_ids.append(token)
+            results.append((request, token))
+            if token in request.stop_ids:
+                self.finish(request, "stop")
+            elif len(request.output_ids) >= request.max_tokens:
+                self.finish(request, "length")
+        return results
+
+    def _extend_names(self, request: Request, num_tokens: int) -> None:
+        """Block names for the full blocks of the request's first ``num_tokens`` tokens."""
+        bs = self.cache.block_size
+        have = len(request.block_names)
+        if num_tokens // bs > have:
+            parent = request.block_names[-1] if have else b""
+            tokens = request.token_ids(have * bs, num_tokens // bs * bs)
+            request.block_names += block_hashes(tokens, bs, parent)
+
+    def _register_blocks(self, request: Request, before: int, after: int) -> None:
+        """Name the blocks that the last step filled."""
+        if not self.cache.prefix_caching or after // self.cache.block_size == before // self.cache.block_size:
+            return
+        self._extend_names(request, after)
+        for i in range(before // self.cache.block_size, after // self.cache.block_size):
+            self.cache.blocks.register(request.block_table[i], request.block_names[i])
+
+    # -- memory --------------------------------------------------------------------------------------------
 
     def _grow(self, request: Request, num_tokens: int) -> bool:
         """Blocks for ``num_tokens``, preempting the newest running requests if needed; False if that was
@@ -134,13 +315,21 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         self._free(request)
         self.running.remove(request)
-        self._preempted.add(id(request))
+        self._preempted.add(request.key)
         request.status, request.num_computed = Status.WAITING, 0
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
     def _free(self, request: Request) -> None:
+        """Give back the request's slot and blocks; its decode snapshot, if any, is kept under its boundary."""
+        if request.pending_snapshot is not None:
+            if request.pending_boundary:
+                name = request.block_names[request.pending_boundary // self.cache.block_size - 1]
+                self.cache.snapshots.name(request.pending_snapshot, name)
+            else:  # allocated, never written
+                self.cache.snapshots.release(request.pending_snapshot)
+            request.pending_snapshot, request.pending_boundary = None, 0
         self.cache.blocks.release(request.block_table)
-        self.cache.slots.release([request.slot])
+        self.cache.slots.release(request.slot)
         request.block_table, request.slot = [], None
