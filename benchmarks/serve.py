@@ -28,6 +28,7 @@ import torch
 import hyla
 from hyla.bench import append_result, machine_description
 from hyla.bench.serve import run_load
+from hyla.data.tokenizer import byte_level_tokenizer
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
@@ -103,6 +104,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / args.preset
         hyla.HylaForCausalLM(config).save_pretrained(model_dir)
+        byte_level_tokenizer().save(str(model_dir / "tokenizer.json"))
         hyla_results = serve_hyla(model_dir, args)
         theirs = transformers_rates(model_dir, 256, args)  # 256: the byte-level tokenizer's ids
 

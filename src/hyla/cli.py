@@ -311,7 +311,8 @@ def run_bench_serve(args: argparse.Namespace) -> None:
     if min(args.concurrency) < 1 or args.input_len < 1 or args.output_len < 1:
         raise HylaError("--concurrency, --input-len and --output-len must be >= 1")
     bench_serve.main(args.url, args.concurrency, args.requests, args.input_len, args.output_len,
-                     args.price_per_hour, args.api_key)  # fmt: skip
+                     args.price_per_hour, args.api_key, args.workload, args.turns, args.system_words,
+                     args.user_words)  # fmt: skip
 
 
 # -- the parser ------------------------------------------------------------------------------------------------
@@ -433,6 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--input-len", type=int, default=128, help="prompt tokens (default: 128)")
     sv.add_argument("--output-len", type=int, default=128, help="generated tokens (default: 128)")
     sv.add_argument("--price-per-hour", type=float, default=1.0, help="the machine's price, for $ per 1M tokens")
+    sv.add_argument("--workload", choices=["random", "chat", "agent"], default="random",
+                    help="random prompts; chat: conversations sharing a system prompt, resent whole each turn; "
+                    "agent: transcripts growing by a tool result each call (default: random)")  # fmt: skip
+    sv.add_argument("--turns", type=int, default=4, help="turns per conversation or agent (default: 4)")
+    sv.add_argument("--system-words", type=int, default=400, help="words of the shared system prompt (default: 400)")
+    sv.add_argument("--user-words", type=int, default=60,
+                    help="words of each user message or tool result (default: 60)")  # fmt: skip
     return parser
 
 

@@ -415,3 +415,57 @@ def test_usage_reports_the_cached_prompt_tokens(client):
     streamed = list(client.completions.create(prompt=prompt + "Q: third", stream=True,
                                               stream_options={"include_usage": True}, **args))  # fmt: skip
     assert streamed[-1].usage.prompt_tokens_details.cached_tokens == 144
+
+
+@pytest.mark.parametrize("workload", ["chat", "agent"])
+def test_the_load_generator_runs_conversations_that_hit_the_prefix_cache(base_url, workload):
+    import asyncio
+
+    from hyla.bench.serve import run_load
+
+    result = asyncio.run(run_load(base_url, concurrency=2, num_requests=0, input_len=0, output_len=4,
+                                  api_key=API_KEY, workload=workload, turns=3, system_words=10,
+                                  user_words=5, seed=7))  # fmt: skip
+    assert sorted(r.turn for r in result.records) == [0, 0, 1, 1, 2, 2]
+    assert all(r.output_tokens == 4 for r in result.records)
+    later = [r for r in result.records if r.turn > 0]
+    assert all(r.cached_tokens > 0 for r in later)  # each turn resends the conversation so far
+    row = result.row(price_per_hour=1.0)
+    assert 0 < row["prefix_hit_rate"] < 1 and row["ttft_later_p50_ms"] > 0
+
+
+def test_the_load_generator_names_a_server_without_usage():
+    """A server that streams no usage gets a clear error, not a division by zero."""
+    import asyncio
+
+    import uvicorn
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
+
+    from hyla.bench.serve import ServerError, run_load
+
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    async def models():
+        return {"data": [{"id": "m"}]}
+
+    @app.post("/v1/completions")
+    async def completions():
+        async def events():
+            yield 'data: {"choices": [{"text": "hi"}]}\n\n'
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(ServerError, match="sent no usage"):
+            asyncio.run(run_load(f"http://127.0.0.1:{port}/v1", 1, 1, 4, 4))
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

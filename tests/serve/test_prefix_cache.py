@@ -88,7 +88,7 @@ def test_a_conversation_resumes_from_the_end_of_the_last_reply(model):
     [
         (7, None, 0.25, 4),  # chunks of 7 tokens, cut at snapshot boundaries
         (64, 22, 0.25, 4),  # too few KV blocks: preemption, cached blocks evicted
-        (24, 21, 0.25, 3),  # both
+        (24, 20, 0.25, 4),  # both
         (64, None, 2 * 8 * 16**2 * 8 / 2**30, 4),  # room for two snapshots: snapshots evicted
     ],
 )

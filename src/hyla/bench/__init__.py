@@ -8,12 +8,26 @@ from pathlib import Path
 
 import torch
 
+# The CPU flags that decide which kernels run (and whether bfloat16 is fast): named in every CPU result.
+_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
 
 def machine_description(device: str = "cpu") -> str:
-    """The CPU (or, for ``device="cuda"``, the GPU) and torch build a result was measured on, for RESULTS.md."""
+    """The CPU (model and the flags that matter) or, for ``device="cuda"``, the GPU, and the torch build a result
+    was measured on, for RESULTS.md."""
     if device == "cuda":
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    model, flags = platform.processor() or platform.machine(), []
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        model = fields.get("model name", model)
+        flags = [f for f in _FLAGS if f in fields.get("flags", "").split()]
+    except OSError:
+        pass
+    flag_text = f" ({' '.join(flags) or 'none of ' + ' '.join(_FLAGS)})"
+    return f"{model}{flag_text}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def run_times(fn: Callable[[], object], repeats: int, device: str | torch.device = "cpu") -> list[float]:

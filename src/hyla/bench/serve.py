@@ -1,10 +1,20 @@
-"""``hyla bench serve``: a load generator against an OpenAI-compatible server.
+"""``hyla bench serve``: a load generator against any OpenAI-compatible server (hyla, llama-server, vLLM, ...).
 
-``concurrency`` clients each send streaming completions of random token-id prompts (``input_len`` tokens,
-exactly ``output_len`` generated: ``ignore_eos``) one after another until ``num_requests`` are done.
-Per request: time to first token (the first streamed chunk), time per output token after it, and latency.
-Reported: requests/s, output tokens/s, TTFT and TPOT (median and p99), and the cost of a million output
-tokens at a given hourly machine price.
+Workloads:
+
+- ``random``: ``concurrency`` clients each send streaming completions of random token-id prompts
+  (``input_len`` tokens, exactly ``output_len`` generated: ``ignore_eos``) one after another.
+- ``chat``: ``concurrency`` conversations of ``turns`` turns through ``/v1/chat/completions``, all opening with
+  one shared system prompt (``system_words`` words); every turn sends the whole conversation so far (as chat
+  clients do), a new user message of ``user_words`` words, and gets ``output_len`` tokens back.
+- ``agent``: ``concurrency`` agents, each one transcript sent to ``/v1/completions`` ``turns`` times, growing by
+  the model's reply and a tool result of ``user_words`` words per call (a coding agent's loop).
+
+Text is made of seeded random words (no data to download). Per request: time to first token (the first
+streamed chunk), time per output token after it, latency, and the prompt tokens the server reports as read from
+its prefix cache (OpenAI's ``usage.prompt_tokens_details.cached_tokens``; 0 where a server does not say).
+Reported per level: requests/s, output tokens/s, TTFT (median and p99; for chat and agent also of the first
+turn and of the turns after it), TPOT, the prefix-hit rate and the cost of a million output tokens.
 """
 
 from __future__ import annotations
@@ -18,16 +28,38 @@ from dataclasses import dataclass
 
 import httpx2
 
+WORKLOADS = ("random", "chat", "agent")
+# Words of the generated text: common English and code words, so that a BPE finds tokens of a few bytes each.
+_VOCABULARY = (
+    "the of and to in is that for it as with was on be by this are or from at an but not have which you all can "
+    "def return self import class if else for while try except with as yield lambda None True False print len "
+    "range list dict str int float file path value key data result error request model token cache state layer "
+    "attention block user system assistant tool call output input query answer test run build step"
+)
+_WORDS = _VOCABULARY.split()
+
 
 @dataclass
 class RequestRecord:
     ttft: float
     latency: float
     output_tokens: int
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    turn: int = 0  # 0: a conversation's first request
 
     @property
     def tpot(self) -> float:
         return (self.latency - self.ttft) / max(self.output_tokens - 1, 1)
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def _p99(values: list[float]) -> float:
+    values = sorted(values)
+    return values[min(int(0.99 * len(values)), len(values) - 1)] if values else float("nan")
 
 
 @dataclass
@@ -35,6 +67,7 @@ class LoadResult:
     concurrency: int
     records: list[RequestRecord]
     wall: float
+    workload: str = "random"
 
     @property
     def output_tokens_per_s(self) -> float:
@@ -44,6 +77,10 @@ class LoadResult:
     def requests_per_s(self) -> float:
         return len(self.records) / self.wall
 
+    @property
+    def prefix_hit_rate(self) -> float:
+        return sum(r.cached_tokens for r in self.records) / max(sum(r.prompt_tokens for r in self.records), 1)
+
     def percentile(self, name: str, q: float) -> float:
         values = sorted(getattr(r, name) for r in self.records)
         return values[min(int(q * len(values)), len(values) - 1)]
@@ -52,34 +89,59 @@ class LoadResult:
         return price_per_hour / (self.output_tokens_per_s * 3600) * 1e6
 
     def row(self, price_per_hour: float) -> dict:
+        later = [r.ttft for r in self.records if r.turn > 0]
         return {
+            "workload": self.workload,
             "concurrency": self.concurrency,
             "requests": len(self.records),
             "req_s": self.requests_per_s,
             "out_tok_s": self.output_tokens_per_s,
-            "ttft_p50_ms": 1e3 * statistics.median(r.ttft for r in self.records),
-            "ttft_p99_ms": 1e3 * self.percentile("ttft", 0.99),
-            "tpot_p50_ms": 1e3 * statistics.median(r.tpot for r in self.records),
-            "tpot_p99_ms": 1e3 * self.percentile("tpot", 0.99),
+            "ttft_p50_ms": 1e3 * _median([r.ttft for r in self.records]),
+            "ttft_p99_ms": 1e3 * _p99([r.ttft for r in self.records]),
+            "ttft_turn1_p50_ms": 1e3 * _median([r.ttft for r in self.records if r.turn == 0]),
+            "ttft_later_p50_ms": 1e3 * _median(later),
+            "ttft_later_p99_ms": 1e3 * _p99(later),
+            "tpot_p50_ms": 1e3 * _median([r.tpot for r in self.records]),
+            "tpot_p99_ms": 1e3 * _p99([r.tpot for r in self.records]),
+            "prefix_hit_rate": self.prefix_hit_rate,
             "usd_per_1m_out": self.cost_per_million(price_per_hour),
         }
 
 
-async def _one(client: httpx2.AsyncClient, url: str, body: dict) -> RequestRecord:
+class ServerError(ValueError):
+    """The server answered something the load generator cannot measure."""
+
+
+async def _one(client: httpx2.AsyncClient, url: str, body: dict, turn: int) -> tuple[RequestRecord, str]:
+    """Send one streamed request; returns its record and the text it generated."""
     start = time.perf_counter()
-    ttft, tokens = None, 0
+    ttft, usage, text = None, None, []
     async with client.stream("POST", url, json=body) as response:
         if response.status_code != 200:
-            raise RuntimeError(f"the server answered {response.status_code}: {(await response.aread()).decode()}")
+            raise ServerError(f"the server answered {response.status_code}: {(await response.aread()).decode()}")
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
+            if chunk.get("error"):
+                raise ServerError(f"the server sent an error: {chunk['error']}")
             if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            elif ttft is None:
-                ttft = time.perf_counter() - start
-    return RequestRecord(ttft if ttft is not None else float("nan"), time.perf_counter() - start, tokens)
+                usage = chunk["usage"]
+            for choice in chunk.get("choices") or []:
+                text.append(choice.get("text") or (choice.get("delta") or {}).get("content") or "")
+                if ttft is None:
+                    ttft = time.perf_counter() - start
+    if not usage or "completion_tokens" not in usage:
+        raise ServerError(f"{url} sent no usage with stream_options.include_usage: this benchmark counts tokens "
+                          "from it; use a server that reports usage (hyla, vLLM, llama-server)")  # fmt: skip
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    record = RequestRecord(ttft if ttft is not None else float("nan"), time.perf_counter() - start,
+                           usage["completion_tokens"], usage.get("prompt_tokens", 0), cached, turn)  # fmt: skip
+    return record, "".join(text)
+
+
+def _words(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(_WORDS) for _ in range(n))
 
 
 async def run_load(
@@ -90,8 +152,15 @@ async def run_load(
     output_len: int,
     api_key: str | None = None,
     seed: int = 0,
+    workload: str = "random",
+    turns: int = 4,
+    system_words: int = 400,
+    user_words: int = 60,
 ) -> LoadResult:
-    """Drive ``base_url`` (``http://host:port/v1``) with ``concurrency`` clients; see the module docstring."""
+    """Drive ``base_url`` (``http://host:port/v1``) with ``concurrency`` clients; see the module docstring.
+    ``num_requests`` counts requests for ``random``; ``chat`` and ``agent`` send ``concurrency x turns``."""
+    if workload not in WORKLOADS:
+        raise ValueError(f"workload must be one of {WORKLOADS}, got {workload!r}")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     async with httpx2.AsyncClient(headers=headers, timeout=None) as client:
         try:
@@ -102,20 +171,44 @@ async def run_load(
             raise ValueError(f"{base_url}/models answered {response.status_code}: {response.text[:200]}")
         card = response.json()["data"][0]
         rng = random.Random(seed)
-        prompts = [[rng.randrange(card.get("vocab_size", 256)) for _ in range(input_len)] for _ in range(num_requests)]
-        queue = list(reversed(prompts))
         records: list[RequestRecord] = []
+        common = {"model": card["id"], "max_tokens": output_len, "temperature": 0, "stream": True,
+                  "stream_options": {"include_usage": True}, "ignore_eos": True}  # fmt: skip
 
-        async def worker() -> None:
+        async def random_client(queue: list[list[int]]) -> None:
             while queue:
-                body = {"model": card["id"], "prompt": queue.pop(), "max_tokens": output_len, "temperature": 0,
-                        "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}  # fmt: skip
-                records.append(await _one(client, f"{base_url}/completions", body))
+                record, _ = await _one(client, f"{base_url}/completions", {**common, "prompt": queue.pop()}, 0)
+                records.append(record)
 
+        async def conversation(system: str, rng: random.Random) -> None:
+            messages = [{"role": "system", "content": system}]
+            for turn in range(turns):
+                messages.append({"role": "user", "content": _words(rng, user_words)})
+                body = {**common, "messages": messages}
+                record, reply = await _one(client, f"{base_url}/chat/completions", body, turn)
+                records.append(record)
+                messages.append({"role": "assistant", "content": reply})
+
+        async def agent(system: str, rng: random.Random) -> None:
+            transcript = system + "\n"
+            for turn in range(turns):
+                record, reply = await _one(client, f"{base_url}/completions", {**common, "prompt": transcript}, turn)
+                records.append(record)
+                transcript += reply + "\ntool result: " + _words(rng, user_words) + "\n"
+
+        if workload == "random":
+            vocab = card.get("vocab_size", 256)
+            prompts = [[rng.randrange(vocab) for _ in range(input_len)] for _ in range(num_requests)]
+            queue = list(reversed(prompts))
+            tasks = [random_client(queue) for _ in range(concurrency)]
+        else:
+            system = _words(rng, system_words)  # shared by every conversation: a server-wide system prompt
+            run = conversation if workload == "chat" else agent
+            tasks = [run(system, random.Random(seed * 1000 + i + 1)) for i in range(concurrency)]
         start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*tasks)
         wall = time.perf_counter() - start
-    return LoadResult(concurrency, records, wall)
+    return LoadResult(concurrency, records, wall, workload)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -127,12 +220,14 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(base_url: str, concurrency: list[int], num_requests: int | None, input_len: int, output_len: int,
-         price_per_hour: float, api_key: str | None) -> list[dict]:  # fmt: skip
+         price_per_hour: float, api_key: str | None, workload: str = "random", turns: int = 4,
+         system_words: int = 400, user_words: int = 60) -> list[dict]:  # fmt: skip
     """Run each concurrency level (``num_requests`` default: ``max(4, 2 * concurrency)``) and print a table."""
     rows = []
     for c in concurrency:
         n = num_requests or max(4, 2 * c)
-        result = asyncio.run(run_load(base_url, c, n, input_len, output_len, api_key))
+        result = asyncio.run(run_load(base_url, c, n, input_len, output_len, api_key, workload=workload,
+                                      turns=turns, system_words=system_words, user_words=user_words))  # fmt: skip
         rows.append(result.row(price_per_hour))
         print(format_table(rows[-1:]).splitlines()[-1] if len(rows) > 1 else format_table(rows), flush=True)
     return rows

@@ -11,11 +11,13 @@ recomputed from its prompt and the outputs it already has (so its output is unch
 :meth:`Scheduler.schedule` returns a plain :class:`SchedulerOutput` (token ids, slots, block tables, and the
 slot resets and snapshot copies the runner makes around the forward); :meth:`Scheduler.update` applies the
 step's sampled tokens. With prefix caching, an admitted request starts after the longest cached prefix (its
-blocks shared, its lightning states copied from the snapshot there), and prefill chunks end at the boundaries
-where snapshots are taken: the end of the prompt's last full block (and of the one before, when the prompt
-ends on a boundary), every ``snapshot_every`` tokens inside it, the point where it parts from the cached blocks
-of an earlier sequence (a shared system prompt's end, so that the sequences after it resume there), and, for
-the request's end, the last block boundary its decodes passed.
+blocks shared, its lightning states copied from the snapshot there). Snapshots are taken where prefill chunks
+end, and chunks are cut for them at a few boundaries: the end of the prompt's last full block (and of the one
+before, when the prompt ends on a boundary) and the point where it parts from the cached blocks of an earlier
+sequence (a shared system prompt's end, so that the sequences after it resume there). Inside long prompts,
+chunks that stop short of the prompt's end are cut at a block boundary, and their ends snapshotted every
+``snapshot_every`` tokens or more, which costs no extra step. A request's end keeps the last block boundary its
+decodes passed.
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ class Request:
     finish_reason: str | None = None
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at the first admission
     block_names: list[bytes] = field(default_factory=list)  # the prefix-cache names of its full blocks
-    boundaries: list[int] = field(default_factory=list)  # where prefill chunks end and snapshots are taken
+    boundaries: list[int] = field(default_factory=list)  # where prefill chunks are cut for a snapshot
+    last_snapshot: int = 0  # where the last snapshot of its prompt was taken
     pending_snapshot: int | None = None  # the states at the last block boundary a decode passed ...
     pending_boundary: int = 0  # ... and that boundary
 
@@ -134,7 +137,7 @@ class Scheduler:
             request.block_names = block_hashes(request.prompt_ids, bs)
             p = len(request.prompt_ids)
             ends = {p // bs * bs, (p - 1) // bs * bs}  # the prompt's last full block; the one before if p ends one
-            request.boundaries = sorted({*range(self.snapshot_every, p, self.snapshot_every), *ends} - {0})
+            request.boundaries = sorted(ends - {0})
         self.requests[request.key] = request
         self.waiting.append(request)
 
@@ -197,11 +200,18 @@ class Scheduler:
         return out
 
     def _chunk(self, request: Request, n: int) -> int:
-        """``n`` new tokens, cut at the next snapshot boundary inside them."""
-        i = bisect.bisect_right(request.boundaries, request.num_computed)
-        if i < len(request.boundaries):
-            n = min(n, request.boundaries[i] - request.num_computed)
-        return n
+        """``n`` new tokens, cut at the next snapshot boundary inside them; a chunk that stops short of the
+        sequence's end (the budget ran out) ends at a block boundary, where a snapshot can be taken."""
+        if not self.cache.prefix_caching:
+            return n
+        start = request.num_computed
+        i = bisect.bisect_right(request.boundaries, start)
+        if i < len(request.boundaries) and request.boundaries[i] <= start + n:
+            return request.boundaries[i] - start
+        end = start + n
+        if end < request.num_tokens and end // self.cache.block_size * self.cache.block_size > start:
+            end = end // self.cache.block_size * self.cache.block_size
+        return end - start
 
     def _admit(self, request: Request, budget: int, out: SchedulerOutput) -> int | None:
         """Give ``request`` a slot, its cached prefix and blocks for this step's tokens; None if they do not fit."""
@@ -236,14 +246,18 @@ class Scheduler:
         return n
 
     def _plan_save(self, request: Request, computed: int) -> None:
-        """A snapshot after this step if it ends at one of the request's boundaries (or, decoding, any block's)."""
+        """A snapshot after this step if it ends at one of the request's boundaries, or at a block boundary inside
+        its prompt ``snapshot_every`` tokens or more past the last one (or, decoding, at any block boundary)."""
         if not self.cache.prefix_caching:
             return
-        if computed in request.boundaries:
+        bs = self.cache.block_size
+        inside = computed < len(request.prompt_ids) and computed % bs == 0
+        if computed in request.boundaries or (inside and computed - request.last_snapshot >= self.snapshot_every):
             snapshot = self.cache.snapshots.allocate()
             if snapshot is not None:
+                request.last_snapshot = computed
                 self._saves.append(_Save(request, snapshot, computed, pending=False))
-        elif computed > len(request.prompt_ids) and computed % self.cache.block_size == 0:
+        elif computed > len(request.prompt_ids) and computed % bs == 0:
             if request.pending_snapshot is None:
                 request.pending_snapshot = self.cache.snapshots.allocate()
             if request.pending_snapshot is not None:
