@@ -39,7 +39,7 @@ def main() -> None:
     config = hyla.preset("small")
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
-        hyla.HylaForCausalLM(config).save_pretrained(tmp)
+        hyla.save_pretrained(hyla.HylaForCausalLM(config), tmp)
         ref = hyla.load(tmp, dtype=torch.float64)
         gpu32 = hyla.load(tmp, device="cuda")
         gpu16 = hyla.load(tmp, dtype=torch.bfloat16, device="cuda")

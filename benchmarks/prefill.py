@@ -26,7 +26,7 @@ import torch
 import hyla
 from hyla.bench import append_result, machine_description, run_times
 from hyla.config import LIGHTNING, HylaConfig
-from hyla.model.lightning import CPU_BLOCK_SIZE
+from hyla.ops.lightning import CPU_BLOCK_SIZE
 from hyla.runtime import tune_malloc
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -72,7 +72,7 @@ def main() -> None:
     torch.manual_seed(0)
     config = hyla.preset(args.preset)
     with tempfile.TemporaryDirectory() as tmp:
-        hyla.HylaForCausalLM(config).save_pretrained(tmp)
+        hyla.save_pretrained(hyla.HylaForCausalLM(config), tmp)
         ours = hyla.load(tmp)
         ours_bf16 = hyla.load(tmp, dtype=torch.bfloat16)
         # transformers' fastest experts kernel on this CPU is its eager per-expert loop (its grouped_mm is slower).

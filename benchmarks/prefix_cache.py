@@ -74,7 +74,7 @@ def main() -> None:
     rows: dict[tuple[str, bool], list[dict]] = {(w, c): [] for w in workloads for c in (False, True)}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / args.preset
-        hyla.HylaForCausalLM(config).save_pretrained(model_dir)
+        hyla.save_pretrained(hyla.HylaForCausalLM(config), model_dir)
         byte_level_tokenizer().save(str(model_dir / "tokenizer.json"))
         servers = {caching: start_server(model_dir, caching) for caching in (False, True)}
         try:

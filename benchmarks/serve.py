@@ -103,7 +103,7 @@ def main() -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / args.preset
-        hyla.HylaForCausalLM(config).save_pretrained(model_dir)
+        hyla.save_pretrained(hyla.HylaForCausalLM(config), model_dir)
         byte_level_tokenizer().save(str(model_dir / "tokenizer.json"))
         hyla_results = serve_hyla(model_dir, args)
         theirs = transformers_rates(model_dir, 256, args)  # 256: the byte-level tokenizer's ids

@@ -85,7 +85,7 @@ def main() -> None:
         torch.manual_seed(0)
         ids = torch.randint(0, config.vocab_size, (args.batch, args.seq_len))
         with tempfile.TemporaryDirectory() as tmp:
-            hyla.HylaForCausalLM(config).save_pretrained(tmp)
+            hyla.save_pretrained(hyla.HylaForCausalLM(config), tmp)
             ours = hyla.load(tmp).train()
             theirs = MiniMaxForCausalLM.from_pretrained(tmp, dtype=torch.float32).train()
         steps = {"hyla": step_fn(ours, ids, hf=False), "transformers": step_fn(theirs, ids, hf=True)}

@@ -25,7 +25,7 @@ def test_generate_from_a_preset():
 
 def model_dir(path):
     """A model directory as `hyla train` leaves one: weights, config and the tokenizer."""
-    hyla.HylaForCausalLM(hyla.preset("tiny")).save_pretrained(path)
+    hyla.save_pretrained(hyla.HylaForCausalLM(hyla.preset("tiny")), path)
     byte_level_tokenizer().save(str(path / "tokenizer.json"))
     return path
 
@@ -119,7 +119,7 @@ def test_serve_a_missing_directory_is_one_clear_line(tmp_path):
 
 
 def test_serve_without_a_tokenizer_names_the_file(tmp_path):
-    hyla.HylaForCausalLM(hyla.preset("tiny")).save_pretrained(tmp_path)
+    hyla.save_pretrained(hyla.HylaForCausalLM(hyla.preset("tiny")), tmp_path)
     out = run("serve", str(tmp_path))
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert f"{tmp_path / 'tokenizer.json'} is missing" in out.stderr and "--tokenizer" in out.stderr

@@ -1,8 +1,19 @@
 """hyla: hybrid lightning/softmax-attention MoE language models — train, convert and serve, on CPU and GPU."""
 
-from hyla.checkpoint import CheckpointError, load
-from hyla.config import ConfigError, HylaConfig, preset
+from hyla.checkpoint import load, save_pretrained
+from hyla.config import HylaConfig, preset
+from hyla.errors import CheckpointError, ConfigError, DataError, RequestError
 from hyla.model import HylaForCausalLM
 
-__all__ = ["CheckpointError", "ConfigError", "HylaConfig", "HylaForCausalLM", "load", "preset"]
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "HylaConfig",
+    "HylaForCausalLM",
+    "RequestError",
+    "load",
+    "preset",
+    "save_pretrained",
+]
 __version__ = "0.1.0"

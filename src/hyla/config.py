@@ -138,10 +138,6 @@ class HylaConfig:
             if value is not None and not 0 <= value < self.vocab_size:
                 raise ConfigError(f"{name} ({value}) must be a token id below vocab_size ({self.vocab_size})")
 
-    @property
-    def num_key_value_groups(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
     def replace(self, **changes) -> HylaConfig:
         """A copy with some fields changed (validated); unknown names raise :class:`ConfigError`."""
         known = {f.name for f in dataclasses.fields(self)}
@@ -157,9 +153,6 @@ class HylaConfig:
             if "rotary_dim" not in changes and self.rotary_dim == self.head_dim:
                 changes["rotary_dim"] = None
         return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
     def num_parameters(self, active: bool = False) -> int:
         """Parameter count; ``active=True`` counts only the ``num_experts_per_tok`` experts a token uses."""

@@ -12,7 +12,7 @@ from hyla import CheckpointError
 
 @pytest.fixture
 def saved(tmp_path):
-    hyla.HylaForCausalLM(hyla.preset("tiny")).save_pretrained(tmp_path / "m")
+    hyla.save_pretrained(hyla.HylaForCausalLM(hyla.preset("tiny")), tmp_path / "m")
     return tmp_path / "m"
 
 
@@ -87,7 +87,7 @@ def test_corrupt_weights_file(saved):
 
 
 def test_missing_shard(tmp_path):
-    hyla.HylaForCausalLM(hyla.preset("tiny")).save_pretrained(tmp_path, max_shard_size=100_000)
+    hyla.save_pretrained(hyla.HylaForCausalLM(hyla.preset("tiny")), tmp_path, max_shard_size=100_000)
     next(tmp_path.glob("model-00002-*.safetensors")).unlink()
     with pytest.raises(CheckpointError, match=r"shard .* is missing"):
         hyla.load(tmp_path)

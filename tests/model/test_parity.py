@@ -1,6 +1,7 @@
 """hyla vs transformers' MiniMaxForCausalLM on the same weights, and checkpoints through both."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -53,7 +54,7 @@ def load_transformers(path, dtype=torch.float32) -> MiniMaxForCausalLM:
 @pytest.mark.parametrize("t", [1, 37, 100])
 def test_logits_match_transformers(tmp_path, pattern, t):
     model = random_model(layer_types=PATTERNS[pattern])
-    model.save_pretrained(tmp_path)
+    hyla.save_pretrained(model, tmp_path)
     theirs = load_transformers(tmp_path)
     ids = torch.randint(0, model.config.vocab_size, (2, t))
     with torch.no_grad():
@@ -69,7 +70,7 @@ def test_logits_match_transformers(tmp_path, pattern, t):
 @pytest.mark.parametrize("tie", [False, True])
 def test_loss_matches_transformers(tmp_path, tie):
     model = random_model(tie_word_embeddings=tie)
-    model.save_pretrained(tmp_path)
+    hyla.save_pretrained(model, tmp_path)
     theirs = load_transformers(tmp_path)
     ids = torch.randint(0, model.config.vocab_size, (3, 50))
     labels = ids.clone()
@@ -81,7 +82,7 @@ def test_loss_matches_transformers(tmp_path, tie):
 
 def test_round_trip_through_transformers_changes_nothing(tmp_path):
     model = random_model()
-    model.save_pretrained(tmp_path / "a")
+    hyla.save_pretrained(model, tmp_path / "a")
     theirs = load_transformers(tmp_path / "a")
     theirs.save_pretrained(tmp_path / "b")
     back = hyla.load(tmp_path / "b")
@@ -94,7 +95,7 @@ def test_round_trip_through_transformers_changes_nothing(tmp_path):
 
 def test_sharded_checkpoint_round_trip(tmp_path):
     model = random_model()
-    model.save_pretrained(tmp_path, max_shard_size=200_000)
+    hyla.save_pretrained(model, tmp_path, max_shard_size=200_000)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     back = hyla.load(tmp_path)
@@ -108,10 +109,10 @@ def test_sharded_checkpoint_round_trip(tmp_path):
 
 
 def test_save_keeps_other_files_and_replaces_weights(tmp_path):
-    random_model().save_pretrained(tmp_path)
+    hyla.save_pretrained(random_model(), tmp_path)
     (tmp_path / "tokenizer.json").write_text("{}")
     second = random_model()
-    second.save_pretrained(tmp_path)
+    hyla.save_pretrained(second, tmp_path)
     assert (tmp_path / "tokenizer.json").read_text() == "{}"
     assert torch.equal(hyla.load(tmp_path).lm_head.weight, second.lm_head.weight)
     assert [p.name for p in tmp_path.parent.iterdir() if p.name.startswith(f".{tmp_path.name}")] == []
@@ -120,7 +121,7 @@ def test_save_keeps_other_files_and_replaces_weights(tmp_path):
 def test_original_minimax_config_fields(tmp_path):
     """MiniMax-Text-01's remote-code config: attn_type_list, layernorm_*_alpha/beta, postnorm, rope_theta."""
     model = random_model(layer_types=[LIGHTNING, LIGHTNING, SOFTMAX])
-    model.save_pretrained(tmp_path)
+    hyla.save_pretrained(model, tmp_path)
     raw = json.loads((tmp_path / "config.json").read_text())
     c = model.config
     original = {k: v for k, v in raw.items() if k not in ("layer_types", "rope_parameters", "head_dim")}
@@ -148,12 +149,40 @@ def test_original_minimax_config_fields(tmp_path):
 
 def test_partial_rotary_and_prenorm_round_trip_through_hyla(tmp_path):
     model = random_model(rotary_dim=8, postnorm=False)
-    model.save_pretrained(tmp_path)
-    back = hyla.load(tmp_path)
+    with pytest.warns(UserWarning, match="rotates 8 of 16 dims per head"):  # transformers would rotate all 16
+        hyla.save_pretrained(model, tmp_path)
+    with pytest.warns(UserWarning, match="transformers' MiniMax rotates all 16"):
+        back = hyla.load(tmp_path)
     assert back.config.rotary_dim == 8 and back.config.postnorm is False
     ids = torch.randint(0, model.config.vocab_size, (1, 30))
     with torch.no_grad():
         assert torch.equal(back(ids).logits, model(ids).logits)
+
+
+def test_partial_rotary_is_the_configs_and_transformers_disagreement_is_named(tmp_path):
+    """A transformers-format config asking for partial rotary: hyla rotates what it says (MiniMax-Text-01's math),
+    which is not what transformers computes — a warning says so, and the logits differ from transformers'. The
+    original remote-code format (rotary_dim, model_type minimax_text_01) is read without a warning."""
+    from hyla.interop.transformers import config_from_hf
+
+    model = random_model()
+    hyla.save_pretrained(model, tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    del raw["rotary_dim"]
+    raw["rope_parameters"]["partial_rotary_factor"] = 0.5
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.warns(UserWarning, match="rotates 8 of 16 dims per head"):
+        ours = hyla.load(tmp_path)
+    assert ours.config.rotary_dim == 8
+    theirs = load_transformers(tmp_path)
+    ids = torch.randint(0, model.config.vocab_size, (1, 20))
+    with torch.no_grad():
+        assert rel_err(theirs(ids).logits, model(ids).logits) <= 1e-5  # transformers: the whole head
+        assert rel_err(ours(ids).logits, model(ids).logits) > 1e-3  # hyla: half of it
+    original = {**raw, "model_type": "minimax_text_01", "rotary_dim": 8}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert config_from_hf(original).rotary_dim == 8
 
 
 def test_gradients_match_transformers(tmp_path):
@@ -161,7 +190,7 @@ def test_gradients_match_transformers(tmp_path):
     from hyla.interop import state_dict_to_hf
 
     model = random_model(layer_types=[LIGHTNING, SOFTMAX, LIGHTNING]).double().train()
-    model.save_pretrained(tmp_path)
+    hyla.save_pretrained(model, tmp_path)
     theirs = load_transformers(tmp_path, torch.float64).train()
     ids = torch.randint(0, model.config.vocab_size, (2, 45))
     out = model(ids, labels=ids)

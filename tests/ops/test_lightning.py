@@ -95,10 +95,31 @@ def test_prefill_in_pieces_equals_whole():
 
 
 def test_empty_sequence_keeps_state():
+    """No tokens: the final state is the initial one, as the recurrence gives it — a new tensor, so that a caller
+    updating its state pool in place does not change what it was handed."""
     q, k, v, slope, state = inputs(0, torch.float32, with_state=True)
+    _, expected = lightning_attention_naive(q, k, v, slope, state.clone())
     o, s = lightning_attention_chunk(q, k, v, slope, state)
+    state.add_(1.0)
     assert o.shape == (B, 0, H, D)
-    assert torch.equal(s, state)
+    assert torch.equal(s, expected)
+
+
+@pytest.mark.parametrize("d", [16, 32, 64, 100, 128, 256])
+@pytest.mark.parametrize("t", [1, 37, 130])
+def test_chunk_matches_naive_across_head_sizes(d, t):
+    """Head sizes from 16 to 256, 100 among them (not a power of two), outputs and gradients."""
+    q, k, v = (torch.randn(1, t, 2, d, dtype=torch.float64, requires_grad=True) * 0.3 for _ in range(3))
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    slope = torch.tensor([0.5, 0.05], dtype=torch.float64)
+    state = torch.randn(1, 2, d, d, dtype=torch.float64)
+    o_ref, s_ref = lightning_attention_naive(q, k, v, slope, state)
+    o, s = lightning_attention_chunk(q, k, v, slope, state, block_size=64)
+    assert rel_err(o, o_ref) < 1e-10 and rel_err(s, s_ref) < 1e-10
+    do = torch.randn_like(o)
+    got = torch.autograd.grad((o * do).sum(), (q, k, v))
+    ref = torch.autograd.grad((o_ref * do).sum(), (q, k, v))
+    assert all(rel_err(g, r) < 1e-10 for g, r in zip(got, ref, strict=True))
 
 
 def test_bfloat16_inputs_keep_a_float32_state():

@@ -65,9 +65,12 @@ def test_swiglu_experts_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = swiglu_experts(x, weights, experts, gate_up, down)
     assert got.dtype == torch.float32
-    assert rel_err(got, reference_experts(x, weights, experts, gate_up, down)) < 2e-2
-    got.sum().backward()
-    assert x.grad is not None and x.grad.isfinite().all()
+    reference = reference_experts(x, weights, experts, gate_up, down)
+    assert rel_err(got, reference) < 2e-2
+    dy = torch.randn_like(got)
+    (grad,) = torch.autograd.grad((got * dy).sum(), x)
+    (expected,) = torch.autograd.grad((reference * dy).sum(), x)
+    assert rel_err(grad, expected) < 2e-2  # the float32 loop's gradient, to bfloat16's precision
 
 
 def test_route_renormalises_the_top_k():

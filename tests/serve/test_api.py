@@ -283,10 +283,22 @@ def test_the_load_generator_measures_the_live_server(base_url):
 
     result = asyncio.run(run_load(base_url, concurrency=2, num_requests=4, input_len=8, output_len=5, api_key=API_KEY))
     assert [r.output_tokens for r in result.records] == [5, 5, 5, 5]
-    row = result.row(price_per_hour=2.0)
-    assert row["out_tok_s"] == pytest.approx(20 / result.wall)
-    assert 0 < row["ttft_p50_ms"] <= row["ttft_p99_ms"] and row["tpot_p50_ms"] > 0
-    assert row["usd_per_1m_out"] == pytest.approx(2.0 / (row["out_tok_s"] * 3600) * 1e6)
+    assert all(0 < r.ttft <= r.latency for r in result.records) and result.wall > 0
+
+
+def test_the_load_report_of_known_requests():
+    """Two requests over 2 s: 11 tokens in 1.1 s (first after 0.1 s) and 21 in 2.3 s (first after 0.3 s)."""
+    from hyla.bench.serve import LoadResult, RequestRecord
+
+    records = [RequestRecord(0.1, 1.1, 11, prompt_tokens=100, cached_tokens=0),
+               RequestRecord(0.3, 2.3, 21, prompt_tokens=100, cached_tokens=50, turn=1)]  # fmt: skip
+    row = LoadResult(2, records, wall=2.0, workload="chat").row(price_per_hour=3.6)
+    assert row["out_tok_s"] == pytest.approx(16.0) and row["req_s"] == pytest.approx(1.0)
+    assert row["ttft_p50_ms"] == pytest.approx(200) and row["ttft_p99_ms"] == pytest.approx(300)
+    assert row["ttft_turn1_p50_ms"] == pytest.approx(100) and row["ttft_later_p50_ms"] == pytest.approx(300)
+    assert row["tpot_p50_ms"] == pytest.approx(100)  # 1.0 s / 10 and 2.0 s / 20 tokens after the first
+    assert row["prefix_hit_rate"] == pytest.approx(0.25)
+    assert row["usd_per_1m_out"] == pytest.approx(62.5)  # $3.6/h at 16 tok/s: 57,600 tokens per dollar-hour
 
 
 def test_the_load_generator_names_an_unreachable_server():

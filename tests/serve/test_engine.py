@@ -61,7 +61,7 @@ def test_concurrent_greedy_equals_full_forward(model, block_size, budget, num_bl
 def test_llm_loads_a_model_directory(tmp_path):
     import hyla
 
-    hyla.HylaForCausalLM(hyla.preset("tiny")).save_pretrained(tmp_path)
+    hyla.save_pretrained(hyla.HylaForCausalLM(hyla.preset("tiny")), tmp_path)
     byte_level_tokenizer().save(str(tmp_path / "tokenizer.json"))
     (completion,) = LLM(tmp_path).generate(["def f(x):"], SamplingParams(max_tokens=5, ignore_eos=True, seed=1))[0]
     assert len(completion.token_ids) == 5 and completion.finish_reason == "length"

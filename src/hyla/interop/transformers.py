@@ -10,13 +10,14 @@ MiniMax's original remote-code config (``attn_type_list``, ``rotary_dim``, ``lay
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
 from hyla.config import LIGHTNING, SOFTMAX, ConfigError, HylaConfig
-from hyla.model.lightning import lightning_slopes
+from hyla.ops.lightning.decay import lightning_slopes
 
 ARCHITECTURE = "MiniMaxForCausalLM"
 MODEL_TYPE = "minimax"
@@ -52,6 +53,17 @@ _DERIVED = re.compile(r"model\.layers\.\d+\.self_attn\.(slope_rate|query_decay|k
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
 
 
+# Partial rotary: MiniMax-Text-01's own code rotates the first ``rotary_dim`` dims of each head, and so does
+# hyla, whatever the config's source; transformers' MiniMax ignores the setting and rotates all of them. A
+# transformers-format config (model_type "minimax") that asks for it is therefore one that transformers computes
+# differently: hyla follows the config (the model's math, as published) and says so.
+_PARTIAL_ROTARY = (
+    "this MiniMax config rotates {rotary_dim} of {head_dim} dims per head (partial rotary); hyla applies that, as "
+    "MiniMax-Text-01's own code does, but transformers' MiniMax rotates all {head_dim}: the two give different "
+    "logits for this model"
+)
+
+
 def _token_id(value) -> int | None:
     return value[0] if isinstance(value, list) and value else value if isinstance(value, int) else None
 
@@ -81,6 +93,8 @@ def config_from_hf(raw: Mapping) -> HylaConfig:
     fields = {name: raw[name] for name in _SAME if name in raw}
     head_dim = raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]
     rotary_dim = raw.get("rotary_dim") or int(head_dim * rope.get("partial_rotary_factor", 1.0))
+    if rotary_dim < head_dim and model_type == MODEL_TYPE:
+        warnings.warn(_PARTIAL_ROTARY.format(rotary_dim=rotary_dim, head_dim=head_dim), stacklevel=3)
     fields.update(
         head_dim=head_dim,
         rotary_dim=rotary_dim,
@@ -110,6 +124,7 @@ def config_to_hf(config: HylaConfig, dtype: torch.dtype = torch.float32) -> dict
     rope = {"rope_type": "default", "rope_theta": config.rope_theta}
     if config.rotary_dim != config.head_dim:
         rope["partial_rotary_factor"] = config.rotary_dim / config.head_dim
+        warnings.warn(_PARTIAL_ROTARY.format(rotary_dim=config.rotary_dim, head_dim=config.head_dim), stacklevel=3)
     out = {
         "architectures": [ARCHITECTURE],
         "model_type": MODEL_TYPE,

@@ -20,7 +20,7 @@ class Cache(Protocol):
         """``[1, T]`` absolute position of each of the forward's ``T`` tokens."""
         ...
 
-    def lightning(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, slope: Tensor, block_size: int) -> Tensor:
+    def lightning(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, slope: Tensor) -> Tensor:
         """Lightning attention of ``[B, T, H, D]`` inputs continuing the cached states, which it updates."""
         ...
 

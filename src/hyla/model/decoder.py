@@ -7,7 +7,6 @@ except the experts, which are stacked here and per-expert on disk; ``hyla.intero
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +20,7 @@ from hyla.model.moe import SparseMoE
 from hyla.model.norm import RMSNorm
 from hyla.ops.loss import linear_cross_entropy
 from hyla.ops.moe import load_balancing_loss
+from hyla.ops.precision import compute_dtype
 from hyla.ops.rope import rope_cos_sin, rope_inv_freq
 
 
@@ -191,7 +191,7 @@ class HylaForCausalLM(nn.Module):
         loss = None
         if labels is not None:
             scores = logits[:, :-1].flatten(0, 1)
-            scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+            scores = scores.to(compute_dtype(scores.dtype))
             loss = F.cross_entropy(scores, self._targets(labels, cu_seqlens).flatten(), ignore_index=-100)
         return CausalLMOutput(logits=logits, aux_loss=aux_loss, loss=loss)
 
@@ -203,9 +203,3 @@ class HylaForCausalLM(nn.Module):
             targets = targets.clone()
             targets[0, cu_seqlens[1:-1].to(targets.device) - 1] = -100
         return targets
-
-    def save_pretrained(self, path: str | Path, max_shard_size: int = 5 * 2**30) -> None:
-        """Write ``config.json`` + safetensors in transformers' MiniMax layout, atomically."""
-        from hyla.checkpoint import save_pretrained
-
-        save_pretrained(self, path, max_shard_size=max_shard_size)

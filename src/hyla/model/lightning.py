@@ -10,23 +10,11 @@ from hyla.config import HylaConfig
 from hyla.model.cache import Cache
 from hyla.model.norm import RMSNorm
 from hyla.ops.lightning import lightning_attention_qkv
+from hyla.ops.lightning.decay import lightning_slopes
 from hyla.ops.norm import gated_rms_norm_
 
 # MiniMax's lightning norm uses its RMSNorm's default epsilon, not the config's rms_norm_eps.
 LIGHTNING_NORM_EPS = 1e-6
-# The blockwise kernel's block length on the CPU: the result is the same for any block length, and 64 does
-# ~2x less work than MiniMax's 256 for head_dim 64 (intra-block cost grows with the block length).
-CPU_BLOCK_SIZE = 64
-
-
-def lightning_slopes(num_heads: int, layer_idx: int, num_layers: int) -> Tensor:
-    """``[H]`` decay rates: ``2^(-8 (h + 1) / H)``, scaled down linearly with depth (as in MiniMax-01).
-
-    Computed in float32 exactly as transformers does, so that weights saved by either give equal outputs.
-    """
-    base = 1 / (2 ** (8 / num_heads))
-    rate = base ** (torch.arange(num_heads) + 1)
-    return rate * (1 - layer_idx / (num_layers - 1 + 1e-5) + 1e-5)
 
 
 class LightningAttention(nn.Module):
@@ -37,7 +25,6 @@ class LightningAttention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
-        self.block_size = config.block_size
         inner = self.num_heads * self.head_dim
         self.qkv_proj = nn.Linear(config.hidden_size, 3 * inner, bias=False)
         self.output_gate = nn.Linear(config.hidden_size, inner, bias=False)
@@ -59,12 +46,11 @@ class LightningAttention(nn.Module):
         # In place when no backward will need the projection's output.
         inplace = not torch.is_grad_enabled()
         qkv = self.qkv_proj(x).view(b, t, self.num_heads, 3 * self.head_dim)
-        block_size = self.block_size if x.is_cuda else min(self.block_size, CPU_BLOCK_SIZE)
-        if cache is None:  # the SiLU and the q/k/v split inside the op
-            o, _ = lightning_attention_qkv(qkv, self.slope, None, block_size, cu_seqlens)
+        if cache is None:  # the SiLU and the q/k/v split inside the op, which picks its own blocking
+            o, _ = lightning_attention_qkv(qkv, self.slope, cu_seqlens=cu_seqlens)
         else:
             q, k, v = F.silu(qkv, inplace=inplace).split(self.head_dim, dim=-1)  # each [B, T, H, D]
-            o = cache.lightning(self.layer_idx, q, k, v, self.slope, block_size)
+            o = cache.lightning(self.layer_idx, q, k, v, self.slope)
         o = o.reshape(b, t, -1)
         if inplace:
             return self.out_proj(gated_rms_norm_(self.output_gate(x), o, self.norm.weight, self.norm.eps))

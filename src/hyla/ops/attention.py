@@ -3,11 +3,11 @@ dense (with a cache continuation), varlen (packed documents) and paged (keys and
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from hyla.ops.varlen import sequence_lengths
 
 
 def softmax_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
@@ -60,10 +60,7 @@ def _packed(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor) -> Tensor:
     re-runnable comparison with one call per sequence): 33 documents of 20-512 tokens, 2 x 64 heads: 58 ms, against
     66 with power-of-two buckets, 60 with one call per document and ~95 padded to the longest.
     """
-    offsets = cu_seqlens.tolist()
-    lengths = [hi - lo for lo, hi in itertools.pairwise(offsets)]
-    if offsets[0] != 0 or offsets[-1] != q.shape[1] or min(lengths, default=0) < 0:
-        raise ValueError(f"cu_seqlens must rise from 0 to the packed length {q.shape[1]}, got {offsets}")
+    lengths = sequence_lengths(cu_seqlens, q.shape[1])
     buckets: dict[int, list[int]] = {}
     for i, length in enumerate(lengths):
         if length:

@@ -14,18 +14,14 @@ from hyla.config import LIGHTNING, HylaConfig
 from hyla.model import HylaForCausalLM
 from hyla.ops.attention import paged_attention
 from hyla.ops.lightning import lightning_attention, lightning_decode
+from hyla.ops.precision import compute_dtype
 from hyla.serve.scheduler import ScheduledSeq, SchedulerOutput
-
-
-def state_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Lightning states are float32 (float64 for a float64 model) whatever the weights' dtype."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def snapshot_bytes(config: HylaConfig, dtype: torch.dtype) -> int:
     """Bytes of one snapshot: every lightning layer's ``[H, D, D]`` state."""
     layers = sum(t == LIGHTNING for t in config.layer_types)
-    return layers * config.num_attention_heads * config.head_dim**2 * state_dtype(dtype).itemsize
+    return layers * config.num_attention_heads * config.head_dim**2 * compute_dtype(dtype).itemsize
 
 
 class ModelRunner:
@@ -53,7 +49,7 @@ class ModelRunner:
         config = model.config
         self.block_size = block_size
         h, hkv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        kind = dict(dtype=state_dtype(dtype), device=self.device)
+        kind = dict(dtype=compute_dtype(dtype), device=self.device)
         self.states: dict[int, Tensor] = {}
         self.snapshots: dict[int, Tensor] = {}
         self.keys: dict[int, Tensor] = {}
@@ -140,7 +136,7 @@ class StepCache:
     def positions(self, num_tokens: int, device: torch.device) -> Tensor:
         return self._positions
 
-    def lightning(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, slope: Tensor, block_size: int) -> Tensor:
+    def lightning(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, slope: Tensor) -> Tensor:
         pool = self.runner.states[layer_idx]
         nd = self.num_decodes
         out = torch.empty_like(q)  # [1, ΣT, H, D]
@@ -149,7 +145,7 @@ class StepCache:
         if nd < self.slots.numel():
             slots = self.slots[nd:]
             o, states = lightning_attention(
-                q[:, nd:], k[:, nd:], v[:, nd:], slope, pool[slots], block_size, self.cu_seqlens
+                q[:, nd:], k[:, nd:], v[:, nd:], slope, pool[slots], cu_seqlens=self.cu_seqlens
             )
             pool[slots] = states
             out[:, nd:] = o

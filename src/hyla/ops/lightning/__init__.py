@@ -11,13 +11,19 @@ q/k/v projection), picks the implementation:
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hyla.ops.lightning.chunk import compute_dtype, lightning_attention_chunk, lightning_attention_chunk_qkv
+from hyla.ops.lightning.chunk import lightning_attention_chunk, lightning_attention_chunk_qkv
+from hyla.ops.lightning.limits import fits_triton
 from hyla.ops.lightning.naive import lightning_attention_naive
 from hyla.ops.lightning.recurrent import lightning_attention_step, lightning_step_slots
+from hyla.ops.precision import compute_dtype
+
+# The blockwise path's block length (its result does not depend on it beyond rounding): 64 does ~2x less work
+# than MiniMax's 256 for head_dim 64 on a CPU (intra-block cost grows with the block length). The Triton kernels
+# pick their own chunk lengths.
+CPU_BLOCK_SIZE = 64
 
 __all__ = [
     "fits_triton",
@@ -30,21 +36,13 @@ __all__ = [
 ]
 
 
-def fits_triton(head_dim: int, dtype: torch.dtype) -> bool:
-    """Whether the Triton kernels take this head size and dtype: ``head_dim`` a multiple of 16 whose padded row
-    (the next power of two) holds at most 512 bytes, so that the backward's tiles fit in shared memory —
-    bfloat16/float16 up to 256, float32 up to 128 (an H100's 227 KB; float32 at 256 needs ~580 KB)."""
-    padded = 1 << (head_dim - 1).bit_length()
-    return head_dim % 16 == 0 and padded * dtype.itemsize <= 512
-
-
 def lightning_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
     slope: Tensor,
     initial_state: Tensor | None = None,
-    block_size: int = 64,
+    block_size: int = CPU_BLOCK_SIZE,
     cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Causal lightning attention over ``[B, T, H, D]`` inputs; returns ``(o [B, T, H, D], state [B, H, D, D])``.
@@ -80,7 +78,7 @@ def lightning_attention_qkv(
     qkv: Tensor,
     slope: Tensor,
     initial_state: Tensor | None = None,
-    block_size: int = 64,
+    block_size: int = CPU_BLOCK_SIZE,
     cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """:func:`lightning_attention` on ``q, k, v = silu(qkv).split(D, dim=-1)``, ``qkv`` ``[B, T, H, 3D]`` being

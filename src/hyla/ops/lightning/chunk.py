@@ -30,14 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hyla.ops.precision import compute_dtype
+from hyla.ops.varlen import sequence_lengths
+
 # Bytes of one group's block-major copy of q (and of k, v, the scores, the output...): small enough that a
 # group's working set stays in cache, large enough that each batched product amortises its call.
 GROUP_BYTES = 1 << 20
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Half-precision inputs are computed, and their state kept, in float32; float64 stays float64."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def lightning_attention_chunk(
@@ -112,14 +110,11 @@ def _blocked(
     else:
         if b != 1:
             raise ValueError(f"with cu_seqlens, pass the sequences packed as [1, total, H, D], got batch {b}")
-        offsets = cu_seqlens.tolist()
-        lengths = [hi - lo for lo, hi in itertools.pairwise(offsets)]
-        if offsets[0] != 0 or offsets[-1] != t or min(lengths, default=0) < 0:
-            raise ValueError(f"cu_seqlens must rise from 0 to the packed length {t}, got {offsets}")
+        lengths = sequence_lengths(cu_seqlens, t)
     dtype = compute_dtype(q.dtype)
     init = q.new_zeros(len(lengths), h, d, d, dtype=dtype) if initial_state is None else initial_state.to(dtype)
-    if b * t == 0:
-        return q.new_zeros(b, t, h, d), init
+    if b * t == 0:  # the state is unchanged, returned as a new tensor (never the caller's own)
+        return q.new_zeros(b, t, h, d), init.clone() if init is initial_state else init
     plan = _Plan(lengths, block_size, h, d, dtype, q.device)
     flat = [x.reshape(b * t, h, x.shape[-1]) for x in parts]
     # Autocast would re-cast the matmuls behind this path's own dtype handling (and its hand-written backward's):

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hyla.ops.lightning import fits_triton
+from hyla.ops.lightning.limits import fits_triton
 
 CHUNK_SIZES = (16, 32, 64, 128)
 # Software-pipelining depth of the sequential scans: loading the next chunk's tiles while the current one
