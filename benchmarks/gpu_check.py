@@ -56,8 +56,8 @@ def main() -> None:
         )
 
     ids = ids[:, :300]
-    ref.train()(ids, labels=ids).loss.backward()
-    gpu32.train()(ids.cuda(), labels=ids.cuda()).loss.backward()
+    ref.train().loss(ids).loss.backward()
+    gpu32.train().loss(ids.cuda()).loss.backward()
     worst = max(
         (rel_err(p.grad, q.grad), name) for (name, p), q in zip(gpu32.named_parameters(), ref.parameters(), strict=True)
     )

@@ -41,7 +41,7 @@ def step_fn(model, ids: torch.Tensor, hf: bool):
         if hf:
             loss = model(input_ids=ids, labels=ids, output_router_logits=True).loss  # includes coef * aux
         else:
-            out = model(ids, labels=ids, return_logits=False)  # the LM head fused into the loss
+            out = model.loss(ids)  # the LM head fused into the loss
             loss = out.loss + coef * out.aux_loss
         loss.backward()
         optimizer.step()

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hyla.config import LIGHTNING, HylaConfig
@@ -20,7 +19,6 @@ from hyla.model.moe import SparseMoE
 from hyla.model.norm import RMSNorm
 from hyla.ops.loss import linear_cross_entropy
 from hyla.ops.moe import load_balancing_loss
-from hyla.ops.precision import compute_dtype
 from hyla.ops.rope import rope_cos_sin, rope_inv_freq
 
 
@@ -28,13 +26,14 @@ from hyla.ops.rope import rope_cos_sin, rope_inv_freq
 class CausalLMOutput:
     """What :class:`HylaForCausalLM` returns.
 
-    ``logits`` ``[B, T, vocab]`` (only the last ``logits_to_keep`` positions when that was given);
-    ``aux_loss`` the MoE load-balancing loss (a scalar, not yet multiplied by its coefficient);
-    ``loss`` the next-token cross-entropy when ``labels`` were given.
+    ``logits`` ``[B, T, vocab]`` (the last ``logits_to_keep`` positions, or ``[K, vocab]`` for ``logits_indices``;
+    None from :meth:`~HylaForCausalLM.loss`); ``aux_loss`` the MoE load-balancing loss (a scalar, not yet
+    multiplied by its coefficient) when router statistics were computed (training, or ``router_stats=True``);
+    ``loss`` the next-token cross-entropy, from :meth:`~HylaForCausalLM.loss`.
     """
 
     logits: Tensor | None
-    aux_loss: Tensor
+    aux_loss: Tensor | None
     loss: Tensor | None = None
 
 
@@ -57,8 +56,13 @@ class DecoderLayer(nn.Module):
         self.mlp = SparseMoE(config)
 
     def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor], cache: Cache | None, cu_seqlens: Tensor | None
-    ) -> tuple[Tensor, Tensor]:
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        cache: Cache | None,
+        cu_seqlens: Tensor | None,
+        router_stats: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
         h = self.input_layernorm(x)
         residual = h if self.postnorm else x
         # Lightning layers have no positional encoding: only softmax layers take the RoPE tables.
@@ -67,7 +71,7 @@ class DecoderLayer(nn.Module):
         x = _scaled_sum(residual, self.attn_alpha, a, self.attn_beta)
         h = self.post_attention_layernorm(x)
         residual = h if self.postnorm else x
-        m, stats = self.mlp(h)
+        m, stats = self.mlp(h, router_stats)
         return _scaled_sum(residual, self.mlp_alpha, m, self.mlp_beta), stats
 
 
@@ -97,9 +101,14 @@ class HylaModel(nn.Module):
         self.inv_freq = rope_inv_freq(self.rotary_dim, self.rope_theta)
 
     def forward(
-        self, input_ids: Tensor, cache: Cache | None = None, cu_seqlens: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """Returns the final hidden states ``[B, T, hidden]`` and the summed MoE stats ``[2, E]``."""
+        self,
+        input_ids: Tensor,
+        cache: Cache | None = None,
+        cu_seqlens: Tensor | None = None,
+        router_stats: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Returns the final hidden states ``[B, T, hidden]`` and, with ``router_stats``, the MoE load-balancing
+        stats summed over layers ``[2, E]``."""
         x = self.embed_tokens(input_ids)
         t = input_ids.shape[1]
         if cache is not None:
@@ -112,9 +121,9 @@ class HylaModel(nn.Module):
         rope = rope_cos_sin(positions, self.inv_freq, x.dtype)
         stats = []
         for layer in self.layers:
-            x, layer_stats = layer(x, rope, cache, cu_seqlens)
+            x, layer_stats = layer(x, rope, cache, cu_seqlens, router_stats)
             stats.append(layer_stats)
-        return self.norm(x), torch.stack(stats).sum(0)
+        return self.norm(x), torch.stack(stats).sum(0) if router_stats else None
 
 
 class HylaForCausalLM(nn.Module):
@@ -123,8 +132,8 @@ class HylaForCausalLM(nn.Module):
     Example::
 
         model = HylaForCausalLM(preset("tiny"))
-        out = model(input_ids)                 # out.logits [B, T, vocab], out.aux_loss
-        out = model(input_ids, labels=input_ids)  # out.loss: next-token cross-entropy
+        out = model(input_ids)                 # out.logits [B, T, vocab]
+        out = model.loss(input_ids)            # out.loss: next-token cross-entropy; out.aux_loss in training
     """
 
     def __init__(self, config: HylaConfig) -> None:
@@ -158,42 +167,62 @@ class HylaForCausalLM(nn.Module):
     def forward(
         self,
         input_ids: Tensor,
-        labels: Tensor | None = None,
         cache: Cache | None = None,
-        logits_to_keep: int = 0,
         cu_seqlens: Tensor | None = None,
-        return_logits: bool = True,
+        logits_to_keep: int = 0,
+        logits_indices: Tensor | None = None,
+        router_stats: bool | None = None,
     ) -> CausalLMOutput:
-        """``input_ids`` ``[B, T]``; ``labels`` ``[B, T]`` (shifted inside, ``-100`` ignored).
+        """Logits of ``input_ids`` ``[B, T]``.
 
-        ``logits_to_keep=n`` computes logits for the last ``n`` positions only (a prefill needs one).
-        ``return_logits=False`` with ``labels`` (training) fuses the LM head into the loss and returns no logits.
-        ``cu_seqlens`` (``[N + 1]`` offsets) packs ``N`` documents into ``B = 1``: no attention, lightning or
-        softmax, crosses a document boundary, and no document's last token is trained to predict the next one's
-        first.
+        ``logits_to_keep=n`` computes the logits of the last ``n`` positions only (a prefill needs one);
+        ``logits_indices`` (``[K]``, into the ``B * T`` positions flattened) those of chosen positions (a serving
+        step: each sequence's last token), ``[K, vocab]``. ``cu_seqlens`` (``[N + 1]`` offsets) packs ``N``
+        documents into ``B = 1``: no attention, lightning or softmax, crosses a document boundary. The MoE
+        load-balancing loss is computed when ``router_stats`` (default: in training mode).
         """
+        hidden, aux_loss = self._hidden(input_ids, cache, cu_seqlens, router_stats)
+        if logits_indices is not None:
+            hidden = hidden.flatten(0, 1)[logits_indices]
+        elif logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return CausalLMOutput(logits=self.lm_head(hidden), aux_loss=aux_loss)
+
+    def loss(
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None = None,
+        cu_seqlens: Tensor | None = None,
+        router_stats: bool | None = None,
+    ) -> CausalLMOutput:
+        """The mean next-token cross-entropy of ``input_ids`` ``[B, T]`` against ``labels`` (default: the inputs;
+        shifted inside, ``-100`` ignored), the LM head fused into it chunk by chunk: no ``[B, T, vocab]`` logits
+        are kept. With ``cu_seqlens``, no document's last token is trained to predict the next one's first.
+        ``aux_loss`` as in :meth:`forward`.
+
+        Example::
+
+            out = model.loss(input_ids)
+            (out.loss + model.config.router_aux_loss_coef * out.aux_loss).backward()
+        """
+        labels = input_ids if labels is None else labels
+        hidden, aux_loss = self._hidden(input_ids, None, cu_seqlens, router_stats)
+        targets = self._targets(labels, cu_seqlens).flatten()
+        loss = linear_cross_entropy(hidden[:, :-1].flatten(0, 1), self.lm_head.weight, targets)
+        return CausalLMOutput(logits=None, aux_loss=aux_loss, loss=loss)
+
+    def _hidden(
+        self, input_ids: Tensor, cache: Cache | None, cu_seqlens: Tensor | None, router_stats: bool | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """The final hidden states ``[B, T, hidden]`` and, if asked, the load-balancing loss."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
-        if labels is not None and logits_to_keep:
-            raise ValueError("labels need the logits of every position; do not pass logits_to_keep with them")
         if cu_seqlens is not None and (cache is not None or input_ids.shape[0] != 1):
             raise ValueError("cu_seqlens packs documents into one row of input_ids, without a cache")
-        hidden, stats = self.model(input_ids, cache, cu_seqlens)
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        rows = input_ids.numel() * len(self.model.layers)
-        aux_loss = load_balancing_loss(stats, rows)
-        if labels is not None and not return_logits:  # training: the LM head fused into the loss, chunk by chunk
-            targets = self._targets(labels, cu_seqlens).flatten()
-            loss = linear_cross_entropy(hidden[:, :-1].flatten(0, 1), self.lm_head.weight, targets)
-            return CausalLMOutput(logits=None, aux_loss=aux_loss, loss=loss)
-        logits = self.lm_head(hidden)
-        loss = None
-        if labels is not None:
-            scores = logits[:, :-1].flatten(0, 1)
-            scores = scores.to(compute_dtype(scores.dtype))
-            loss = F.cross_entropy(scores, self._targets(labels, cu_seqlens).flatten(), ignore_index=-100)
-        return CausalLMOutput(logits=logits, aux_loss=aux_loss, loss=loss)
+        router_stats = self.training if router_stats is None else router_stats
+        hidden, stats = self.model(input_ids, cache, cu_seqlens, router_stats)
+        aux_loss = load_balancing_loss(stats, input_ids.numel() * len(self.model.layers)) if router_stats else None
+        return hidden, aux_loss
 
     @staticmethod
     def _targets(labels: Tensor, cu_seqlens: Tensor | None) -> Tensor:

@@ -20,9 +20,9 @@ class SparseMoE(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))  # per expert: [gate; up] rows
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``x`` ``[B, T, hidden]`` -> (``[B, T, hidden]``, load-balancing stats ``[2, E]``)."""
+    def forward(self, x: Tensor, router_stats: bool = False) -> tuple[Tensor, Tensor | None]:
+        """``x`` ``[B, T, hidden]`` -> (``[B, T, hidden]``, load-balancing stats ``[2, E]`` if ``router_stats``)."""
         flat = x.reshape(-1, x.shape[-1])
         probs, weights, experts = route(self.gate(flat), self.top_k)
         y = swiglu_experts(flat, weights, experts, self.gate_up_proj, self.down_proj)
-        return y.view_as(x), load_balancing_stats(probs, experts)
+        return y.view_as(x), load_balancing_stats(probs, experts) if router_stats else None

@@ -69,11 +69,10 @@ class ModelRunner:
         self._copy_states(out)
         step = StepCache(self, out.seqs)
         ids = torch.tensor([t for s in out.seqs for t in s.token_ids], dtype=torch.long, device=self.device)
-        hidden, _ = self.model.model(ids[None], step)  # [1, ΣT, hidden]
         ends = list(itertools.accumulate(s.num_tokens for s in out.seqs))
-        rows = [e - 1 for e, s in zip(ends, out.seqs, strict=True) if s.sample]
+        rows = [e - 1 for e, s in zip(ends, out.seqs, strict=True) if s.sample]  # each sampled seq's last token
         rows = torch.tensor(rows, dtype=torch.long, device=self.device)
-        logits = self.model.lm_head(hidden[0, rows])[:, : self.vocab_limit].float()
+        logits = self.model(ids[None], cache=step, logits_indices=rows).logits[:, : self.vocab_limit].float()
         if out.saves:
             slots, snapshots = (torch.tensor(x, device=self.device) for x in zip(*out.saves, strict=True))
             for layer, pool in self.states.items():

@@ -278,7 +278,7 @@ def _batch_loss(model: HylaForCausalLM, tokens: torch.Tensor, cu_seqlens: torch.
     model.eval()
     tokens, cu_seqlens = precision.move(tokens, cu_seqlens)
     with precision.autocast():
-        loss = model(tokens, labels=tokens, cu_seqlens=cu_seqlens, return_logits=False).loss.item()
+        loss = model.loss(tokens, cu_seqlens=cu_seqlens).loss.item()
     model.train()
     return loss
 
@@ -429,7 +429,7 @@ def _step(model, optimizer, batches, step: int, cfg: TrainConfig, precision: Pre
             continue
         batch, cu_seqlens = precision.move(batch, cu_seqlens)
         with precision.autocast():
-            out = model(batch, labels=batch, cu_seqlens=cu_seqlens, return_logits=False)
+            out = model.loss(batch, cu_seqlens=cu_seqlens)
         # x N: FSDP averages the N ranks' gradients, and each rank saw 1/N of the micro-batches.
         scale = world.size / cfg.grad_accum
         ((out.loss + model.config.router_aux_loss_coef * out.aux_loss) * scale).backward()
