@@ -43,3 +43,28 @@ def test_packing_needs_one_row_and_no_cache():
         model(ids, cu_seqlens=torch.tensor([0, 10]))
     with pytest.raises(ValueError, match="without a cache"):
         model(ids[:1], cu_seqlens=torch.tensor([0, 10]), cache=object())
+
+
+def test_a_packed_batch_is_planned_once_for_every_layer(monkeypatch):
+    """Seven lightning layers and two softmax layers share one plan each per forward (and its backward)."""
+    from hyla.ops import attention
+    from hyla.ops.lightning import chunk
+
+    built = {"lightning": 0, "softmax": 0}
+    plan, buckets = chunk._Plan, attention._buckets
+
+    def counting_plan(*args, **kwargs):
+        built["lightning"] += 1
+        return plan(*args, **kwargs)
+
+    def counting_buckets(*args, **kwargs):
+        built["softmax"] += 1
+        return buckets(*args, **kwargs)
+
+    monkeypatch.setattr(chunk, "_Plan", counting_plan)
+    monkeypatch.setattr(attention, "_buckets", counting_buckets)
+    model = random_model(layer_types=PATTERNS["hybrid-7:1"] + PATTERNS["all-softmax"][:1]).train()
+    ids = torch.randint(0, model.config.vocab_size, (1, 90))
+    out = model.loss(ids, cu_seqlens=torch.tensor([0, 30, 31, 90]))
+    out.loss.backward()
+    assert built == {"lightning": 1, "softmax": 1}

@@ -8,6 +8,7 @@ from hyla.config import HylaConfig
 from hyla.model.cache import Cache
 from hyla.ops.attention import softmax_attention
 from hyla.ops.rope import apply_rope
+from hyla.ops.varlen import Varlen
 
 
 class SoftmaxAttention(nn.Module):
@@ -28,7 +29,7 @@ class SoftmaxAttention(nn.Module):
         x: Tensor,
         rope: tuple[Tensor, Tensor],
         cache: Cache | None = None,
-        cu_seqlens: Tensor | None = None,
+        cu_seqlens: Tensor | Varlen | None = None,
     ) -> Tensor:
         """``x`` ``[B, T, hidden]``, ``rope`` the cos/sin ``[1, T, rotary_dim]`` of its positions."""
         b, t, _ = x.shape

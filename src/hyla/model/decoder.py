@@ -20,6 +20,7 @@ from hyla.model.norm import RMSNorm
 from hyla.ops.loss import linear_cross_entropy
 from hyla.ops.moe import load_balancing_loss
 from hyla.ops.rope import rope_cos_sin, rope_inv_freq
+from hyla.ops.varlen import Varlen, as_varlen
 
 
 @dataclass
@@ -60,7 +61,7 @@ class DecoderLayer(nn.Module):
         x: Tensor,
         rope: tuple[Tensor, Tensor],
         cache: Cache | None,
-        cu_seqlens: Tensor | None,
+        cu_seqlens: Varlen | None,
         router_stats: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         h = self.input_layernorm(x)
@@ -111,17 +112,19 @@ class HylaModel(nn.Module):
         stats summed over layers ``[2, E]``."""
         x = self.embed_tokens(input_ids)
         t = input_ids.shape[1]
+        # A packed batch is planned once here and its plans shared by every layer.
+        varlen = None if cu_seqlens is None else as_varlen(cu_seqlens, t, x.device)
         if cache is not None:
             positions = cache.positions(t, x.device)
-        elif cu_seqlens is not None:  # each packed sequence counts its positions from 0
-            starts = torch.repeat_interleave(cu_seqlens[:-1], cu_seqlens.diff()).to(x.device)
+        elif varlen is not None:  # each packed sequence counts its positions from 0
+            starts = torch.repeat_interleave(varlen.cu_seqlens[:-1], torch.tensor(varlen.lengths, device=x.device))
             positions = (torch.arange(t, device=x.device) - starts)[None]
         else:
             positions = torch.arange(t, device=x.device)[None]
         rope = rope_cos_sin(positions, self.inv_freq, x.dtype)
         stats = []
         for layer in self.layers:
-            x, layer_stats = layer(x, rope, cache, cu_seqlens, router_stats)
+            x, layer_stats = layer(x, rope, cache, varlen, router_stats)
             stats.append(layer_stats)
         return self.norm(x), torch.stack(stats).sum(0) if router_stats else None
 

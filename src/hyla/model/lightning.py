@@ -12,6 +12,7 @@ from hyla.model.norm import RMSNorm
 from hyla.ops.lightning import lightning_attention_qkv
 from hyla.ops.lightning.decay import lightning_slopes
 from hyla.ops.norm import gated_rms_norm_
+from hyla.ops.varlen import Varlen
 
 # MiniMax's lightning norm uses its RMSNorm's default epsilon, not the config's rms_norm_eps.
 LIGHTNING_NORM_EPS = 1e-6
@@ -37,7 +38,7 @@ class LightningAttention(nn.Module):
     def reset_buffers(self) -> None:
         self.slope = lightning_slopes(self.num_heads, self.layer_idx, self.num_layers)
 
-    def forward(self, x: Tensor, cache: Cache | None = None, cu_seqlens: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: Cache | None = None, cu_seqlens: Tensor | Varlen | None = None) -> Tensor:
         """``x`` ``[B, T, hidden]`` -> ``[B, T, hidden]``; with a ``cache``, continues and updates its state.
 
         ``cu_seqlens`` marks sequences packed along ``T`` (``B = 1``): each starts from a zero state.

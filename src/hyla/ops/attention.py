@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hyla.ops.varlen import sequence_lengths
+from hyla.ops.varlen import Varlen, as_varlen
 
 
-def softmax_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
+def softmax_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | Varlen | None = None) -> Tensor:
     """Causal attention of the last ``Tq`` positions over ``Tk >= Tq`` keys (earlier keys: a cache).
 
     Args:
@@ -49,7 +49,7 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, mask: Tensor | None 
 BUCKET = 64
 
 
-def _packed(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor) -> Tensor:
+def _packed(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | Varlen) -> Tensor:
     """Packed sequences in length buckets (multi-level padding): each sequence is padded to a multiple of
     :data:`BUCKET` tokens, and each padded length runs as one batch ``[n, P]`` under a plain causal mask — padding
     sits after each sequence's tokens, where causality already hides it.
@@ -59,29 +59,42 @@ def _packed(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor) -> Tensor:
     Measured forward + backward, 8k tokens, float32, same process (`benchmarks/packed_softmax.py` has the
     re-runnable comparison with one call per sequence): 33 documents of 20-512 tokens, 2 x 64 heads: 58 ms, against
     66 with power-of-two buckets, 60 with one call per document and ~95 padded to the longest.
+    The buckets are planned once per batch (:class:`~hyla.ops.varlen.Varlen`) and shared by its softmax layers.
     """
-    lengths = sequence_lengths(cu_seqlens, q.shape[1])
-    buckets: dict[int, list[int]] = {}
-    for i, length in enumerate(lengths):
-        if length:
-            buckets.setdefault(-(-length // BUCKET) * BUCKET, []).append(i)
-    cu_seqlens = cu_seqlens.to(q.device)
-    outs, positions = [], []
-    for pad, seqs in sorted(buckets.items()):
-        seqs = torch.tensor(seqs, device=q.device)
-        starts, ends = cu_seqlens[seqs, None], cu_seqlens[seqs + 1, None]
-        index = starts + torch.arange(pad, device=q.device)  # [n, P]
-        valid = index < ends
-        index = torch.where(valid, index, starts)  # padding repeats a real token
+    varlen = as_varlen(cu_seqlens, q.shape[1], q.device)
+    buckets, inverse = varlen.plan(("softmax buckets", q.device), lambda: _buckets(varlen, q.device))
+    if inverse is None:
+        return q.new_zeros(q.shape)
+    outs = []
+    for index, valid in buckets:
         o = _sdpa(q[0][index], k[0][index], v[0][index], is_causal=True)  # [n, P, H, D]
         outs.append(o[valid])
+    return torch.cat(outs).index_select(0, inverse)[None]
+
+
+def _buckets(varlen: Varlen, device: torch.device) -> tuple[list[tuple[Tensor, Tensor]], Tensor | None]:
+    """Per padded length: the packed index of each ``[n, P]`` slot (padding repeats a real token) and which slots
+    are real; and the permutation that puts the buckets' real rows back in packed order."""
+    groups: dict[int, list[int]] = {}
+    for i, length in enumerate(varlen.lengths):
+        if length:
+            groups.setdefault(-(-length // BUCKET) * BUCKET, []).append(i)
+    cu_seqlens = varlen.cu_seqlens.to(device)
+    buckets, positions = [], []
+    for pad, seqs in sorted(groups.items()):
+        seqs = torch.tensor(seqs, device=device)
+        starts, ends = cu_seqlens[seqs, None], cu_seqlens[seqs + 1, None]
+        index = starts + torch.arange(pad, device=device)  # [n, P]
+        valid = index < ends
+        index = torch.where(valid, index, starts)
+        buckets.append((index, valid))
         positions.append(index[valid])
-    if not outs:
-        return q.new_zeros(q.shape)
+    if not buckets:
+        return [], None
     order = torch.cat(positions)  # the packed position of each row of the buckets' outputs
     inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(len(order), device=q.device)
-    return torch.cat(outs).index_select(0, inverse)[None]
+    inverse[order] = torch.arange(len(order), device=device)
+    return buckets, inverse
 
 
 def paged_attention(

@@ -15,6 +15,7 @@ from hyla.model import HylaForCausalLM
 from hyla.ops.attention import paged_attention
 from hyla.ops.lightning import lightning_attention, lightning_decode
 from hyla.ops.precision import compute_dtype
+from hyla.ops.varlen import Varlen
 from hyla.serve.scheduler import ScheduledSeq, SchedulerOutput
 
 
@@ -124,7 +125,8 @@ class StepCache:
         width = max((len(s.block_table) for s in seqs), default=0)
         self.block_tables = ints([s.block_table + [0] * (width - len(s.block_table)) for s in seqs]).view(-1, width)
         prefill = lengths[self.num_decodes :]
-        self.cu_seqlens = ints([0, *itertools.accumulate(prefill)])
+        self.varlen = Varlen.from_lengths(prefill, device)  # the prefill chunks, planned once for every layer
+        self.cu_seqlens = self.varlen.cu_seqlens
         # Prefill queries padded to [P, Tmax]: the packed index of each (padding repeats the last real token).
         t_max = max(prefill, default=0)
         starts = self.cu_seqlens[:-1, None] + self.num_decodes
@@ -143,9 +145,7 @@ class StepCache:
             out[0, :nd] = lightning_decode(q[0, :nd], k[0, :nd], v[0, :nd], slope, pool, self.slots[:nd])
         if nd < self.slots.numel():
             slots = self.slots[nd:]
-            o, states = lightning_attention(
-                q[:, nd:], k[:, nd:], v[:, nd:], slope, pool[slots], cu_seqlens=self.cu_seqlens
-            )
+            o, states = lightning_attention(q[:, nd:], k[:, nd:], v[:, nd:], slope, pool[slots], cu_seqlens=self.varlen)
             pool[slots] = states
             out[:, nd:] = o
         return out

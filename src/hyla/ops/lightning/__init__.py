@@ -19,6 +19,7 @@ from hyla.ops.lightning.limits import fits_triton
 from hyla.ops.lightning.naive import lightning_attention_naive
 from hyla.ops.lightning.recurrent import lightning_attention_step, lightning_step_slots
 from hyla.ops.precision import compute_dtype
+from hyla.ops.varlen import Varlen
 
 # The blockwise path's block length (its result does not depend on it beyond rounding): 64 does ~2x less work
 # than MiniMax's 256 for head_dim 64 on a CPU (intra-block cost grows with the block length). The Triton kernels
@@ -43,7 +44,7 @@ def lightning_attention(
     slope: Tensor,
     initial_state: Tensor | None = None,
     block_size: int = CPU_BLOCK_SIZE,
-    cu_seqlens: Tensor | None = None,
+    cu_seqlens: Tensor | Varlen | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Causal lightning attention over ``[B, T, H, D]`` inputs; returns ``(o [B, T, H, D], state [B, H, D, D])``.
 
@@ -64,7 +65,7 @@ def lightning_attention(
     return lightning_attention_chunk(q, k, v, slope, initial_state, block_size, cu_seqlens)
 
 
-def _route(x: Tensor, head_dim: int, initial_state: Tensor | None, cu_seqlens: Tensor | None) -> str:
+def _route(x: Tensor, head_dim: int, initial_state: Tensor | None, cu_seqlens: Tensor | Varlen | None) -> str:
     """The implementation that takes a call on ``x`` ``[B, T, ...]``: ``"triton"`` on CUDA for more than one token
     (head sizes and dtypes it takes), ``"step"`` for a single token continuing a state, else ``"chunk"``."""
     if x.is_cuda and x.shape[1] > 1 and fits_triton(head_dim, x.dtype):
@@ -79,7 +80,7 @@ def lightning_attention_qkv(
     slope: Tensor,
     initial_state: Tensor | None = None,
     block_size: int = CPU_BLOCK_SIZE,
-    cu_seqlens: Tensor | None = None,
+    cu_seqlens: Tensor | Varlen | None = None,
 ) -> tuple[Tensor, Tensor]:
     """:func:`lightning_attention` on ``q, k, v = silu(qkv).split(D, dim=-1)``, ``qkv`` ``[B, T, H, 3D]`` being
     the pre-activation of MiniMax's q/k/v projection.

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hyla.ops.precision import compute_dtype
-from hyla.ops.varlen import sequence_lengths
+from hyla.ops.varlen import Varlen, as_varlen
 
 # Bytes of one group's block-major copy of q (and of k, v, the scores, the output...): small enough that a
 # group's working set stays in cache, large enough that each batched product amortises its call.
@@ -45,7 +45,7 @@ def lightning_attention_chunk(
     slope: Tensor,
     initial_state: Tensor | None = None,
     block_size: int = 64,
-    cu_seqlens: Tensor | None = None,
+    cu_seqlens: Tensor | Varlen | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Causal linear attention with per-head decay, computed blockwise.
 
@@ -76,7 +76,7 @@ def lightning_attention_chunk_qkv(
     slope: Tensor,
     initial_state: Tensor | None = None,
     block_size: int = 64,
-    cu_seqlens: Tensor | None = None,
+    cu_seqlens: Tensor | Varlen | None = None,
 ) -> tuple[Tensor, Tensor]:
     """:func:`lightning_attention_chunk` on ``q, k, v = silu(qkv).split(D, dim=-1)``, fused.
 
@@ -98,24 +98,31 @@ def _blocked(
     slope: Tensor,
     initial_state: Tensor | None,
     block_size: int,
-    cu_seqlens: Tensor | None,
+    cu_seqlens: Tensor | Varlen | None,
 ) -> tuple[Tensor, Tensor]:
     """Both entries: ``shape`` ``(B, T, H, D)``; ``parts`` ``(q, k, v)`` or, with ``silu``, ``(qkv,)``."""
     if block_size <= 0 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two, got {block_size}")
     b, t, h, d = shape
     q = parts[0]
+    varlen = None
     if cu_seqlens is None:
         lengths = [t] * b
     else:
         if b != 1:
             raise ValueError(f"with cu_seqlens, pass the sequences packed as [1, total, H, D], got batch {b}")
-        lengths = sequence_lengths(cu_seqlens, t)
+        varlen = as_varlen(cu_seqlens, t, q.device)
+        lengths = varlen.lengths
     dtype = compute_dtype(q.dtype)
     init = q.new_zeros(len(lengths), h, d, d, dtype=dtype) if initial_state is None else initial_state.to(dtype)
     if b * t == 0:  # the state is unchanged, returned as a new tensor (never the caller's own)
         return q.new_zeros(b, t, h, d), init.clone() if init is initial_state else init
-    plan = _Plan(lengths, block_size, h, d, dtype, q.device)
+
+    def build() -> _Plan:
+        return _Plan(lengths, block_size, h, d, dtype, q.device)
+
+    # A packed batch's plan is made once and reused by every layer of the forward (and their backwards).
+    plan = build() if varlen is None else varlen.plan(("lightning", block_size, h, d, dtype, q.device), build)
     flat = [x.reshape(b * t, h, x.shape[-1]) for x in parts]
     # Autocast would re-cast the matmuls behind this path's own dtype handling (and its hand-written backward's):
     # it runs in the inputs' dtype with a float32 state, as without autocast.

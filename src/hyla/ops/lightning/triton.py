@@ -29,6 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from hyla.ops.lightning.limits import fits_triton
+from hyla.ops.varlen import Varlen
 
 CHUNK_SIZES = (16, 32, 64, 128)
 # Software-pipelining depth of the sequential scans: loading the next chunk's tiles while the current one
@@ -291,7 +292,7 @@ def lightning_attention_triton(
     v: Tensor,
     slope: Tensor,
     initial_state: Tensor | None = None,
-    cu_seqlens: Tensor | None = None,
+    cu_seqlens: Tensor | Varlen | None = None,
     chunk: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Lightning attention through the Triton kernels; same contract as ``lightning_attention_chunk``.
@@ -315,7 +316,8 @@ def lightning_attention_triton(
         cu_seqlens = torch.arange(b + 1) * t
     elif b != 1:
         raise ValueError(f"with cu_seqlens, pass the sequences packed as [1, total, H, D], got batch {b}")
-    cu_seqlens = cu_seqlens.cpu()
+    # The kernels plan on the host: a batch's Varlen holds its offsets there already (no device round trip).
+    cu_seqlens = cu_seqlens.cu_seqlens_cpu if isinstance(cu_seqlens, Varlen) else cu_seqlens.cpu()
     row_bytes = triton.next_power_of_2(d) * q.element_size()
     largest = chunk_size_for(CHUNK_SIZES[-1], row_bytes)
     lengths = cu_seqlens.diff()
