@@ -9,11 +9,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from hyla.errors import ConfigError
+from hyla.errors import ConfigError, check_fields
 
 LIGHTNING = "linear_attention"
 SOFTMAX = "full_attention"
 LAYER_TYPES = (LIGHTNING, SOFTMAX)
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def hybrid_layer_types(num_layers: int, period: int = 8) -> list[str]:
@@ -87,21 +91,10 @@ class HylaConfig:
         self.validate()
 
     def _check_positive(self) -> None:
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "num_experts",
-            "num_experts_per_tok",
-            "max_position_embeddings",
-            "block_size",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        names = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "num_experts", "num_experts_per_tok", "max_position_embeddings",
+                 "block_size")  # fmt: skip
+        check_fields(self, [(name, _positive_int(getattr(self, name)), "must be a positive integer") for name in names])
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first field that cannot work, and how to fix it."""

@@ -6,6 +6,8 @@ HTTP server answers a :class:`RequestError` with 400 naming its parameter.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class HylaError(ValueError):
     """A mistake in what hyla was given (not a bug in hyla)."""
@@ -29,3 +31,14 @@ class RequestError(HylaError):
     def __init__(self, param: str, message: str) -> None:
         super().__init__(f"{param}: {message}")
         self.param = param
+
+
+def check_fields(obj: object, rules: Iterable[tuple[str, bool, str]], error: type[HylaError] = ConfigError) -> None:
+    """The one validation style: ``rules`` are ``(field, ok, rule)``; the first that fails raises ``error``
+    naming the field, the rule and the value given (``"top_p must be in (0, 1], got 0"``)."""
+    for name, ok, rule in rules:
+        if not ok:
+            value = getattr(obj, name)
+            if error is RequestError:
+                raise RequestError(name, f"{rule}, got {value!r}")
+            raise error(f"{name} {rule}, got {value!r}")

@@ -18,7 +18,7 @@ import torch
 from tokenizers import Tokenizer, pre_tokenizers
 
 from hyla.data.tokenizer import END_OF_TEXT, load_tokenizer
-from hyla.errors import RequestError
+from hyla.errors import ConfigError, RequestError, check_fields
 from hyla.model import HylaForCausalLM
 from hyla.serve.cache import CacheManager
 from hyla.serve.runner import ModelRunner, snapshot_bytes
@@ -48,21 +48,17 @@ class EngineConfig:
     snapshot_every: int = 256
 
     def resolve(self, max_position_embeddings: int) -> EngineConfig:
-        """A copy with the defaults filled in; raises ``ValueError`` naming a limit that cannot work."""
+        """A copy with the defaults filled in; raises :class:`ConfigError` naming a limit that cannot work."""
         max_model_len = self.max_model_len or max_position_embeddings
         tokens = max(max_model_len, min(self.max_num_seqs * max_model_len, DEFAULT_KV_TOKENS))
         num_blocks = self.num_blocks or -(-tokens // self.block_size)
-        for name, value in (("max_num_seqs", self.max_num_seqs), ("max_num_batched_tokens",
-                            self.max_num_batched_tokens), ("block_size", self.block_size),
-                            ("snapshot_every", self.snapshot_every)):  # fmt: skip
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if self.prefix_cache_gb < 0:
-            raise ValueError(f"prefix_cache_gb must be >= 0, got {self.prefix_cache_gb}")
+        check_fields(self, [(name, getattr(self, name) >= 1, "must be >= 1") for name in
+                            ("max_num_seqs", "max_num_batched_tokens", "block_size", "snapshot_every")])  # fmt: skip
+        check_fields(self, [("prefix_cache_gb", self.prefix_cache_gb >= 0, "must be >= 0")])
         if max_model_len > max_position_embeddings:
-            raise ValueError(f"max_model_len {max_model_len} exceeds the model's context {max_position_embeddings}")
+            raise ConfigError(f"max_model_len {max_model_len} exceeds the model's context {max_position_embeddings}")
         if num_blocks * self.block_size < max_model_len:
-            raise ValueError(
+            raise ConfigError(
                 f"{num_blocks} blocks of {self.block_size} tokens cannot hold one {max_model_len}-token request; "
                 f"give at least {-(-max_model_len // self.block_size)} blocks or a smaller max_model_len"
             )

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from hyla.errors import RequestError
+from hyla.errors import RequestError, check_fields
 
 
 @dataclass
@@ -64,9 +64,7 @@ class SamplingParams:
             ("stop_token_ids", all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "must be ids >= 0"),
             ("seed", self.seed is None or 0 <= self.seed < 2**63, "must be in [0, 2^63)"),
         ]
-        for param, ok, message in checks:
-            if not ok:
-                raise RequestError(param, f"{message}, got {getattr(self, param)!r}")
+        check_fields(self, checks, RequestError)
 
     @property
     def greedy(self) -> bool:

@@ -34,7 +34,7 @@ from hyla.data.corpus import Source, discover
 from hyla.data.packing import epoch_batches, packed_batches
 from hyla.data.shards import TokenShard, build_shards, train_documents
 from hyla.data.tokenizer import load_tokenizer, train_bpe
-from hyla.errors import ConfigError, DataError
+from hyla.errors import ConfigError, DataError, check_fields
 from hyla.model import HylaForCausalLM
 from hyla.train.optim import build_optimizer, lr_at
 from hyla.train.parallel import (
@@ -95,26 +95,24 @@ class TrainConfig:
         "where tokenized corpora are cached"))  # fmt: skip
 
     def __post_init__(self) -> None:
-        checks = [
-            ("steps", self.steps >= 1, ">= 1"),
-            ("max_seq_len", self.max_seq_len >= 2, ">= 2 (a token and its successor)"),
-            ("tokens_per_batch", self.tokens_per_batch >= self.max_seq_len, f">= max_seq_len ({self.max_seq_len})"),
-            ("grad_accum", self.grad_accum >= 1, ">= 1"),
-            ("lr", self.lr > 0, "> 0"),
-            ("warmup", self.warmup >= 0, ">= 0"),
-            ("clip", self.clip > 0, "> 0"),
-            ("eval_every", self.eval_every >= 1, ">= 1"),
-            ("eval_batches", self.eval_batches >= 1, ">= 1"),
-            ("checkpoint_every", self.checkpoint_every >= 1, ">= 1"),
-            ("eval_fraction", 0 <= self.eval_fraction < 1, "in [0, 1)"),
-            ("device", self.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
-            ("dtype", self.dtype in ("auto", "float32", "bfloat16"), "auto, float32 or bfloat16"),
-        ]
-        for name, ok, rule in checks:
-            if not ok:
-                raise ConfigError(f"{name} must be {rule}, got {getattr(self, name)!r}")
-        if self.tokenizer is None and self.vocab_size < 257:
-            raise ConfigError(f"vocab_size must be >= 257 (256 bytes + end of text), got {self.vocab_size}")
+        check_fields(self, [
+            ("steps", self.steps >= 1, "must be >= 1"),
+            ("max_seq_len", self.max_seq_len >= 2, "must be >= 2 (a token and its successor)"),
+            ("tokens_per_batch", self.tokens_per_batch >= self.max_seq_len,
+             f"must be >= max_seq_len ({self.max_seq_len})"),
+            ("grad_accum", self.grad_accum >= 1, "must be >= 1"),
+            ("lr", self.lr > 0, "must be > 0"),
+            ("warmup", self.warmup >= 0, "must be >= 0"),
+            ("clip", self.clip > 0, "must be > 0"),
+            ("eval_every", self.eval_every >= 1, "must be >= 1"),
+            ("eval_batches", self.eval_batches >= 1, "must be >= 1"),
+            ("checkpoint_every", self.checkpoint_every >= 1, "must be >= 1"),
+            ("eval_fraction", 0 <= self.eval_fraction < 1, "must be in [0, 1)"),
+            ("device", self.device in ("auto", "cpu", "cuda"), "must be auto, cpu or cuda"),
+            ("dtype", self.dtype in ("auto", "float32", "bfloat16"), "must be auto, float32 or bfloat16"),
+            ("vocab_size", self.tokenizer is not None or self.vocab_size >= 257,
+             "must be >= 257 (256 bytes + end of text)"),
+        ])  # fmt: skip
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
