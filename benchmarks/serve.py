@@ -3,9 +3,10 @@
 One run, one machine, float32 on the CPU. hyla: ``hyla serve`` in its own process, driven over HTTP by the
 load generator of ``hyla bench serve`` (``C`` concurrent streaming clients, random token-id prompts of
 ``--input-len`` tokens, exactly ``--output-len`` generated). transformers: ``MiniMaxForCausalLM.generate``
-on the same prompts in static batches of ``C`` (greedy, ``min_new_tokens = max_new_tokens``), in this
-process after the server has exited. Both produce ``max(4, 2 C)`` completions per level; output tokens/s =
-all generated tokens / wall time (hyla's includes HTTP, SSE and the scheduling of arriving requests).
+on the same prompts in static batches of ``C`` (greedy, ``min_new_tokens = max_new_tokens``), in this process,
+with its fastest experts kernel on this CPU (``eager``) and the same allocator settings as the server. The two
+alternate level by level (the idle one waits). Both produce ``max(4, 2 C)`` completions per level; output
+tokens/s = all generated tokens / wall time (hyla's includes HTTP, SSE and the scheduling of arriving requests).
 
 Usage: python benchmarks/serve.py [--preset small] [--concurrency 1 8 32] [--input-len 128] [--output-len 128]
 """
@@ -29,6 +30,7 @@ import hyla
 from hyla.bench import append_result, machine_description
 from hyla.bench.serve import run_load
 from hyla.data.tokenizer import byte_level_tokenizer
+from hyla.runtime import tune_malloc
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
@@ -39,54 +41,48 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_hyla(model_dir: Path, args: argparse.Namespace) -> list:
+def start_server(model_dir: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     port = free_port()
     max_len = args.input_len + args.output_len
     cmd = [sys.executable, "-m", "hyla", "serve", str(model_dir), "--port", str(port), "--max-model-len",
            str(max_len), "--max-num-seqs", str(max(args.concurrency))]  # fmt: skip
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"hyla serve did not start:\n{server.stdout.read()}") from None
-                time.sleep(0.2)
-        asyncio.run(run_load(url, 1, 2, args.input_len, 8))  # warm-up
-        results = []
-        for c in args.concurrency:
-            result = asyncio.run(run_load(url, c, max(4, 2 * c), args.input_len, args.output_len))
-            print(f"hyla C={c}: {result.output_tokens_per_s:.1f} out tok/s", flush=True)
-            results.append(result)
-        return results
-    finally:
-        server.send_signal(signal.SIGINT)
-        server.wait(timeout=30)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"hyla serve did not start:\n{server.stdout.read()}") from None
+            time.sleep(0.2)
+    asyncio.run(run_load(url, 1, 2, args.input_len, 8))  # warm-up
+    return server, url
+
+
+def load_transformers(model_dir: Path, vocab: int, args: argparse.Namespace):
+    from transformers import MiniMaxForCausalLM
+
+    # transformers' fastest experts kernel on this CPU is its eager per-expert loop (grouped_mm is slower).
+    model = MiniMaxForCausalLM.from_pretrained(model_dir, dtype=torch.float32, experts_implementation="eager").eval()
+    gen = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        model.generate(torch.randint(0, vocab, (1, args.input_len)), **gen)  # warm-up
+    return model
 
 
 @torch.inference_mode()
-def transformers_rates(model_dir: Path, vocab: int, args: argparse.Namespace) -> list[float]:
-    from transformers import MiniMaxForCausalLM
-
-    model = MiniMaxForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    rng = random.Random(0)
+def transformers_rate(model, vocab: int, c: int, args: argparse.Namespace, rng: random.Random) -> float:
+    """Output tokens/s of ``max(4, 2 c)`` completions in static batches of ``c``."""
     gen = dict(max_new_tokens=args.output_len, min_new_tokens=args.output_len, do_sample=False, pad_token_id=0)
-    model.generate(torch.randint(0, vocab, (1, args.input_len)), **{**gen, "max_new_tokens": 8, "min_new_tokens": 8})
-    rates = []
-    for c in args.concurrency:
-        n = max(4, 2 * c)
-        start = time.perf_counter()
-        for _ in range(n // c):
-            ids = torch.tensor([[rng.randrange(vocab) for _ in range(args.input_len)] for _ in range(c)])
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), **gen)
-            assert out.shape[1] == args.input_len + args.output_len
-        rates.append(n * args.output_len / (time.perf_counter() - start))
-        print(f"transformers C={c}: {rates[-1]:.1f} out tok/s", flush=True)
-    return rates
+    n = max(4, 2 * c)
+    start = time.perf_counter()
+    for _ in range(n // c):
+        ids = torch.tensor([[rng.randrange(vocab) for _ in range(args.input_len)] for _ in range(c)])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **gen)
+        assert out.shape[1] == args.input_len + args.output_len
+    return n * args.output_len / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -101,12 +97,24 @@ def main() -> None:
 
     config = hyla.preset(args.preset)
     torch.manual_seed(0)
+    tune_malloc()  # the allocator settings `hyla serve` runs with, for transformers in this process too
+    hyla_results, theirs = [], []
+    rng = random.Random(0)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / args.preset
         hyla.save_pretrained(hyla.HylaForCausalLM(config), model_dir)
         byte_level_tokenizer().save(str(model_dir / "tokenizer.json"))
-        hyla_results = serve_hyla(model_dir, args)
-        theirs = transformers_rates(model_dir, 256, args)  # 256: the byte-level tokenizer's ids
+        server, url = start_server(model_dir, args)
+        try:
+            reference = load_transformers(model_dir, 256, args)  # 256: the byte-level tokenizer's ids
+            for c in args.concurrency:  # the two sides alternate, level by level (one idles while the other runs)
+                hyla_results.append(asyncio.run(run_load(url, c, max(4, 2 * c), args.input_len, args.output_len)))
+                theirs.append(transformers_rate(reference, 256, c, args, rng))
+                print(f"C={c}: hyla {hyla_results[-1].output_tokens_per_s:.1f}, transformers {theirs[-1]:.1f} out "
+                      "tok/s", flush=True)  # fmt: skip
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=60)
 
     lines = [
         "| concurrent | hyla out tok/s | transformers out tok/s | speed-up | hyla req/s | TTFT p50 / p99 ms "
@@ -129,7 +137,10 @@ def main() -> None:
             f"{' '.join(map(str, args.concurrency))} --input-len {args.input_len} --output-len {args.output_len}"
         )
         title = f"Serving, {args.preset} ({config.num_parameters() / 1e6:.1f}M), float32"
-        preamble = f"Machine: {machine}; price ${args.price_per_hour}/h for the cost column."
+        preamble = (
+            f"Machine: {machine}; price ${args.price_per_hour}/h for the cost column. transformers at its "
+            "fastest setting here (eager experts, hyla's allocator settings), alternated level by level."
+        )
         append_result(RESULTS, title, preamble, command, table)
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hyla.ops.lightning import fits_triton, lightning_attention_naive, lightning_attention_step, lightning_step_slots
-from hyla.ops.lightning.triton import chunk_size_for, lightning_attention_triton, lightning_decode_slots
+from hyla.ops.lightning.triton import CHUNK_SIZES, chunk_size_for, lightning_attention_triton, lightning_decode_slots
 from tests.conftest import rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -112,12 +112,19 @@ def test_a_chunk_too_large_for_shared_memory_is_refused():
         lightning_attention_triton(q, q, q, slopes(H).to(DEVICE), chunk=128)
 
 
-def test_multi_level_padding_picks_the_smallest_chunk():
-    assert [chunk_size_for(n) for n in (1, 16, 17, 33, 64, 65, 5000)] == [16, 16, 32, 64, 64, 128, 128]
-    assert chunk_size_for(5000, row_bytes=128 * 4) == 64  # float32 at head_dim 128, bfloat16 at 256
-    # the backward holds more tiles at once: half the forward's longest chunk
-    assert [chunk_size_for(5000, row_bytes=r, backward=True) for r in (128 * 2, 128 * 4)] == [64, 32]
-    assert chunk_size_for(20, backward=True) == 32
+@pytest.mark.parametrize("row_bytes", [64, 128 * 2, 128 * 4, 256 * 2])
+def test_multi_level_padding_pads_least(row_bytes):
+    """For every length: a chunk length the kernels have, no longer than the longest that fits (forward, and half
+    of it for the backward's extra tiles), and among those the one that wastes the least padding on a sequence
+    of that length without splitting it more than needed."""
+    longest = chunk_size_for(10**6, row_bytes)
+    assert longest in CHUNK_SIZES and chunk_size_for(10**6, row_bytes, backward=True) <= longest
+    for n in range(1, 300):
+        c = chunk_size_for(n, row_bytes)
+        assert c in CHUNK_SIZES and c <= longest
+        fitting = [x for x in CHUNK_SIZES if x <= longest]
+        padding = {x: -(-n // x) * x - n for x in fitting if x >= min(n, longest)}  # one chunk if it fits
+        assert padding[c] == min(padding.values()), (n, c)
 
 
 def test_head_dim_must_suit_the_kernels():
@@ -129,14 +136,27 @@ def test_head_dim_must_suit_the_kernels():
         lightning_attention_triton(q, q, q, slopes(H).to(DEVICE))
 
 
-@pytest.mark.parametrize(
-    ("d", "dtype", "fits"),
-    [(64, torch.float32, True), (128, torch.float32, True), (144, torch.float32, False),
-     (256, torch.float32, False), (256, torch.bfloat16, True), (256, torch.float16, True),
-     (272, torch.bfloat16, False), (24, torch.bfloat16, False)],
-)  # fmt: skip
-def test_what_the_kernels_take_is_what_the_dispatcher_sends_them(d, dtype, fits):
-    assert fits_triton(d, dtype) is fits
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="what a GPU's shared memory holds needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_dispatcher_sends_the_kernels_all_they_take_and_nothing_else(dtype):
+    """The ground truth of fits_triton: for every head size, the kernels (forward and backward) run and match
+    the blockwise path exactly where fits_triton says so; elsewhere they fail for want of shared memory."""
+    from hyla.ops.lightning import lightning_attention_chunk
+    from hyla.ops.lightning import triton as kernels
+
+    for d in [24, *range(16, 288, 16)]:
+        q, k, v = (torch.randn(1, 70, H, d, device="cuda", dtype=dtype) * 0.5 for _ in range(3))
+        leaves = [x.requires_grad_() for x in (q, k, v)]
+        if not fits_triton(d, dtype):
+            if d % 16 == 0:  # a size the kernels' layout allows: too large for shared memory
+                with pytest.raises(Exception, match=r"(?i)resources|shared memory"):
+                    kernels._LightningTriton.apply(*(x.reshape(1, 70, H, d).contiguous() for x in leaves),
+                                                   slopes(H).cuda(), None, torch.tensor([0, 70]), 64, 32)  # fmt: skip
+            continue
+        o, _ = lightning_attention_triton(q, k, v, slopes(H).cuda())
+        o.sum().backward()
+        o_ref, _ = lightning_attention_chunk(*(x.double() for x in (q, k, v)), slopes(H).cuda().double())
+        assert rel_err(o, o_ref) < (1e-4 if dtype == torch.float32 else 3e-2), d
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="real sizes need a GPU")
