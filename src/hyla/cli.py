@@ -25,12 +25,12 @@ from hyla.config import preset
 from hyla.data.tokenizer import byte_level_tokenizer, load_tokenizer
 from hyla.errors import HylaError
 from hyla.model import HylaForCausalLM
+from hyla.ops.precision import DTYPES
 from hyla.runtime import tune_malloc
 from hyla.serve import LLM, EngineConfig, SamplingParams
 from hyla.serve.api import DEFAULT_MAX_REQUEST_BYTES
 from hyla.train.loop import TrainConfig, load_train_toml, train
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 # The prompts of the samples at the end of `hyla train` (the default corpus is Python code).
 SAMPLE_PROMPTS = ("class Parser:\n    def ", "    for i in range(", "def test_")
 

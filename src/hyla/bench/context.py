@@ -36,6 +36,7 @@ from hyla.model.attention import SoftmaxAttention
 from hyla.model.lightning import LightningAttention
 from hyla.ops.attention import softmax_attention
 from hyla.ops.lightning import lightning_attention
+from hyla.ops.precision import DTYPES
 from hyla.ops.rope import rope_cos_sin, rope_inv_freq
 from hyla.runtime import trim_malloc, tune_malloc
 
@@ -235,7 +236,7 @@ def main(
     results: Path | None,
     plot_path: Path | None,
 ) -> None:
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    torch_dtype = DTYPES[dtype]
     tune_malloc()
     machine = machine_description(device)
     shape = f"hidden {hidden} = {heads} heads x {hidden // heads}, {dtype}"
