@@ -254,3 +254,11 @@ def test_train_interrupted_says_how_to_resume(tmp_path):
     out = run(*train_args(tmp_path, "r", step + 2), "--resume")
     assert out.returncode == 0, out.stderr
     assert f"resuming at step {step}" in out.stdout and len(metrics.read_text().splitlines()) == step + 2
+
+
+def test_dtype_auto_says_what_it_chose_and_why():
+    out = run("generate", "--preset", "tiny", "--max-new-tokens", "2")
+    assert out.returncode == 0, out.stderr
+    line = next(line for line in out.stderr.splitlines() if "dtype auto: " in line)
+    chosen = line.split("dtype auto: ")[1].split(",")[0]
+    assert chosen in ("float32", "bfloat16") and " has " in line

@@ -26,7 +26,7 @@ from hyla.data.tokenizer import byte_level_tokenizer, load_tokenizer
 from hyla.errors import HylaError
 from hyla.model import HylaForCausalLM
 from hyla.ops.precision import DTYPES
-from hyla.runtime import tune_malloc
+from hyla.runtime import auto_dtype, tune_malloc
 from hyla.serve import LLM, EngineConfig, SamplingParams
 from hyla.serve.api import DEFAULT_MAX_REQUEST_BYTES
 from hyla.train.loop import TrainConfig, load_train_toml, train
@@ -38,24 +38,36 @@ SAMPLE_PROMPTS = ("class Parser:\n    def ", "    for i in range(", "def test_")
 # -- generate --------------------------------------------------------------------------------------------------
 
 
+def resolve_dtype(name: str, device: str) -> tuple[torch.dtype, str]:
+    """``--dtype``: a dtype by name, or ``auto``: what the device runs fastest; and the words that say so."""
+    if name != "auto":
+        return DTYPES[name], name
+    dtype, why = auto_dtype(device)
+    return dtype, f"dtype auto: {str(dtype).removeprefix('torch.')}, as {why}"
+
+
 def _model_and_tokenizer(model_dir: str | None, preset_name: str, dtype: str, tokenizer_path: str | None):
-    """A trained model (a model or run directory) with its tokenizer, or a random preset with byte tokens."""
-    if model_dir is None:
-        model = HylaForCausalLM(preset(preset_name)).to(DTYPES[dtype]).eval()
+    """A trained model (a model or run directory) with its tokenizer, or a random preset with byte tokens, and
+    a line that says what was loaded."""
+    path = None if model_dir is None else find_model_dir(model_dir)
+    torch_dtype, dtype_text = resolve_dtype(dtype, "cpu")
+    if path is None:
+        model = HylaForCausalLM(preset(preset_name)).to(torch_dtype).eval()
         source = f"preset {preset_name!r} (random weights: expect noise until you train one)"
-        return model, load_tokenizer(tokenizer_path) if tokenizer_path else byte_level_tokenizer(), source
-    path = find_model_dir(model_dir)
-    tokenizer = load_tokenizer(tokenizer_path or path)
-    return load(path, dtype=DTYPES[dtype]), tokenizer, str(path)
+        tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else byte_level_tokenizer()
+    else:
+        tokenizer = load_tokenizer(tokenizer_path or path)
+        model, source = load(path, dtype=torch_dtype), str(path)
+    return model, tokenizer, f"# {source}: {model.config.num_parameters() / 1e6:.1f}M parameters; {dtype_text}"
 
 
 def run_generate(args: argparse.Namespace) -> None:
     """Stream a continuation of ``--prompt``, then report prefill and decode speed."""
     torch.manual_seed(args.seed)
-    model, tokenizer, source = _model_and_tokenizer(args.model_dir, args.preset, args.dtype, args.tokenizer)
+    model, tokenizer, loaded = _model_and_tokenizer(args.model_dir, args.preset, args.dtype, args.tokenizer)
     context = min(model.config.max_position_embeddings, 4096)
     llm = LLM(model, tokenizer, EngineConfig(max_num_seqs=1, max_model_len=context))
-    print(f"# {source}: {model.config.num_parameters() / 1e6:.1f}M parameters, {args.dtype}", file=sys.stderr)
+    print(loaded, file=sys.stderr)
     print(args.prompt, end="", flush=True)
     start = time.perf_counter()
     first, count = None, 0
@@ -158,7 +170,7 @@ def _stdin_lines(prompt: str) -> Iterator[str]:
 
 
 def run_chat(args: argparse.Namespace) -> None:
-    model, tokenizer, source = _model_and_tokenizer(args.model_dir, args.preset, args.dtype, args.tokenizer)
+    model, tokenizer, loaded = _model_and_tokenizer(args.model_dir, args.preset, args.dtype, args.tokenizer)
     template = None
     if args.model_dir is not None and args.mode != "completion":
         settings = find_model_dir(args.model_dir) / "tokenizer_config.json"
@@ -170,8 +182,7 @@ def run_chat(args: argparse.Namespace) -> None:
         raise HylaError(f"--max-tokens ({args.max_tokens}) must be below the context ({context})")
     llm = LLM(model, tokenizer, EngineConfig(max_num_seqs=1, max_model_len=context))
     mode = "chat" if template else "completion: each line is appended to the text so far and continued"
-    print(f"# {source}: {model.config.num_parameters() / 1e6:.1f}M parameters; {mode}; /reset forgets, /quit ends",
-          file=sys.stderr, flush=True)  # fmt: skip
+    print(f"{loaded}; {mode}; /reset forgets, /quit ends", file=sys.stderr, flush=True)
 
     def write(text: str) -> None:
         sys.stdout.write(text)
@@ -277,11 +288,12 @@ def run_serve(args: argparse.Namespace) -> None:
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     config = EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
+    dtype, dtype_text = resolve_dtype(args.dtype, args.device)
     try:
         serve(str(find_model_dir(args.model_dir)), stop, args.host, args.port, args.api_key,
               args.served_model_name or Path(args.model_dir).resolve().name, config, args.max_waiting,
-              DTYPES[args.dtype], args.device, args.tokenizer, args.max_request_bytes, args.shutdown_timeout,
-              log=lambda line: print(line, file=sys.stderr, flush=True))  # fmt: skip
+              dtype, args.device, args.tokenizer, args.max_request_bytes, args.shutdown_timeout,
+              log=lambda line: print(line, file=sys.stderr, flush=True), dtype_text=dtype_text)  # fmt: skip
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -328,7 +340,8 @@ def _add_model_args(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--preset", default="small", help="the random model's preset without a directory")
     parser.add_argument("--tokenizer", default=None, metavar="PATH",
                         help="a tokenizer.json (default: the model directory's)")  # fmt: skip
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights' dtype")
+    parser.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
+                        help="auto: bfloat16 where the CPU has AMX/AVX512-BF16, else float32")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -386,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the directory's)")
     srv.add_argument("--tokenizer", default=None, metavar="PATH",
                      help="a tokenizer.json (default: the model directory's)")  # fmt: skip
-    srv.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights' dtype")
+    srv.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
+                     help="auto: bfloat16 on a GPU or a CPU with AMX/AVX512-BF16, else float32")  # fmt: skip
     srv.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     engine_help = {"max_num_seqs": "requests generated at once", "max_num_batched_tokens": "tokens in one step",
                    "block_size": "tokens per KV-cache block", "num_blocks": "KV-cache blocks (default: sized "

@@ -1,12 +1,13 @@
 """Benchmark harnesses behind `hyla bench ...`, and what every benchmark records of the machine it ran on."""
 
 import datetime
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from hyla.runtime import cpu_info
 
 # The CPU flags that decide which kernels run (and whether bfloat16 is fast): named in every CPU result.
 _FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
@@ -17,16 +18,9 @@ def machine_description(device: str = "cpu") -> str:
     was measured on, for RESULTS.md."""
     if device == "cuda":
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    model, flags = platform.processor() or platform.machine(), []
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
-        fields = {k.strip(): v.strip() for k, v in fields.items()}
-        model = fields.get("model name", model)
-        flags = [f for f in _FLAGS if f in fields.get("flags", "").split()]
-    except OSError:
-        pass
-    flag_text = f" ({' '.join(flags) or 'none of ' + ' '.join(_FLAGS)})"
+    model, flags = cpu_info()
+    named = [f for f in _FLAGS if f in flags]
+    flag_text = f" ({' '.join(named) or 'none of ' + ' '.join(_FLAGS)})"
     return f"{model}{flag_text}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 

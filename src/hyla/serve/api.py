@@ -430,6 +430,7 @@ def serve(
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     shutdown_timeout: float = 5.0,
     log: Callable[[str], None] = print,
+    dtype_text: str = "",
 ) -> None:
     """``hyla serve``: load a model directory and serve it until ``stop`` is set (the CLI sets it on SIGINT and
     SIGTERM), then shut down gracefully: new requests get 503, running ones have ``shutdown_timeout`` seconds
@@ -461,7 +462,8 @@ def serve(
     c = engine.engine.config
     log(
         f"hyla: serving {name!r} on http://{host}:{port}/v1 ({c.max_num_seqs} sequences, {c.num_blocks} KV "
-        f"blocks of {c.block_size} tokens, context {c.max_model_len}, {c.max_num_batched_tokens} tokens per step)"
+        f"blocks of {c.block_size} tokens, context {c.max_model_len}, {c.max_num_batched_tokens} tokens per step"
+        f"{'; ' + dtype_text if dtype_text else ''})"
     )
 
     watchdog = threading.Thread(target=lambda: (thread.join(), stop.set()), name="hyla-http-watch", daemon=True)
