@@ -177,7 +177,7 @@ PRESETS: dict[str, dict] = {
         layer_types=[LIGHTNING, LIGHTNING, LIGHTNING, SOFTMAX],
         max_position_embeddings=2048,
     ),
-    # The main job's model: ~2.3M parameters (1.6M active), hybrid 7:1 with 4 experts, a 384-id BPE. Sized so
+    # The main job's model: ~2.3M parameters (1.5M active), hybrid 7:1 with 4 experts, a 384-id BPE. Sized so
     # that two CPU cores train it through ~3.6M tokens in about ten minutes (a larger model learns less in that
     # time: measured, 5.1M parameters reached held-out 3.62 where this one reached 3.19 after equal minutes, with
     # the earlier document-ordered batches). `make demo` ends at held-out 2.077 = 0.424 x the unigram entropy.
