@@ -15,45 +15,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 import hyla
 from hyla.bench import append_result, machine_description
-from hyla.bench.serve import run_load
+from hyla.bench.serve import launch_server, run_load
 from hyla.data.tokenizer import byte_level_tokenizer
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model_dir: Path, caching: bool) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    flag = "--enable-prefix-caching" if caching else "--no-enable-prefix-caching"
-    cmd = [sys.executable, "-m", "hyla", "serve", str(model_dir), "--port", str(port), "--max-num-seqs", "8",
-           "--max-model-len", "4096", flag]  # fmt: skip
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return server, f"http://127.0.0.1:{port}/v1"
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"hyla serve did not start:\n{server.stderr.read()}") from None
-            time.sleep(0.2)
 
 
 def main() -> None:
@@ -76,7 +49,9 @@ def main() -> None:
         model_dir = Path(tmp) / args.preset
         hyla.save_pretrained(hyla.HylaForCausalLM(config), model_dir)
         byte_level_tokenizer().save(str(model_dir / "tokenizer.json"))
-        servers = {caching: start_server(model_dir, caching) for caching in (False, True)}
+        flags = ("--max-num-seqs", "8", "--max-model-len", "4096")
+        servers = {caching: launch_server(model_dir, *flags, "--enable-prefix-caching" if caching else
+                                          "--no-enable-prefix-caching") for caching in (False, True)}  # fmt: skip
         try:
             for repeat in range(args.repeats):
                 order = (False, True) if repeat % 2 == 0 else (True, False)  # alternate who goes first

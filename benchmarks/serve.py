@@ -17,9 +17,7 @@ import argparse
 import asyncio
 import random
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,35 +26,16 @@ import torch
 
 import hyla
 from hyla.bench import append_result, machine_description
-from hyla.bench.serve import run_load
+from hyla.bench.serve import launch_server, run_load
 from hyla.data.tokenizer import byte_level_tokenizer
 from hyla.runtime import tune_malloc
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(model_dir: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    max_len = args.input_len + args.output_len
-    cmd = [sys.executable, "-m", "hyla", "serve", str(model_dir), "--port", str(port), "--max-model-len",
-           str(max_len), "--max-num-seqs", str(max(args.concurrency))]  # fmt: skip
-    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"hyla serve did not start:\n{server.stdout.read()}") from None
-            time.sleep(0.2)
+    flags = ("--max-model-len", str(args.input_len + args.output_len), "--max-num-seqs", str(max(args.concurrency)))
+    server, url = launch_server(model_dir, *flags)
     asyncio.run(run_load(url, 1, 2, args.input_len, 8))  # warm-up
     return server, url
 

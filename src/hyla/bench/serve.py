@@ -22,9 +22,13 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import socket
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx2
 
@@ -209,6 +213,26 @@ async def run_load(
         await asyncio.gather(*tasks)
         wall = time.perf_counter() - start
     return LoadResult(concurrency, records, wall, workload)
+
+
+def launch_server(model_dir: str | Path, *flags: str, timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
+    """Start ``hyla serve MODEL_DIR FLAGS...`` on a free loopback port, for a benchmark to drive; returns the
+    process (stop it with SIGTERM) and its ``/v1`` URL once it accepts connections."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "hyla", "serve", str(model_dir), "--port", str(port), *flags]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return server, f"http://127.0.0.1:{port}/v1"
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError(f"hyla serve did not start:\n{server.communicate()[1]}") from None
+            time.sleep(0.2)
 
 
 def format_table(rows: list[dict]) -> str:

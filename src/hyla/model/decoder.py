@@ -117,7 +117,7 @@ class HylaModel(nn.Module):
         if cache is not None:
             positions = cache.positions(t, x.device)
         elif varlen is not None:  # each packed sequence counts its positions from 0
-            starts = torch.repeat_interleave(varlen.cu_seqlens[:-1], torch.tensor(varlen.lengths, device=x.device))
+            starts = torch.repeat_interleave(varlen.cu_seqlens[:-1], varlen.cu_seqlens.diff())
             positions = (torch.arange(t, device=x.device) - starts)[None]
         else:
             positions = torch.arange(t, device=x.device)[None]

@@ -166,15 +166,9 @@ class LLMEngine:
             raise RequestError("prompt", f"token ids must be in [0, {self.vocab_size})")
         return ids
 
-    def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Raise :class:`RequestError` for parameters this model cannot take: ``max_tokens`` past the context,
-        stop token ids outside the vocabulary."""
-        self.max_tokens(prompt_ids, params)
-        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
-        if bad:
-            raise RequestError("stop_token_ids", f"{bad} are not token ids of this model (ids are < {self.vocab_size})")
-
-    def max_tokens(self, prompt_ids: list[int], params: SamplingParams) -> int:
+    def check(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        """The most tokens a sequence of this prompt may generate; :class:`RequestError` for parameters this model
+        cannot take: ``max_tokens`` past the context, stop token ids outside the vocabulary."""
         room = self.config.max_model_len - len(prompt_ids)
         if params.max_tokens is not None and params.max_tokens > room:
             raise RequestError(
@@ -182,6 +176,9 @@ class LLMEngine:
                 f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds this model's "
                 f"context of {self.config.max_model_len} tokens",
             )
+        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad:
+            raise RequestError("stop_token_ids", f"{bad} are not token ids of this model (ids are < {self.vocab_size})")
         return params.max_tokens or room
 
     def add_request(self, request_id: str, prompts: list[list[int]], params: SamplingParams) -> None:
@@ -193,10 +190,8 @@ class LLMEngine:
         stop_ids = [t for t in stop_ids if t is not None]
         now = time.monotonic()
         sequences = []
-        for ids in prompts:
-            self.check(ids, params)
-        for i, ids in enumerate(prompts):
-            max_tokens = self.max_tokens(ids, params)
+        limits = [self.check(ids, params) for ids in prompts]  # every prompt checked before any is queued
+        for i, (ids, max_tokens) in enumerate(zip(prompts, limits, strict=True)):
             for j in range(params.n):
                 seed = params.seed + j if params.seed is not None else random.getrandbits(62)
                 generator = torch.Generator(device=self.runner.device).manual_seed(seed)

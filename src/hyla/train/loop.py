@@ -144,8 +144,18 @@ class RunPlan:
     sources: list[Source]
     model_config: HylaConfig
     precision: Precision
-    resume_step: int  # 0 for a new run
-    finished: bool  # --resume of a run that already did its steps
+    tokenizer: Tokenizer | None  # a resumed run's or a given tokenizer.json; None: one is trained on the data
+    resume_state: dict | None  # a resumed run's trainer.pt (step, tokens, optimizer and RNG state)
+
+    @property
+    def resume_step(self) -> int:
+        """The step a resumed run continues from; 0 for a new run."""
+        return self.resume_state["step"] if self.resume_state else 0
+
+    @property
+    def finished(self) -> bool:
+        """A resumed run that already did its steps."""
+        return self.resume_state is not None and self.resume_step >= self.cfg.steps
 
 
 def _comparable(fields: dict) -> dict:
@@ -172,18 +182,19 @@ def plan_run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, wo
         raise ConfigError("--resume runs on one process; start it without torchrun")
     precision = Precision.resolve(cfg)
     sources = discover(cfg.data)
-    vocab_size = cfg.vocab_size
-    if resume and (run / "tokenizer.json").is_file():
-        vocab_size = load_tokenizer(run / "tokenizer.json").get_vocab_size()
+    tokenizer = None
+    if resume and (run / "checkpoint" / "trainer.pt").is_file():  # (without one: "nothing to resume", below)
+        tokenizer = load_tokenizer(run / "tokenizer.json")
     elif cfg.tokenizer is not None:
-        vocab_size = load_tokenizer(cfg.tokenizer).get_vocab_size()
+        tokenizer = load_tokenizer(cfg.tokenizer)
+    vocab_size = cfg.vocab_size if tokenizer is None else tokenizer.get_vocab_size()
     model_config = preset(cfg.preset, **{"vocab_size": vocab_size, **cfg.model})
     if vocab_size > model_config.vocab_size:
         raise ConfigError(f"the tokenizer has {vocab_size} ids but the model only {model_config.vocab_size}")
     holds_a_run = run.is_dir() and any(run.iterdir())
     if run.exists() and not run.is_dir():
         raise DataError(f"--run-dir {run} is a file, not a directory")
-    resume_step, finished = 0, False
+    resume_state = None
     if resume:
         if not (run / "checkpoint" / "trainer.pt").is_file():
             raise DataError(f"nothing to resume in {run}: no checkpoint/trainer.pt (start it without --resume)")
@@ -194,30 +205,30 @@ def plan_run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, wo
         changed = sorted(k for k, v in _comparable(cfg.to_json()).items() if _comparable(previous).get(k) != v)
         if changed:
             raise DataError(f"{run} was trained with another config (differs in {changed}); use a new --run-dir")
-        resume_step = torch.load(run / "checkpoint" / "trainer.pt", weights_only=False)["step"]
-        finished = resume_step >= cfg.steps
+        resume_state = torch.load(run / "checkpoint" / "trainer.pt", weights_only=False)
+        if resume_state["optimizer"] is None:
+            raise DataError(f"{run} was trained sharded (torchrun), which keeps no optimizer state to resume from")
     elif holds_a_run and not overwrite and world.main:
         raise DataError(f"{run} already holds a run: continue it with --resume, replace it with --overwrite, "
                         "or choose another --run-dir")  # fmt: skip
     elif holds_a_run and not (run / "train.json").is_file():
         raise DataError(f"--overwrite replaces a hyla run, but {run} holds other files (no train.json): "
                         "choose another --run-dir")  # fmt: skip
-    return RunPlan(cfg, run, sources, model_config, precision, resume_step, finished)
+    return RunPlan(cfg, run, sources, model_config, precision, tokenizer, resume_state)
 
 
 def _start_run_dir(plan: RunPlan, overwrite: bool) -> Tokenizer:
     """Write the run's ``train.json`` and ``tokenizer.json`` (training a BPE on the data's training split unless
     one is given or the run is resumed); with ``overwrite``, the old run's files go first."""
     run, cfg = plan.run, plan.cfg
-    if plan.resume_step:
-        return load_tokenizer(run / "tokenizer.json")
+    if plan.resume_state is not None:
+        return plan.tokenizer
     if overwrite and run.is_dir():
         shutil.rmtree(run)
     run.mkdir(parents=True, exist_ok=True)
     (run / "train.json").write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
-    if cfg.tokenizer is not None:
-        tokenizer = load_tokenizer(cfg.tokenizer)
-    else:
+    tokenizer = plan.tokenizer
+    if tokenizer is None:
         began = time.perf_counter()
         print(f"training a {cfg.vocab_size}-id byte-level BPE tokenizer on {len(plan.sources):,} files "
               "(the training split) ...", flush=True)  # fmt: skip
@@ -373,11 +384,9 @@ def _train(
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
     batches = packed_batches(shards["train"], cfg.tokens_per_batch, cfg.max_seq_len, seed=cfg.seed)
     start = tokens_seen = 0
-    if plan.resume_step:
-        state = torch.load(run / "checkpoint" / "trainer.pt", weights_only=False)
+    if plan.resume_state is not None:
+        state = plan.resume_state
         model.load_state_dict(load(run / "checkpoint" / "model").state_dict())
-        if state["optimizer"] is None:
-            raise DataError(f"{run} was trained sharded (torchrun), which keeps no optimizer state to resume from")
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         start, tokens_seen = state["step"], state["tokens"]
