@@ -262,3 +262,23 @@ def test_dtype_auto_says_what_it_chose_and_why():
     line = next(line for line in out.stderr.splitlines() if "dtype auto: " in line)
     chosen = line.split("dtype auto: ")[1].split(",")[0]
     assert chosen in ("float32", "bfloat16") and " has " in line
+
+
+def test_export_writes_a_gguf_of_a_run_and_keeps_an_existing_one(trained):
+    import gguf
+
+    tmp_path, _ = trained
+    out = run("export", str(tmp_path / "r"), "--outtype", "q8_0")
+    assert out.returncode == 0, out.stderr
+    path = tmp_path / "r" / "r-q8_0.gguf"
+    assert f"wrote {path}" in out.stdout and "llama-server -m" in out.stdout
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["general.architecture"].contents() == "minimax-01"
+    vocab = json.loads((tmp_path / "r" / "checkpoint" / "model" / "config.json").read_text())["vocab_size"]
+    assert len(reader.fields["tokenizer.ggml.tokens"].contents()) == vocab == 300
+    before = path.read_bytes()
+    out = run("export", str(tmp_path / "r"), "--outtype", "q8_0")
+    assert out.returncode == 2 and out.stderr.strip() == f"hyla: error: {path} exists; pass --overwrite to replace it"
+    assert path.read_bytes() == before
+    out = run("export", str(tmp_path / "corpus"))
+    assert out.returncode == 2 and "is not a model directory" in out.stderr and "Traceback" not in out.stderr

@@ -299,6 +299,30 @@ def run_serve(args: argparse.Namespace) -> None:
             signal.signal(s, handler)
 
 
+# -- export ----------------------------------------------------------------------------------------------------
+
+
+def run_export(args: argparse.Namespace) -> None:
+    """``hyla export``: the model as a GGUF file that llama.cpp runs."""
+    from hyla.interop.gguf import export_gguf
+    from hyla.serve.api import DEFAULT_CHAT_TEMPLATE
+
+    path = find_model_dir(args.model_dir)
+    output = Path(args.output or Path(args.model_dir) / f"{Path(args.model_dir).resolve().name}-{args.outtype}.gguf")
+    tokenizer = load_tokenizer(args.tokenizer or path)
+    settings = path / "tokenizer_config.json"
+    template = json.loads(settings.read_text()).get("chat_template") if settings.is_file() else None
+    model = load(path)
+    start = time.perf_counter()
+    kept = export_gguf(model, tokenizer, output, args.outtype, Path(args.model_dir).resolve().name,
+                       template or DEFAULT_CHAT_TEMPLATE, args.overwrite)  # fmt: skip
+    size = output.stat().st_size / 2**20
+    print(f"wrote {output} ({size:.1f} MiB, {args.outtype}, {time.perf_counter() - start:.1f} s)")
+    if kept:
+        print(f"kept in float32 (rows not a whole number of {args.outtype} blocks): {', '.join(kept)}")
+    print(f"run it with llama.cpp: llama-server -m {output}   or   llama-cli -m {output} -p 'def '")
+
+
 # -- bench -----------------------------------------------------------------------------------------------------
 
 
@@ -420,6 +444,20 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--shutdown-timeout", type=float, default=5.0, metavar="SECONDS",
                      help="on SIGINT/SIGTERM, seconds running requests get to finish (default: 5)")  # fmt: skip
 
+    ex = commands.add_parser("export", help="write a model as a GGUF file for llama.cpp",
+                             description="Write a model directory (or a run directory's model) as one GGUF file "
+                             "that llama.cpp's MiniMax-01 architecture runs (llama-server, llama-cli, "
+                             "llama-cpp-python). Models llama.cpp would compute differently (per-sub-layer DeepNorm "
+                             "factors, betas other than 1, pre-norm) are refused with the reason.")  # fmt: skip
+    ex.add_argument("model_dir", help="a model directory or a `hyla train` run directory")
+    ex.add_argument("--format", choices=["gguf"], default="gguf", help="the file format (default: gguf)")
+    ex.add_argument("--outtype", choices=["f32", "bf16", "q8_0"], default="f32",
+                    help="the matrices' type; norms and the router stay f32 (default: f32)")  # fmt: skip
+    ex.add_argument("--output", default=None, metavar="FILE",
+                    help="where to write (default: MODEL_DIR/NAME-OUTTYPE.gguf)")  # fmt: skip
+    ex.add_argument("--tokenizer", default=None, metavar="PATH", help="a tokenizer.json (default: the model's)")
+    ex.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
+
     bench = commands.add_parser("bench", help="measure speed: attention scaling, a server under load",
                                 description="Benchmarks: `hyla bench context` (lightning vs softmax attention "
                                 "across context lengths), `hyla bench serve` (a server under load).")  # fmt: skip
@@ -466,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         "chat": run_chat,
         "serve": run_serve,
         "train": run_train,
+        "export": run_export,
         "context": run_bench_context,
         "serve-bench": run_bench_serve,
     }
