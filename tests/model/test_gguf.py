@@ -20,6 +20,8 @@ from tests.conftest import rel_err
 
 TEXTS = ["def parse(self, line):\n    return line.split(',')\n" * 3, "for i in range(10):\n    print(i * 2)\n" * 3]
 
+BPE = train_bpe(TEXTS, 300)
+BPE_LESS = byte_level_tokenizer()  # bytes only, no merges
 
 def _model(**changes) -> HylaForCausalLM:
     """A float32 model whose every weight (norms included) is random, so a misplaced tensor shows."""
@@ -117,7 +119,7 @@ def reference_logits(f: Gguf, tokens: list[int]) -> torch.Tensor:
 def test_llama_cpp_graph_on_the_exported_file_gives_hylas_logits(tmp_path, changes):
     model = _model(**changes)
     path = tmp_path / "m.gguf"
-    assert export_gguf(model, byte_level_tokenizer(), path) == []
+    assert export_gguf(model, BPE, path) == []
     f = Gguf(path)
     tokens = torch.randint(0, model.config.vocab_size, (37,)).tolist()  # more than two lightning blocks of 16
     with torch.no_grad():
@@ -133,7 +135,7 @@ def test_llama_cpp_graph_on_the_exported_file_gives_hylas_logits(tmp_path, chang
 def test_rounded_outtypes_round_the_matrices_and_keep_vectors_and_router_float32(tmp_path, outtype):
     model = _model(hidden_size=64, intermediate_size=96)
     path = tmp_path / "m.gguf"
-    assert export_gguf(model, byte_level_tokenizer(), path, outtype) == []
+    assert export_gguf(model, BPE, path, outtype) == []
     f = Gguf(path)
     qtype = {"bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[outtype]
     for name, _, array in gguf_tensors(model):
@@ -151,12 +153,12 @@ def test_rounded_outtypes_round_the_matrices_and_keep_vectors_and_router_float32
 
 def test_rows_that_are_not_whole_q8_blocks_stay_float32_and_are_named(tmp_path):
     model = _model(intermediate_size=40)  # down_proj rows of 40: not a multiple of 32
-    kept = export_gguf(model, byte_level_tokenizer(), tmp_path / "m.gguf", "q8_0")
+    kept = export_gguf(model, BPE, tmp_path / "m.gguf", "q8_0")
     assert kept == [f"blk.{i}.ffn_down_exps.weight" for i in range(4)]
 
 
 def test_tokenizer_travels_as_gpt2_bpe_padded_to_the_model_vocab(tmp_path):
-    tokenizer = train_bpe(TEXTS, 300)
+    tokenizer = BPE
     model = _model()  # vocab 512 > the tokenizer's 300
     export_gguf(model, tokenizer, tmp_path / "m.gguf")
     f = Gguf(tmp_path / "m.gguf")
@@ -182,7 +184,13 @@ def test_tokenizer_travels_as_gpt2_bpe_padded_to_the_model_vocab(tmp_path):
 )
 def test_configs_llama_cpp_would_compute_differently_are_refused(tmp_path, changes, message):
     with pytest.raises(ConfigError, match=message):
-        export_gguf(_model(**changes), byte_level_tokenizer(), tmp_path / "m.gguf")
+        export_gguf(_model(**changes), BPE, tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_tokenizer_without_merges_is_refused_with_the_reason(tmp_path):
+    with pytest.raises(ConfigError, match="needs merges"):
+        export_gguf(_model(), BPE_LESS, tmp_path / "m.gguf")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -190,9 +198,9 @@ def test_an_existing_file_is_kept_unless_overwrite(tmp_path):
     path = tmp_path / "m.gguf"
     path.write_text("keep me")
     with pytest.raises(CheckpointError, match="--overwrite"):
-        export_gguf(_model(), byte_level_tokenizer(), path)
+        export_gguf(_model(), BPE, path)
     assert path.read_text() == "keep me"
-    export_gguf(_model(), byte_level_tokenizer(), path, overwrite=True)
+    export_gguf(_model(), BPE, path, overwrite=True)
     assert Gguf(path)["general.architecture"] == "minimax-01"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # no temporary file left
 

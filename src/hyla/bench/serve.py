@@ -160,9 +160,11 @@ async def run_load(
     turns: int = 4,
     system_words: int = 400,
     user_words: int = 60,
+    vocab: int | None = None,
 ) -> LoadResult:
     """Drive ``base_url`` (``http://host:port/v1``) with ``concurrency`` clients; see the module docstring.
-    ``num_requests`` counts requests for ``random``; ``chat`` and ``agent`` send ``concurrency x turns``."""
+    ``num_requests`` counts requests for ``random``; ``chat`` and ``agent`` send ``concurrency x turns``.
+    ``random`` prompts draw ids below ``vocab`` (default: the vocabulary the server's model card names)."""
     if workload not in WORKLOADS:
         raise ValueError(f"workload must be one of {WORKLOADS}, got {workload!r}")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -201,7 +203,7 @@ async def run_load(
                 transcript += reply + "\ntool result: " + _words(rng, user_words) + "\n"
 
         if workload == "random":
-            vocab = card.get("vocab_size", 256)
+            vocab = vocab or card.get("vocab_size") or (card.get("meta") or {}).get("n_vocab", 256)  # hyla, llama.cpp
             prompts = [[rng.randrange(vocab) for _ in range(input_len)] for _ in range(num_requests)]
             queue = list(reversed(prompts))
             tasks = [random_client(queue) for _ in range(concurrency)]

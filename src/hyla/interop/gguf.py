@@ -134,6 +134,11 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Tokenizer, vocab_size: in
     for i, text in special.items():
         tokens[i], types[i] = text, gguf.TokenType.CONTROL
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if not merges:  # gguf writes no empty array, and llama.cpp refuses a gpt2 vocabulary without merges
+        raise ConfigError(
+            "llama.cpp's BPE needs merges and this tokenizer has none (plain bytes): export a model trained with "
+            "its own BPE tokenizer (`hyla train` makes one), or pass --tokenizer"
+        )
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("gpt-2")
     writer.add_token_list(tokens)

