@@ -121,8 +121,10 @@ def check_outputs(model: hyla.HylaForCausalLM, llama_url: str, n: int = 48) -> s
 def prefill_rate(url: str, length: int, rng: random.Random) -> float:
     """Prompt tokens/s of one fresh random prompt (no prefix to reuse), one output token."""
     prompt = [rng.randrange(8192) for _ in range(length)]
+    with urllib.request.urlopen(f"{url}/models", timeout=60) as response:
+        name = json.loads(response.read())["data"][0]["id"]
     start = time.perf_counter()
-    out = _post(f"{url}/completions", {"model": "m", "prompt": prompt, "max_tokens": 1, "temperature": 0})
+    out = _post(f"{url}/completions", {"model": name, "prompt": prompt, "max_tokens": 1, "temperature": 0})
     elapsed = time.perf_counter() - start
     assert out["usage"]["prompt_tokens"] == length, out["usage"]
     return length / elapsed

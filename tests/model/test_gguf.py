@@ -23,6 +23,7 @@ TEXTS = ["def parse(self, line):\n    return line.split(',')\n" * 3, "for i in r
 BPE = train_bpe(TEXTS, 300)
 BPE_LESS = byte_level_tokenizer()  # bytes only, no merges
 
+
 def _model(**changes) -> HylaForCausalLM:
     """A float32 model whose every weight (norms included) is random, so a misplaced tensor shows."""
     model = HylaForCausalLM(preset("tiny").replace(**changes)).eval()
@@ -213,7 +214,8 @@ def test_llama_cpp_python_logits_and_greedy_tokens_equal_hylas(tmp_path):
     model = _model(vocab_size=320, hidden_size=64, intermediate_size=64)
     path = tmp_path / "m.gguf"
     export_gguf(model, tokenizer, path)
-    llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=2, logits_all=True, verbose=False)
+    # float32 KV cache (llama.cpp keeps float16 by default), so that both sides compute in float32
+    llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=2, logits_all=True, type_k=0, type_v=0, verbose=False)
     prompt = tokenizer.encode("def parse(self").ids
     tokens = list(prompt)
     with torch.no_grad():
