@@ -70,7 +70,8 @@ def soname_links(bin_dir: Path, folder: Path) -> Path:
 
 
 def start_llama_server(bin_dir: Path, libraries: Path, gguf_path: Path, slots: int, context: int):
-    """``llama-server`` on a free port with ``slots`` parallel slots, all cores; returns it and its /v1 URL."""
+    """``llama-server`` on a free port with ``slots`` parallel slots, all cores, its log in a file beside the
+    model (a pipe nobody reads would fill and stall it); returns it and its /v1 URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -78,7 +79,9 @@ def start_llama_server(bin_dir: Path, libraries: Path, gguf_path: Path, slots: i
     cmd = [str(bin_dir / "llama-server"), "-m", str(gguf_path), "--port", str(port), "-t", threads, "-tb", threads,
            "-np", str(slots), "-c", str(context)]  # fmt: skip
     env = {**os.environ, "LD_LIBRARY_PATH": f"{libraries}:{bin_dir}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
-    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = gguf_path.with_name(f"llama-server-{port}.log")
+    with log.open("w") as f:
+        server = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -90,7 +93,7 @@ def start_llama_server(bin_dir: Path, libraries: Path, gguf_path: Path, slots: i
             pass
         if server.poll() is not None or time.monotonic() > deadline:
             server.kill()
-            raise RuntimeError(f"llama-server did not start:\n{server.communicate()[1][-3000:]}")
+            raise RuntimeError(f"llama-server did not start:\n{log.read_text()[-3000:]}")
         time.sleep(0.3)
 
 
@@ -205,6 +208,10 @@ def main() -> None:
                         traffic.setdefault((workload, name), []).append(workload_row(many_url, workload, round_ + 1))
                     print(f"round {round_ + 1}, {name}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in row.items()),
                           flush=True)  # fmt: skip
+        except Exception:
+            for log in Path(tmp).glob("llama-server-*.log"):  # what a failing llama-server said last
+                print(f"--- {log.name}:\n" + "\n".join(log.read_text().splitlines()[-15:]))
+            raise
         finally:
             for server in servers:
                 server.send_signal(signal.SIGTERM)

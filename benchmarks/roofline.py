@@ -8,9 +8,11 @@ forward and backward (``x W^T``, ``dy W``, ``dy^T x``) for the same matrices. Th
 ``torch`` products on the model's own (random) weights, stored as the serving engine stores them, median of
 ``--repeats``; attention scores, norms, routing, sampling and the HTTP layer all come on top. It also measures
 the memory read bandwidth (a sum over 512 MB). The results bound the serving and training targets: a target that
-needs a step faster than its floor cannot be met by scheduling or by fewer Python operations.
+needs a step faster than its floor cannot be met by scheduling or by fewer Python operations. For decode steps
+it also gives the memory floor: the bytes of the weights the step must read (every dense matrix, the experts its
+tokens touch) over that bandwidth, what a perfect kernel would take (float32).
 
-Usage: python benchmarks/roofline.py [--preset small] [--decode 1 32] [--train-tokens 4096] [--no-append]
+Usage: python benchmarks/roofline.py [--preset small] [--vocab N] [--decode 1 32] [--train-tokens 4096] [--no-append]
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ def train_step(model: hyla.HylaForCausalLM, num_tokens: int) -> Callable[[], Non
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small")
+    parser.add_argument("--vocab", type=int, default=None, help="the preset's vocab_size changed to this")
     parser.add_argument("--decode", type=int, nargs="+", default=[1, 32], help="requests per decode step")
     parser.add_argument("--train-tokens", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=20)
@@ -96,6 +99,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     config = hyla.preset(args.preset)
+    config = config.replace(vocab_size=args.vocab) if args.vocab else config
     model = hyla.HylaForCausalLM(config).eval()
 
     big = torch.randn(128 * 2**20)  # 512 MB
@@ -104,21 +108,36 @@ def main() -> None:
     rows = []
     train_ms = median_ms(train_step(model, args.train_tokens), max(args.repeats // 4, 3))
     transpose_weights(model)  # the serving engine's layout
+    dense, experts = matrices(model)
     for m in args.decode:
         ms = median_ms(decode_step(model, m), args.repeats)
-        rows.append((f"decode step, {m} request{'s' * (m > 1)}", ms, m / ms * 1e3))
+        touched = min(config.num_experts, m * config.num_experts_per_tok)
+        weights = sum(w.numel() for w in dense) + sum(touched * (g[0].numel() + d[0].numel()) for g, d in experts)
+        memory_ms = weights * 4 / bandwidth / 1e6
+        rows.append(
+            (
+                f"decode step, {m} request{'s' * (m > 1)}",
+                ms,
+                m / ms * 1e3,
+                f"{memory_ms:.2f} ({m / memory_ms * 1e3:,.0f} tok/s)",
+            )
+        )
     rows.append((f"training step, {args.train_tokens} tokens (fwd + bwd products)", train_ms,
-                 args.train_tokens / train_ms * 1e3))  # fmt: skip
+                 args.train_tokens / train_ms * 1e3, ""))  # fmt: skip
 
-    lines = ["| step | matmul-only time ms | floor-implied max tokens/s |", "|---|---|---|"]
-    lines += [f"| {name} | {ms:.2f} | {rate:,.0f} |" for name, ms, rate in rows]
+    lines = ["| step | matmul-only time ms | floor-implied max tokens/s | memory floor ms (max tokens/s) |",
+             "|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {name} | {ms:.2f} | {rate:,.0f} | {memory} |" for name, ms, rate, memory in rows]
     table = "\n".join(lines)
     header = (f"Machine: {machine_description()}; memory read bandwidth {bandwidth:.1f} GB/s (sum over 512 MB). "
-              f"Preset `{args.preset}` ({config.num_parameters() / 1e6:.1f}M parameters), float32.")  # fmt: skip
+              f"Preset `{args.preset}`{f' with vocab {args.vocab}' if args.vocab else ''} "
+              f"({config.num_parameters() / 1e6:.1f}M parameters), float32.")  # fmt: skip
     print(header)
     print(table)
     if not args.no_append:
-        command = (f"python benchmarks/roofline.py --preset {args.preset} --decode {' '.join(map(str, args.decode))} "
+        vocab = f" --vocab {args.vocab}" if args.vocab else ""
+        decode = " ".join(map(str, args.decode))
+        command = (f"python benchmarks/roofline.py --preset {args.preset}{vocab} --decode {decode} "
                    f"--train-tokens {args.train_tokens} --repeats {args.repeats}")  # fmt: skip
         append_result(RESULTS, f"Matmul-only floors, {args.preset}, float32", header, command, table)
 

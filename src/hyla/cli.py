@@ -323,6 +323,40 @@ def run_export(args: argparse.Namespace) -> None:
     print(f"run it with llama.cpp: llama-server -m {output}   or   llama-cli -m {output} -p 'def '")
 
 
+# -- eval ------------------------------------------------------------------------------------------------------
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    """``hyla eval mqar|passkey|loss``: print the table, write JSON and PNG beside the model."""
+    from hyla import eval as evaluation
+    from hyla.data.corpus import discover
+
+    path = find_model_dir(args.model_dir)
+    tokenizer = load_tokenizer(args.tokenizer or path)
+    dtype, dtype_text = resolve_dtype(args.dtype, "cpu")
+    model = load(path, dtype=dtype)
+    name = Path(args.model_dir).resolve().name
+    print(f"# {path}: {model.config.num_parameters() / 1e6:.1f}M parameters; {dtype_text}", file=sys.stderr)
+    start = time.perf_counter()
+    if args.task == "loss":
+        run = Path(args.model_dir) / "train.json"
+        held_out = json.loads(run.read_text()).get("eval_fraction") if run.is_file() and not args.all else None
+        docs, split = evaluation.document_ids(discover(args.data), tokenizer, held_out, args.documents, args.context)
+        result = evaluation.loss_by_position(model, docs, split)
+        title = f"{name}: loss by position ({result.documents} {split} documents)"
+    else:
+        context = min(max(args.lengths) + 16, model.config.max_position_embeddings)
+        llm = LLM(model, tokenizer, EngineConfig(max_model_len=context))
+        if args.task == "mqar":
+            result = evaluation.mqar(llm, args.lengths, args.pairs, args.contexts, args.queries, args.seed)
+        else:
+            result = evaluation.passkey(llm, args.lengths, args.depths, args.trials, args.seed)
+        title = f"{name}: {args.task} accuracy (chance {result.chance:.2g})"
+    print(f"{title}\n\n{result.table()}\n")
+    files = evaluation.save(result, args.out or Path(args.model_dir) / "eval", args.task, title)
+    print(f"wrote {files[0]} and {files[1]} ({time.perf_counter() - start:.0f} s)")
+
+
 # -- bench -----------------------------------------------------------------------------------------------------
 
 
@@ -458,6 +492,44 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--tokenizer", default=None, metavar="PATH", help="a tokenizer.json (default: the model's)")
     ex.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
 
+    ev = commands.add_parser("eval", help="measure recall from context (mqar, passkey) and loss by position",
+                             description="Evaluate a model directory (or a run directory's model): `mqar` (multi-query "
+                             "associative recall: key-value pairs, filler, a key asked again; accuracy by length "
+                             "and pairs), `passkey` (a number hidden at a depth of filler text; accuracy by length "
+                             "and depth), `loss` (held-out loss by token position: does more context help?). "
+                             "Prints a table and writes TASK.json and TASK.png into --out (replacing the previous "
+                             "ones of the same task).")  # fmt: skip
+    tasks = ev.add_subparsers(dest="task", required=True, metavar="TASK")
+    for task, what in (("mqar", "multi-query associative recall"), ("passkey", "a number hidden in filler text"),
+                       ("loss", "held-out loss by token position")):  # fmt: skip
+        t = tasks.add_parser(task, help=what, description=what)
+        t.add_argument("model_dir", help="a model directory or a `hyla train` run directory")
+        t.add_argument("--tokenizer", default=None, metavar="PATH", help="a tokenizer.json (default: the model's)")
+        t.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
+                       help="auto: bfloat16 where the CPU has AMX/AVX512-BF16, else float32")  # fmt: skip
+        t.add_argument("--out", default=None, metavar="DIR", help="where TASK.json and TASK.png go (default: "
+                       "MODEL_DIR/eval)")  # fmt: skip
+        t.add_argument("--seed", type=int, default=0, help="the random tasks' seed (default: 0)")
+        if task == "mqar":
+            t.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256, 512],
+                           help="context lengths in tokens (default: 64 128 256 512)")  # fmt: skip
+            t.add_argument("--pairs", type=int, nargs="+", default=[4, 8, 16],
+                           help="key-value pairs per context (default: 4 8 16)")  # fmt: skip
+            t.add_argument("--contexts", type=int, default=8, help="random contexts per cell (default: 8)")
+            t.add_argument("--queries", type=int, default=4, help="keys asked per context (default: 4)")
+        elif task == "passkey":
+            t.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048],
+                           help="context lengths in tokens (default: 256 512 1024 2048)")  # fmt: skip
+            t.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                           help="where the key sits, 0 (start) to 1 (end) (default: 0 0.25 0.5 0.75 1)")  # fmt: skip
+            t.add_argument("--trials", type=int, default=4, help="random keys per cell (default: 4)")
+        else:
+            t.add_argument("--data", default=None, help="a folder or file of text (default: this Python's stdlib)")
+            t.add_argument("--context", type=int, default=1024, help="tokens read per document (default: 1024)")
+            t.add_argument("--documents", type=int, default=200, help="documents read at most (default: 200)")
+            t.add_argument("--all", action="store_true",
+                           help="use every document, not only a run's held-out ones")  # fmt: skip
+
     bench = commands.add_parser("bench", help="measure speed: attention scaling, a server under load",
                                 description="Benchmarks: `hyla bench context` (lightning vs softmax attention "
                                 "across context lengths), `hyla bench serve` (a server under load).")  # fmt: skip
@@ -505,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         "serve": run_serve,
         "train": run_train,
         "export": run_export,
+        "eval": run_eval,
         "context": run_bench_context,
         "serve-bench": run_bench_serve,
     }

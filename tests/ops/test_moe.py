@@ -20,10 +20,11 @@ def reference_experts(x, weights, experts, gate_up, down):
 
 
 @pytest.mark.parametrize(("n", "num_experts", "top_k"), [(1, 4, 2), (37, 8, 2), (50, 4, 4), (64, 16, 1), (3, 16, 2)])
-@pytest.mark.parametrize("grouped", [False, True])
-def test_swiglu_experts_match_per_token_loop(n, num_experts, top_k, grouped):
+@pytest.mark.parametrize("path", ["loop", "grouped", "pairs"])
+def test_swiglu_experts_match_per_token_loop(n, num_experts, top_k, path):
     """Outputs and every gradient (tokens, router weights, both expert weights); most experts get no token when
     ``n`` is small."""
+    grouped = path == "grouped"
     dtype = torch.float32 if grouped else torch.float64  # the grouped kernel has no float64
     h, inter = 16, 24
     x = torch.randn(n, h, dtype=dtype, requires_grad=True)
@@ -31,7 +32,7 @@ def test_swiglu_experts_match_per_token_loop(n, num_experts, top_k, grouped):
     down = (torch.randn(num_experts, h, inter, dtype=dtype) * 0.2).requires_grad_()
     _, weights, experts = route(torch.randn(n, num_experts), top_k)
     weights = weights.to(dtype).requires_grad_()
-    got = swiglu_experts(x, weights, experts, gate_up, down, grouped=grouped)
+    got = swiglu_experts(x, weights, experts, gate_up, down, path=path)
     ref = reference_experts(x, weights, experts, gate_up, down)
     tol = 1e-5 if grouped else 1e-12
     assert got.shape == x.shape and got.dtype == dtype

@@ -26,6 +26,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,7 +169,10 @@ async def run_load(
     if workload not in WORKLOADS:
         raise ValueError(f"workload must be one of {WORKLOADS}, got {workload!r}")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    async with httpx2.AsyncClient(headers=headers, timeout=None) as client:
+    # A new connection per request: a kept-alive one that the server closed meanwhile (llama-server does) fails
+    # the next request with "Server disconnected"; a loopback connect costs ~0.1 ms.
+    limits = httpx2.Limits(max_keepalive_connections=0)
+    async with httpx2.AsyncClient(headers=headers, timeout=None, limits=limits) as client:
         try:
             response = await client.get(f"{base_url}/models")
         except httpx2.TransportError as e:
@@ -219,22 +223,26 @@ async def run_load(
 
 def launch_server(model_dir: str | Path, *flags: str, timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
     """Start ``hyla serve MODEL_DIR FLAGS...`` on a free loopback port, for a benchmark to drive; returns the
-    process (stop it with SIGTERM) and its ``/v1`` URL once it accepts connections."""
+    process (stop it with SIGTERM) and its ``/v1`` URL once it accepts connections. Its log goes to a temporary
+    file (a pipe nobody reads during the run could fill and stall the server), shown if it fails to start."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "hyla", "serve", str(model_dir), "--port", str(port), *flags]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return server, f"http://127.0.0.1:{port}/v1"
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                raise RuntimeError(f"hyla serve did not start:\n{server.communicate()[1]}") from None
-            time.sleep(0.2)
+    with tempfile.TemporaryFile("w+") as log:  # the server keeps writing to it after this handle closes
+        server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return server, f"http://127.0.0.1:{port}/v1"
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    server.kill()
+                    server.wait()
+                    log.seek(0)
+                    raise RuntimeError(f"hyla serve did not start:\n{log.read()[-3000:]}") from None
+                time.sleep(0.2)
 
 
 def format_table(rows: list[dict]) -> str:

@@ -1,0 +1,152 @@
+"""Long-context recall, measured through the serving engine: multi-query associative recall and the passkey.
+
+MQAR (Zoology, Arora et al. 2023) at the token level: ``num_pairs`` distinct keys, each followed by its value,
+then filler tokens up to ``length``, then one key asked again; the model is right when its greedy next token is
+that key's value. Keys, values and filler come from three disjoint thirds of the vocabulary, drawn from a seed.
+The queries of one context are separate requests that share the context, so the engine's prefix cache computes
+the context once. It is a probe of in-context recall: a model never trained on the task scores near chance
+(``1 / values``); ``hyla sweep``'s recall study trains models on it.
+
+Passkey (Mohtashami & Jaggi 2023): a five-digit number hidden at a given depth of repetitive filler text, then
+"What is the pass key? The pass key is"; right when the greedy continuation starts with the number.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from hyla.errors import ConfigError
+from hyla.serve import LLM, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+
+
+@dataclass
+class Grid:
+    """Accuracy over a grid: ``rows`` x ``columns`` cells, each ``correct / trials``."""
+
+    task: str
+    row_name: str
+    column_name: str
+    rows: list[float]
+    columns: list[float]
+    correct: list[list[int]] = field(default_factory=list)  # [len(rows)][len(columns)]
+    trials: list[list[int]] = field(default_factory=list)
+    chance: float = 0.0
+
+    def accuracy(self, i: int, j: int) -> float:
+        return self.correct[i][j] / self.trials[i][j] if self.trials[i][j] else float("nan")
+
+    def table(self) -> str:
+        """A markdown table: one row per ``rows`` value, one column per ``columns`` value."""
+        head = f"| {self.row_name} \\ {self.column_name} | " + " | ".join(f"{c:g}" for c in self.columns) + " |"
+        lines = [head, "|" + "---|" * (len(self.columns) + 1)]
+        for i, r in enumerate(self.rows):
+            cells = " | ".join(f"{self.accuracy(i, j):.2f}" for j in range(len(self.columns)))
+            lines.append(f"| {r:g} | {cells} |")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {
+            "task": self.task, self.row_name: self.rows, self.column_name: self.columns, "chance": self.chance,
+            "accuracy": [[self.accuracy(i, j) for j in range(len(self.columns))] for i in range(len(self.rows))],
+            "correct": self.correct, "trials": self.trials,
+        }  # fmt: skip
+
+
+def _vocabulary(llm: LLM) -> list[int]:
+    """The ids a task may use: the tokenizer's, without special tokens (end of text, ...)."""
+    engine = llm.engine
+    special = {i for i, token in engine.tokenizer.get_added_tokens_decoder().items() if token.special}
+    return [i for i in range(engine.vocab_size) if i not in special]
+
+
+def _check_length(llm: LLM, longest: int, task: str) -> None:
+    limit = llm.engine.config.max_model_len
+    if longest > limit:
+        raise ConfigError(f"{task}: a {longest}-token prompt and its answer do not fit the context of {limit} tokens")
+
+
+def mqar_context(rng: random.Random, ids: list[int], num_pairs: int, length: int) -> tuple[list[int], dict[int, int]]:
+    """``[length]`` tokens: ``num_pairs`` key-value pairs then filler; and the key -> value map.
+
+    Keys, values and filler come from the first, second and last third of ``ids``.
+    """
+    third = len(ids) // 3
+    if num_pairs > third:
+        raise ConfigError(f"mqar: {num_pairs} pairs need {num_pairs} distinct keys; the vocabulary gives {third}")
+    if 2 * num_pairs >= length:
+        raise ConfigError(f"mqar: {num_pairs} pairs and a query need more than {length} tokens")
+    keys = rng.sample(ids[:third], num_pairs)
+    pairs = {k: rng.choice(ids[third : 2 * third]) for k in keys}
+    tokens = [t for k in keys for t in (k, pairs[k])]
+    tokens += [rng.choice(ids[2 * third :]) for _ in range(length - 1 - len(tokens))]
+    return tokens, pairs
+
+
+def mqar(llm: LLM, lengths: list[int], pairs: list[int], contexts: int = 8, queries: int = 4, seed: int = 0) -> Grid:
+    """Accuracy by ``lengths`` (tokens including the query) x ``pairs``; ``contexts`` random contexts per cell,
+    ``queries`` keys asked of each (without repeats, at most ``num_pairs``)."""
+    _check_length(llm, max(lengths) + 1, "mqar")
+    ids = _vocabulary(llm)
+    rng = random.Random(seed)
+    grid = Grid("mqar", "length", "pairs", [float(n) for n in lengths], [float(p) for p in pairs])
+    grid.chance = 1 / (len(ids) // 3)
+    for length in lengths:
+        prompts, answers = [], []
+        for num_pairs in pairs:
+            for _ in range(contexts):
+                context, kv = mqar_context(rng, ids, num_pairs, length)
+                for key in rng.sample(sorted(kv), min(queries, num_pairs)):
+                    prompts.append([*context, key])
+                    answers.append((num_pairs, kv[key]))
+        outputs = llm.generate(prompts, GREEDY)
+        correct = dict.fromkeys(pairs, 0)
+        trials = dict.fromkeys(pairs, 0)
+        for (num_pairs, value), (out,) in zip(answers, outputs, strict=True):
+            trials[num_pairs] += 1
+            correct[num_pairs] += out.token_ids[:1] == [value]
+        grid.correct.append([correct[p] for p in pairs])
+        grid.trials.append([trials[p] for p in pairs])
+    return grid
+
+
+PASSKEY_INTRO = (
+    "There is an important number hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about it.\n"
+)
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
+PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key.\n"
+PASSKEY_QUESTION = "What is the pass key? The pass key is"
+
+
+def passkey_prompt(llm: LLM, key: int, length: int, depth: float) -> list[int]:
+    """About ``length`` tokens: the intro, filler with the needle after ``depth`` (0..1) of it, the question."""
+    encode = llm.engine.encode
+    intro, needle, question = encode(PASSKEY_INTRO), encode(PASSKEY_NEEDLE.format(key=key)), encode(PASSKEY_QUESTION)
+    filler = encode(PASSKEY_FILLER)
+    room = length - len(intro) - len(needle) - len(question)
+    if room < 0:
+        raise ConfigError(f"passkey: {length} tokens cannot hold the intro, the needle and the question")
+    repeats = room // len(filler)
+    before = round(depth * repeats)
+    return intro + filler * before + needle + filler * (repeats - before) + question
+
+
+def passkey(llm: LLM, lengths: list[int], depths: list[float], trials: int = 4, seed: int = 0) -> Grid:
+    """Accuracy by context ``lengths`` (tokens) x needle ``depths`` (0: at the start, 1: just before the
+    question), ``trials`` random keys per cell."""
+    if any(not 0 <= d <= 1 for d in depths):
+        raise ConfigError(f"passkey: depths must be in [0, 1], got {depths}")
+    _check_length(llm, max(lengths) + 8, "passkey")
+    rng = random.Random(seed)
+    grid = Grid("passkey", "length", "depth", [float(n) for n in lengths], list(depths), chance=1e-5)
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    for length in lengths:
+        keys = [[rng.randrange(10_000, 100_000) for _ in range(trials)] for _ in depths]
+        prompts = [passkey_prompt(llm, key, length, d) for d, row in zip(depths, keys, strict=True) for key in row]
+        outputs = iter(llm.generate(prompts, params))
+        grid.correct.append([sum(next(outputs)[0].text.strip().startswith(str(key)) for key in row) for row in keys])
+        grid.trials.append([trials] * len(depths))
+    return grid
