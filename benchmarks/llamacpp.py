@@ -157,7 +157,7 @@ def main() -> None:
                         help="the folder holding llama-server (default: $LLAMA_CPP_BIN)")  # fmt: skip
     parser.add_argument("--outtypes", nargs="+", default=["f32"], choices=["f32", "bf16", "q8_0"],
                         help="llama.cpp weight types (hyla serves float32, its best dtype here)")  # fmt: skip
-    parser.add_argument("--prefill", type=int, nargs="+", default=[512, 2048, 8192])
+    parser.add_argument("--prefill", type=int, nargs="*", default=[512, 2048, 8192])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--workloads", nargs="*", default=["chat", "agent"], choices=["chat", "agent"])
     parser.add_argument("--repeats", type=int, default=3)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 import hyla
 from hyla.bench import append_result, machine_description, run_times
+from hyla.ops.linear import can_pack, pack, packed_linear
 from hyla.serve.runner import transpose_weights
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -55,16 +56,18 @@ def tokens_per_expert(num_tokens: int, top_k: int, num_experts: int) -> list[int
 
 
 def decode_step(model: hyla.HylaForCausalLM, m: int) -> Callable[[], None]:
+    """The step's products as the serving engine runs them: dense weights packed for oneDNN from two rows on."""
     dense, experts = matrices(model)
     inputs = {w.shape[1]: torch.randn(m, w.shape[1]) for w in dense}
+    packed = [pack(w) if m > 1 and can_pack(w) else None for w in dense]
     counts = tokens_per_expert(m, model.config.num_experts_per_tok, model.config.num_experts)
     hidden = torch.randn(max(counts), model.config.hidden_size)
     inner = torch.randn(max(counts), model.config.intermediate_size)
 
     @torch.inference_mode()
     def step() -> None:
-        for w in dense:
-            F.linear(inputs[w.shape[1]], w)
+        for w, p in zip(dense, packed, strict=True):
+            F.linear(inputs[w.shape[1]], w) if p is None else packed_linear(inputs[w.shape[1]], p)
         for gate_up, down in experts:
             for e, n in enumerate(counts):
                 F.linear(hidden[:n], gate_up[e])

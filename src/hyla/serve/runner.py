@@ -8,12 +8,14 @@ from __future__ import annotations
 import itertools
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hyla.config import LIGHTNING, HylaConfig
 from hyla.model import HylaForCausalLM
 from hyla.ops.attention import paged_attention
 from hyla.ops.lightning import lightning_attention, lightning_decode
+from hyla.ops.linear import can_pack, pack, packed_linear
 from hyla.ops.precision import compute_dtype
 from hyla.ops.varlen import Varlen
 from hyla.serve.scheduler import ScheduledSeq, SchedulerOutput
@@ -29,8 +31,8 @@ class ModelRunner:
     """Preallocated pools for every layer: ``[S, H, D, D]`` states and ``[P, H, D, D]`` snapshots per lightning
     layer, ``[num_blocks, block_size, Hkv, D]`` keys and values per softmax layer.
 
-    The engine takes ownership of the model: it is put in eval mode and, on the CPU, its weight matrices are
-    re-laid out in place (:func:`transpose_weights`; same values)."""
+    The engine takes ownership of the model: it is put in eval mode and, on the CPU, its weights are prepared for
+    small batches (:func:`prepare_cpu_weights`: same values, same parameters)."""
 
     def __init__(
         self,
@@ -46,7 +48,7 @@ class ModelRunner:
         param = next(model.parameters())
         self.device, dtype = param.device, param.dtype
         if self.device.type == "cpu":
-            transpose_weights(model)
+            prepare_cpu_weights(model)
         config = model.config
         self.block_size = block_size
         h, hkv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -172,6 +174,41 @@ class StepCache:
             )
             out[0, nd:] = o[self.query_valid]
         return out
+
+
+def prepare_cpu_weights(model: nn.Module) -> None:
+    """Every matrix stored transposed (:func:`transpose_weights`), and every ``nn.Linear`` whose weight oneDNN
+    takes computing through a packed copy of it (:mod:`hyla.ops.linear`; a decode step of 8 requests of the
+    `small` preset 46.8 -> 39.8 ms, 32 requests 70.2 -> 62.4 ms, measured on 2 EPYC cores; one row, as in a decode
+    step of one request, keeps the transposed weight: no faster packed).
+
+    The parameters stay what they were (``state_dict`` and saving are unchanged); the copy costs the dense
+    weights' memory once more, is made again if a weight is changed in place, and is not used where autograd
+    needs the weight's gradient.
+    """
+    transpose_weights(model)
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and can_pack(module.weight):
+            _use_packed_weight(module)
+
+
+def _use_packed_weight(module: nn.Linear) -> None:
+    def identity() -> tuple[int, int]:  # which tensor, and how often it was changed in place
+        return module.weight.data_ptr(), module.weight._version
+
+    packed = {identity(): pack(module.weight)}
+
+    def forward(x: Tensor) -> Tensor:
+        # One row runs as fast through the transposed weight; autograd needs the plain product.
+        if x.numel() <= x.shape[-1] or (torch.is_grad_enabled() and module.weight.requires_grad):
+            return F.linear(x, module.weight, module.bias)
+        key = identity()
+        if key not in packed:  # the weight was changed or replaced (an optimizer step, a load)
+            packed.clear()
+            packed[key] = pack(module.weight)
+        return packed_linear(x, packed[key], module.bias)
+
+    module.forward = forward
 
 
 def transpose_weights(model: nn.Module) -> None:

@@ -1,0 +1,34 @@
+"""Linear layers with weights prepacked for oneDNN: the CPU's small-batch products of a serving step.
+
+PyTorch's CPU ``F.linear`` (the reference) multiplies a few rows by a weight through a general matrix kernel
+that reads the weight at 4-10 GB/s here once more than one row comes; oneDNN with the weight reordered once
+into its blocked layout keeps 12-16 GB/s from 1 to 8 rows (measured on 40 matrices of 1536 x 512, float32,
+2 EPYC cores: 2 rows 9.8 -> 16.5 GB/s, 4 rows 5.6 -> 12.0, 8 rows 5.7 -> 11.7, 32 rows 4.3 -> 6.5; one row
+equal). The same products, same values up to summation order.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def can_pack(weight: Tensor) -> bool:
+    """Whether :func:`pack` takes ``weight``: a float32 matrix on the CPU, in a build with oneDNN."""
+    return (
+        weight.dim() == 2
+        and weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+    )
+
+
+def pack(weight: Tensor) -> Tensor:
+    """``weight`` ``[out, in]`` reordered into oneDNN's layout for :func:`packed_linear` (a new tensor)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
+
+
+def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)`` with ``packed = pack(weight)``: ``[..., in]`` -> ``[..., out]``."""
+    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "")
+    return out.view(*x.shape[:-1], out.shape[-1])
