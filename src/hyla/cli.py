@@ -29,6 +29,7 @@ from hyla.ops.precision import DTYPES
 from hyla.runtime import auto_dtype, tune_malloc
 from hyla.serve import LLM, EngineConfig, SamplingParams
 from hyla.serve.api import DEFAULT_MAX_REQUEST_BYTES
+from hyla.serve.engine import QUANTIZE
 from hyla.train.loop import TrainConfig, load_train_toml, train
 
 # The prompts of the samples at the end of `hyla train` (the default corpus is Python code).
@@ -466,10 +467,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the model's)", "enable_prefix_caching": "reuse the KV blocks and lightning "
                    "states of earlier requests' shared prefixes (exact)", "prefix_cache_gb": "memory for "
                    "lightning-state snapshots, GB", "snapshot_every": "inside long prompts, a snapshot every this "
-                   "many tokens"}  # fmt: skip
+                   "many tokens", "quantize": "int8: the linear layers (not the experts) with int8 weights, CPU "
+                   "float32 only (measured in RESULTS.md)"}  # fmt: skip
     for f in dataclasses.fields(EngineConfig):
-        kind = {"bool": argparse.BooleanOptionalAction, "float": float}.get(f.type, int)
+        kind = {"bool": argparse.BooleanOptionalAction, "float": float, "str | None": str}.get(f.type, int)
         typed = {"action": kind} if kind is argparse.BooleanOptionalAction else {"type": kind}
+        if f.name == "quantize":
+            typed["choices"] = [q for q in QUANTIZE if q]
         srv.add_argument(f"--{f.name.replace('_', '-')}", **typed, default=f.default,
                          help=f"{engine_help[f.name]} (default: {f.default})")  # fmt: skip
     srv.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond which new ones get 503")

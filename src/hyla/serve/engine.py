@@ -28,6 +28,9 @@ from hyla.serve.scheduler import Request, Scheduler, Status
 DEFAULT_KV_TOKENS = 2**16
 
 
+QUANTIZE = (None, "int8")
+
+
 @dataclass
 class EngineConfig:
     """The engine's limits. ``max_model_len=None`` is the model's ``max_position_embeddings``.
@@ -36,7 +39,10 @@ class EngineConfig:
 
     Prefix caching (``enable_prefix_caching``) keeps finished requests' KV blocks and snapshots of their lightning
     states for later requests that share a prefix: ``prefix_cache_gb`` is the snapshot pool's budget, and inside
-    long prompts a snapshot is taken every ``snapshot_every`` tokens (rounded up to whole blocks)."""
+    long prompts a snapshot is taken every ``snapshot_every`` tokens (rounded up to whole blocks).
+
+    ``quantize="int8"`` runs the linear layers (attention projections, router, LM head; not the experts) with int8
+    weights on the CPU (:func:`~hyla.ops.linear.quantize_int8`; float32 models only)."""
 
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 512
@@ -46,6 +52,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     prefix_cache_gb: float = 0.25
     snapshot_every: int = 256
+    quantize: str | None = None
 
     def resolve(self, max_position_embeddings: int) -> EngineConfig:
         """A copy with the defaults filled in; raises :class:`ConfigError` naming a limit that cannot work."""
@@ -54,7 +61,8 @@ class EngineConfig:
         num_blocks = self.num_blocks or -(-tokens // self.block_size)
         check_fields(self, [(name, getattr(self, name) >= 1, "must be >= 1") for name in
                             ("max_num_seqs", "max_num_batched_tokens", "block_size", "snapshot_every")])  # fmt: skip
-        check_fields(self, [("prefix_cache_gb", self.prefix_cache_gb >= 0, "must be >= 0")])
+        check_fields(self, [("prefix_cache_gb", self.prefix_cache_gb >= 0, "must be >= 0"),
+                            ("quantize", self.quantize in QUANTIZE, f"must be one of {QUANTIZE}")])  # fmt: skip
         if max_model_len > max_position_embeddings:
             raise ConfigError(f"max_model_len {max_model_len} exceeds the model's context {max_position_embeddings}")
         if num_blocks * self.block_size < max_model_len:
@@ -124,7 +132,8 @@ class LLMEngine:
         self.cache = CacheManager(c.max_num_seqs, c.num_blocks, c.block_size, num_snapshots)
         self.scheduler = Scheduler(self.cache, c.max_num_seqs, c.max_num_batched_tokens, c.snapshot_every)
         self.vocab_size = min(tokenizer.get_vocab_size(), model.config.vocab_size)
-        self.runner = ModelRunner(model, c.max_num_seqs, c.num_blocks, c.block_size, num_snapshots, self.vocab_size)
+        self.runner = ModelRunner(model, c.max_num_seqs, c.num_blocks, c.block_size, num_snapshots, self.vocab_size,
+                                  c.quantize)  # fmt: skip
         self.model = self.runner.model
         eos = model.config.eos_token_id
         self.eos_token_id = eos if eos is not None and eos < self.vocab_size else tokenizer.token_to_id(END_OF_TEXT)

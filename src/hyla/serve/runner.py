@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hyla.config import LIGHTNING, HylaConfig
+from hyla.errors import ConfigError
 from hyla.model import HylaForCausalLM
 from hyla.ops.attention import paged_attention
 from hyla.ops.lightning import lightning_attention, lightning_decode
-from hyla.ops.linear import can_pack, pack, packed_linear
+from hyla.ops.linear import can_pack, int8_linear, pack, packed_linear, quantize_int8
 from hyla.ops.precision import compute_dtype
 from hyla.ops.varlen import Varlen
 from hyla.serve.scheduler import ScheduledSeq, SchedulerOutput
@@ -42,13 +43,16 @@ class ModelRunner:
         block_size: int,
         num_snapshots: int,
         vocab_limit: int,
+        quantize: str | None = None,
     ) -> None:
         self.model = model.eval()
         self.vocab_limit = vocab_limit  # logits at or past it (padding past the tokenizer's ids) are dropped
         param = next(model.parameters())
         self.device, dtype = param.device, param.dtype
+        if quantize and (self.device.type != "cpu" or dtype != torch.float32):
+            raise ConfigError(f"quantize={quantize!r} runs on the CPU with a float32 model, not {self.device} {dtype}")
         if self.device.type == "cpu":
-            prepare_cpu_weights(model)
+            prepare_cpu_weights(model, quantize)
         config = model.config
         self.block_size = block_size
         h, hkv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -176,7 +180,7 @@ class StepCache:
         return out
 
 
-def prepare_cpu_weights(model: nn.Module) -> None:
+def prepare_cpu_weights(model: nn.Module, quantize: str | None = None) -> None:
     """Every matrix stored transposed (:func:`transpose_weights`), and every ``nn.Linear`` whose weight oneDNN
     takes computing through a packed copy of it (:mod:`hyla.ops.linear`; a decode step of 8 requests of the
     `small` preset 46.8 -> 39.8 ms, 32 requests 70.2 -> 62.4 ms, measured on 2 EPYC cores; one row, as in a decode
@@ -184,29 +188,33 @@ def prepare_cpu_weights(model: nn.Module) -> None:
 
     The parameters stay what they were (``state_dict`` and saving are unchanged); the copy costs the dense
     weights' memory once more, is made again if a weight is changed in place, and is not used where autograd
-    needs the weight's gradient.
+    needs the weight's gradient. With ``quantize="int8"`` the copy is int8 (:func:`~hyla.ops.linear.int8_linear`)
+    and used for every row count.
     """
     transpose_weights(model)
     for module in model.modules():
         if isinstance(module, nn.Linear) and can_pack(module.weight):
-            _use_packed_weight(module)
+            _use_packed_weight(module, quantize == "int8")
 
 
-def _use_packed_weight(module: nn.Linear) -> None:
+def _use_packed_weight(module: nn.Linear, int8: bool) -> None:
     def identity() -> tuple[int, int]:  # which tensor, and how often it was changed in place
         return module.weight.data_ptr(), module.weight._version
 
-    packed = {identity(): pack(module.weight)}
+    def build() -> object:
+        return quantize_int8(module.weight, module.bias) if int8 else pack(module.weight)
+
+    packed = {identity(): build()}
 
     def forward(x: Tensor) -> Tensor:
         # One row runs as fast through the transposed weight; autograd needs the plain product.
-        if x.numel() <= x.shape[-1] or (torch.is_grad_enabled() and module.weight.requires_grad):
+        if (x.numel() <= x.shape[-1] and not int8) or (torch.is_grad_enabled() and module.weight.requires_grad):
             return F.linear(x, module.weight, module.bias)
         key = identity()
         if key not in packed:  # the weight was changed or replaced (an optimizer step, a load)
             packed.clear()
-            packed[key] = pack(module.weight)
-        return packed_linear(x, packed[key], module.bias)
+            packed[key] = build()
+        return int8_linear(x, packed[key]) if int8 else packed_linear(x, packed[key], module.bias)
 
     module.forward = forward
 
