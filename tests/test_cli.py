@@ -282,3 +282,21 @@ def test_export_writes_a_gguf_of_a_run_and_keeps_an_existing_one(trained):
     assert path.read_bytes() == before
     out = run("export", str(tmp_path / "corpus"))
     assert out.returncode == 2 and "is not a model directory" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_eval_prints_a_table_and_writes_json_and_png(trained):
+    tmp_path, _ = trained
+    out = run("eval", "mqar", str(tmp_path / "r"), "--lengths", "24", "48", "--pairs", "2", "4", "--contexts", "2",
+              "--queries", "2", "--out", str(tmp_path / "ev"))  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "| length \\ pairs | 2 | 4 |" in out.stdout and "| 48 |" in out.stdout
+    result = json.loads((tmp_path / "ev" / "mqar.json").read_text())
+    assert result["trials"] == [[4, 4], [4, 4]] and (tmp_path / "ev" / "mqar.png").is_file()
+    out = run("eval", "loss", str(tmp_path / "r"), "--data", str(tmp_path / "corpus"), "--context", "64",
+              "--out", str(tmp_path / "ev"))  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "| positions | mean loss (nats) | tokens |" in out.stdout and "held-out" in out.stdout
+    out = run("eval", "passkey", str(tmp_path / "r"), "--lengths", "100000")
+    assert out.returncode == 2 and "do not fit the context" in out.stderr and "Traceback" not in out.stderr
+    out = run("eval", "mqar", str(tmp_path / "corpus"))
+    assert out.returncode == 2 and "is not a model directory" in out.stderr

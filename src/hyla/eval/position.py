@@ -68,7 +68,8 @@ def document_ids(
     ids = [e.ids[: context + 1] for e in tokenizer.encode_batch(chosen)]
     ids = [x for x in ids if len(x) > 1]
     if not ids:
-        raise DataError("no document of two tokens or more in --data" + (" (held-out split)" if held_out else ""))
+        where = " among the run's held-out documents (--all reads every document)" if held_out is not None else ""
+        raise DataError(f"no document of two tokens or more in the data{where}")
     return ids, "held-out" if held_out is not None else "all"
 
 
