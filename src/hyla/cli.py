@@ -7,6 +7,7 @@ Start with `hyla train` (a small code model on this Python's standard library, ~
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -216,9 +217,9 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**fields, model=overrides)
 
 
-def run_train(args: argparse.Namespace) -> int:
-    """``hyla train``: Ctrl-C or SIGTERM stops at the end of the step, saves a checkpoint and says how to resume."""
-    cfg = _train_config(args)
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[threading.Event]:
+    """An event set by the first SIGINT or SIGTERM (training stops after the step); a second one stops at once."""
     stop = threading.Event()
     main = int(os.environ.get("RANK", "0")) == 0
 
@@ -232,13 +233,33 @@ def run_train(args: argparse.Namespace) -> int:
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        metrics = train(cfg, resume=args.resume, overwrite=args.overwrite, stop=stop, sampler=_samples)
+        yield stop
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if main:
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """``hyla train``: Ctrl-C or SIGTERM stops at the end of the step, saves a checkpoint and says how to resume."""
+    cfg = _train_config(args)
+    with _stop_on_signals() as stop:
+        metrics = train(cfg, resume=args.resume, overwrite=args.overwrite, stop=stop, sampler=_samples)
+    if int(os.environ.get("RANK", "0")) == 0:
         print(_train_summary(cfg, metrics))
     return 130 if metrics.get("interrupted") else 0
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    """``hyla sweep``: a grid of runs; Ctrl-C stops after the step, the same command continues."""
+    from hyla.train import sweep
+
+    with _stop_on_signals() as stop:
+        rows = sweep.sweep(args.grid, args.out, stop, log=lambda line: print(line, flush=True))
+    if stop.is_set():
+        return 130
+    print(f"\n{sweep.table(rows)}\n\nwrote {Path(args.out) / 'sweep.json'} and "
+          f"{sweep.plot(rows, Path(args.out) / 'sweep.png')}")  # fmt: skip
+    return 0
 
 
 def _train_summary(cfg: TrainConfig, m: dict) -> str:
@@ -427,6 +448,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
     tr.add_argument("--overwrite", action="store_true", help="replace the run in --run-dir, deleting its files")
 
+    sw = commands.add_parser("sweep", help="train a grid of runs: layer patterns x depths x budgets",
+                             description="Train every cell of a grid file (TOML: [base] run fields, [model] "
+                             "model fields, [grid] pattern = [softmax, lightning, hybrid:N], depth = [...], steps = "
+                             "[...]; see hyla/train/sweep.py) as a `hyla train` run under OUT/runs, skipping "
+                             "finished runs and resuming interrupted ones; prints a table and writes "
+                             "OUT/sweep.json and OUT/sweep.png.")  # fmt: skip
+    sw.add_argument("grid", help="the grid file (TOML)")
+    sw.add_argument("--out", required=True, help="the sweep's directory (runs, tokenizer, results)")
+
     gen = commands.add_parser("generate", help="continue a prompt with a model",
                               description="Stream a continuation of a prompt, then print the prefill and decode "
                               "speed.")  # fmt: skip
@@ -582,6 +612,7 @@ def main(argv: list[str] | None = None) -> int:
         "train": run_train,
         "export": run_export,
         "eval": run_eval,
+        "sweep": run_sweep,
         "context": run_bench_context,
         "serve-bench": run_bench_serve,
     }

@@ -1,0 +1,118 @@
+"""hyla sweep: a grid of real (seconds-long) runs, skipped when done, resumed when stopped, checked up front."""
+
+import json
+import threading
+
+import pytest
+
+from hyla.config import LIGHTNING, SOFTMAX
+from hyla.errors import ConfigError
+from hyla.train.sweep import flops, layer_types, read_grid, sweep
+from tests.data.test_data import small_corpus
+
+BASE = """
+[base]
+vocab_size = 300
+tokens_per_batch = 256
+max_seq_len = 64
+eval_every = 4
+eval_batches = 1
+eval_fraction = 0.1
+warmup = 1
+data = "{data}"
+cache_dir = "{cache}"
+[model]
+num_experts = 2
+num_experts_per_tok = 1
+block_size = 16
+"""
+
+
+def grid_file(tmp_path, grid: str):
+    corpus = tmp_path / "corpus"
+    if not corpus.exists():
+        small_corpus(corpus, n=20)
+    path = tmp_path / "grid.toml"
+    path.write_text(BASE.format(data=corpus, cache=tmp_path / "cache") + grid)
+    return path
+
+
+def test_layer_patterns_and_the_depth_dial():
+    assert layer_types("hybrid:4", 8) == [LIGHTNING] * 3 + [SOFTMAX] + [LIGHTNING] * 3 + [SOFTMAX]
+    assert layer_types("softmax", 2) == [SOFTMAX] * 2 and layer_types("lightning", 3) == [LIGHTNING] * 3
+    with pytest.raises(ConfigError, match="depth 4 has none"):
+        layer_types("hybrid:8", 4)
+    with pytest.raises(ConfigError, match="hybrid:N"):
+        layer_types("hybrid", 4)
+
+
+def test_flops_count_active_parameters_and_softmax_attention(tmp_path):
+    (cell_l, cell_s) = read_grid(grid_file(tmp_path, '[grid]\npattern = ["lightning", "softmax"]\ndepth = [2]\n'
+                                           "steps = [3]\n"), tmp_path / "out")  # fmt: skip
+    m = cell_l.model
+    expected = 6 * (m.num_parameters(active=True) - m.vocab_size * m.hidden_size) * 1000
+    assert flops(m, 1000, 64) == expected
+    s = cell_s.model
+    attention = 6 * 2 * 64 * s.num_attention_heads * s.head_dim * 1000  # two softmax layers at T = 64
+    assert flops(s, 1000, 64) == 6 * (s.num_parameters(active=True) - s.vocab_size * s.hidden_size) * 1000 + attention
+
+
+@pytest.mark.slow
+def test_a_grid_runs_skips_what_is_done_and_resumes_what_stopped(tmp_path):
+    path = grid_file(tmp_path, '[grid]\npattern = ["lightning", "hybrid:2"]\ndepth = [2]\nsteps = [2, 3]\n')
+    out = tmp_path / "out"
+    stop = threading.Event()
+    lines = []
+
+    def log(line):
+        lines.append(line)
+        if line.startswith("[2/4]"):
+            stop.set()  # Ctrl-C while the second run starts: it stops after its first step
+
+    rows = sweep(path, out, stop, log)
+    assert [r["run"] for r in rows] == ["lightning-d2-s2"] and "run the same command again" in lines[-1]
+    assert not (out / "runs" / "lightning-d2-s3" / "report.json").exists()
+    lines.clear()
+    rows = sweep(path, out, None, lines.append)
+    assert lines[0] == "[1/4] lightning-d2-s2: done before, skipped"
+    assert lines[1] == "[2/4] lightning-d2-s3: resuming"
+    assert [r["run"] for r in rows] == ["lightning-d2-s2", "lightning-d2-s3", "hybrid2-d2-s2", "hybrid2-d2-s3"]
+    saved = json.loads((out / "sweep.json").read_text())
+    assert [r["held_out_loss"] for r in saved] == [r["held_out_loss"] for r in rows]
+    for r in rows:
+        report = json.loads((out / "runs" / r["run"] / "report.json").read_text())
+        assert report["held_out_loss"] == r["held_out_loss"] and r["tokens"] == r["steps"] * 256
+    train = json.loads((out / "runs" / "hybrid2-d2-s3" / "train.json").read_text())
+    assert train["model"]["layer_types"] == [LIGHTNING, SOFTMAX] and train["tokenizer"] == str(out / "tokenizer.json")
+    lines.clear()
+    sweep(path, out, None, lines.append)  # everything done: nothing trains
+    assert all(line.endswith("done before, skipped") for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("grid", "message"),
+    [
+        ('[grid]\npattern = ["hybrid:8"]\ndepth = [2]\nsteps = [3]\n', "depth 2 has none"),
+        ('[grid]\npattern = ["softmax"]\ndepth = [0]\nsteps = [3]\n', "depth must be >= 1"),
+        ('[grid]\npattern = ["softmax"]\ndepth = [1]\n', "needs \\[grid\\] with pattern, depth and steps"),
+        ('[grid]\npattern = ["softmax"]\ndepth = [1]\nsteps = [0]\n', "steps"),
+    ],
+)
+def test_a_grid_that_cannot_work_is_refused_before_any_run(tmp_path, grid, message):
+    with pytest.raises(ConfigError, match=message):
+        sweep(grid_file(tmp_path, grid), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_command_prints_the_table_and_writes_json_and_png(tmp_path):
+    import subprocess
+    import sys
+
+    path = grid_file(tmp_path, '[grid]\npattern = ["hybrid:2"]\ndepth = [2]\nsteps = [2]\n')
+    cmd = [sys.executable, "-m", "hyla", "sweep", str(path), "--out", str(tmp_path / "out")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "| hybrid2-d2-s2 |" in out.stdout and (tmp_path / "out" / "sweep.png").is_file()
+    path.write_text(path.read_text().replace("depth = [2]", "depth = [1]"))
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "hyla: error: pattern hybrid:2" in out.stderr and "Traceback" not in out.stderr
