@@ -257,8 +257,16 @@ def run_sweep(args: argparse.Namespace) -> int:
         rows = sweep.sweep(args.grid, args.out, stop, log=lambda line: print(line, flush=True))
     if stop.is_set():
         return 130
-    print(f"\n{sweep.table(rows)}\n\nwrote {Path(args.out) / 'sweep.json'} and "
-          f"{sweep.plot(rows, Path(args.out) / 'sweep.png')}")  # fmt: skip
+    out = Path(args.out)
+    print(f"\n{sweep.table(rows)}\n\nwrote {out / 'sweep.json'} and {sweep.plot(rows, out / 'sweep.png')}")
+    fits = sweep.fit_families(rows)
+    if fits:
+        (out / "fits.json").write_text(json.dumps(fits, indent=1) + "\n")
+        for pattern, law in fits.items():
+            ci = {p: "[{:.3g}, {:.3g}]".format(*law["intervals"][p]) for p in ("E", "alpha", "beta")}
+            print(f"{pattern}: L = {law['E']:.3f} {ci['E']} + {law['A']:.3g}/N^{law['alpha']:.3f} {ci['alpha']} "
+                  f"+ {law['B']:.3g}/D^{law['beta']:.3f} {ci['beta']} ({law['runs']} runs)")  # fmt: skip
+        print(f"wrote {out / 'fits.json'} (the laws, 95% bootstrap intervals and compute-optimal N, D per decade)")
     return 0
 
 

@@ -116,3 +116,20 @@ def test_the_command_prints_the_table_and_writes_json_and_png(tmp_path):
     path.write_text(path.read_text().replace("depth = [2]", "depth = [1]"))
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "hyla: error: pattern hybrid:2" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_families_with_five_runs_or_more_get_a_law_and_a_frontier():
+    from hyla.train.scaling import Fit
+    from hyla.train.sweep import fit_families
+
+    law = Fit(E=2.0, A=50.0, B=300.0, alpha=0.4, beta=0.3)
+    rows = [{"pattern": "hybrid:8", "n": n, "tokens": d, "held_out_loss": float(law.loss(n, d)), "flops": 6 * n * d}
+            for n in (1e4, 4e4, 1.6e5) for d in (1e6, 4e6, 1.6e7)]  # fmt: skip
+    rows += [{"pattern": "softmax", "n": 1e4, "tokens": 1e6, "held_out_loss": 3.0, "flops": 6e10}]  # too few runs
+    fits = fit_families(rows, bootstrap=5)
+    assert list(fits) == ["hybrid:8"] and fits["hybrid:8"]["runs"] == 9
+    hybrid = fits["hybrid:8"]
+    assert hybrid["alpha"] == pytest.approx(0.4, rel=0.05) and hybrid["E"] == pytest.approx(2.0, rel=0.02)
+    frontier = hybrid["frontier"]
+    assert [f["flops"] for f in frontier] == [10.0**c for c in range(10, 15)]  # the decades around 6e10..1.5e13
+    assert all(6 * f["n"] * f["tokens"] == pytest.approx(f["flops"]) for f in frontier)

@@ -38,6 +38,8 @@ import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from hyla.config import LIGHTNING, SOFTMAX, HylaConfig, preset
 from hyla.data.corpus import discover
 from hyla.data.shards import train_documents
@@ -69,11 +71,16 @@ def model_fields(pattern: str, depth: int) -> dict:
                 num_key_value_heads=depth, intermediate_size=hidden, layer_types=types)  # fmt: skip
 
 
+def scaling_parameters(config: HylaConfig) -> int:
+    """``N`` of the FLOP count and of the scaling law: active parameters without the embedding table (a lookup)."""
+    return config.num_parameters(active=True) - config.vocab_size * config.hidden_size
+
+
 def flops(config: HylaConfig, tokens: int, seq_len: int) -> float:
     """Training compute of ``tokens`` tokens (the module docstring's formula)."""
-    active = config.num_parameters(active=True) - config.vocab_size * config.hidden_size  # the table is a lookup
     softmax = sum(t == SOFTMAX for t in config.layer_types)
-    return 6 * active * tokens + 6 * softmax * seq_len * config.num_attention_heads * config.head_dim * tokens
+    attention = 6 * softmax * seq_len * config.num_attention_heads * config.head_dim * tokens
+    return 6 * scaling_parameters(config) * tokens + attention
 
 
 @dataclass
@@ -164,10 +171,31 @@ def sweep(grid: str | Path, out: str | Path, stop: threading.Event | None = None
         tokens = cell.config.steps * cell.config.tokens_per_batch * cell.config.grad_accum
         rows.append({"run": cell.name, "pattern": cell.pattern, "depth": cell.depth, "steps": cell.steps,
                      "parameters": cell.model.num_parameters(), "active": cell.model.num_parameters(active=True),
-                     "tokens": tokens, "flops": flops(cell.model, tokens, cell.config.max_seq_len),
+                     "n": scaling_parameters(cell.model), "tokens": tokens,
+                     "flops": flops(cell.model, tokens, cell.config.max_seq_len),
                      "held_out_loss": report["held_out_loss"], "config": asdict(cell.config)})  # fmt: skip
     (out / "sweep.json").write_text(json.dumps(rows, indent=1) + "\n")
     return rows
+
+
+def fit_families(rows: list[dict], bootstrap: int = 100) -> dict[str, dict]:
+    """Per pattern with at least 5 runs, the law ``L(N, D)`` (:func:`hyla.train.scaling.fit`, ``N`` = ``n``,
+    ``D`` = training tokens) and its compute-optimal ``(N, D, L)`` at each decade of the sweep's FLOPs."""
+    from hyla.train.scaling import fit
+
+    fits = {}
+    for pattern in dict.fromkeys(r["pattern"] for r in rows):
+        runs = [r for r in rows if r["pattern"] == pattern]
+        if len(runs) < 5:
+            continue
+        law = fit([r["n"] for r in runs], [r["tokens"] for r in runs], [r["held_out_loss"] for r in runs],
+                  bootstrap=bootstrap)  # fmt: skip
+        decades = range(int(np.floor(np.log10(min(r["flops"] for r in rows)))),
+                        int(np.ceil(np.log10(max(r["flops"] for r in rows)))) + 1)  # fmt: skip
+        frontier = [dict(zip(("flops", "n", "tokens", "loss"), (10.0**c, *law.optimal(10.0**c)), strict=True))
+                    for c in decades]  # fmt: skip
+        fits[pattern] = {**law.to_json(), "runs": len(runs), "frontier": frontier}
+    return fits
 
 
 def plot(rows: list[dict], path: Path) -> Path:
