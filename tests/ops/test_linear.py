@@ -73,3 +73,19 @@ def test_engine_int8_runs_close_to_float32_and_refuses_what_it_cannot_do():
     with pytest.raises(ConfigError, match="float32"):
         bf16 = hyla.HylaForCausalLM(hyla.preset("tiny")).to(torch.bfloat16)
         LLM(bf16, byte_level_tokenizer(), EngineConfig(quantize="int8"))
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_a_copied_prepared_layer_computes_with_its_own_weight(quantize):
+    import copy
+
+    layer = nn.Linear(16, 8)
+    prepare_cpu_weights(layer, quantize)
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        layer(x)  # packed from the original's weight
+        twin = copy.deepcopy(layer)
+        twin.weight.mul_(3)
+        tolerance = 0.03 if quantize else 1e-6
+        assert rel_err(twin(x), F.linear(x, twin.weight, twin.bias)) < tolerance
+        assert rel_err(layer(x), F.linear(x, layer.weight, layer.bias)) < tolerance

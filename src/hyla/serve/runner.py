@@ -6,6 +6,7 @@ restores, one forward over every request's new tokens packed in one row, then th
 from __future__ import annotations
 
 import itertools
+import types
 
 import torch
 import torch.nn.functional as F
@@ -197,26 +198,31 @@ def prepare_cpu_weights(model: nn.Module, quantize: str | None = None) -> None:
             _use_packed_weight(module, quantize == "int8")
 
 
+class _PackedCopies(dict):
+    """A linear layer's packed weight, keyed by ``(data_ptr, version)`` of the weight it was made from. A copied
+    module starts with none (its weight is another tensor; the copy packs its own on first use)."""
+
+    def __deepcopy__(self, memo: dict) -> _PackedCopies:
+        return _PackedCopies()
+
+
 def _use_packed_weight(module: nn.Linear, int8: bool) -> None:
-    def identity() -> tuple[int, int]:  # which tensor, and how often it was changed in place
-        return module.weight.data_ptr(), module.weight._version
+    module._hyla_packed = _PackedCopies()
+    module._hyla_int8 = int8
+    module.forward = types.MethodType(_packed_forward, module)  # a bound method: copies rebind to the copy
 
-    def build() -> object:
-        return quantize_int8(module.weight, module.bias) if int8 else pack(module.weight)
 
-    packed = {identity(): build()}
-
-    def forward(x: Tensor) -> Tensor:
-        # One row runs as fast through the transposed weight; autograd needs the plain product.
-        if (x.numel() <= x.shape[-1] and not int8) or (torch.is_grad_enabled() and module.weight.requires_grad):
-            return F.linear(x, module.weight, module.bias)
-        key = identity()
-        if key not in packed:  # the weight was changed or replaced (an optimizer step, a load)
-            packed.clear()
-            packed[key] = build()
-        return int8_linear(x, packed[key]) if int8 else packed_linear(x, packed[key], module.bias)
-
-    module.forward = forward
+def _packed_forward(module: nn.Linear, x: Tensor) -> Tensor:
+    weight, int8 = module.weight, module._hyla_int8
+    # One row runs as fast through the transposed weight; autograd needs the plain product.
+    if (x.numel() <= x.shape[-1] and not int8) or (torch.is_grad_enabled() and weight.requires_grad):
+        return F.linear(x, weight, module.bias)
+    key = (weight.data_ptr(), weight._version)  # which tensor, and how often it was changed in place
+    packed = module._hyla_packed
+    if key not in packed:  # the weight was changed or replaced (an optimizer step, a load), or this is a copy
+        packed.clear()
+        packed[key] = quantize_int8(weight, module.bias) if int8 else pack(weight)
+    return int8_linear(x, packed[key]) if int8 else packed_linear(x, packed[key], module.bias)
 
 
 def transpose_weights(model: nn.Module) -> None:
