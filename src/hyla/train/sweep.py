@@ -12,9 +12,10 @@ A grid is a TOML file::
     steps = [100, 200]
 
 ``depth`` is the one dial that derives a model's shape (as nanochat's ``--depth``): ``depth`` layers, hidden size
-``64 depth``, heads of 32 channels (``2 depth`` query heads, ``depth`` key-value heads), experts of width
-``64 depth``. Patterns: ``softmax`` (every layer), ``lightning`` (none), ``hybrid:N`` (every ``N``-th layer
-softmax: MiniMax-01's 7:1 is ``hybrid:8``; needs ``depth >= N``). Every cell is checked before the first run
+``width x depth`` (``[grid] width``, default 64 channels per layer), heads of 32 channels (half as many key-value
+heads), experts as wide as the hidden size. Patterns: ``softmax`` (every layer), ``lightning`` (none),
+``hybrid:N`` (every ``N``-th layer softmax: MiniMax-01's 7:1 is ``hybrid:8``; needs ``depth >= N``, and
+``width = 32`` keeps its 8 layers at 256 channels). Every cell is checked before the first run
 starts. The runs share one tokenizer, trained once into ``OUT/tokenizer.json``.
 
 A run whose ``report.json`` holds a complete held-out evaluation is skipped, one with a checkpoint is resumed,
@@ -62,13 +63,17 @@ def layer_types(pattern: str, depth: int) -> list[str]:
     return [SOFTMAX if (i + 1) % int(period) == 0 else LIGHTNING for i in range(depth)]
 
 
-def model_fields(pattern: str, depth: int) -> dict:
-    """The model fields ``depth`` derives (see the module docstring)."""
+def model_fields(pattern: str, depth: int, width: int = 64) -> dict:
+    """The model fields ``depth`` derives with ``width`` channels per layer (see the module docstring)."""
     if depth < 1:
-        raise ConfigError(f"depth must be >= 1 (it gives the layers and 2 x depth heads), got {depth}")
-    hidden, types = 64 * depth, layer_types(pattern, depth)
-    return dict(num_hidden_layers=depth, hidden_size=hidden, head_dim=32, rotary_dim=32, num_attention_heads=2 * depth,
-                num_key_value_heads=depth, intermediate_size=hidden, layer_types=types)  # fmt: skip
+        raise ConfigError(f"depth must be >= 1 (it gives the layers and the width), got {depth}")
+    if width < 32 or width % 32:
+        raise ConfigError(f"width must be a positive multiple of 32 (the head size), got {width}")
+    hidden, types = width * depth, layer_types(pattern, depth)
+    heads = hidden // 32
+    return dict(num_hidden_layers=depth, hidden_size=hidden, head_dim=32, rotary_dim=32, num_attention_heads=heads,
+                num_key_value_heads=heads // 2 if heads % 2 == 0 else heads, intermediate_size=hidden,
+                layer_types=types)  # fmt: skip
 
 
 def scaling_parameters(config: HylaConfig) -> int:
@@ -107,6 +112,7 @@ def read_grid(path: str | Path, out: str | Path) -> list[Cell]:
         raise ConfigError(f"grid file {str(path)!r} is not valid TOML: {e}") from None
     unknown = sorted(set(spec) - {"base", "model", "grid"})
     grid = spec.get("grid", {})
+    width = grid.pop("width", 64)
     if unknown or sorted(grid) != ["depth", "pattern", "steps"]:
         raise ConfigError(f"grid file {str(path)!r} needs [grid] with pattern, depth and steps (and optional [base] "
                           f"and [model]); found sections {sorted(spec)} and grid keys {sorted(grid)}")  # fmt: skip
@@ -118,7 +124,7 @@ def read_grid(path: str | Path, out: str | Path) -> list[Cell]:
             raise ConfigError(f"[base] may not set {name}: the sweep sets it for each run")
     cells = []
     for pattern, depth, steps in itertools.product(grid["pattern"], grid["depth"], grid["steps"]):
-        fields = {**spec.get("model", {}), **model_fields(pattern, depth)}
+        fields = {**spec.get("model", {}), **model_fields(pattern, depth, width)}
         try:
             model = preset("demo").replace(vocab_size=base.get("vocab_size", 384), **fields)
             cell_config = TrainConfig(**base, model=fields, steps=steps, run_dir=str(Path(out) / "runs"))
