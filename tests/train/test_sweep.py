@@ -46,6 +46,16 @@ def test_layer_patterns_and_the_depth_dial():
         layer_types("hybrid", 4)
 
 
+def test_the_width_setting_narrows_every_depth(tmp_path):
+    grid = '[grid]\npattern = ["hybrid:8"]\ndepth = [8]\nsteps = [3]\nwidth = 32\n'
+    (cell,) = read_grid(grid_file(tmp_path, grid), tmp_path / "out")
+    m = cell.model
+    assert (m.num_hidden_layers, m.hidden_size, m.num_attention_heads, m.num_key_value_heads) == (8, 256, 8, 4)
+    assert m.layer_types == [LIGHTNING] * 7 + [SOFTMAX]
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        read_grid(grid_file(tmp_path, grid.replace("width = 32", "width = 48")), tmp_path / "out")
+
+
 def test_flops_count_active_parameters_and_softmax_attention(tmp_path):
     (cell_l, cell_s) = read_grid(grid_file(tmp_path, '[grid]\npattern = ["lightning", "softmax"]\ndepth = [2]\n'
                                            "steps = [3]\n"), tmp_path / "out")  # fmt: skip
