@@ -130,3 +130,15 @@ def test_unigram_entropy():
     uniform = TokenShard(np.arange(8, dtype=np.uint16).repeat(5), np.array([0, 40]))
     assert unigram_entropy(uniform, 16) == pytest.approx(np.log(8))
     assert unigram_entropy(TokenShard(np.zeros(9, dtype=np.uint16), np.array([0, 9])), 16) == 0.0
+
+
+def test_greedy_packing_keeps_order_and_sends_a_too_long_piece_alone():
+    import numpy as np
+    import torch
+
+    from hyla.data.packing import pack_greedy
+
+    pieces = [np.arange(n) for n in (3, 4, 10, 2, 5)]
+    batches = list(pack_greedy(iter(pieces), 8))
+    assert [b[1].tolist() for b in batches] == [[0, 3, 7], [0, 10], [0, 2, 7]]
+    assert torch.equal(torch.cat([b[0][0] for b in batches]), torch.from_numpy(np.concatenate(pieces)))

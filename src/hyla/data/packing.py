@@ -10,7 +10,7 @@ pieces are packed greedily into batches of at most ``tokens_per_batch`` tokens. 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -41,22 +41,23 @@ def packed_batches(
     if len(shard) == 0:
         raise ValueError("cannot draw batches from an empty shard")
     endless = itertools.chain.from_iterable(pieces(shard, max_seq_len, seed + e) for e in itertools.count())
-    yield from _group(endless, tokens_per_batch)
+    yield from pack_greedy(endless, tokens_per_batch)
 
 
 def epoch_batches(
     shard: TokenShard, tokens_per_batch: int, max_seq_len: int, seed: int = 0
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Every token of the shard once (one epoch, the last batch possibly smaller): a full evaluation."""
-    yield from _group(pieces(shard, max_seq_len, seed), tokens_per_batch)
+    yield from pack_greedy(pieces(shard, max_seq_len, seed), tokens_per_batch)
 
 
-def _group(stream: Iterator[np.ndarray], tokens_per_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Pieces packed greedily, in order, into batches of at most ``tokens_per_batch`` tokens."""
+def pack_greedy(stream: Iterable[np.ndarray], tokens_per_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Pieces packed greedily, in order, into batches of at most ``tokens_per_batch`` tokens (a longer piece goes
+    alone): ``tokens`` ``[1, n]`` and ``cu_seqlens`` ``[k + 1]``, both int64."""
     batch: list[np.ndarray] = []
     size = 0
     for piece in stream:
-        if size + len(piece) > tokens_per_batch:
+        if batch and size + len(piece) > tokens_per_batch:
             yield _collate(batch)
             batch, size = [], 0
         batch.append(piece)

@@ -9,13 +9,16 @@ in the late buckets; one that forgets flattens out. The documents are packed, se
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from hyla.data.corpus import Source, documents
+from hyla.data.packing import pack_greedy
 from hyla.data.shards import is_eval
 from hyla.errors import DataError
 from hyla.model import HylaForCausalLM
@@ -56,16 +59,9 @@ def document_ids(
 ) -> tuple[list[list[int]], str]:
     """Up to ``limit`` documents as token ids, each cut to ``context + 1`` tokens; with ``held_out`` (a run's
     eval fraction) only the documents that run held out. Returns the ids and the split's name."""
-    chosen = []
-    for source in sources:
-        for index, text in enumerate(documents(source)):
-            if held_out is None or is_eval(source, index, held_out):
-                chosen.append(text)
-            if len(chosen) == limit:
-                break
-        if len(chosen) == limit:
-            break
-    ids = [e.ids[: context + 1] for e in tokenizer.encode_batch(chosen)]
+    texts = (text for source in sources for index, text in enumerate(documents(source))
+             if held_out is None or is_eval(source, index, held_out))  # fmt: skip
+    ids = [e.ids[: context + 1] for e in tokenizer.encode_batch(list(itertools.islice(texts, limit)))]
     ids = [x for x in ids if len(x) > 1]
     if not ids:
         where = " among the run's held-out documents (--all reads every document)" if held_out is not None else ""
@@ -79,18 +75,12 @@ def loss_by_position(model: HylaForCausalLM, docs: list[list[int]], split: str, 
     length = max(len(d) for d in docs) - 1
     sums, counts = torch.zeros(length, dtype=torch.float64), torch.zeros(length, dtype=torch.long)
     device = next(model.parameters()).device
-    batch: list[list[int]] = []
-    for i, doc in enumerate(docs):
-        batch.append(doc)
-        if i + 1 == len(docs) or sum(map(len, batch)) + len(docs[i + 1]) > tokens_per_batch:
-            lengths = torch.tensor([0] + [len(d) for d in batch])
-            cu_seqlens = torch.cumsum(lengths, 0).to(device=device, dtype=torch.int32)
-            ids = torch.tensor([t for d in batch for t in d], device=device)
-            logits = model(ids[None], cu_seqlens=cu_seqlens).logits[0].float()  # [ΣT, V]
-            for d, start in zip(batch, cu_seqlens[:-1].tolist(), strict=True):
-                n = len(d) - 1
-                nll = F.cross_entropy(logits[start : start + n], ids[start + 1 : start + 1 + n], reduction="none")
-                sums[:n] += nll.double().cpu()
-                counts[:n] += 1
-            batch = []
+    for tokens, cu_seqlens in pack_greedy((np.asarray(d) for d in docs), tokens_per_batch):
+        ids = tokens[0].to(device)
+        logits = model(ids[None], cu_seqlens=cu_seqlens.to(device)).logits[0].float()  # [ΣT, V]
+        for start, end in itertools.pairwise(cu_seqlens.tolist()):
+            n = end - start - 1
+            nll = F.cross_entropy(logits[start : end - 1], ids[start + 1 : end], reduction="none")
+            sums[:n] += nll.double().cpu()
+            counts[:n] += 1
     return PositionLoss(sums.tolist(), counts.tolist(), len(docs), split)
