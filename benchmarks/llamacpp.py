@@ -31,7 +31,6 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -43,7 +42,7 @@ import torch
 
 import hyla
 from hyla.bench import append_result, machine_description
-from hyla.bench.serve import launch_server, run_load
+from hyla.bench.serve import free_port, launch_server, run_load
 from hyla.data.corpus import discover, documents
 from hyla.data.tokenizer import train_bpe
 from hyla.interop.gguf import export_gguf
@@ -72,9 +71,7 @@ def soname_links(bin_dir: Path, folder: Path) -> Path:
 def start_llama_server(bin_dir: Path, libraries: Path, gguf_path: Path, slots: int, context: int):
     """``llama-server`` on a free port with ``slots`` parallel slots, all cores, its log in a file beside the
     model (a pipe nobody reads would fill and stall it); returns it and its /v1 URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     threads = str(os.cpu_count())
     cmd = [str(bin_dir / "llama-server"), "-m", str(gguf_path), "--port", str(port), "-t", threads, "-tb", threads,
            "-np", str(slots), "-c", str(context)]  # fmt: skip

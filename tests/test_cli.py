@@ -9,6 +9,7 @@ import time
 import pytest
 
 import hyla
+from hyla.bench.serve import free_port
 from hyla.data.tokenizer import byte_level_tokenizer
 
 
@@ -45,14 +46,6 @@ def test_bad_directory_is_one_clear_line(tmp_path):
         == f"hyla: error: model directory '{tmp_path / 'missing'}' does not exist or is not a directory"
     )
     assert "Traceback" not in out.stderr
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ from tokenizers import Tokenizer
 
 from hyla.checkpoint import find_model_dir, load
 from hyla.config import preset
-from hyla.data.tokenizer import byte_level_tokenizer, load_tokenizer
+from hyla.data.tokenizer import byte_level_tokenizer, load_chat_template, load_tokenizer
 from hyla.errors import HylaError
 from hyla.model import HylaForCausalLM
 from hyla.ops.precision import DTYPES
@@ -48,9 +48,9 @@ def resolve_dtype(name: str, device: str) -> tuple[torch.dtype, str]:
     return dtype, f"dtype auto: {str(dtype).removeprefix('torch.')}, as {why}"
 
 
-def _model_and_tokenizer(model_dir: str | None, preset_name: str, dtype: str, tokenizer_path: str | None):
-    """A trained model (a model or run directory) with its tokenizer, or a random preset with byte tokens, and
-    a line that says what was loaded."""
+def _model_and_tokenizer(model_dir: str | None, dtype: str, tokenizer_path: str | None, preset_name: str = "small"):
+    """A trained model (a model or run directory) with its tokenizer, or without a directory a random
+    ``preset_name`` with byte tokens, and a line that says what was loaded."""
     path = None if model_dir is None else find_model_dir(model_dir)
     torch_dtype, dtype_text = resolve_dtype(dtype, "cpu")
     if path is None:
@@ -66,7 +66,7 @@ def _model_and_tokenizer(model_dir: str | None, preset_name: str, dtype: str, to
 def run_generate(args: argparse.Namespace) -> None:
     """Stream a continuation of ``--prompt``, then report prefill and decode speed."""
     torch.manual_seed(args.seed)
-    model, tokenizer, loaded = _model_and_tokenizer(args.model_dir, args.preset, args.dtype, args.tokenizer)
+    model, tokenizer, loaded = _model_and_tokenizer(args.model_dir, args.dtype, args.tokenizer, args.preset)
     context = min(model.config.max_position_embeddings, 4096)
     llm = LLM(model, tokenizer, EngineConfig(max_num_seqs=1, max_model_len=context))
     print(loaded, file=sys.stderr)
@@ -172,11 +172,10 @@ def _stdin_lines(prompt: str) -> Iterator[str]:
 
 
 def run_chat(args: argparse.Namespace) -> None:
-    model, tokenizer, loaded = _model_and_tokenizer(args.model_dir, args.preset, args.dtype, args.tokenizer)
+    model, tokenizer, loaded = _model_and_tokenizer(args.model_dir, args.dtype, args.tokenizer, args.preset)
     template = None
     if args.model_dir is not None and args.mode != "completion":
-        settings = find_model_dir(args.model_dir) / "tokenizer_config.json"
-        template = json.loads(settings.read_text()).get("chat_template") if settings.is_file() else None
+        template = load_chat_template(find_model_dir(args.model_dir))
     if args.mode == "chat" and template is None:
         raise HylaError("--mode chat needs a chat_template in the model directory's tokenizer_config.json")
     context = min(model.config.max_position_embeddings, args.context)
@@ -340,8 +339,7 @@ def run_export(args: argparse.Namespace) -> None:
     path = find_model_dir(args.model_dir)
     output = Path(args.output or Path(args.model_dir) / f"{Path(args.model_dir).resolve().name}-{args.outtype}.gguf")
     tokenizer = load_tokenizer(args.tokenizer or path)
-    settings = path / "tokenizer_config.json"
-    template = json.loads(settings.read_text()).get("chat_template") if settings.is_file() else None
+    template = load_chat_template(path)
     model = load(path)
     start = time.perf_counter()
     kept = export_gguf(model, tokenizer, output, args.outtype, Path(args.model_dir).resolve().name,
@@ -361,12 +359,9 @@ def run_eval(args: argparse.Namespace) -> None:
     from hyla import eval as evaluation
     from hyla.data.corpus import discover
 
-    path = find_model_dir(args.model_dir)
-    tokenizer = load_tokenizer(args.tokenizer or path)
-    dtype, dtype_text = resolve_dtype(args.dtype, "cpu")
-    model = load(path, dtype=dtype)
+    model, tokenizer, loaded = _model_and_tokenizer(args.model_dir, args.dtype, args.tokenizer)
     name = Path(args.model_dir).resolve().name
-    print(f"# {path}: {model.config.num_parameters() / 1e6:.1f}M parameters; {dtype_text}", file=sys.stderr)
+    print(loaded, file=sys.stderr)
     start = time.perf_counter()
     if args.task == "loss":
         run = Path(args.model_dir) / "train.json"
@@ -418,18 +413,25 @@ def run_bench_serve(args: argparse.Namespace) -> None:
 # -- the parser ------------------------------------------------------------------------------------------------
 
 
-def _add_model_args(parser: argparse.ArgumentParser, what: str) -> None:
-    parser.add_argument(
-        "model_dir",
-        nargs="?",
-        default=None,
-        help=f"a model directory or a `hyla train` run directory (default: a random {what})",
-    )
-    parser.add_argument("--preset", default="small", help="the random model's preset without a directory")
+MODEL_DIR_HELP = "a model directory or a `hyla train` run directory"
+
+
+def _add_tokenizer_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default=None, metavar="PATH",
                         help="a tokenizer.json (default: the model directory's)")  # fmt: skip
+
+
+def _add_dtype_arg(parser: argparse.ArgumentParser, gpu: bool = False) -> None:
+    where = "on a GPU or a CPU with AMX/AVX512-BF16" if gpu else "where the CPU has AMX/AVX512-BF16"
     parser.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
-                        help="auto: bfloat16 where the CPU has AMX/AVX512-BF16, else float32")  # fmt: skip
+                        help=f"auto: bfloat16 {where}, else float32")  # fmt: skip
+
+
+def _add_model_args(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("model_dir", nargs="?", default=None, help=f"{MODEL_DIR_HELP} (default: a random {what})")
+    parser.add_argument("--preset", default="small", help="the random model's preset without a directory")
+    _add_tokenizer_arg(parser)
+    _add_dtype_arg(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -489,15 +491,13 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Serve a model directory (or a run directory's model) with continuous "
                               "batching behind /v1/completions, /v1/chat/completions, /v1/models, /health and "
                               "/metrics. SIGINT/SIGTERM shut it down gracefully.")  # fmt: skip
-    srv.add_argument("model_dir", help="a model directory or a `hyla train` run directory")
+    srv.add_argument("model_dir", help=MODEL_DIR_HELP)
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     srv.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
     srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
     srv.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the directory's)")
-    srv.add_argument("--tokenizer", default=None, metavar="PATH",
-                     help="a tokenizer.json (default: the model directory's)")  # fmt: skip
-    srv.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
-                     help="auto: bfloat16 on a GPU or a CPU with AMX/AVX512-BF16, else float32")  # fmt: skip
+    _add_tokenizer_arg(srv)
+    _add_dtype_arg(srv, gpu=True)
     srv.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     engine_help = {"max_num_seqs": "requests generated at once", "max_num_batched_tokens": "tokens in one step",
                    "block_size": "tokens per KV-cache block", "num_blocks": "KV-cache blocks (default: sized "
@@ -525,13 +525,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "that llama.cpp's MiniMax-01 architecture runs (llama-server, llama-cli, "
                              "llama-cpp-python). Models llama.cpp would compute differently (per-sub-layer DeepNorm "
                              "factors, betas other than 1, pre-norm) are refused with the reason.")  # fmt: skip
-    ex.add_argument("model_dir", help="a model directory or a `hyla train` run directory")
+    ex.add_argument("model_dir", help=MODEL_DIR_HELP)
     ex.add_argument("--format", choices=["gguf"], default="gguf", help="the file format (default: gguf)")
     ex.add_argument("--outtype", choices=["f32", "bf16", "q8_0"], default="f32",
                     help="the matrices' type; norms and the router stay f32 (default: f32)")  # fmt: skip
     ex.add_argument("--output", default=None, metavar="FILE",
                     help="where to write (default: MODEL_DIR/NAME-OUTTYPE.gguf)")  # fmt: skip
-    ex.add_argument("--tokenizer", default=None, metavar="PATH", help="a tokenizer.json (default: the model's)")
+    _add_tokenizer_arg(ex)
     ex.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
 
     ev = commands.add_parser("eval", help="measure recall from context (mqar, passkey) and loss by position",
@@ -545,10 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
     for task, what in (("mqar", "multi-query associative recall"), ("passkey", "a number hidden in filler text"),
                        ("loss", "held-out loss by token position")):  # fmt: skip
         t = tasks.add_parser(task, help=what, description=what)
-        t.add_argument("model_dir", help="a model directory or a `hyla train` run directory")
-        t.add_argument("--tokenizer", default=None, metavar="PATH", help="a tokenizer.json (default: the model's)")
-        t.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
-                       help="auto: bfloat16 where the CPU has AMX/AVX512-BF16, else float32")  # fmt: skip
+        t.add_argument("model_dir", help=MODEL_DIR_HELP)
+        _add_tokenizer_arg(t)
+        _add_dtype_arg(t)
         t.add_argument("--out", default=None, metavar="DIR", help="where TASK.json and TASK.png go (default: "
                        "MODEL_DIR/eval)")  # fmt: skip
         t.add_argument("--seed", type=int, default=0, help="the random tasks' seed (default: 0)")

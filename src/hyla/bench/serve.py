@@ -221,13 +221,18 @@ async def run_load(
     return LoadResult(concurrency, records, wall, workload)
 
 
+def free_port() -> int:
+    """A loopback port nobody listens on now, for a server a benchmark or test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch_server(model_dir: str | Path, *flags: str, timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
     """Start ``hyla serve MODEL_DIR FLAGS...`` on a free loopback port, for a benchmark to drive; returns the
     process (stop it with SIGTERM) and its ``/v1`` URL once it accepts connections. Its log goes to a temporary
     file (a pipe nobody reads during the run could fill and stall the server), shown if it fails to start."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "hyla", "serve", str(model_dir), "--port", str(port), *flags]
     deadline = time.monotonic() + timeout
     with tempfile.TemporaryFile("w+") as log:  # the server keeps writing to it after this handle closes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -57,3 +58,15 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         return Tokenizer.from_file(str(file))
     except Exception as e:  # tokenizers raises a bare Exception for malformed files
         raise DataError(f"cannot read the tokenizer {file}: {e}") from None
+
+
+def load_chat_template(model_dir: str | Path) -> str | None:
+    """The ``chat_template`` of model directory ``model_dir``'s ``tokenizer_config.json`` (as transformers keeps
+    it), or None without one; :class:`~hyla.errors.DataError` naming the file when it cannot be read."""
+    file = Path(model_dir) / "tokenizer_config.json"
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text()).get("chat_template")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise DataError(f"cannot read {file}: {e}") from None

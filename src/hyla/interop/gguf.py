@@ -26,6 +26,7 @@ import torch
 from tokenizers import Tokenizer
 
 from hyla.config import LIGHTNING, HylaConfig
+from hyla.data.tokenizer import END_OF_TEXT
 from hyla.errors import CheckpointError, ConfigError
 from hyla.model import HylaForCausalLM
 
@@ -145,7 +146,7 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Tokenizer, vocab_size: in
     writer.add_token_types(types)
     writer.add_token_merges(merges)
     writer.add_add_bos_token(False)
-    end = tokenizer.token_to_id("<|endoftext|>")
+    end = tokenizer.token_to_id(END_OF_TEXT)
     if end is not None:
         writer.add_eos_token_id(end)
         writer.add_bos_token_id(end)

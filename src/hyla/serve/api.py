@@ -438,7 +438,7 @@ def serve(
     import uvicorn
 
     from hyla.checkpoint import load
-    from hyla.data.tokenizer import load_tokenizer
+    from hyla.data.tokenizer import load_chat_template, load_tokenizer
 
     if not 0 <= port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {port}")
@@ -446,8 +446,7 @@ def serve(
         raise ValueError("--max-request-bytes must be >= 1 and --shutdown-timeout >= 0")
     tokenizer = load_tokenizer(tokenizer_path or model_dir)
     model = load(model_dir, dtype=dtype, device=device)
-    settings = Path(model_dir) / "tokenizer_config.json"
-    chat_template = json.loads(settings.read_text()).get("chat_template") if settings.is_file() else None
+    chat_template = load_chat_template(model_dir)
     engine = AsyncEngine(LLMEngine(model, tokenizer, config), max_waiting, start_thread=False)
     name = model_name or Path(model_dir).resolve().name
     app = build_app(engine, name, api_key, chat_template, max_request_bytes)

@@ -118,21 +118,30 @@ class TrainConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
-def load_train_toml(path: str | Path) -> dict:
-    """The fields of a :class:`TrainConfig` from a TOML file (``[model]``: preset overrides), checked by name."""
+def read_toml(path: str | Path, what: str) -> dict:
+    """A TOML file's tables; :class:`ConfigError` saying which ``what`` (``"config file"``, ...) is missing or
+    malformed."""
     try:
-        fields = tomllib.loads(Path(path).read_text())
+        return tomllib.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+        raise ConfigError(f"{what} {str(path)!r} does not exist") from None
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+        raise ConfigError(f"{what} {str(path)!r} is not valid TOML: {e}") from None
+
+
+def train_fields(fields: dict, source: str) -> dict:
+    """``fields`` checked by name against :class:`TrainConfig` (``source`` names them in the error), with TOML's
+    arrays made the tuples the config holds."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:
-        raise ConfigError(f"config file {str(path)!r}: unknown fields {unknown}; known: {sorted(known)}")
-    if "betas" in fields:
-        fields["betas"] = tuple(fields["betas"])
-    return fields
+        raise ConfigError(f"{source}: unknown fields {unknown}; known: {sorted(known)}")
+    return {**fields, "betas": tuple(fields["betas"])} if "betas" in fields else dict(fields)
+
+
+def load_train_toml(path: str | Path) -> dict:
+    """The fields of a :class:`TrainConfig` from a TOML file (``[model]``: preset overrides), checked by name."""
+    return train_fields(read_toml(path, "config file"), f"config file {str(path)!r}")
 
 
 @dataclass

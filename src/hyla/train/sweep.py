@@ -35,7 +35,6 @@ from __future__ import annotations
 import itertools
 import json
 import threading
-import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -46,7 +45,7 @@ from hyla.data.corpus import discover
 from hyla.data.shards import train_documents
 from hyla.data.tokenizer import train_bpe
 from hyla.errors import ConfigError
-from hyla.train.loop import TrainConfig, train
+from hyla.train.loop import TrainConfig, read_toml, train, train_fields
 
 
 def layer_types(pattern: str, depth: int) -> list[str]:
@@ -93,46 +92,35 @@ class Cell:
     pattern: str
     depth: int
     steps: int
+    name: str  # the run directory's name: hybrid8-d4-s100
     config: TrainConfig
     model: HylaConfig
-
-    @property
-    def name(self) -> str:
-        return f"{self.pattern.replace(':', '')}-d{self.depth}-s{self.steps}"
 
 
 def read_grid(path: str | Path, out: str | Path) -> list[Cell]:
     """Every cell of the grid file ``path``, checked (the model builds, the run config validates); runs go under
     ``out``. Raises :class:`ConfigError` naming the first problem."""
-    try:
-        spec = tomllib.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"grid file {str(path)!r} does not exist") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"grid file {str(path)!r} is not valid TOML: {e}") from None
+    spec = read_toml(path, "grid file")
     unknown = sorted(set(spec) - {"base", "model", "grid"})
     grid = spec.get("grid", {})
     width = grid.pop("width", 64)
     if unknown or sorted(grid) != ["depth", "pattern", "steps"]:
         raise ConfigError(f"grid file {str(path)!r} needs [grid] with pattern, depth and steps (and optional [base] "
                           f"and [model]); found sections {sorted(spec)} and grid keys {sorted(grid)}")  # fmt: skip
-    base = dict(spec.get("base", {}))
-    if "betas" in base:
-        base["betas"] = tuple(base["betas"])
+    base = train_fields(spec.get("base", {}), f"grid file {str(path)!r} [base]")
     for name in ("run_dir", "model", "steps", "tokenizer"):
         if name in base:
             raise ConfigError(f"[base] may not set {name}: the sweep sets it for each run")
     cells = []
     for pattern, depth, steps in itertools.product(grid["pattern"], grid["depth"], grid["steps"]):
         fields = {**spec.get("model", {}), **model_fields(pattern, depth, width)}
+        name = f"{pattern.replace(':', '')}-d{depth}-s{steps}"
         try:
             model = preset("demo").replace(vocab_size=base.get("vocab_size", 384), **fields)
-            cell_config = TrainConfig(**base, model=fields, steps=steps, run_dir=str(Path(out) / "runs"))
+            config = TrainConfig(**base, model=fields, steps=steps, run_dir=str(Path(out) / "runs" / name))
         except TypeError as e:
             raise ConfigError(f"grid file {str(path)!r}: {e}") from None
-        cell = Cell(pattern, depth, steps, cell_config, model)
-        cell.config.run_dir = str(Path(out) / "runs" / cell.name)
-        cells.append(cell)
+        cells.append(Cell(pattern, depth, steps, name, config, model))
     return cells
 
 
