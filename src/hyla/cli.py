@@ -256,15 +256,20 @@ def run_sweep(args: argparse.Namespace) -> int:
         rows = sweep.sweep(args.grid, args.out, stop, log=lambda line: print(line, flush=True))
     if stop.is_set():
         return 130
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return 0
     out = Path(args.out)
-    print(f"\n{sweep.table(rows)}\n\nwrote {out / 'sweep.json'} and {sweep.plot(rows, out / 'sweep.png')}")
-    fits = sweep.fit_families(rows)
+    fits = {} if "mqar" in rows[0] else sweep.fit_families(rows)
+    print(f"\n{sweep.table(rows)}\n\nwrote {out / 'sweep.json'} and {sweep.plot(rows, out / 'sweep.png', fits)}")
     if fits:
         (out / "fits.json").write_text(json.dumps(fits, indent=1) + "\n")
         for pattern, law in fits.items():
             ci = {p: "[{:.3g}, {:.3g}]".format(*law["intervals"][p]) for p in ("E", "alpha", "beta")}
             print(f"{pattern}: L = {law['E']:.3f} {ci['E']} + {law['A']:.3g}/N^{law['alpha']:.3f} {ci['alpha']} "
                   f"+ {law['B']:.3g}/D^{law['beta']:.3f} {ci['beta']} ({law['runs']} runs)")  # fmt: skip
+            if not law["floor_identified"]:
+                print(f"  {pattern}: the fitted floor E is at its bound (0): these runs are too far from convergence "
+                      "to identify it, so the law and its frontier extrapolate; train longer or larger")  # fmt: skip
         print(f"wrote {out / 'fits.json'} (the laws, 95% bootstrap intervals and compute-optimal N, D per decade)")
     return 0
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from hyla.data.corpus import discover, documents, stdlib_dir
-from hyla.data.packing import packed_batches, pieces
+from hyla.data.packing import epoch_batches, packed_batches, pieces
 from hyla.data.shards import TokenShard, build_shards, is_eval, train_documents
 from hyla.data.tokenizer import END_OF_TEXT, train_bpe
 from hyla.errors import DataError
@@ -100,7 +100,8 @@ def test_packing_covers_an_epoch_within_the_budget(tmp_path):
     total = int(shard.offsets[-1])
     streamed, batches = [], packed_batches(shard, tokens_per_batch=64, max_seq_len=32, seed=3)
     while sum(len(t) for t in streamed) < total:
-        tokens, cu_seqlens = next(batches)
+        tokens, cu_seqlens, labels = next(batches)
+        assert labels is tokens  # a corpus without segments trains on every token
         assert tokens.shape[1] <= 64 and int(cu_seqlens[-1]) == tokens.shape[1]
         assert int(cu_seqlens.diff().max()) <= 32 and int(cu_seqlens.diff().min()) >= 1
         streamed.append(tokens[0].numpy())
@@ -142,3 +143,28 @@ def test_greedy_packing_keeps_order_and_sends_a_too_long_piece_alone():
     batches = list(pack_greedy(iter(pieces), 8))
     assert [b[1].tolist() for b in batches] == [[0, 3, 7], [0, 10], [0, 2, 7]]
     assert torch.equal(torch.cat([b[0][0] for b in batches]), torch.from_numpy(np.concatenate(pieces)))
+
+
+def test_segments_not_to_train_on_become_ignored_labels(tmp_path):
+    """A prompt/completion line and a segments line: their tokens are the joined text's pieces, and the labels
+    keep exactly the trained segments' tokens (the end of text following the last segment)."""
+    from hyla.data.corpus import segments
+    from hyla.data.synthetic import word_tokenizer
+
+    rows = [{"prompt": "w1 w2 ", "completion": "w3"},
+            {"segments": [{"text": "w4 ", "train": False}, {"text": "w5 w6 "}, {"text": "w7", "train": False}]},
+            {"text": "w8 w9"}]  # fmt: skip
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (source,) = discover(tmp_path / "s.jsonl")
+    assert list(documents(source)) == ["w1 w2 w3", "w4 w5 w6 w7", "w8 w9"]
+    assert next(segments(source)) == [("w1 w2 ", False), ("w3", True)]
+    shard = build_shards([source], word_tokenizer(9), tmp_path / "cache", 0.0, progress=False)["train"]
+    assert shard.mask.tolist() == [0, 0, 1, 1, 0, 1, 1, 0, 0, 1, 1, 1]
+    batch = next(iter(epoch_batches(shard, 64, 64)))
+    kept = {tuple(t for t, y in zip(batch.tokens[0][a:b].tolist(), batch.labels[0][a:b].tolist(), strict=True)
+                  if y != -100) for a, b in itertools.pairwise(batch.cu_seqlens.tolist())}  # fmt: skip
+    assert kept == {(3, 0), (5, 6), (8, 9, 0)}
+    assert all(y in (-100, t) for t, y in zip(batch.tokens[0].tolist(), batch.labels[0].tolist(), strict=True))
+    (tmp_path / "bad.jsonl").write_text('{"segments": [{"text": 3}]}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:1: expected .*'segments'"):
+        list(documents(discover(tmp_path / "bad.jsonl")[0]))

@@ -10,25 +10,17 @@ import torch
 import torch.nn.functional as F
 
 import hyla
+from hyla.data.synthetic import mqar_document
 from hyla.data.tokenizer import byte_level_tokenizer, train_bpe
 from hyla.errors import ConfigError
 from hyla.eval import loss_by_position, mqar, passkey, save
-from hyla.eval.recall import PASSKEY_NEEDLE, mqar_context, passkey_prompt
+from hyla.eval.recall import PASSKEY_NEEDLE, passkey_prompt
 from hyla.serve import LLM, EngineConfig
 
 
 def _llm(vocab_size: int = 512, max_model_len: int = 512) -> LLM:
     model = hyla.HylaForCausalLM(hyla.preset("tiny").replace(vocab_size=vocab_size)).eval()
     return LLM(model, byte_level_tokenizer(), EngineConfig(max_model_len=max_model_len, block_size=8))
-
-
-def test_mqar_context_puts_the_pairs_first_from_disjoint_thirds():
-    ids = list(range(30))
-    tokens, pairs = mqar_context(random.Random(3), ids, 4, 40)
-    assert len(tokens) == 39 and len(pairs) == 4
-    assert tokens[:8:2] == list(pairs) and tokens[1:8:2] == list(pairs.values())
-    assert all(k < 10 for k in pairs) and all(10 <= v < 20 for v in pairs.values())
-    assert all(t >= 20 for t in tokens[8:])
 
 
 def test_mqar_counts_what_a_full_forward_predicts():
@@ -42,7 +34,7 @@ def test_mqar_counts_what_a_full_forward_predicts():
         correct = dict.fromkeys(pairs, 0)
         for num_pairs in pairs:
             for _ in range(6):
-                context, kv = mqar_context(rng, ids, num_pairs, length)
+                context, kv = mqar_document(rng, ids, num_pairs, length - 1, queries=0)
                 for key in rng.sample(sorted(kv), 2):
                     with torch.no_grad():
                         logits = model(torch.tensor([[*context, key]])).logits[0, -1, :12]

@@ -47,3 +47,24 @@ def test_two_gloo_processes_equal_one(tmp_path):
     w1 = hyla.load(tmp_path / "one" / "checkpoint" / "model").state_dict()
     w2 = hyla.load(tmp_path / "two" / "checkpoint" / "model").state_dict()
     assert all(torch.allclose(w1[k], w2[k], rtol=1e-4, atol=1e-6) for k in w1)
+
+
+@pytest.mark.slow
+def test_a_sweep_under_torchrun_equals_one_process(tmp_path):
+    """`torchrun -m hyla sweep`: the ranks share one process group across the grid's runs, rank 0 writes the
+    files; every run's held-out loss equals the single process's."""
+    from tests.train.test_sweep import grid_file
+
+    path = grid_file(tmp_path, '[grid]\npattern = ["lightning", "hybrid:2"]\ndepth = [2]\nsteps = [2]\n')
+    path.write_text(path.read_text().replace("[base]\n", "[base]\ngrad_accum = 2\n"))
+    args = ["-m", "hyla", "sweep", str(path), "--out"]
+    one = subprocess.run([sys.executable, *args, str(tmp_path / "one")], capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    two = subprocess.run([*launcher, *args, str(tmp_path / "two")], capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.count("| lightning-d2-s2 |") == 1  # one table: rank 0 reports
+    single, sharded = (json.loads((tmp_path / d / "sweep.json").read_text()) for d in ("one", "two"))
+    assert [r["run"] for r in sharded] == [r["run"] for r in single] == ["lightning-d2-s2", "hybrid2-d2-s2"]
+    for a, b in zip(single, sharded, strict=True):
+        assert b["held_out_loss"] == pytest.approx(a["held_out_loss"], rel=1e-5)

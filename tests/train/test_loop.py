@@ -194,3 +194,44 @@ def test_a_stop_during_the_final_evaluation_still_writes_the_report(tmp_path, mo
 def test_a_config_that_cannot_work_is_named(tmp_path, field, value, message):
     with pytest.raises(ConfigError, match=message):
         config(tmp_path, "r", **{"steps": 3, field: value})
+
+
+def test_a_corpus_with_segments_trains_and_evaluates_on_its_trained_tokens_only(tmp_path):
+    """Prompt/completion lines: the held-out loss and its count of targets equal a full forward per held-out
+    document scored on the completion's tokens (and the end of text after them) only."""
+    import random
+
+    import torch
+    import torch.nn.functional as F
+
+    from hyla.checkpoint import load
+    from hyla.data.corpus import discover
+    from hyla.data.shards import build_shards
+    from hyla.data.synthetic import word_tokenizer
+
+    rng = random.Random(0)
+
+    def words(n: int) -> str:
+        return "".join(f"w{rng.randint(1, 30)} " for _ in range(n))
+
+    lines = [
+        json.dumps({"prompt": words(rng.randint(1, 20)), "completion": words(rng.randint(1, 8))}) for _ in range(60)
+    ]
+    (tmp_path / "pc.jsonl").write_text("\n".join(lines) + "\n")
+    word_tokenizer(30).save(str(tmp_path / "words.json"))
+    cfg = config(tmp_path, "r", steps=4, data=str(tmp_path / "pc.jsonl"), tokenizer=str(tmp_path / "words.json"),
+                 eval_fraction=0.2)  # fmt: skip
+    report = train(cfg, progress=False)
+    model = load(tmp_path / "r" / "checkpoint" / "model").eval()
+    held_out = build_shards(discover(cfg.data), load_tokenizer(cfg.tokenizer), cfg.cache_dir, 0.2, False)["eval"]
+    total, count = 0.0, 0
+    for i in range(len(held_out)):
+        doc = torch.from_numpy(held_out.document(i).astype("int64"))
+        mask = torch.from_numpy(held_out.mask[held_out.offsets[i] : held_out.offsets[i + 1]].astype(bool))
+        with torch.no_grad():
+            logits = model(doc[None]).logits[0, :-1]
+        losses = F.cross_entropy(logits, doc[1:], reduction="none")[mask[1:]]
+        total, count = total + losses.sum().item(), count + len(losses)
+    assert 0 < count < held_out.offsets[-1] - len(held_out)  # some tokens are targets, not all
+    assert report["held_out_tokens"] == count
+    assert report["held_out_loss"] == pytest.approx(total / count, rel=1e-5)

@@ -48,16 +48,19 @@ def test_layer_patterns_and_the_depth_dial():
 
 def test_the_width_setting_narrows_every_depth(tmp_path):
     grid = '[grid]\npattern = ["hybrid:8"]\ndepth = [8]\nsteps = [3]\nwidth = 32\n'
-    (cell,) = read_grid(grid_file(tmp_path, grid), tmp_path / "out")
+    (cell,), task = read_grid(grid_file(tmp_path, grid), tmp_path / "out")
     m = cell.model
     assert (m.num_hidden_layers, m.hidden_size, m.num_attention_heads, m.num_key_value_heads) == (8, 256, 8, 4)
-    assert m.layer_types == [LIGHTNING] * 7 + [SOFTMAX]
+    assert m.layer_types == [LIGHTNING] * 7 + [SOFTMAX] and task is None and cell.name == "hybrid8-d8-s3"
+    cells, _ = read_grid(grid_file(tmp_path, grid.replace("width = 32", "width = [16, 24]")), tmp_path / "out")
+    assert [(c.name, c.model.hidden_size, c.model.num_attention_heads) for c in cells] == [
+        ("hybrid8-d8-w16-s3", 128, 4), ("hybrid8-d8-w24-s3", 192, 6)]  # fmt: skip
     with pytest.raises(ConfigError, match="multiple of 32"):
-        read_grid(grid_file(tmp_path, grid.replace("width = 32", "width = 48")), tmp_path / "out")
+        read_grid(grid_file(tmp_path, grid.replace("width = 32", "width = 6")), tmp_path / "out")
 
 
 def test_flops_count_active_parameters_and_softmax_attention(tmp_path):
-    (cell_l, cell_s) = read_grid(grid_file(tmp_path, '[grid]\npattern = ["lightning", "softmax"]\ndepth = [2]\n'
+    (cell_l, cell_s), _ = read_grid(grid_file(tmp_path, '[grid]\npattern = ["lightning", "softmax"]\ndepth = [2]\n'
                                            "steps = [3]\n"), tmp_path / "out")  # fmt: skip
     m = cell_l.model
     expected = 6 * (m.num_parameters(active=True) - m.vocab_size * m.hidden_size) * 1000
@@ -140,6 +143,59 @@ def test_families_with_five_runs_or_more_get_a_law_and_a_frontier():
     assert list(fits) == ["hybrid:8"] and fits["hybrid:8"]["runs"] == 9
     hybrid = fits["hybrid:8"]
     assert hybrid["alpha"] == pytest.approx(0.4, rel=0.05) and hybrid["E"] == pytest.approx(2.0, rel=0.02)
+    assert hybrid["floor_identified"]
     frontier = hybrid["frontier"]
     assert [f["flops"] for f in frontier] == [10.0**c for c in range(10, 15)]  # the decades around 6e10..1.5e13
     assert all(6 * f["n"] * f["tokens"] == pytest.approx(f["flops"]) for f in frontier)
+
+
+TASK = """
+[task]
+name = "mqar"
+vocab = 8
+lengths = [16, 32]
+pairs = [2, 4]
+documents = 60
+contexts = 2
+queries = 2
+"""
+
+
+@pytest.mark.slow
+def test_a_recall_grid_trains_on_mqar_and_asks_each_model(tmp_path):
+    text = BASE.replace('data = "{data}"\n', "").replace("vocab_size = 300\n", "")
+    path = tmp_path / "grid.toml"
+    path.write_text(text.format(cache=tmp_path / "cache") + TASK + '[grid]\npattern = ["lightning", "softmax"]\n'
+                    "depth = [1]\nwidth = 32\nsteps = [2]\n")  # fmt: skip
+    out, lines = tmp_path / "out", []
+    rows = sweep(path, out, None, lines.append)
+    assert (out / "tokenizer.json").is_file() and len((out / "data" / "mqar.jsonl").read_text().splitlines()) == 60
+    for row in rows:
+        grid = json.loads((out / "runs" / row["run"] / "eval" / "mqar.json").read_text())
+        assert row["mqar"]["accuracy"] == grid["accuracy"] and grid["trials"] == [[4, 4], [4, 4]]
+        assert row["mqar"]["mean"] == sum(map(sum, grid["correct"])) / 16 and grid["chance"] == 1 / 8
+        train = json.loads((out / "runs" / row["run"] / "train.json").read_text())
+        assert train["data"] == str(out / "data" / "mqar.jsonl") and row["config"]["vocab_size"] == 25
+    assert sum(line.startswith("  asking") for line in lines) == 2
+    lines.clear()
+    again = sweep(path, out, None, lines.append)  # done: neither trained nor asked again
+    assert [r["mqar"] for r in again] == [r["mqar"] for r in rows] and not any("asking" in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (('name = "mqar"', 'name = "copy"'), 'needs name = "mqar"'),
+        (("vocab = 8", "vocab = 3"), "4 pairs need as many distinct keys"),
+        (("documents = 60", "documents = 60\nlength = 3"), "unexpected keyword argument 'length'"),
+        (("max_seq_len = 64", "max_seq_len = 32"), "max_seq_len must hold the longest MQAR document, 33 tokens"),
+        (("[base]", '[base]\ndata = "x"'), "may not set data"),
+    ],
+)
+def test_a_recall_task_that_cannot_work_is_refused(tmp_path, change, message):
+    text = (BASE.replace('data = "{data}"\n', "").replace("vocab_size = 300\n", "").format(cache=tmp_path) + TASK
+            + '[grid]\npattern = ["softmax"]\ndepth = [1]\nwidth = 32\nsteps = [2]\n')  # fmt: skip
+    path = tmp_path / "grid.toml"
+    path.write_text(text.replace(*change))
+    with pytest.raises(ConfigError, match=message):
+        read_grid(path, tmp_path / "out")

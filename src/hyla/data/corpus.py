@@ -4,6 +4,11 @@ The embedded default is the Python standard library of the running interpreter (
 stdlib directory: tens of MB of real text on every machine, no download). A user corpus is a text file, a
 directory (every file under it, or those matching a glob), a ``.jsonl`` file with a ``text`` field per line,
 or a ``.parquet`` file with a ``text`` column (needs pyarrow).
+
+A ``.jsonl`` line may instead train on part of its text only: ``{"prompt": ..., "completion": ...}`` (loss on the
+completion) or ``{"segments": [{"text": ..., "train": false}, ...]}`` (loss on the segments with ``train`` true,
+the default). The document is the segments' texts in order; the others are context the model reads but is not
+trained to predict (prompt-completion fine-tuning; the answers of a synthetic task).
 """
 
 from __future__ import annotations
@@ -51,29 +56,41 @@ def _source(path: Path) -> Source:
     return Source(path, "jsonl" if suffix == ".jsonl" else "parquet" if suffix == ".parquet" else "text")
 
 
+# A document as segments: (text, trained) in order; a plain document is one trained segment.
+Segments = list[tuple[str, bool]]
+
+
 def documents(source: Source) -> Iterator[str]:
-    """The non-empty documents of one file. Undecodable text files are skipped (a corpus directory may hold
-    binaries); a malformed ``.jsonl`` line or a missing ``text`` field is an error naming the line."""
+    """The non-empty documents of one file (segmented ones joined). Undecodable text files are skipped (a corpus
+    directory may hold binaries); a malformed ``.jsonl`` line or a missing ``text`` field is an error naming the
+    line."""
+    for parts in segments(source):
+        yield "".join(text for text, _ in parts)
+
+
+def segments(source: Source) -> Iterator[Segments]:
+    """The non-empty documents of one file as :data:`Segments` (see the module docstring)."""
     if source.kind == "text":
         try:
             text = source.path.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
             return
         if text.strip():
-            yield text
+            yield [(text, True)]
     elif source.kind == "jsonl":
         with source.path.open(encoding="utf-8") as f:
             for number, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
-                    text = json.loads(line)["text"]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    parts = _json_segments(json.loads(line))
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
                     raise DataError(
-                        f"{source.path}:{number}: expected a JSON object with a 'text' field ({e})"
+                        f"{source.path}:{number}: expected a JSON object with a 'text' field, 'prompt' and "
+                        f"'completion', or 'segments' of {{'text', 'train'}} ({type(e).__name__}: {e})"
                     ) from None
-                if isinstance(text, str) and text.strip():
-                    yield text
+                if any(text.strip() for text, _ in parts):
+                    yield parts
     else:
         try:
             import pyarrow.parquet as pq
@@ -82,4 +99,16 @@ def documents(source: Source) -> Iterator[str]:
         table = pq.read_table(source.path)
         if "text" not in table.column_names:
             raise DataError(f"{source.path} has no 'text' column (columns: {table.column_names})")
-        yield from (t for t in table.column("text").to_pylist() if isinstance(t, str) and t.strip())
+        yield from ([(t, True)] for t in table.column("text").to_pylist() if isinstance(t, str) and t.strip())
+
+
+def _json_segments(row: dict) -> Segments:
+    if "segments" in row:
+        parts = [(part["text"], bool(part.get("train", True))) for part in row["segments"]]
+    elif "prompt" in row:
+        parts = [(row["prompt"], False), (row["completion"], True)]
+    else:
+        parts = [(row["text"], True)]
+    if not all(isinstance(text, str) for text, _ in parts):
+        raise TypeError("every text must be a string")
+    return parts

@@ -2,12 +2,15 @@
 
 The cache key hashes the tokenizer and every source file's path, size and modification time, so a changed
 corpus or tokenizer is tokenized again and an unchanged one is not. Each document ends with the end-of-text
-token. A deterministic held-out split sends a document to evaluation by a hash of its source and index.
+token. A deterministic held-out split sends a document to evaluation by a hash of its source and index. A corpus
+with segments not to train on (:mod:`hyla.data.corpus`) also gets a mask: 1 where a token is a training target (its
+segment's ``train``; the end of text takes the last segment's).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +21,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from hyla.atomic import atomic_directory
-from hyla.data.corpus import Source, documents
+from hyla.data.corpus import Source, documents, segments
 from hyla.data.tokenizer import END_OF_TEXT
 from hyla.errors import DataError
 
@@ -27,10 +30,12 @@ SPLITS = ("train", "eval")
 
 @dataclass
 class TokenShard:
-    """One split: ``tokens`` ``[N]`` (uint16 or uint32, memory-mapped) and ``offsets`` ``[docs + 1]``."""
+    """One split: ``tokens`` ``[N]`` (uint16 or uint32, memory-mapped) and ``offsets`` ``[docs + 1]``; for a corpus
+    with segments not to train on, ``mask`` ``[N]`` (uint8: 1 where a token is a training target)."""
 
     tokens: np.ndarray
     offsets: np.ndarray
+    mask: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -76,12 +81,17 @@ def build_shards(
     if not (directory / "meta.json").is_file():
         _tokenize(sources, tokenizer, directory, eval_fraction, progress)
     meta = json.loads((directory / "meta.json").read_text())
+
+    def array(split: str, suffix: str, dtype: str) -> np.ndarray:
+        count = meta[split]["tokens"]
+        return np.memmap(directory / f"{split}.{suffix}", dtype=dtype, mode="r", shape=(count,)) if count else (
+            np.zeros(0, dtype=dtype))  # fmt: skip
+
     return {
         split: TokenShard(
-            np.memmap(directory / f"{split}.tokens", dtype=meta["dtype"], mode="r", shape=(meta[split]["tokens"],))
-            if meta[split]["tokens"]
-            else np.zeros(0, dtype=meta["dtype"]),
+            array(split, "tokens", meta["dtype"]),
             np.load(directory / f"{split}.offsets.npy"),
+            array(split, "mask", "uint8") if meta.get("masked") else None,
         )
         for split in SPLITS
     }
@@ -92,21 +102,28 @@ def _tokenize(sources: list[Source], tokenizer: Tokenizer, directory: Path, eval
     if eot is None:
         raise DataError(f"the tokenizer has no {END_OF_TEXT} token")
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.uint32
-    parts: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
+    parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {split: [] for split in SPLITS}
     for source in tqdm(sources, desc="tokenizing", unit="file", disable=not progress):
-        texts = list(documents(source))
-        # encode_batch runs in parallel over the documents of a file (Rust threads).
-        for index, encoding in enumerate(tokenizer.encode_batch(texts)):
-            ids = np.asarray([*encoding.ids, eot], dtype=dtype)
-            parts["eval" if is_eval(source, index, eval_fraction) else "train"].append(ids)
+        docs = list(segments(source))
+        # encode_batch runs in parallel over the segments of a file (Rust threads).
+        encodings = iter(tokenizer.encode_batch([text for doc in docs for text, _ in doc]))
+        for index, doc in enumerate(docs):
+            pieces = [next(encodings).ids for _ in doc]
+            ids = np.asarray(list(itertools.chain(*pieces, [eot])), dtype=dtype)
+            trained = [t for _, t in doc] + [doc[-1][1]]  # the end of text: as the last segment
+            mask = np.repeat(np.asarray(trained, dtype=np.uint8), [len(p) for p in pieces] + [1])
+            parts["eval" if is_eval(source, index, eval_fraction) else "train"].append((ids, mask))
     if not parts["train"]:
         raise DataError("the corpus holds no documents with text")
+    masked = any(not mask.all() for docs in parts.values() for _, mask in docs)
     with atomic_directory(directory) as tmp:
-        meta: dict = {"dtype": np.dtype(dtype).name, "vocab_size": tokenizer.get_vocab_size()}
+        meta: dict = {"dtype": np.dtype(dtype).name, "vocab_size": tokenizer.get_vocab_size(), "masked": masked}
         for split, docs in parts.items():
-            lengths = np.asarray([len(d) for d in docs], dtype=np.int64)
+            lengths = np.asarray([len(ids) for ids, _ in docs], dtype=np.int64)
             np.save(tmp / f"{split}.offsets.npy", np.concatenate(([0], np.cumsum(lengths))))
-            (np.concatenate(docs) if docs else np.zeros(0, dtype)).tofile(tmp / f"{split}.tokens")
+            (np.concatenate([ids for ids, _ in docs]) if docs else np.zeros(0, dtype)).tofile(tmp / f"{split}.tokens")
+            if masked:
+                (np.concatenate([m for _, m in docs]) if docs else np.zeros(0, np.uint8)).tofile(tmp / f"{split}.mask")
             meta[split] = {"documents": len(docs), "tokens": int(lengths.sum())}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 

@@ -29,7 +29,8 @@ def save(result: Grid | PositionLoss, folder: str | Path, name: str, title: str)
         image = ax.imshow(acc, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
         for i, row in enumerate(acc):
             for j, a in enumerate(row):
-                ax.text(j, i, f"{a:.2f}", ha="center", va="center", color="white" if a < 0.6 else "black")
+                if result.trials[i][j]:
+                    ax.text(j, i, f"{a:.2f}", ha="center", va="center", color="white" if a < 0.6 else "black")
         ax.set_xticks(range(len(result.columns)), [f"{c:g}" for c in result.columns])
         ax.set_yticks(range(len(result.rows)), [f"{r:g}" for r in result.rows])
         ax.set_xlabel(result.column_name)

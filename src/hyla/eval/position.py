@@ -75,7 +75,7 @@ def loss_by_position(model: HylaForCausalLM, docs: list[list[int]], split: str, 
     length = max(len(d) for d in docs) - 1
     sums, counts = torch.zeros(length, dtype=torch.float64), torch.zeros(length, dtype=torch.long)
     device = next(model.parameters()).device
-    for tokens, cu_seqlens in pack_greedy((np.asarray(d) for d in docs), tokens_per_batch):
+    for tokens, cu_seqlens, _ in pack_greedy((np.asarray(d) for d in docs), tokens_per_batch):
         ids = tokens[0].to(device)
         logits = model(ids[None], cu_seqlens=cu_seqlens.to(device)).logits[0].float()  # [ΣT, V]
         for start, end in itertools.pairwise(cu_seqlens.tolist()):

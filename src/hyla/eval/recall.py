@@ -1,8 +1,8 @@
 """Long-context recall, measured through the serving engine: multi-query associative recall and the passkey.
 
-MQAR (Zoology, Arora et al. 2023) at the token level: ``num_pairs`` distinct keys, each followed by its value,
-then filler tokens up to ``length``, then one key asked again; the model is right when its greedy next token is
-that key's value. Keys, values and filler come from three disjoint thirds of the vocabulary, drawn from a seed.
+MQAR (Zoology, Arora et al. 2023; :mod:`hyla.data.synthetic`): ``num_pairs`` distinct keys, each followed by its
+value, then filler tokens up to ``length``, then one key asked again; the model is right when its greedy next token
+is that key's value. Keys, values and filler come from three disjoint thirds of the vocabulary, drawn from a seed.
 The queries of one context are separate requests that share the context, so the engine's prefix cache computes
 the context once. It is a probe of in-context recall: a model never trained on the task scores near chance
 (``1 / values``); ``hyla sweep``'s recall study trains models on it.
@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from hyla.data.synthetic import mqar_document
 from hyla.errors import ConfigError
 from hyla.serve import LLM, SamplingParams
 
@@ -43,7 +44,9 @@ class Grid:
         head = f"| {self.row_name} \\ {self.column_name} | " + " | ".join(f"{c:g}" for c in self.columns) + " |"
         lines = [head, "|" + "---|" * (len(self.columns) + 1)]
         for i, r in enumerate(self.rows):
-            cells = " | ".join(f"{self.accuracy(i, j):.2f}" for j in range(len(self.columns)))
+            cells = " | ".join(
+                f"{self.accuracy(i, j):.2f}" if self.trials[i][j] else "-" for j in range(len(self.columns))
+            )
             lines.append(f"| {r:g} | {cells} |")
         return "\n".join(lines)
 
@@ -68,27 +71,13 @@ def _check_length(llm: LLM, longest: int, task: str) -> None:
         raise ConfigError(f"{task}: a {longest}-token prompt and its answer do not fit the context of {limit} tokens")
 
 
-def mqar_context(rng: random.Random, ids: list[int], num_pairs: int, length: int) -> tuple[list[int], dict[int, int]]:
-    """``[length]`` tokens: ``num_pairs`` key-value pairs then filler; and the key -> value map.
-
-    Keys, values and filler come from the first, second and last third of ``ids``.
-    """
-    third = len(ids) // 3
-    if num_pairs > third:
-        raise ConfigError(f"mqar: {num_pairs} pairs need {num_pairs} distinct keys; the vocabulary gives {third}")
-    if 2 * num_pairs >= length:
-        raise ConfigError(f"mqar: {num_pairs} pairs and a query need more than {length} tokens")
-    keys = rng.sample(ids[:third], num_pairs)
-    pairs = {k: rng.choice(ids[third : 2 * third]) for k in keys}
-    tokens = [t for k in keys for t in (k, pairs[k])]
-    tokens += [rng.choice(ids[2 * third :]) for _ in range(length - 1 - len(tokens))]
-    return tokens, pairs
-
-
 def mqar(llm: LLM, lengths: list[int], pairs: list[int], contexts: int = 8, queries: int = 4, seed: int = 0) -> Grid:
     """Accuracy by ``lengths`` (tokens including the query) x ``pairs``; ``contexts`` random contexts per cell,
-    ``queries`` keys asked of each (without repeats, at most ``num_pairs``)."""
+    ``queries`` keys asked of each (without repeats, at most ``num_pairs``). A cell whose pairs do not fit its
+    length is left empty (no trials: accuracy NaN, shown as ``-``)."""
     _check_length(llm, max(lengths) + 1, "mqar")
+    if all(2 * p >= n for n in lengths for p in pairs):
+        raise ConfigError(f"mqar: no length in {lengths} holds any of the pairs {pairs} and a query")
     ids = _vocabulary(llm)
     rng = random.Random(seed)
     grid = Grid("mqar", "length", "pairs", [float(n) for n in lengths], [float(p) for p in pairs])
@@ -96,8 +85,10 @@ def mqar(llm: LLM, lengths: list[int], pairs: list[int], contexts: int = 8, quer
     for length in lengths:
         prompts, answers = [], []
         for num_pairs in pairs:
+            if 2 * num_pairs >= length:  # the pairs leave no room: the cell stays empty
+                continue
             for _ in range(contexts):
-                context, kv = mqar_context(rng, ids, num_pairs, length)
+                context, kv = mqar_document(rng, ids, num_pairs, length - 1, queries=0)
                 for key in rng.sample(sorted(kv), min(queries, num_pairs)):
                     prompts.append([*context, key])
                     answers.append((num_pairs, kv[key]))

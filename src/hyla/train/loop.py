@@ -31,7 +31,7 @@ from hyla.atomic import atomic_directory
 from hyla.checkpoint import load, save_pretrained
 from hyla.config import HylaConfig, preset
 from hyla.data.corpus import Source, discover
-from hyla.data.packing import epoch_batches, packed_batches
+from hyla.data.packing import Batch, epoch_batches, packed_batches
 from hyla.data.shards import TokenShard, build_shards, train_documents
 from hyla.data.tokenizer import load_tokenizer, train_bpe
 from hyla.errors import ConfigError, DataError, check_fields
@@ -264,7 +264,7 @@ def _describe(plan: RunPlan) -> str:
 def evaluate(model: HylaForCausalLM, shard: TokenShard, cfg: TrainConfig, precision: Precision) -> float:
     """Mean next-token loss over ``eval_batches`` fixed batches of the held-out shard."""
     batches = packed_batches(shard, cfg.tokens_per_batch, cfg.max_seq_len, seed=cfg.seed)
-    losses = [_batch_loss(model, *next(batches), precision) for _ in range(cfg.eval_batches)]
+    losses = [_batch_loss(model, next(batches), precision) for _ in range(cfg.eval_batches)]
     return sum(losses) / len(losses)
 
 
@@ -280,23 +280,25 @@ def evaluate_all(
     Returns ``(loss, targets, complete)``: ``complete`` is False when ``stop`` was set before the end (the
     loss is then that of the ``targets`` evaluated)."""
     total = count = 0.0
-    for tokens, cu_seqlens in epoch_batches(shard, cfg.tokens_per_batch, cfg.max_seq_len):
+    for batch in epoch_batches(shard, cfg.tokens_per_batch, cfg.max_seq_len):
         if stop is not None and stop.is_set():
             return total / max(count, 1), int(count), False
-        targets = tokens.shape[1] - (len(cu_seqlens) - 1)  # every piece's last token predicts nothing
+        targets = batch.labels[0] != -100
+        targets[batch.cu_seqlens[:-1]] = False  # a piece's first token is nobody's target
+        targets = int(targets.sum())
         if targets:
-            total += _batch_loss(model, tokens, cu_seqlens, precision) * targets
+            total += _batch_loss(model, batch, precision) * targets
             count += targets
     return total / max(count, 1), int(count), True
 
 
 @torch.no_grad()
-def _batch_loss(model: HylaForCausalLM, tokens: torch.Tensor, cu_seqlens: torch.Tensor, precision: Precision) -> float:
-    """One packed batch's mean next-token loss, in eval mode."""
+def _batch_loss(model: HylaForCausalLM, batch: Batch, precision: Precision) -> float:
+    """One packed batch's mean next-token loss over its targets, in eval mode."""
     model.eval()
-    tokens, cu_seqlens = precision.move(tokens, cu_seqlens)
+    tokens, cu_seqlens, labels = precision.move(batch)
     with precision.autocast():
-        loss = model.loss(tokens, cu_seqlens=cu_seqlens).loss.item()
+        loss = model.loss(tokens, labels, cu_seqlens).loss.item()
     model.train()
     return loss
 
@@ -320,8 +322,8 @@ class Precision:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
-    def move(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return tokens.to(self.device), cu_seqlens.to(self.device)
+    def move(self, batch: Batch) -> Batch:
+        return Batch(*(t.to(self.device) for t in batch))
 
 
 def _save_checkpoint(run: Path, model: HylaForCausalLM, optimizer, step: int, tokens_seen: int, world: World) -> None:
@@ -440,17 +442,17 @@ def _step(model, optimizer, batches, step: int, cfg: TrainConfig, precision: Pre
         group["lr"] = lr
     loss_sum, tokens = 0.0, 0
     for micro in range(cfg.grad_accum):
-        batch, cu_seqlens = next(batches)
+        batch = next(batches)
         if micro % world.size != world.rank:
             continue
-        batch, cu_seqlens = precision.move(batch, cu_seqlens)
+        ids, cu_seqlens, labels = precision.move(batch)
         with precision.autocast():
-            out = model.loss(batch, cu_seqlens=cu_seqlens)
+            out = model.loss(ids, labels, cu_seqlens)
         # x N: FSDP averages the N ranks' gradients, and each rank saw 1/N of the micro-batches.
         scale = world.size / cfg.grad_accum
         ((out.loss + model.config.router_aux_loss_coef * out.aux_loss) * scale).backward()
         loss_sum += out.loss.item() / cfg.grad_accum
-        tokens += batch.shape[1]
+        tokens += ids.shape[1]
     loss_sum, tokens = all_reduce_sum([loss_sum, tokens], world)
     grad_norm = to_float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip))
     optimizer.step()

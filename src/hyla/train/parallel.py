@@ -23,6 +23,7 @@ class World:
     rank: int = 0
     size: int = 1
     mesh: DeviceMesh | None = None
+    owner: bool = False  # this World started the process group, and its shutdown ends it
 
     @property
     def main(self) -> bool:
@@ -30,16 +31,18 @@ class World:
 
 
 def init_world() -> World:
-    """The process group of a ``torchrun`` launch (``WORLD_SIZE > 1``), else a world of one."""
+    """The process group of a ``torchrun`` launch (``WORLD_SIZE > 1``), else a world of one. A group already
+    started (``hyla sweep`` holds one across its runs) is joined, and only its starter's :func:`shutdown` ends it."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return World()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():
+    owner = not dist.is_initialized()
+    if owner:
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    return World(dist.get_rank(), size, init_device_mesh(device, (size,)))
+    return World(dist.get_rank(), size, init_device_mesh(device, (size,)), owner)
 
 
 def parallelize(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
@@ -77,5 +80,5 @@ def barrier(world: World) -> None:
 
 
 def shutdown(world: World) -> None:
-    if world.size > 1 and dist.is_initialized():
+    if world.owner and dist.is_initialized():
         dist.destroy_process_group()

@@ -1,4 +1,4 @@
-"""Training grids: layer patterns x depths x training budgets, each cell a normal `hyla train` run directory.
+"""Training grids: layer patterns x depths x widths x training budgets, each cell a normal `hyla train` run.
 
 A grid is a TOML file::
 
@@ -10,13 +10,26 @@ A grid is a TOML file::
     pattern = ["softmax", "lightning", "hybrid:8", "hybrid:4"]
     depth = [2, 4, 8]
     steps = [100, 200]
+    width = 64             # optional: channels per layer, one value or a list (a second size dial)
+    [task]                 # optional: train on a synthetic task instead of [base] data (the recall study)
+    name = "mqar"
+    vocab = 64             # ids per third: keys, values, filler
+    lengths = [64, 128, 256]
+    pairs = [4, 8, 16, 32]
+    documents = 20000
 
-``depth`` is the one dial that derives a model's shape (as nanochat's ``--depth``): ``depth`` layers, hidden size
-``width x depth`` (``[grid] width``, default 64 channels per layer), heads of 32 channels (half as many key-value
-heads), experts as wide as the hidden size. Patterns: ``softmax`` (every layer), ``lightning`` (none),
-``hybrid:N`` (every ``N``-th layer softmax: MiniMax-01's 7:1 is ``hybrid:8``; needs ``depth >= N``, and
-``width = 32`` keeps its 8 layers at 256 channels). Every cell is checked before the first run
-starts. The runs share one tokenizer, trained once into ``OUT/tokenizer.json``.
+``depth`` is the dial that derives a model's shape (as nanochat's ``--depth``): ``depth`` layers, hidden size
+``width x depth`` (``width`` channels per layer, default 64; the product a multiple of 32), heads of 32 channels
+(half as many key-value heads), experts as wide as the hidden size. Patterns: ``softmax`` (every layer),
+``lightning`` (none), ``hybrid:N`` (every ``N``-th layer softmax: MiniMax-01's 7:1 is ``hybrid:8``; needs ``depth
+>= N``; at ``depth = 8`` the widths 8, 12, 16, 24 give hidden sizes 64 to 192, as in the scaling study). Every
+cell is checked before the first run starts. The runs share one tokenizer, trained once into ``OUT/tokenizer.json``.
+
+With ``[task] name = "mqar"`` the sweep writes ``documents`` MQAR training documents
+(:func:`hyla.data.synthetic.write_mqar`: each of a length from ``lengths`` and a number of pairs from ``pairs``,
+the loss on the answers only) to ``OUT/data/mqar.jsonl`` with a word-level tokenizer of ``3 x vocab`` ids, and
+after each run asks its model ``hyla eval mqar`` over ``lengths`` x ``pairs`` (``OUT/runs/NAME/eval/mqar.json``):
+rows gain the accuracy.
 
 A run whose ``report.json`` holds a complete held-out evaluation is skipped, one with a checkpoint is resumed,
 one stopped before its first checkpoint starts again: an interrupted sweep continues where it stopped. The
@@ -34,18 +47,24 @@ from __future__ import annotations
 
 import itertools
 import json
+import operator
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from hyla import eval as evaluation
+from hyla.checkpoint import load
 from hyla.config import LIGHTNING, SOFTMAX, HylaConfig, preset
 from hyla.data.corpus import discover
 from hyla.data.shards import train_documents
-from hyla.data.tokenizer import train_bpe
+from hyla.data.synthetic import word_tokenizer, write_mqar
+from hyla.data.tokenizer import load_tokenizer, train_bpe
 from hyla.errors import ConfigError
+from hyla.serve import LLM, EngineConfig
 from hyla.train.loop import TrainConfig, read_toml, train, train_fields
+from hyla.train.parallel import World, barrier, init_world, shutdown
 
 
 def layer_types(pattern: str, depth: int) -> list[str]:
@@ -66,8 +85,8 @@ def model_fields(pattern: str, depth: int, width: int = 64) -> dict:
     """The model fields ``depth`` derives with ``width`` channels per layer (see the module docstring)."""
     if depth < 1:
         raise ConfigError(f"depth must be >= 1 (it gives the layers and the width), got {depth}")
-    if width < 32 or width % 32:
-        raise ConfigError(f"width must be a positive multiple of 32 (the head size), got {width}")
+    if width < 1 or width * depth % 32:
+        raise ConfigError(f"width x depth must be a positive multiple of 32 (the head size), got {width} x {depth}")
     hidden, types = width * depth, layer_types(pattern, depth)
     heads = hidden // 32
     return dict(num_hidden_layers=depth, hidden_size=hidden, head_dim=32, rotary_dim=32, num_attention_heads=heads,
@@ -91,37 +110,80 @@ def flops(config: HylaConfig, tokens: int, seq_len: int) -> float:
 class Cell:
     pattern: str
     depth: int
+    width: int
     steps: int
-    name: str  # the run directory's name: hybrid8-d4-s100
+    name: str  # the run directory's name: hybrid8-d4-s100 (hybrid8-d4-w32-s100 when the grid has several widths)
     config: TrainConfig
     model: HylaConfig
 
 
-def read_grid(path: str | Path, out: str | Path) -> list[Cell]:
-    """Every cell of the grid file ``path``, checked (the model builds, the run config validates); runs go under
-    ``out``. Raises :class:`ConfigError` naming the first problem."""
+@dataclass
+class RecallTask:
+    """``[task] name = "mqar"``: the training documents and the evaluation after each run (module docstring)."""
+
+    vocab: int = 64  # ids per third: keys, values, filler
+    lengths: list[int] = field(default_factory=lambda: [64, 128, 256])
+    pairs: list[int] = field(default_factory=lambda: [4, 8, 16, 32])
+    documents: int = 20_000
+    contexts: int = 16  # evaluation: random contexts per (length, pairs) cell ...
+    queries: int = 4  # ... and keys asked of each
+    seed: int = 0
+
+    @property
+    def vocab_size(self) -> int:
+        return 3 * self.vocab + 1  # and <|endoftext|>
+
+
+def _read_task(fields: dict | None, where: str) -> RecallTask | None:
+    if fields is None:
+        return None
+    fields = dict(fields)
+    if fields.pop("name", None) != "mqar":
+        raise ConfigError(f'{where} [task] needs name = "mqar" (the one synthetic task a sweep trains on)')
+    try:
+        task = RecallTask(**fields)
+    except TypeError as e:
+        raise ConfigError(f"{where} [task]: {e}") from None
+    if task.vocab < max(task.pairs):
+        raise ConfigError(f"{where} [task]: {max(task.pairs)} pairs need as many distinct keys; vocab is {task.vocab}")
+    return task
+
+
+def read_grid(path: str | Path, out: str | Path) -> tuple[list[Cell], RecallTask | None]:
+    """Every cell of the grid file ``path``, checked (the model builds, the run config validates; runs go under
+    ``out``), and its ``[task]``. Raises :class:`ConfigError` naming the first problem."""
+    where = f"grid file {str(path)!r}"
     spec = read_toml(path, "grid file")
-    unknown = sorted(set(spec) - {"base", "model", "grid"})
-    grid = spec.get("grid", {})
-    width = grid.pop("width", 64)
+    unknown = sorted(set(spec) - {"base", "model", "grid", "task"})
+    grid = dict(spec.get("grid", {}))
+    widths = grid.pop("width", 64)
+    widths = widths if isinstance(widths, list) else [widths]
     if unknown or sorted(grid) != ["depth", "pattern", "steps"]:
-        raise ConfigError(f"grid file {str(path)!r} needs [grid] with pattern, depth and steps (and optional [base] "
-                          f"and [model]); found sections {sorted(spec)} and grid keys {sorted(grid)}")  # fmt: skip
-    base = train_fields(spec.get("base", {}), f"grid file {str(path)!r} [base]")
-    for name in ("run_dir", "model", "steps", "tokenizer"):
+        raise ConfigError(f"{where} needs [grid] with pattern, depth and steps (and optional [base], [model] and "
+                          f"[task]); found sections {sorted(spec)} and grid keys {sorted(grid)}")  # fmt: skip
+    base = train_fields(spec.get("base", {}), f"{where} [base]")
+    task = _read_task(spec.get("task"), where)
+    for name in ("run_dir", "model", "steps", "tokenizer", *(("data", "vocab_size") if task else ())):
         if name in base:
             raise ConfigError(f"[base] may not set {name}: the sweep sets it for each run")
+    out = Path(out)
+    shared = {}
+    if task:  # (the tokenizer file is written before the first run; a BPE tokenizer's size is checked here)
+        shared = dict(data=str(out / "data" / "mqar.jsonl"), tokenizer=str(out / "tokenizer.json"))
+        longest = max(task.lengths) + 1  # and the end of text
+        if base.get("max_seq_len", TrainConfig.max_seq_len) < longest:
+            raise ConfigError(f"{where}: [base] max_seq_len must hold the longest MQAR document, {longest} tokens")
     cells = []
-    for pattern, depth, steps in itertools.product(grid["pattern"], grid["depth"], grid["steps"]):
+    for pattern, depth, width, steps in itertools.product(grid["pattern"], grid["depth"], widths, grid["steps"]):
         fields = {**spec.get("model", {}), **model_fields(pattern, depth, width)}
-        name = f"{pattern.replace(':', '')}-d{depth}-s{steps}"
+        name = f"{pattern.replace(':', '')}-d{depth}{f'-w{width}' if len(widths) > 1 else ''}-s{steps}"
         try:
-            model = preset("demo").replace(vocab_size=base.get("vocab_size", 384), **fields)
-            config = TrainConfig(**base, model=fields, steps=steps, run_dir=str(Path(out) / "runs" / name))
+            config = TrainConfig(**{**base, **shared}, model=fields, steps=steps, run_dir=str(out / "runs" / name))
+            model = preset("demo").replace(vocab_size=task.vocab_size if task else config.vocab_size, **fields)
         except TypeError as e:
-            raise ConfigError(f"grid file {str(path)!r}: {e}") from None
-        cells.append(Cell(pattern, depth, steps, name, config, model))
-    return cells
+            raise ConfigError(f"{where}: {e}") from None
+        cells.append(Cell(pattern, depth, width, steps, name, config, model))
+    return cells, task
 
 
 def _done(run: Path) -> dict | None:
@@ -134,26 +196,49 @@ def _done(run: Path) -> dict | None:
 
 def sweep(grid: str | Path, out: str | Path, stop: threading.Event | None = None, log=print) -> list[dict]:
     """Run (or continue) the grid in ``grid`` under ``out``; returns the rows of ``out/sweep.json``. Stops after
-    the current run's step when ``stop`` is set (run again to continue)."""
-    cells = read_grid(grid, out)
-    out, stop = Path(out), stop or threading.Event()
-    out.mkdir(parents=True, exist_ok=True)
+    the current run's step when ``stop`` is set (run again to continue).
+
+    Under ``torchrun`` every rank calls it and each run trains sharded across the ranks: rank 0 writes the shared
+    files, logs and asks the recall task; a run stopped part-way starts again (sharded checkpoints keep no
+    optimizer state to resume from)."""
+    cells, task = read_grid(grid, out)
+    world = init_world()
+    try:
+        return _sweep(cells, task, Path(out), stop or threading.Event(), log if world.main else _silent, world)
+    finally:
+        shutdown(world)
+
+
+def _silent(line: str) -> None:
+    """The log of ranks other than 0."""
+
+
+def _sweep(cells: list[Cell], task: RecallTask | None, out: Path, stop: threading.Event, log, world: World):
     tokenizer = out / "tokenizer.json"
     base = cells[0].config
-    if not tokenizer.is_file():
-        log(f"training the runs' {base.vocab_size}-id tokenizer into {tokenizer}")
-        sources = discover(base.data)
-        train_bpe(train_documents(sources, base.eval_fraction), base.vocab_size).save(str(tokenizer))
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if task and not Path(base.data).is_file():
+            log(f"writing {task.documents:,} MQAR documents to {base.data}")
+            words = word_tokenizer(3 * task.vocab)
+            words.save(str(tokenizer))
+            write_mqar(base.data, words, task.documents, task.lengths, task.pairs, task.seed)
+        elif not tokenizer.is_file():
+            log(f"training the runs' {base.vocab_size}-id tokenizer into {tokenizer}")
+            sources = discover(base.data)
+            train_bpe(train_documents(sources, base.eval_fraction), base.vocab_size).save(str(tokenizer))
+    barrier(world)
     rows = []
     for i, cell in enumerate(cells):
         run = Path(cell.config.run_dir)
         cell.config.tokenizer = str(tokenizer)
         report = _done(run)
         if report is None:
-            resume = (run / "checkpoint" / "trainer.pt").is_file()
+            resume = world.size == 1 and (run / "checkpoint" / "trainer.pt").is_file()
             log(f"[{i + 1}/{len(cells)}] {cell.name}: {'resuming' if resume else 'training'}")
             metrics = train(cell.config, resume=resume, overwrite=not resume and run.is_dir(), progress=False,
                             stop=stop)  # fmt: skip
+            barrier(world)  # rank 0 wrote the report
             if metrics.get("interrupted"):
                 log(f"stopped in {cell.name}; run the same command again to continue")
                 break
@@ -163,18 +248,43 @@ def sweep(grid: str | Path, out: str | Path, stop: threading.Event | None = None
         if report is None:
             raise ConfigError(f"{run} finished training without a held-out report: remove {run} to run it again")
         tokens = cell.config.steps * cell.config.tokens_per_batch * cell.config.grad_accum
-        rows.append({"run": cell.name, "pattern": cell.pattern, "depth": cell.depth, "steps": cell.steps,
-                     "parameters": cell.model.num_parameters(), "active": cell.model.num_parameters(active=True),
-                     "n": scaling_parameters(cell.model), "tokens": tokens,
-                     "flops": flops(cell.model, tokens, cell.config.max_seq_len),
+        rows.append({"run": cell.name, "pattern": cell.pattern, "depth": cell.depth, "width": cell.width,
+                     "steps": cell.steps, "parameters": cell.model.num_parameters(),
+                     "active": cell.model.num_parameters(active=True), "n": scaling_parameters(cell.model),
+                     "tokens": tokens, "flops": flops(cell.model, tokens, cell.config.max_seq_len),
                      "held_out_loss": report["held_out_loss"], "config": asdict(cell.config)})  # fmt: skip
-    (out / "sweep.json").write_text(json.dumps(rows, indent=1) + "\n")
+        if task and world.main:
+            rows[-1]["mqar"] = _recall(run, task, log)
+        barrier(world)
+    if world.main:
+        (out / "sweep.json").write_text(json.dumps(rows, indent=1) + "\n")
     return rows
+
+
+def _recall(run: Path, task: RecallTask, log) -> dict:
+    """The MQAR accuracy grid of ``run``'s model over the task's lengths x pairs, measured once
+    (``run/eval/mqar.json``) and read back after; ``accuracy`` (all cells' correct answers / trials) added."""
+    path = run / "eval" / "mqar.json"
+    if not path.is_file():
+        log(f"  asking {run.name} MQAR over lengths {task.lengths} x pairs {task.pairs}")
+        model = load(run / "checkpoint" / "model").eval()
+        llm = LLM(model, load_tokenizer(run / "tokenizer.json"), EngineConfig(max_model_len=max(task.lengths) + 16))
+        result = evaluation.mqar(llm, task.lengths, task.pairs, task.contexts, task.queries, task.seed + 1)
+        evaluation.save(result, run / "eval", "mqar", f"{run.name}: MQAR accuracy (chance {result.chance:.2g})")
+    grid = json.loads(path.read_text())
+    correct, trials = (sum(map(sum, grid[k])) for k in ("correct", "trials"))
+    return {**grid, "mean": correct / trials}
+
+
+# A fitted floor E below this (nats) sits at the parameterization's bound (E = exp(e), e -> -inf): runs far from
+# convergence do not identify it, and the law's terms then extrapolate (measured: the scaling study's short runs).
+FLOOR_AT_BOUND = 1e-3
 
 
 def fit_families(rows: list[dict], bootstrap: int = 100) -> dict[str, dict]:
     """Per pattern with at least 5 runs, the law ``L(N, D)`` (:func:`hyla.train.scaling.fit`, ``N`` = ``n``,
-    ``D`` = training tokens) and its compute-optimal ``(N, D, L)`` at each decade of the sweep's FLOPs."""
+    ``D`` = training tokens), its compute-optimal ``(N, D, L)`` at each decade of the sweep's FLOPs, and
+    ``floor_identified``: False when the fitted ``E`` sits at its bound (:data:`FLOOR_AT_BOUND`)."""
     from hyla.train.scaling import fit
 
     fits = {}
@@ -188,27 +298,55 @@ def fit_families(rows: list[dict], bootstrap: int = 100) -> dict[str, dict]:
                         int(np.ceil(np.log10(max(r["flops"] for r in rows)))) + 1)  # fmt: skip
         frontier = [dict(zip(("flops", "n", "tokens", "loss"), (10.0**c, *law.optimal(10.0**c)), strict=True))
                     for c in decades]  # fmt: skip
-        fits[pattern] = {**law.to_json(), "runs": len(runs), "frontier": frontier}
+        fits[pattern] = {**law.to_json(), "runs": len(runs), "frontier": frontier,
+                         "floor_identified": law.E > FLOOR_AT_BOUND}  # fmt: skip
     return fits
 
 
-def plot(rows: list[dict], path: Path) -> Path:
-    """Held-out loss against training FLOPs, one line per pattern and depth (its budgets)."""
+def plot(rows: list[dict], path: Path, fits: dict[str, dict] | None = None) -> Path:
+    """The sweep's figure: a recall sweep's MQAR accuracy by pairs (one panel per length, one line per run);
+    otherwise held-out loss against training FLOPs, one panel per pattern with a line per model size (its
+    budgets) and, where ``fits`` has the pattern, the fitted law through them (dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for (pattern, depth), group in itertools.groupby(rows, key=lambda r: (r["pattern"], r["depth"])):
-        group = sorted(group, key=lambda r: r["flops"])
-        ax.plot([r["flops"] for r in group], [r["held_out_loss"] for r in group], marker="o",
-                label=f"{pattern}, depth {depth}")  # fmt: skip
-    ax.set_xscale("log")
-    ax.set_xlabel("training FLOPs")
-    ax.set_ylabel("held-out loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if "mqar" in rows[0]:
+        lengths, pairs = rows[0]["mqar"]["length"], rows[0]["mqar"]["pairs"]
+        fig, axes = plt.subplots(1, len(lengths), figsize=(3.2 * len(lengths), 3.4), sharey=True, squeeze=False)
+        for i, (ax, length) in enumerate(zip(axes[0], lengths, strict=True)):
+            for r in rows:
+                ax.plot(pairs, r["mqar"]["accuracy"][i], marker="o", label=r["run"])
+            ax.axhline(rows[0]["mqar"]["chance"], color="grey", lw=0.8, ls=":")
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"length {length:g}")
+            ax.set_xlabel("key-value pairs")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("MQAR accuracy")
+        axes[0][-1].legend(fontsize=7)
+    else:
+        from hyla.train.scaling import PARAMETERS, Fit
+
+        patterns, size = list(dict.fromkeys(r["pattern"] for r in rows)), operator.itemgetter("depth", "width")
+        fig, axes = plt.subplots(1, len(patterns), figsize=(4.2 * len(patterns), 3.8), sharey=True, squeeze=False)
+        for ax, pattern in zip(axes[0], patterns, strict=True):
+            law = Fit(**{p: fits[pattern][p] for p in PARAMETERS}) if fits and pattern in fits else None
+            for (depth, width), group in itertools.groupby(sorted((r for r in rows if r["pattern"] == pattern),
+                                                                  key=size), key=size):  # fmt: skip
+                group = sorted(group, key=lambda r: r["flops"])
+                line = ax.plot([r["flops"] for r in group], [r["held_out_loss"] for r in group], marker="o", ls="",
+                               label=f"depth {depth}, width {width}: N = {group[0]['n'] / 1e6:.2f}M")  # fmt: skip
+                if law is not None:
+                    tokens = np.geomspace(group[0]["tokens"] / 1.5, group[-1]["tokens"] * 1.5, 30)
+                    per_token = group[0]["flops"] / group[0]["tokens"]
+                    ax.plot(tokens * per_token, law.loss(group[0]["n"], tokens), ls="--", color=line[0].get_color())
+            ax.set_xscale("log")
+            ax.set_title(pattern + (" (dashed: fitted law)" if law else ""))
+            ax.set_xlabel("training FLOPs")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6)
+        axes[0][0].set_ylabel("held-out loss (nats/token)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -216,7 +354,11 @@ def plot(rows: list[dict], path: Path) -> Path:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| run | parameters (active) | tokens | FLOPs | held-out loss |", "|---|---|---|---|---|"]
+    """A markdown table of the runs; a recall sweep's has each run's MQAR accuracy (all cells' answers)."""
+    recall = "mqar" in rows[0]
+    lines = ["| run | parameters (active) | tokens | FLOPs | held-out loss |" + (" MQAR accuracy |" if recall else ""),
+             "|---|---|---|---|---|" + ("---|" if recall else "")]  # fmt: skip
     lines += [f"| {r['run']} | {r['parameters'] / 1e6:.2f}M ({r['active'] / 1e6:.2f}M) | {r['tokens']:,} | "
-              f"{r['flops']:.3g} | {r['held_out_loss']:.4f} |" for r in rows]  # fmt: skip
+              f"{r['flops']:.3g} | {r['held_out_loss']:.4f} |" + (f" {r['mqar']['mean']:.3f} |" if recall else "")
+              for r in rows]  # fmt: skip
     return "\n".join(lines)
