@@ -74,8 +74,15 @@ def test_tasks_longer_than_the_context_are_refused():
         passkey(llm, [300], [0.5])
     with pytest.raises(ConfigError, match="depths must be in"):
         passkey(llm, [100], [1.5])
+    with pytest.raises(ConfigError, match="no length in \\[100\\] holds any of the pairs"):
+        mqar(llm, [100], [50])
     with pytest.raises(ConfigError, match="distinct keys"):
-        mqar(llm, [100], [200])
+        mqar(_llm(max_model_len=512), [400], [100])  # 256 byte ids: a third is 85 keys
+
+
+def test_an_mqar_cell_whose_pairs_do_not_fit_stays_empty():
+    grid = mqar(_llm(), [8, 64], [2, 8], contexts=2, queries=2)
+    assert grid.trials == [[4, 0], [4, 4]] and grid.table().splitlines()[2].endswith("| - |")
 
 
 def test_loss_by_position_packed_equals_one_document_at_a_time():

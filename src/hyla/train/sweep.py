@@ -169,7 +169,8 @@ def read_grid(path: str | Path, out: str | Path) -> tuple[list[Cell], RecallTask
     out = Path(out)
     shared = {}
     if task:  # (the tokenizer file is written before the first run; a BPE tokenizer's size is checked here)
-        shared = dict(data=str(out / "data" / "mqar.jsonl"), tokenizer=str(out / "tokenizer.json"))
+        shared = dict(data=str(out / "data" / "mqar.jsonl"), tokenizer=str(out / "tokenizer.json"),
+                      vocab_size=task.vocab_size)  # fmt: skip
         longest = max(task.lengths) + 1  # and the end of text
         if base.get("max_seq_len", TrainConfig.max_seq_len) < longest:
             raise ConfigError(f"{where}: [base] max_seq_len must hold the longest MQAR document, {longest} tokens")
@@ -179,7 +180,7 @@ def read_grid(path: str | Path, out: str | Path) -> tuple[list[Cell], RecallTask
         name = f"{pattern.replace(':', '')}-d{depth}{f'-w{width}' if len(widths) > 1 else ''}-s{steps}"
         try:
             config = TrainConfig(**{**base, **shared}, model=fields, steps=steps, run_dir=str(out / "runs" / name))
-            model = preset("demo").replace(vocab_size=task.vocab_size if task else config.vocab_size, **fields)
+            model = preset("demo").replace(vocab_size=config.vocab_size, **fields)
         except TypeError as e:
             raise ConfigError(f"{where}: {e}") from None
         cells.append(Cell(pattern, depth, width, steps, name, config, model))
