@@ -466,9 +466,11 @@ def build_parser() -> argparse.ArgumentParser:
     sw = commands.add_parser("sweep", help="train a grid of runs: layer patterns x depths x budgets",
                              description="Train every cell of a grid file (TOML: [base] run fields, [model] "
                              "model fields, [grid] pattern = [softmax, lightning, hybrid:N], depth = [...], steps = "
-                             "[...]; see hyla/train/sweep.py) as a `hyla train` run under OUT/runs, skipping "
-                             "finished runs and resuming interrupted ones; prints a table and writes "
-                             "OUT/sweep.json and OUT/sweep.png.")  # fmt: skip
+                             "[...], optional width; optional [task] name = \"mqar\" to train on recall; see "
+                             "hyla/train/sweep.py) as a `hyla train` run under OUT/runs, skipping finished runs and "
+                             "resuming interrupted ones (under torchrun each run trains sharded); prints a table "
+                             "and writes OUT/sweep.json, OUT/sweep.png and, with five runs of a pattern, "
+                             "OUT/fits.json.")  # fmt: skip
     sw.add_argument("grid", help="the grid file (TOML)")
     sw.add_argument("--out", required=True, help="the sweep's directory (runs, tokenizer, results)")
 

@@ -76,6 +76,16 @@ class DecoderLayer(nn.Module):
         return _scaled_sum(residual, self.mlp_alpha, m, self.mlp_beta), stats
 
 
+def next_token_targets(labels: Tensor, cu_seqlens: Tensor | None) -> Tensor:
+    """``[B, T - 1]`` next-token targets of ``labels`` ``[B, T]`` (``-100``: none); a packed document's last token has
+    none. What :meth:`HylaForCausalLM.loss` scores, and what the training loop counts."""
+    targets = labels[:, 1:]
+    if cu_seqlens is not None:
+        targets = targets.clone()
+        targets[0, cu_seqlens[1:-1].to(targets.device) - 1] = -100
+    return targets
+
+
 def _scaled_sum(x: Tensor, alpha: float, y: Tensor, beta: float) -> Tensor:
     """``alpha * x + beta * y``, written into ``y``: a sublayer's fresh output, which no backward needs.
 
@@ -210,7 +220,7 @@ class HylaForCausalLM(nn.Module):
         """
         labels = input_ids if labels is None else labels
         hidden, aux_loss = self._hidden(input_ids, None, cu_seqlens, router_stats)
-        targets = self._targets(labels, cu_seqlens).flatten()
+        targets = next_token_targets(labels, cu_seqlens).flatten()
         loss = linear_cross_entropy(hidden[:, :-1].flatten(0, 1), self.lm_head.weight, targets)
         return CausalLMOutput(logits=None, aux_loss=aux_loss, loss=loss)
 
@@ -226,12 +236,3 @@ class HylaForCausalLM(nn.Module):
         hidden, stats = self.model(input_ids, cache, cu_seqlens, router_stats)
         aux_loss = load_balancing_loss(stats, input_ids.numel() * len(self.model.layers)) if router_stats else None
         return hidden, aux_loss
-
-    @staticmethod
-    def _targets(labels: Tensor, cu_seqlens: Tensor | None) -> Tensor:
-        """``[B, T - 1]`` next-token targets; a packed document's last token has none (``-100``)."""
-        targets = labels[:, 1:]
-        if cu_seqlens is not None:
-            targets = targets.clone()
-            targets[0, cu_seqlens[1:-1].to(targets.device) - 1] = -100
-        return targets
