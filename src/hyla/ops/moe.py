@@ -5,8 +5,10 @@ contiguous slice; every expert then runs as one matrix product over its slice: o
 and for the CPU's small inference batches (a decode step: 15-30% faster from 4 to 512 tokens, measured), a loop
 over experts for the CPU's large or training batches (~3x faster than the grouped kernel at prefill sizes).
 The CPU's decode steps of one token skip the dispatch: each (token, expert) pair runs its two products
-directly (``pairs``; the sorting and gathering cost more than the products there). Otherwise there is never a
-loop over tokens. The loop has a hand-written backward (:class:`_SwiGLUExperts`); under
+directly (``pairs``; the sorting and gathering cost more than the products there). Inside a compiled graph
+(the serving engine's captured decode step), each pair's expert matrices are indexed by the routed ids and
+multiplied as a batch (``gather``): no host round trip and no ``_grouped_mm`` (which the compiler does not take),
+and inductor fuses the indexing into its products. Otherwise there is never a loop over tokens. The loop has a hand-written backward (:class:`_SwiGLUExperts`); under
 autocast, which must cast each product, it is composed of autograd ops instead.
 """
 
@@ -37,7 +39,7 @@ CPU_GROUPED_MAX_TOKENS = 512
 # with pairs instead of the grouped kernel, a whole decode step of one request 15.8 -> 14.4 ms (medians of 6
 # alternations); at two requests the step was 0.9 ms slower with pairs, and from 4 tokens on the grouped kernel wins.
 CPU_PAIRS_MAX_TOKENS = 1
-PATHS = ("loop", "grouped", "pairs")
+PATHS = ("loop", "grouped", "pairs", "gather")
 
 
 def swiglu_experts(
@@ -57,6 +59,8 @@ def swiglu_experts(
         path: ``"grouped"``: one ``torch._grouped_mm`` for all experts (default on CUDA, and on the CPU without
             autograd for at most :data:`CPU_GROUPED_MAX_TOKENS` tokens); ``"pairs"``: each (token, expert) pair on
             its own (default on the CPU without autograd for at most :data:`CPU_PAIRS_MAX_TOKENS` tokens);
+            ``"gather"``: each pair's expert weights indexed and multiplied as a batch (the default inside
+            ``torch.compile``, where it reads ``k`` matrices per token: for a few tokens only);
             ``"loop"``: a loop over experts (the CPU's default otherwise).
 
     Returns:
@@ -64,7 +68,9 @@ def swiglu_experts(
     """
     if path is None:
         cpu_inference = not x.is_cuda and not torch.is_grad_enabled()
-        if cpu_inference and x.shape[0] <= CPU_PAIRS_MAX_TOKENS:
+        if torch.compiler.is_compiling():
+            path = "gather"
+        elif cpu_inference and x.shape[0] <= CPU_PAIRS_MAX_TOKENS:
             path = "pairs"
         elif x.dtype != torch.float64 and (x.is_cuda or (cpu_inference and x.shape[0] <= CPU_GROUPED_MAX_TOKENS)):
             path = "grouped"  # (the grouped kernel has no float64)
@@ -74,6 +80,8 @@ def swiglu_experts(
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     if path == "pairs":
         return _pairs(x, weights, experts, gate_up_proj, down_proj)
+    if path == "gather":
+        return _gathered(x, weights, experts, gate_up_proj, down_proj)
     grouped = path == "grouped"
     if not grouped and not torch.is_autocast_enabled(x.device.type):
         return _SwiGLUExperts.apply(x, weights, experts, gate_up_proj, down_proj)
@@ -107,6 +115,18 @@ def _pairs(x: Tensor, weights: Tensor, experts: Tensor, gate_up_proj: Tensor, do
             y = torch.mm(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], down_proj[e].t())  # [1, H]
             out[n : n + 1] += y * weights[n, j].to(y.dtype)
     return out
+
+
+def _gathered(x: Tensor, weights: Tensor, experts: Tensor, gate_up_proj: Tensor, down_proj: Tensor) -> Tensor:
+    """Each (token, expert) pair's SwiGLU as batched matrix-vector products on its expert's indexed weights,
+    summed by router weight: ``[N, H]`` -> ``[N, H]``, composed of autograd ops."""
+    inter, top_k = down_proj.shape[-1], experts.shape[1]
+    chosen = experts.reshape(-1)  # [N k]
+    xs = x.repeat_interleave(top_k, dim=0)[:, :, None]  # [N k, H, 1]
+    gate_up = torch.bmm(gate_up_proj[chosen], xs)[..., 0]  # [N k, 2I]
+    act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+    ys = torch.bmm(down_proj[chosen], act[:, :, None])[..., 0].view(*experts.shape, -1)  # [N, k, H]
+    return torch.linalg.vecdot(ys, weights.to(ys.dtype)[..., None], dim=1)
 
 
 class _Dispatch:

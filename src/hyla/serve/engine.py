@@ -42,7 +42,9 @@ class EngineConfig:
     long prompts a snapshot is taken every ``snapshot_every`` tokens (rounded up to whole blocks).
 
     ``quantize="int8"`` runs the linear layers (attention projections, router, LM head; not the experts) with int8
-    weights on the CPU (:func:`~hyla.ops.linear.quantize_int8`; float32 models only)."""
+    weights on the CPU (:func:`~hyla.ops.linear.quantize_int8`; float32 models only). ``compile=True`` runs the
+    decode steps of up to :data:`~hyla.serve.runner.COMPILED_MAX_BATCH` requests through a forward compiled when
+    the engine starts (CPU; see :mod:`hyla.serve.runner`)."""
 
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 512
@@ -53,6 +55,7 @@ class EngineConfig:
     prefix_cache_gb: float = 0.25
     snapshot_every: int = 256
     quantize: str | None = None
+    compile: bool = False
 
     def resolve(self, max_position_embeddings: int) -> EngineConfig:
         """A copy with the defaults filled in; raises :class:`ConfigError` naming a limit that cannot work."""
@@ -133,7 +136,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.cache, c.max_num_seqs, c.max_num_batched_tokens, c.snapshot_every)
         self.vocab_size = min(tokenizer.get_vocab_size(), model.config.vocab_size)
         self.runner = ModelRunner(model, c.max_num_seqs, c.num_blocks, c.block_size, num_snapshots, self.vocab_size,
-                                  c.quantize)  # fmt: skip
+                                  c.quantize, c.compile)  # fmt: skip
         self.model = self.runner.model
         eos = model.config.eos_token_id
         self.eos_token_id = eos if eos is not None and eos < self.vocab_size else tokenizer.token_to_id(END_OF_TEXT)

@@ -1,12 +1,21 @@
 """The runner owns every tensor of the engine — the model, the lightning-state slots, the snapshot pool and the
 paged KV pools — and executes a :class:`~hyla.serve.scheduler.SchedulerOutput`: slot resets and snapshot
 restores, one forward over every request's new tokens packed in one row, then the snapshots to keep.
+
+With ``compile=True``, steps of decodes only (one new token per request, at most :data:`COMPILED_MAX_BATCH`
+requests) run the same forward captured by ``torch.compile`` (inductor's C++ kernels on the CPU): the hundreds of
+small eager operations of a decode step (norms, gates, routing, rotary tables, state updates) fused into a few
+dozen kernels. Two graphs are compiled when the runner is built — one request, and 2 to
+:data:`COMPILED_MAX_BATCH` requests with the batch and the block-table width dynamic — so that no request waits for
+a compile; the eager forward is the reference they are tested against and runs every other step.
 """
 
 from __future__ import annotations
 
 import itertools
+import time
 import types
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +30,10 @@ from hyla.ops.linear import can_pack, int8_linear, pack, packed_linear, quantize
 from hyla.ops.precision import compute_dtype
 from hyla.ops.varlen import Varlen
 from hyla.serve.scheduler import ScheduledSeq, SchedulerOutput
+
+
+# The most requests a compiled decode step takes (see the module's docstring); larger steps run eager.
+COMPILED_MAX_BATCH = 8
 
 
 def snapshot_bytes(config: HylaConfig, dtype: torch.dtype) -> int:
@@ -45,6 +58,7 @@ class ModelRunner:
         num_snapshots: int,
         vocab_limit: int,
         quantize: str | None = None,
+        compile: bool = False,
     ) -> None:
         self.model = model.eval()
         self.vocab_limit = vocab_limit  # logits at or past it (padding past the tokenizer's ids) are dropped
@@ -52,6 +66,8 @@ class ModelRunner:
         self.device, dtype = param.device, param.dtype
         if quantize and (self.device.type != "cpu" or dtype != torch.float32):
             raise ConfigError(f"quantize={quantize!r} runs on the CPU with a float32 model, not {self.device} {dtype}")
+        if compile and (self.device.type != "cpu" or quantize):
+            raise ConfigError(f"compile runs on the CPU without quantize, not {self.device} with quantize={quantize!r}")
         if self.device.type == "cpu":
             prepare_cpu_weights(model, quantize)
         config = model.config
@@ -69,23 +85,43 @@ class ModelRunner:
             else:
                 self.keys[i] = torch.zeros(num_blocks, block_size, hkv, d, dtype=dtype, device=self.device)
                 self.values[i] = torch.zeros_like(self.keys[i])
+        self._compiled: Callable[[Tensor, StepCache, Tensor], Tensor] | None = None
+        self.compile_seconds = 0.0
+        if compile:
+            self._compile(min(num_slots, COMPILED_MAX_BATCH), num_blocks)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> Tensor:
         """Run one step; returns the ``[num sampled, vocab_limit]`` float32 logits of the last new token of each
         sequence with ``sample`` set, in order."""
         self._copy_states(out)
-        step = StepCache(self, out.seqs)
+        captured = self._compiled is not None and len(out.seqs) <= COMPILED_MAX_BATCH
+        step = StepCache(self, out.seqs, min_width=2 if captured else 0)
+        captured = captured and step.num_decodes == len(out.seqs)
         ids = torch.tensor([t for s in out.seqs for t in s.token_ids], dtype=torch.long, device=self.device)
         ends = list(itertools.accumulate(s.num_tokens for s in out.seqs))
         rows = [e - 1 for e, s in zip(ends, out.seqs, strict=True) if s.sample]  # each sampled seq's last token
         rows = torch.tensor(rows, dtype=torch.long, device=self.device)
-        logits = self.model(ids[None], cache=step, logits_indices=rows).logits[:, : self.vocab_limit].float()
+        logits = (self._compiled if captured else self.forward)(ids, step, rows)
         if out.saves:
             slots, snapshots = (torch.tensor(x, device=self.device) for x in zip(*out.saves, strict=True))
             for layer, pool in self.states.items():
                 self.snapshots[layer][snapshots] = pool[slots]
         return logits
+
+    def forward(self, ids: Tensor, step: StepCache, rows: Tensor) -> Tensor:
+        """The model on one step's packed ``ids`` ``[ΣT]``: the float32 logits ``[len(rows), vocab_limit]`` of the
+        packed positions ``rows``."""
+        return self.model(ids[None], cache=step, logits_indices=rows).logits[:, : self.vocab_limit].float()
+
+    def _compile(self, max_batch: int, num_blocks: int) -> None:
+        """Compile :meth:`forward` for decode steps and run each graph once (on free slots and blocks, which a
+        request zeroes or overwrites before it reads them), timing it."""
+        start = time.perf_counter()
+        self._compiled = torch.compile(self.forward, dynamic=True)
+        for batch in sorted({1, max_batch}):
+            self.execute(SchedulerOutput([ScheduledSeq(i, [i % num_blocks], 0, [0], True) for i in range(batch)]))
+        self.compile_seconds = time.perf_counter() - start
 
     def _copy_states(self, out: SchedulerOutput) -> None:
         """Zero the slots of requests that start from nothing; copy snapshots into those that resume."""
@@ -108,7 +144,7 @@ class StepCache:
     their slots' states and a paged attention with padded queries. No loop over requests runs in a layer.
     """
 
-    def __init__(self, runner: ModelRunner, seqs: list[ScheduledSeq]) -> None:
+    def __init__(self, runner: ModelRunner, seqs: list[ScheduledSeq], min_width: int = 0) -> None:
         first_prefill = next((i for i, s in enumerate(seqs) if s.num_tokens > 1), len(seqs))
         if any(s.num_tokens == 1 for s in seqs[first_prefill:]):
             raise ValueError("decodes (one new token) must come before prefill chunks in a step")
@@ -129,7 +165,7 @@ class StepCache:
         self.slots = ints([s.slot for s in seqs])
         self.context_lens = ints([s.num_computed + s.num_tokens for s in seqs])
         self.query_lens = ints(lengths)
-        width = max((len(s.block_table) for s in seqs), default=0)
+        width = max([min_width] + [len(s.block_table) for s in seqs])
         self.block_tables = ints([s.block_table + [0] * (width - len(s.block_table)) for s in seqs]).view(-1, width)
         prefill = lengths[self.num_decodes :]
         self.varlen = Varlen.from_lengths(prefill, device)  # the prefill chunks, planned once for every layer
@@ -215,7 +251,11 @@ def _use_packed_weight(module: nn.Linear, int8: bool) -> None:
 def _packed_forward(module: nn.Linear, x: Tensor) -> Tensor:
     weight, int8 = module.weight, module._hyla_int8
     # One row runs as fast through the transposed weight; autograd needs the plain product.
-    if (x.numel() <= x.shape[-1] and not int8) or (torch.is_grad_enabled() and weight.requires_grad):
+    if (
+        (x.numel() <= x.shape[-1] and not int8)
+        or (torch.is_grad_enabled() and weight.requires_grad)
+        or torch.compiler.is_compiling()
+    ):
         return F.linear(x, weight, module.bias)
     key = (weight.data_ptr(), weight._version)  # which tensor, and how often it was changed in place
     packed = module._hyla_packed

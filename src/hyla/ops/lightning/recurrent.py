@@ -40,8 +40,14 @@ def lightning_step_slots(q: Tensor, k: Tensor, v: Tensor, slope: Tensor, pool: T
 
     Rows whose slots are consecutive (row ``i + 1`` in slot ``slots[i] + 1``: what a scheduler that hands out
     the lowest free slot and orders its decodes by slot produces) update a view of the pool in place, one
-    read and one write of their states; scattered rows are gathered, stepped and written back.
+    read and one write of their states; scattered rows are gathered, stepped and written back. Inside a compiled
+    graph (no host round trip to find the runs), every row is gathered, stepped and written back, and no row may
+    be padding.
     """
+    if torch.compiler.is_compiling():
+        o, states = lightning_attention_step(q, k, v, slope, pool[slots])
+        pool.index_copy_(0, slots, states)
+        return o
     o = torch.zeros_like(q)
     ids = slots.tolist()
     runs = _runs(ids)
