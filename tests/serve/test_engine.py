@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from hyla.data.tokenizer import byte_level_tokenizer
+from hyla.errors import ConfigError
 from hyla.serve import LLM, EngineConfig, SamplingParams
 from tests.model.test_parity import PATTERNS, random_model
 
@@ -102,3 +103,51 @@ def test_a_sequence_stops_at_its_end_of_text_token(model):
     llm.engine.eos_token_id = first
     (completion,) = llm.generate([prompt], SamplingParams(max_tokens=10, temperature=0))[0]
     assert completion.token_ids == [first] and completion.finish_reason == "stop"
+
+
+@pytest.mark.slow
+def test_compiled_decode_steps_equal_full_forward(model, monkeypatch):
+    """``compile=True``: decode steps of 1 to 5 requests (requests arriving, finishing and preempted, so the batch
+    and the block tables change size) run the two graphs compiled at start, without recompiling, and every greedy
+    token equals a full forward's; steps with prompt chunks run eager."""
+    config = EngineConfig(max_num_seqs=5, max_num_batched_tokens=24, block_size=4, num_blocks=40, max_model_len=100,
+                          compile=True)  # fmt: skip
+    llm = LLM(model, byte_level_tokenizer(), config)
+    runner = llm.engine.runner
+    assert runner.compile_seconds > 0
+    compiled, batches = runner._compiled, []
+
+    def counted(ids, step, rows):
+        batches.append(len(ids))
+        return compiled(ids, step, rows)
+
+    monkeypatch.setattr(runner, "_compiled", counted)
+    ps = prompts([1, 17, 64, 5, 33, 2, 48], seed=3)
+    max_tokens = [30, 3, 12, 25, 1, 40, 9]
+    engine, outputs = llm.engine, {}
+    for i, (prompt, n) in enumerate(zip(ps, max_tokens, strict=True)):
+        engine.add_request(str(i), [prompt], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        while engine.has_work():
+            for out in engine.step():
+                outputs.setdefault(int(out.request_id), []).extend(out.token_ids)
+    for i, (prompt, n) in enumerate(zip(ps, max_tokens, strict=True)):
+        assert outputs[i] == full_forward_greedy(model, prompt, n)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert set(batches) >= {1, 2, 5}
+
+
+def test_compile_refuses_what_it_cannot_run():
+    model = random_model(layer_types=PATTERNS["alternating"])
+    with pytest.raises(ConfigError, match="compile"):
+        LLM(model, byte_level_tokenizer(), EngineConfig(compile=True, quantize="int8", max_model_len=64))
+
+
+def test_compile_without_a_compiler_is_a_config_error():
+    """Inductor's C++ compiler missing: a ConfigError that says what to do, at start."""
+    import torch._inductor.config as inductor
+
+    model = random_model(layer_types=PATTERNS["alternating"])
+    with inductor.patch({"force_disable_caches": True, "cpp.cxx": ("/nonexistent/g++",)}):
+        with pytest.raises(ConfigError, match=r"install a C\+\+ compiler"):
+            LLM(model, byte_level_tokenizer(), EngineConfig(compile=True, max_model_len=64))

@@ -8,8 +8,9 @@ The CPU's decode steps of one token skip the dispatch: each (token, expert) pair
 directly (``pairs``; the sorting and gathering cost more than the products there). Inside a compiled graph
 (the serving engine's captured decode step), each pair's expert matrices are indexed by the routed ids and
 multiplied as a batch (``gather``): no host round trip and no ``_grouped_mm`` (which the compiler does not take),
-and inductor fuses the indexing into its products. Otherwise there is never a loop over tokens. The loop has a hand-written backward (:class:`_SwiGLUExperts`); under
-autocast, which must cast each product, it is composed of autograd ops instead.
+and inductor fuses the indexing into its products. Otherwise there is never a loop over tokens. The loop has a
+hand-written backward (:class:`_SwiGLUExperts`); under autocast, which must cast each product, it is composed of
+autograd ops instead.
 """
 
 from __future__ import annotations

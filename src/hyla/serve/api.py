@@ -40,6 +40,7 @@ from hyla.errors import RequestError
 from hyla.serve.async_engine import AsyncEngine, EngineBusy, EngineStopped
 from hyla.serve.engine import EngineConfig, LLMEngine, RequestOutput, TokenLogprob
 from hyla.serve.protocol import ChatCompletionRequest, CompletionRequest
+from hyla.serve.runner import COMPILED_MAX_BATCH
 from hyla.serve.sampling import SamplingParams
 
 DEFAULT_CHAT_TEMPLATE = (
@@ -447,6 +448,8 @@ def serve(
     tokenizer = load_tokenizer(tokenizer_path or model_dir)
     model = load(model_dir, dtype=dtype, device=device)
     chat_template = load_chat_template(model_dir)
+    if config is not None and config.compile:
+        log(f"hyla: compiling the decode step for 1 and 2-{COMPILED_MAX_BATCH} requests (cached on disk later)")
     engine = AsyncEngine(LLMEngine(model, tokenizer, config), max_waiting, start_thread=False)
     name = model_name or Path(model_dir).resolve().name
     app = build_app(engine, name, api_key, chat_template, max_request_bytes)
@@ -462,7 +465,8 @@ def serve(
     log(
         f"hyla: serving {name!r} on http://{host}:{port}/v1 ({c.max_num_seqs} sequences, {c.num_blocks} KV "
         f"blocks of {c.block_size} tokens, context {c.max_model_len}, {c.max_num_batched_tokens} tokens per step"
-        f"{'; ' + dtype_text if dtype_text else ''})"
+        f"{'; ' + dtype_text if dtype_text else ''}"
+        f"{f'; decode steps compiled in {engine.engine.runner.compile_seconds:.0f} s' if c.compile else ''})"
     )
 
     watchdog = threading.Thread(target=lambda: (thread.join(), stop.set()), name="hyla-http-watch", daemon=True)

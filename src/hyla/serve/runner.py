@@ -31,9 +31,9 @@ from hyla.ops.precision import compute_dtype
 from hyla.ops.varlen import Varlen
 from hyla.serve.scheduler import ScheduledSeq, SchedulerOutput
 
-
 # The most requests a compiled decode step takes (see the module's docstring); larger steps run eager.
 COMPILED_MAX_BATCH = 8
+_SKIP_MODULE_GUARDS = torch.compiler.skip_guard_on_all_nn_modules_unsafe
 
 
 def snapshot_bytes(config: HylaConfig, dtype: torch.dtype) -> int:
@@ -95,21 +95,23 @@ class ModelRunner:
         """Run one step; returns the ``[num sampled, vocab_limit]`` float32 logits of the last new token of each
         sequence with ``sample`` set, in order."""
         self._copy_states(out)
-        captured = self._compiled is not None and len(out.seqs) <= COMPILED_MAX_BATCH
-        step = StepCache(self, out.seqs, min_width=2 if captured else 0)
-        captured = captured and step.num_decodes == len(out.seqs)
         ids = torch.tensor([t for s in out.seqs for t in s.token_ids], dtype=torch.long, device=self.device)
         ends = list(itertools.accumulate(s.num_tokens for s in out.seqs))
         rows = [e - 1 for e, s in zip(ends, out.seqs, strict=True) if s.sample]  # each sampled seq's last token
         rows = torch.tensor(rows, dtype=torch.long, device=self.device)
-        logits = (self._compiled if captured else self.forward)(ids, step, rows)
+        if self._compiled is not None and len(ids) <= COMPILED_MAX_BATCH and len(ids) == len(out.seqs):
+            step = DecodeCache(self, out.seqs)
+            step.mark_dynamic(ids, rows)
+            logits = self._compiled(ids, step, rows)
+        else:
+            logits = self.forward(ids, StepCache(self, out.seqs), rows)
         if out.saves:
             slots, snapshots = (torch.tensor(x, device=self.device) for x in zip(*out.saves, strict=True))
             for layer, pool in self.states.items():
                 self.snapshots[layer][snapshots] = pool[slots]
         return logits
 
-    def forward(self, ids: Tensor, step: StepCache, rows: Tensor) -> Tensor:
+    def forward(self, ids: Tensor, step: StepCache | DecodeCache, rows: Tensor) -> Tensor:
         """The model on one step's packed ``ids`` ``[ΣT]``: the float32 logits ``[len(rows), vocab_limit]`` of the
         packed positions ``rows``."""
         return self.model(ids[None], cache=step, logits_indices=rows).logits[:, : self.vocab_limit].float()
@@ -118,9 +120,20 @@ class ModelRunner:
         """Compile :meth:`forward` for decode steps and run each graph once (on free slots and blocks, which a
         request zeroes or overwrites before it reads them), timing it."""
         start = time.perf_counter()
-        self._compiled = torch.compile(self.forward, dynamic=True)
-        for batch in sorted({1, max_batch}):
-            self.execute(SchedulerOutput([ScheduledSeq(i, [i % num_blocks], 0, [0], True) for i in range(batch)]))
+        # No guards on the modules: the engine owns the model, whose structure does not change while it serves.
+        self._compiled = torch.compile(self.forward, options={"guard_filter_fn": _SKIP_MODULE_GUARDS})
+        try:
+            for batch in sorted({1, max_batch}):
+                # Block tables of 2 blocks (one request) or max_batch + 1 (several): no size the compiler would
+                # specialise (0, 1) or take for the batch's.
+                width = 2 if batch == 1 else batch + 1
+                self.execute(SchedulerOutput([ScheduledSeq(i, [i % num_blocks] * width, 0, [0], True)
+                                              for i in range(batch)]))  # fmt: skip
+        except Exception as error:  # no C++ compiler, or an operation the compiler does not take
+            raise ConfigError(
+                f"compile: torch.compile failed ({type(error).__name__}: {str(error)[:300]}); "
+                "serve without it (the eager forward), or install a C++ compiler (g++)"
+            ) from error
         self.compile_seconds = time.perf_counter() - start
 
     def _copy_states(self, out: SchedulerOutput) -> None:
@@ -144,7 +157,7 @@ class StepCache:
     their slots' states and a paged attention with padded queries. No loop over requests runs in a layer.
     """
 
-    def __init__(self, runner: ModelRunner, seqs: list[ScheduledSeq], min_width: int = 0) -> None:
+    def __init__(self, runner: ModelRunner, seqs: list[ScheduledSeq]) -> None:
         first_prefill = next((i for i, s in enumerate(seqs) if s.num_tokens > 1), len(seqs))
         if any(s.num_tokens == 1 for s in seqs[first_prefill:]):
             raise ValueError("decodes (one new token) must come before prefill chunks in a step")
@@ -165,7 +178,7 @@ class StepCache:
         self.slots = ints([s.slot for s in seqs])
         self.context_lens = ints([s.num_computed + s.num_tokens for s in seqs])
         self.query_lens = ints(lengths)
-        width = max([min_width] + [len(s.block_table) for s in seqs])
+        width = max((len(s.block_table) for s in seqs), default=0)
         self.block_tables = ints([s.block_table + [0] * (width - len(s.block_table)) for s in seqs]).view(-1, width)
         prefill = lengths[self.num_decodes :]
         self.varlen = Varlen.from_lengths(prefill, device)  # the prefill chunks, planned once for every layer
@@ -194,9 +207,7 @@ class StepCache:
         return out
 
     def attention(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        k_pool, v_pool = self.runner.keys[layer_idx], self.runner.values[layer_idx]
-        k_pool.view(-1, *k_pool.shape[2:]).index_copy_(0, self.slot_mapping, k[0])
-        v_pool.view(-1, *v_pool.shape[2:]).index_copy_(0, self.slot_mapping, v[0])
+        k_pool, v_pool = _write_kv(self.runner, layer_idx, self.slot_mapping, k, v)
         nd = self.num_decodes
         out = torch.empty_like(q)  # [1, ΣT, H, D]
         if nd:
@@ -215,6 +226,56 @@ class StepCache:
             )
             out[0, nd:] = o[self.query_valid]
         return out
+
+
+class DecodeCache:
+    """The cache of a step of ``B`` decodes only (one new token each), as tensors alone: what a compiled forward
+    takes, one graph for every ``B`` from 2 and every block-table width (:meth:`mark_dynamic`). The same
+    kernels as :class:`StepCache`'s decodes."""
+
+    def __init__(self, runner: ModelRunner, seqs: list[ScheduledSeq]) -> None:
+        self.runner = runner
+        bs = runner.block_size
+        width = max(len(s.block_table) for s in seqs)
+
+        def ints(values: list) -> Tensor:
+            return torch.tensor(values, dtype=torch.long, device=runner.device)
+
+        positions = [s.num_computed for s in seqs]
+        self._positions = ints(positions)[None]  # [1, B]
+        self.slots = ints([s.slot for s in seqs])
+        self.slot_mapping = ints([s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions, strict=True)])
+        self.block_tables = ints([s.block_table + [0] * (width - len(s.block_table)) for s in seqs])  # [B, W]
+        self.context_lens = self.slot_mapping.new_tensor(positions) + 1
+
+    def mark_dynamic(self, *per_request: Tensor) -> None:
+        """Let the compiler treat the block-table width, and from two requests the batch, as any size: no
+        recompilation as contexts grow or requests come and go. ``per_request``: more ``[B]`` inputs."""
+        torch._dynamo.maybe_mark_dynamic(self.block_tables, 1)
+        if len(self.slots) > 1:
+            for x in (self.slots, self.slot_mapping, self.block_tables, self.context_lens, *per_request):
+                torch._dynamo.maybe_mark_dynamic(x, 0)
+            torch._dynamo.maybe_mark_dynamic(self._positions, 1)
+
+    def positions(self, num_tokens: int, device: torch.device) -> Tensor:
+        return self._positions
+
+    def lightning(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, slope: Tensor) -> Tensor:
+        return lightning_decode(q[0], k[0], v[0], slope, self.runner.states[layer_idx], self.slots)[None]
+
+    def attention(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        k_pool, v_pool = _write_kv(self.runner, layer_idx, self.slot_mapping, k, v)
+        ones = torch.ones_like(self.context_lens)
+        return paged_attention(q[0, :, None], k_pool, v_pool, self.block_tables, self.context_lens, ones)[None, :, 0]
+
+
+def _write_kv(runner: ModelRunner, layer_idx: int, slot_mapping: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Write the new keys and values ``[1, ΣT, Hkv, D]`` into layer ``layer_idx``'s pools at ``slot_mapping``
+    (each token's row in the flattened pool); returns the pools."""
+    k_pool, v_pool = runner.keys[layer_idx], runner.values[layer_idx]
+    k_pool.view(-1, *k_pool.shape[2:]).index_copy_(0, slot_mapping, k[0])
+    v_pool.view(-1, *v_pool.shape[2:]).index_copy_(0, slot_mapping, v[0])
+    return k_pool, v_pool
 
 
 def prepare_cpu_weights(model: nn.Module, quantize: str | None = None) -> None:
