@@ -2,10 +2,12 @@
 
 import pytest
 import torch
+from tokenizers import Tokenizer, decoders, models
 
 from hyla.data.tokenizer import byte_level_tokenizer
 from hyla.errors import ConfigError
 from hyla.serve import LLM, EngineConfig, SamplingParams
+from hyla.serve.engine import _Detokenized
 from tests.model.test_parity import PATTERNS, random_model
 
 VOCAB = 256  # the byte-level tokenizer's ids; the model's vocabulary is larger
@@ -148,6 +150,30 @@ def test_compile_without_a_compiler_is_a_config_error():
     import torch._inductor.config as inductor
 
     model = random_model(layer_types=PATTERNS["alternating"])
-    with inductor.patch({"force_disable_caches": True, "cpp.cxx": ("/nonexistent/g++",)}):
-        with pytest.raises(ConfigError, match=r"install a C\+\+ compiler"):
-            LLM(model, byte_level_tokenizer(), EngineConfig(compile=True, max_model_len=64))
+    no_compiler = inductor.patch({"force_disable_caches": True, "cpp.cxx": ("/nonexistent/g++",)})
+    with no_compiler, pytest.raises(ConfigError, match=r"install a C\+\+ compiler"):
+        LLM(model, byte_level_tokenizer(), EngineConfig(compile=True, max_model_len=64))
+
+
+def metaspace_tokenizer() -> Tokenizer:
+    """Word pieces with SentencePiece's "▁" for a space, whose decoder drops the text's leading space: a decoder
+    for which a token's text depends on the tokens before it."""
+    pieces = ["▁the", "▁cat", "s", "▁é", "t", "é", "▁", "x"]
+    tokenizer = Tokenizer(models.WordLevel({p: i for i, p in enumerate(pieces)}, unk_token="x"))
+    tokenizer.decoder = decoders.Metaspace()
+    return tokenizer
+
+
+@pytest.mark.parametrize("tokenizer", [byte_level_tokenizer(), metaspace_tokenizer()], ids=["bytes", "metaspace"])
+def test_incremental_detokenization_equals_decoding_the_whole_output(tokenizer):
+    """After every token the engine's text is the decoding of the whole output so far: random bytes (broken and
+    multi-byte UTF-8 characters split across tokens) and pieces whose leading space depends on the context."""
+    g = torch.Generator().manual_seed(0)
+    utf8 = list("naïve 東京 🐍 ok".encode())
+    for trial in range(20):
+        n = tokenizer.get_vocab_size()
+        ids = torch.randint(0, n, (60,), generator=g).tolist() if trial % 2 else utf8[: 3 + trial] * (n > 255)
+        state = _Detokenized()
+        for end in range(1, len(ids) + 1):
+            state.update(tokenizer, ids[:end])
+            assert state.text == tokenizer.decode(ids[:end])

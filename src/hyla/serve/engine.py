@@ -116,12 +116,30 @@ class RequestOutput:
 
 @dataclass
 class _Detokenized:
-    """A request's output text so far and how much of it (and of its tokens) went out already."""
+    """A request's output text so far and how much of it (and of its tokens) went out already.
+
+    The text is decoded incrementally (:meth:`update`): ``settled`` is the text of the first ``read`` output
+    tokens, which ends with a whole character; each new token decodes only the window from ``prefix`` (the
+    tokens before ``read`` that the tokenizer's decoder sees as context) instead of the whole output."""
 
     text: str = ""
     sent_chars: int = 0
     sent_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    settled: str = ""
+    prefix: int = 0
+    read: int = 0
+
+    def update(self, tokenizer: Tokenizer, ids: list[int]) -> None:
+        """Set ``text`` to the decoding of ``ids`` (the output so far), decoding the last few tokens only."""
+        before = tokenizer.decode(ids[self.prefix : self.read])
+        window = tokenizer.decode(ids[self.prefix :])
+        if window.startswith(before):
+            self.text = self.settled + window[len(before) :]
+        else:  # a decoder that rewrites earlier text given more: decode it all, take it as context
+            self.text, self.settled, self.prefix, self.read = tokenizer.decode(ids), "", 0, 0
+        if not self.text.endswith("\ufffd"):  # whole characters: the next window starts here
+            self.settled, self.prefix, self.read = self.text, self.read, len(ids)
 
 
 class LLMEngine:
@@ -255,7 +273,7 @@ class LLMEngine:
             state.logprobs.append(TokenLogprob(token, float(sampled.logprobs[row]), top))
         reason = request.finish_reason
         if reason != "stop" or token not in request.stop_ids:  # a stop token adds no text
-            state.text = self.tokenizer.decode(request.output_ids)
+            state.update(self.tokenizer, request.output_ids)
             if self._check_stop_strings(request, state):
                 reason = "stop"
                 if request.status is not Status.FINISHED:
