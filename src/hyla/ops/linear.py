@@ -31,9 +31,23 @@ def pack(weight: Tensor) -> Tensor:
 
 
 def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear(x, weight, bias)`` with ``packed = pack(weight)``: ``[..., in]`` -> ``[..., out]``."""
-    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "")
+    """``F.linear(x, weight, bias)`` with ``packed = pack(weight)``: ``[..., in]`` -> ``[..., out]``. Inside
+    ``torch.compile`` it is one opaque operation (inductor does not lower oneDNN's op on a packed weight)."""
+    rows = x.reshape(-1, x.shape[-1])
+    out = _packed_mm(rows, packed, bias) if torch.compiler.is_compiling() else _linear_pointwise(rows, packed, bias)
     return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _linear_pointwise(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+_packed_mm = torch.library.custom_op("hyla::packed_mm", _linear_pointwise, mutates_args=())
+
+
+@_packed_mm.register_fake
+def _(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
+    return x.new_empty(x.shape[0], packed.shape[0])
 
 
 def quantize_int8(weight: Tensor, bias: Tensor | None = None) -> object:

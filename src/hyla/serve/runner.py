@@ -33,7 +33,7 @@ from hyla.serve.scheduler import ScheduledSeq, SchedulerOutput
 
 # The most requests a compiled decode step takes (see the module's docstring); larger steps run eager. Measured
 # (`small`, vocab 8192, 2 EPYC cores, medians of 5 alternations of 20 steps, eager -> compiled ms): 1 request
-# 11.8 -> 7.9, 2: 16.7 -> 11.6, 8: 31.5 -> 27.0, 16: 37.0 -> 34.7, 32: 58.2 -> 70.5 (the compiled experts read
+# 11.3 -> 7.1, 2: 19.0 -> 12.4, 8: 27.9 -> 21.5, 16: 37.9 -> 34.1, 32: 59.4 -> 64.5 (the compiled experts read
 # k matrices per token; the eager grouped kernel reads each expert's once).
 COMPILED_MAX_BATCH = 16
 _SKIP_MODULE_GUARDS = torch.compiler.skip_guard_on_all_nn_modules_unsafe
@@ -123,6 +123,9 @@ class ModelRunner:
         """Compile :meth:`forward` for decode steps and run each graph once (on free slots and blocks, which a
         request zeroes or overwrites before it reads them), timing it."""
         start = time.perf_counter()
+        for module in self.model.modules():
+            if hasattr(module, "_hyla_compiled"):
+                module._hyla_compiled = _packed_copy(module)
         # No guards on the modules: the engine owns the model, whose structure does not change while it serves.
         self._compiled = torch.compile(self.forward, options={"guard_filter_fn": _SKIP_MODULE_GUARDS})
         try:
@@ -309,24 +312,31 @@ class _PackedCopies(dict):
 def _use_packed_weight(module: nn.Linear, int8: bool) -> None:
     module._hyla_packed = _PackedCopies()
     module._hyla_int8 = int8
+    module._hyla_compiled = None  # the packed copy a compiled graph reads (set by ModelRunner._compile)
     module.forward = types.MethodType(_packed_forward, module)  # a bound method: copies rebind to the copy
+
+
+def _packed_copy(module: nn.Linear) -> Tensor | object:
+    """The layer's packed (or int8) copy of its weight as it is now, made if the weight changed."""
+    weight, packed = module.weight, module._hyla_packed
+    key = (weight.data_ptr(), weight._version)  # which tensor, and how often it was changed in place
+    if key not in packed:  # the weight was changed or replaced (an optimizer step, a load), or this is a copy
+        packed.clear()
+        packed[key] = quantize_int8(weight, module.bias) if module._hyla_int8 else pack(weight)
+    return packed[key]
 
 
 def _packed_forward(module: nn.Linear, x: Tensor) -> Tensor:
     weight, int8 = module.weight, module._hyla_int8
+    one_row = x.numel() <= x.shape[-1]
+    if torch.compiler.is_compiling():  # (no data pointers in a graph: the copy made before compiling)
+        packed = module._hyla_compiled
+        return F.linear(x, weight, module.bias) if one_row or packed is None else packed_linear(x, packed, module.bias)
     # One row runs as fast through the transposed weight; autograd needs the plain product.
-    if (
-        (x.numel() <= x.shape[-1] and not int8)
-        or (torch.is_grad_enabled() and weight.requires_grad)
-        or torch.compiler.is_compiling()
-    ):
+    if (one_row and not int8) or (torch.is_grad_enabled() and weight.requires_grad):
         return F.linear(x, weight, module.bias)
-    key = (weight.data_ptr(), weight._version)  # which tensor, and how often it was changed in place
-    packed = module._hyla_packed
-    if key not in packed:  # the weight was changed or replaced (an optimizer step, a load), or this is a copy
-        packed.clear()
-        packed[key] = quantize_int8(weight, module.bias) if int8 else pack(weight)
-    return int8_linear(x, packed[key]) if int8 else packed_linear(x, packed[key], module.bias)
+    packed = _packed_copy(module)
+    return int8_linear(x, packed) if int8 else packed_linear(x, packed, module.bias)
 
 
 def transpose_weights(model: nn.Module) -> None:
