@@ -16,7 +16,7 @@ llama-server's. Then, alternating the two sides at every measurement (the idle o
   (8 calls); 32 tokens out per turn. Time to first token of first and later turns, output tokens/s. hyla
   reuses prefixes (its default); llama-server runs its defaults (slot prompt cache and context checkpoints).
 
-With ``--compile``, a second hyla server runs with ``hyla serve --compile`` (decode steps of up to 16 requests
+With ``--compile``, a second hyla server runs with ``hyla serve --compile`` (decode steps of up to 32 requests
 through a compiled forward) and is measured as one more side, its greedy tokens checked against the same
 reference first.
 

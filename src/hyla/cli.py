@@ -31,6 +31,7 @@ from hyla.runtime import auto_dtype, tune_malloc
 from hyla.serve import LLM, EngineConfig, SamplingParams
 from hyla.serve.api import DEFAULT_MAX_REQUEST_BYTES
 from hyla.serve.engine import QUANTIZE
+from hyla.serve.runner import COMPILED_MAX_BATCH
 from hyla.train.loop import TrainConfig, load_train_toml, train
 
 # The prompts of the samples at the end of `hyla train` (the default corpus is Python code).
@@ -513,9 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "states of earlier requests' shared prefixes (exact)", "prefix_cache_gb": "memory for "
                    "lightning-state snapshots, GB", "snapshot_every": "inside long prompts, a snapshot every this "
                    "many tokens", "quantize": "int8: the linear layers (not the experts) with int8 weights, CPU "
-                   "float32 only (measured in RESULTS.md)", "compile": "CPU: run decode steps of up to 16 requests "
-                   "through a torch.compile'd forward (needs a C++ compiler; compiles for ~20-110 s at start, "
-                   "cached on disk; measured in RESULTS.md)"}  # fmt: skip
+                   "float32 only (measured in RESULTS.md)", "compile": "CPU: run decode steps of up to "
+                   f"{COMPILED_MAX_BATCH} requests through a torch.compile'd forward (needs a C++ compiler; "
+                   "compiles for ~20-110 s at start, cached on disk; measured in RESULTS.md)"}  # fmt: skip
     for f in dataclasses.fields(EngineConfig):
         kind = {"bool": argparse.BooleanOptionalAction, "float": float, "str | None": str}.get(f.type, int)
         typed = {"action": kind} if kind is argparse.BooleanOptionalAction else {"type": kind}

@@ -20,6 +20,17 @@ def test_packed_linear_matches_f_linear(rows, bias):
     assert rows == 0 or rel_err(got, F.linear(x, weight, b)) < 1e-6
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_inside_a_compiled_graph(bias):
+    """One opaque operation inside ``torch.compile``, fused with what surrounds it, on any row count."""
+    weight, b = torch.randn(96, 40), torch.randn(96) if bias else None
+    packed = pack(weight)
+    compiled = torch.compile(lambda x: torch.relu(packed_linear(x * 2, packed, b)), dynamic=True)
+    for rows in (2, 5):
+        x = torch.randn(rows, 40)
+        assert rel_err(compiled(x), torch.relu(F.linear(x * 2, weight, b))) < 1e-6
+
+
 def test_only_float32_cpu_matrices_are_packed():
     assert can_pack(torch.randn(4, 4))
     assert not can_pack(torch.randn(4, 4, dtype=torch.bfloat16))

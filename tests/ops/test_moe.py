@@ -20,7 +20,7 @@ def reference_experts(x, weights, experts, gate_up, down):
 
 
 @pytest.mark.parametrize(("n", "num_experts", "top_k"), [(1, 4, 2), (37, 8, 2), (50, 4, 4), (64, 16, 1), (3, 16, 2)])
-@pytest.mark.parametrize("path", ["loop", "grouped", "pairs", "gather"])
+@pytest.mark.parametrize("path", ["loop", "grouped", "pairs", "gather", "dense"])
 def test_swiglu_experts_match_per_token_loop(n, num_experts, top_k, path):
     """Outputs and every gradient (tokens, router weights, both expert weights); most experts get no token when
     ``n`` is small."""

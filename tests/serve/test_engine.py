@@ -1,5 +1,8 @@
 """The batching engine against a per-request full forward: prompts of different lengths served together."""
 
+import copy
+import dataclasses
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models
@@ -107,13 +110,29 @@ def test_a_sequence_stops_at_its_end_of_text_token(model):
     assert completion.token_ids == [first] and completion.finish_reason == "stop"
 
 
+def greedy_outputs(engine, ps: list[list[int]], max_tokens: list[int]) -> dict[int, list[int]]:
+    """Every prompt's greedy tokens, all requests added at once and stepped to the end."""
+    outputs = {}
+    for i, (prompt, n) in enumerate(zip(ps, max_tokens, strict=True)):
+        engine.add_request(str(i), [prompt], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+    while engine.has_work():
+        for out in engine.step():
+            outputs.setdefault(int(out.request_id), []).extend(out.token_ids)
+    return outputs
+
+
 @pytest.mark.slow
-def test_compiled_decode_steps_equal_full_forward(model, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_compiled_decode_steps_equal_the_eager_reference(model, dtype, monkeypatch):
     """``compile=True``: decode steps of 1 to 5 requests (requests arriving, finishing and preempted, so the batch
-    and the block tables change size) run the two graphs compiled at start, without recompiling, and every greedy
-    token equals a full forward's; steps with prompt chunks run eager."""
-    config = EngineConfig(max_num_seqs=5, max_num_batched_tokens=24, block_size=4, num_blocks=40, max_model_len=100,
-                          compile=True)  # fmt: skip
+    and the block tables change size) run the two graphs compiled at start, without recompiling; steps with
+    prompt chunks run eager. float64: every greedy token equals a full forward's; float32 (oneDNN-packed
+    weights from two requests on): equal to the eager engine's."""
+    if dtype == torch.float32:
+        torch.manual_seed(1)
+        model = random_model(layer_types=PATTERNS["alternating"])
+        eager = LLM(copy.deepcopy(model), byte_level_tokenizer(), CONFIG).engine
+    config = dataclasses.replace(CONFIG, compile=True)
     llm = LLM(model, byte_level_tokenizer(), config)
     runner = llm.engine.runner
     assert runner.compile_seconds > 0
@@ -126,17 +145,17 @@ def test_compiled_decode_steps_equal_full_forward(model, monkeypatch):
     monkeypatch.setattr(runner, "_compiled", counted)
     ps = prompts([1, 17, 64, 5, 33, 2, 48], seed=3)
     max_tokens = [30, 3, 12, 25, 1, 40, 9]
-    engine, outputs = llm.engine, {}
-    for i, (prompt, n) in enumerate(zip(ps, max_tokens, strict=True)):
-        engine.add_request(str(i), [prompt], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
     with torch._dynamo.config.patch(error_on_recompile=True):
-        while engine.has_work():
-            for out in engine.step():
-                outputs.setdefault(int(out.request_id), []).extend(out.token_ids)
-    for i, (prompt, n) in enumerate(zip(ps, max_tokens, strict=True)):
-        assert outputs[i] == full_forward_greedy(model, prompt, n)
+        outputs = greedy_outputs(llm.engine, ps, max_tokens)
+    if dtype == torch.float64:
+        assert outputs == {i: full_forward_greedy(model, ps[i], n) for i, n in enumerate(max_tokens)}
+    else:
+        assert outputs == greedy_outputs(eager, ps, max_tokens)
     assert llm.engine.scheduler.num_preemptions > 0
     assert set(batches) >= {1, 2, 5}
+
+
+CONFIG = EngineConfig(max_num_seqs=5, max_num_batched_tokens=24, block_size=4, num_blocks=40, max_model_len=100)
 
 
 def test_compile_refuses_what_it_cannot_run():

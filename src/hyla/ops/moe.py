@@ -6,11 +6,12 @@ and for the CPU's small inference batches (a decode step: 15-30% faster from 4 t
 over experts for the CPU's large or training batches (~3x faster than the grouped kernel at prefill sizes).
 The CPU's decode steps of one token skip the dispatch: each (token, expert) pair runs its two products
 directly (``pairs``; the sorting and gathering cost more than the products there). Inside a compiled graph
-(the serving engine's captured decode step), each pair's expert matrices are indexed by the routed ids and
-multiplied as a batch (``gather``): no host round trip and no ``_grouped_mm`` (which the compiler does not take),
-and inductor fuses the indexing into its products. Otherwise there is never a loop over tokens. The loop has a
-hand-written backward (:class:`_SwiGLUExperts`); under autocast, which must cast each product, it is composed of
-autograd ops instead.
+(the serving engine's captured decode step) there is no host round trip and no ``_grouped_mm`` (which the
+compiler does not take): one token's pairs index their expert matrices by the routed ids and multiply them as a
+batch (``gather``, inductor fuses the indexing into its products); more tokens run every expert on every token
+and weight the outputs by the router, zero for experts not chosen (``dense``: each expert's weights read once).
+Otherwise there is never a loop over tokens. The loop has a hand-written backward (:class:`_SwiGLUExperts`);
+under autocast, which must cast each product, it is composed of autograd ops instead.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ CPU_GROUPED_MAX_TOKENS = 512
 # with pairs instead of the grouped kernel, a whole decode step of one request 15.8 -> 14.4 ms (medians of 6
 # alternations); at two requests the step was 0.9 ms slower with pairs, and from 4 tokens on the grouped kernel wins.
 CPU_PAIRS_MAX_TOKENS = 1
-PATHS = ("loop", "grouped", "pairs", "gather")
+PATHS = ("loop", "grouped", "pairs", "gather", "dense")
 
 
 def swiglu_experts(
@@ -61,7 +62,8 @@ def swiglu_experts(
             autograd for at most :data:`CPU_GROUPED_MAX_TOKENS` tokens); ``"pairs"``: each (token, expert) pair on
             its own (default on the CPU without autograd for at most :data:`CPU_PAIRS_MAX_TOKENS` tokens);
             ``"gather"``: each pair's expert weights indexed and multiplied as a batch (the default inside
-            ``torch.compile``, where it reads ``k`` matrices per token: for a few tokens only);
+            ``torch.compile`` for one token: it reads ``k`` matrices per token); ``"dense"``: every expert on
+            every token (the default inside ``torch.compile`` for more: ``E / k`` times the products);
             ``"loop"``: a loop over experts (the CPU's default otherwise).
 
     Returns:
@@ -70,7 +72,7 @@ def swiglu_experts(
     if path is None:
         cpu_inference = not x.is_cuda and not torch.is_grad_enabled()
         if torch.compiler.is_compiling():
-            path = "gather"
+            path = "gather" if x.shape[0] == 1 else "dense"
         elif cpu_inference and x.shape[0] <= CPU_PAIRS_MAX_TOKENS:
             path = "pairs"
         elif x.dtype != torch.float64 and (x.is_cuda or (cpu_inference and x.shape[0] <= CPU_GROUPED_MAX_TOKENS)):
@@ -83,6 +85,8 @@ def swiglu_experts(
         return _pairs(x, weights, experts, gate_up_proj, down_proj)
     if path == "gather":
         return _gathered(x, weights, experts, gate_up_proj, down_proj)
+    if path == "dense":
+        return _dense(x, weights, experts, gate_up_proj, down_proj)
     grouped = path == "grouped"
     if not grouped and not torch.is_autocast_enabled(x.device.type):
         return _SwiGLUExperts.apply(x, weights, experts, gate_up_proj, down_proj)
@@ -128,6 +132,16 @@ def _gathered(x: Tensor, weights: Tensor, experts: Tensor, gate_up_proj: Tensor,
     act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
     ys = torch.bmm(down_proj[chosen], act[:, :, None])[..., 0].view(*experts.shape, -1)  # [N, k, H]
     return torch.linalg.vecdot(ys, weights.to(ys.dtype)[..., None], dim=1)
+
+
+def _dense(x: Tensor, weights: Tensor, experts: Tensor, gate_up_proj: Tensor, down_proj: Tensor) -> Tensor:
+    """Every expert's SwiGLU on every token, summed by router weight (zero for the experts a token did not
+    choose: exact, the outputs being finite): ``[N, H]`` -> ``[N, H]``, composed of autograd ops."""
+    inter, num_experts = down_proj.shape[-1], gate_up_proj.shape[0]
+    gate_up = torch.bmm(x.expand(num_experts, *x.shape), gate_up_proj.transpose(1, 2))  # [E, N, 2I]
+    ys = torch.bmm(F.silu(gate_up[..., :inter]) * gate_up[..., inter:], down_proj.transpose(1, 2))  # [E, N, H]
+    dense_weights = x.new_zeros(x.shape[0], num_experts).scatter(1, experts, weights.to(x.dtype))  # [N, E]
+    return torch.einsum("enh,ne->nh", ys, dense_weights)
 
 
 class _Dispatch:

@@ -33,9 +33,9 @@ from hyla.serve.scheduler import ScheduledSeq, SchedulerOutput
 
 # The most requests a compiled decode step takes (see the module's docstring); larger steps run eager. Measured
 # (`small`, vocab 8192, 2 EPYC cores, medians of 5 alternations of 20 steps, eager -> compiled ms): 1 request
-# 11.3 -> 7.1, 2: 19.0 -> 12.4, 8: 27.9 -> 21.5, 16: 37.9 -> 34.1, 32: 59.4 -> 64.5 (the compiled experts read
-# k matrices per token; the eager grouped kernel reads each expert's once).
-COMPILED_MAX_BATCH = 16
+# 11.3 -> 7.1, 2: 19.0 -> 12.4, 8: 27.9 -> 21.5, 16: 40.7 -> 29.8, 32: 49.7 -> 41.4 (from 2 requests the compiled
+# experts run dense: every expert on every token, E / k times the products, which grow with the batch).
+COMPILED_MAX_BATCH = 32
 _SKIP_MODULE_GUARDS = torch.compiler.skip_guard_on_all_nn_modules_unsafe
 
 
