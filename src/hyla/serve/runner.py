@@ -32,9 +32,10 @@ from hyla.ops.varlen import Varlen
 from hyla.serve.scheduler import ScheduledSeq, SchedulerOutput
 
 # The most requests a compiled decode step takes (see the module's docstring); larger steps run eager. Measured
-# (`small`, vocab 8192, 2 EPYC cores, medians of 5 alternations of 20 steps, eager -> compiled ms): 1 request
-# 11.3 -> 7.1, 2: 19.0 -> 12.4, 8: 27.9 -> 21.5, 16: 40.7 -> 29.8, 32: 49.7 -> 41.4 (from 2 requests the compiled
-# experts run dense: every expert on every token, E / k times the products, which grow with the batch).
+# (`small`, vocab 8192, 2 EPYC cores, medians of 5 alternations of 20 steps, eager -> compiled ms, two runs): 1
+# request 13.3 -> 8.6, 2: 18.0 -> 14.4, 4: 24.5 -> 20.1, 8: 31.5 -> 20.4; 16: 40.7 -> 29.8, 32: 49.7 -> 41.4 (from
+# 2 requests the compiled experts run dense: every expert on every token, E / k times the products, which grow
+# with the batch; at 2 requests indexing the chosen experts' weights was faster, 12.4 ms in another run).
 COMPILED_MAX_BATCH = 32
 _SKIP_MODULE_GUARDS = torch.compiler.skip_guard_on_all_nn_modules_unsafe
 
