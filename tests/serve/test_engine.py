@@ -122,17 +122,19 @@ def greedy_outputs(engine, ps: list[list[int]], max_tokens: list[int]) -> dict[i
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_compiled_decode_steps_equal_the_eager_reference(model, dtype, monkeypatch):
+@pytest.mark.parametrize(("dtype", "quantize"), [(torch.float64, None), (torch.float32, None), (torch.float32, "int8")])
+def test_compiled_decode_steps_equal_the_eager_reference(model, dtype, quantize, monkeypatch):
     """``compile=True``: decode steps of 1 to 5 requests (requests arriving, finishing and preempted, so the batch
     and the block tables change size) run the two graphs compiled at start, without recompiling; steps with
     prompt chunks run eager. float64: every greedy token equals a full forward's; float32 (oneDNN-packed
-    weights from two requests on): equal to the eager engine's."""
+    weights from two requests on, or int8 linear layers): equal to the eager engine's. The three cases compile
+    three engines in one process: none may run another's graphs (same code, other modules: an int8 model once
+    ran the float32 model's graph here)."""
     if dtype == torch.float32:
         torch.manual_seed(1)
         model = random_model(layer_types=PATTERNS["alternating"])
-        eager = LLM(copy.deepcopy(model), byte_level_tokenizer(), CONFIG).engine
-    config = dataclasses.replace(CONFIG, compile=True)
+        eager = LLM(copy.deepcopy(model), byte_level_tokenizer(), dataclasses.replace(CONFIG, quantize=quantize))
+    config = dataclasses.replace(CONFIG, compile=True, quantize=quantize)
     llm = LLM(model, byte_level_tokenizer(), config)
     runner = llm.engine.runner
     assert runner.compile_seconds > 0
@@ -150,7 +152,7 @@ def test_compiled_decode_steps_equal_the_eager_reference(model, dtype, monkeypat
     if dtype == torch.float64:
         assert outputs == {i: full_forward_greedy(model, ps[i], n) for i, n in enumerate(max_tokens)}
     else:
-        assert outputs == greedy_outputs(eager, ps, max_tokens)
+        assert outputs == greedy_outputs(eager.engine, ps, max_tokens)
     assert llm.engine.scheduler.num_preemptions > 0
     assert set(batches) >= {1, 2, 5}
 
@@ -159,9 +161,9 @@ CONFIG = EngineConfig(max_num_seqs=5, max_num_batched_tokens=24, block_size=4, n
 
 
 def test_compile_refuses_what_it_cannot_run():
-    model = random_model(layer_types=PATTERNS["alternating"])
-    with pytest.raises(ConfigError, match="compile"):
-        LLM(model, byte_level_tokenizer(), EngineConfig(compile=True, quantize="int8", max_model_len=64))
+    model = random_model(layer_types=PATTERNS["alternating"]).bfloat16()
+    with pytest.raises(ConfigError, match="compile runs on the CPU with a float32 or float64 model"):
+        LLM(model, byte_level_tokenizer(), EngineConfig(compile=True, max_model_len=64))
 
 
 def test_compile_without_a_compiler_is_a_config_error():

@@ -26,7 +26,15 @@ from hyla.errors import ConfigError
 from hyla.model import HylaForCausalLM
 from hyla.ops.attention import paged_attention
 from hyla.ops.lightning import lightning_attention, lightning_decode
-from hyla.ops.linear import can_pack, int8_linear, pack, packed_linear, quantize_int8
+from hyla.ops.linear import (
+    can_pack,
+    int8_linear,
+    pack,
+    packed_linear,
+    quantize_int8,
+    register_int8,
+    registered_int8_linear,
+)
 from hyla.ops.precision import compute_dtype
 from hyla.ops.varlen import Varlen
 from hyla.serve.scheduler import ScheduledSeq, SchedulerOutput
@@ -37,7 +45,7 @@ from hyla.serve.scheduler import ScheduledSeq, SchedulerOutput
 # 2 requests the compiled experts run dense: every expert on every token, E / k times the products, which grow
 # with the batch; at 2 requests indexing the chosen experts' weights was faster, 12.4 ms in another run).
 COMPILED_MAX_BATCH = 32
-_SKIP_MODULE_GUARDS = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+_NO_MODULE_GUARDS = torch.compiler.skip_guard_on_all_nn_modules_unsafe
 
 
 def snapshot_bytes(config: HylaConfig, dtype: torch.dtype) -> int:
@@ -70,8 +78,8 @@ class ModelRunner:
         self.device, dtype = param.device, param.dtype
         if quantize and (self.device.type != "cpu" or dtype != torch.float32):
             raise ConfigError(f"quantize={quantize!r} runs on the CPU with a float32 model, not {self.device} {dtype}")
-        if compile and (self.device.type != "cpu" or quantize):
-            raise ConfigError(f"compile runs on the CPU without quantize, not {self.device} with quantize={quantize!r}")
+        if compile and (self.device.type != "cpu" or dtype not in (torch.float32, torch.float64)):
+            raise ConfigError(f"compile runs on the CPU with a float32 or float64 model, not {self.device} {dtype}")
         if self.device.type == "cpu":
             prepare_cpu_weights(model, quantize)
         config = model.config
@@ -126,9 +134,13 @@ class ModelRunner:
         start = time.perf_counter()
         for module in self.model.modules():
             if hasattr(module, "_hyla_compiled"):
-                module._hyla_compiled = _packed_copy(module)
-        # No guards on the modules: the engine owns the model, whose structure does not change while it serves.
-        self._compiled = torch.compile(self.forward, options={"guard_filter_fn": _SKIP_MODULE_GUARDS})
+                packed = _packed_copy(module)
+                module._hyla_compiled = register_int8(packed, module) if module._hyla_int8 else packed
+        # Dynamo keeps compiled graphs per code object: this runner's forward gets a code object of its own, so no
+        # other engine in the process shares (or counts against the recompile limit of) these graphs, and the
+        # guards on the modules can go (the engine owns the model, whose structure does not change as it serves).
+        forward = types.FunctionType(ModelRunner.forward.__code__.replace(), ModelRunner.forward.__globals__)
+        self._compiled = torch.compile(types.MethodType(forward, self), options={"guard_filter_fn": _NO_MODULE_GUARDS})
         try:
             for batch in sorted({1, max_batch}):
                 # Block tables of 2 blocks (one request) or max_batch + 1 (several): no size the compiler would
@@ -313,7 +325,8 @@ class _PackedCopies(dict):
 def _use_packed_weight(module: nn.Linear, int8: bool) -> None:
     module._hyla_packed = _PackedCopies()
     module._hyla_int8 = int8
-    module._hyla_compiled = None  # the packed copy a compiled graph reads (set by ModelRunner._compile)
+    # What a compiled graph reads (set by ModelRunner._compile): the packed copy, or the int8 copy's registry key.
+    module._hyla_compiled = None
     module.forward = types.MethodType(_packed_forward, module)  # a bound method: copies rebind to the copy
 
 
@@ -332,6 +345,8 @@ def _packed_forward(module: nn.Linear, x: Tensor) -> Tensor:
     one_row = x.numel() <= x.shape[-1]
     if torch.compiler.is_compiling():  # (no data pointers in a graph: the copy made before compiling)
         packed = module._hyla_compiled
+        if int8 and packed is not None:
+            return registered_int8_linear(x, packed, module.out_features)
         return F.linear(x, weight, module.bias) if one_row or packed is None else packed_linear(x, packed, module.bias)
     # One row runs as fast through the transposed weight; autograd needs the plain product.
     if (one_row and not int8) or (torch.is_grad_enabled() and weight.requires_grad):
