@@ -97,7 +97,7 @@ class ModelRunner:
             else:
                 self.keys[i] = torch.zeros(num_blocks, block_size, hkv, d, dtype=dtype, device=self.device)
                 self.values[i] = torch.zeros_like(self.keys[i])
-        self._compiled: Callable[[Tensor, StepCache, Tensor], Tensor] | None = None
+        self._compiled: Callable[[Tensor, DecodeCache, Tensor], Tensor] | None = None
         self.compile_seconds = 0.0
         if compile:
             self._compile(min(num_slots, COMPILED_MAX_BATCH), num_blocks)
