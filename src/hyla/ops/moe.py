@@ -7,7 +7,7 @@ over experts for the CPU's large or training batches (~3x faster than the groupe
 The CPU's decode steps of one token skip the dispatch: each (token, expert) pair runs its two products
 directly (``pairs``; the sorting and gathering cost more than the products there). Inside a compiled graph
 (the serving engine's captured decode step) there is no host round trip and no ``_grouped_mm`` (which the
-compiler does not take): one token's pairs index their expert matrices by the routed ids and multiply them as a
+compiler does not take): a few tokens' pairs index their expert matrices by the routed ids and multiply them as a
 batch (``gather``, inductor fuses the indexing into its products); more tokens run every expert on every token
 and weight the outputs by the router, zero for experts not chosen (``dense``: each expert's weights read once).
 Otherwise there is never a loop over tokens. The loop has a hand-written backward (:class:`_SwiGLUExperts`);
@@ -42,6 +42,11 @@ CPU_GROUPED_MAX_TOKENS = 512
 # alternations); at two requests the step was 0.9 ms slower with pairs, and from 4 tokens on the grouped kernel wins.
 CPU_PAIRS_MAX_TOKENS = 1
 PATHS = ("loop", "grouped", "pairs", "gather", "dense")
+# Inside a compiled graph, up to this many tokens index their experts' weights (``k`` matrices read per token);
+# more run every expert once (``E`` matrices). Measured (`small`, 8 experts top-2, compiled decode steps, eager ->
+# compiled ms): 2 requests 18.0 -> 14.4 dense, 17.1 -> 10.6 gathered; 3: 22.0 -> 14.9 gathered; 4: 22.1 -> 16.2
+# dense (the gathered 4 reads as many matrices as dense: 8).
+COMPILED_GATHER_MAX_TOKENS = 3
 
 
 def swiglu_experts(
@@ -62,8 +67,9 @@ def swiglu_experts(
             autograd for at most :data:`CPU_GROUPED_MAX_TOKENS` tokens); ``"pairs"``: each (token, expert) pair on
             its own (default on the CPU without autograd for at most :data:`CPU_PAIRS_MAX_TOKENS` tokens);
             ``"gather"``: each pair's expert weights indexed and multiplied as a batch (the default inside
-            ``torch.compile`` for one token: it reads ``k`` matrices per token); ``"dense"``: every expert on
-            every token (the default inside ``torch.compile`` for more: ``E / k`` times the products);
+            ``torch.compile`` for up to :data:`COMPILED_GATHER_MAX_TOKENS` tokens: it reads ``k`` matrices per
+            token); ``"dense"``: every expert on every token (the default inside ``torch.compile`` for more:
+            ``E / k`` times the products);
             ``"loop"``: a loop over experts (the CPU's default otherwise).
 
     Returns:
@@ -72,7 +78,7 @@ def swiglu_experts(
     if path is None:
         cpu_inference = not x.is_cuda and not torch.is_grad_enabled()
         if torch.compiler.is_compiling():
-            path = "gather" if x.shape[0] == 1 else "dense"
+            path = "gather" if x.shape[0] <= COMPILED_GATHER_MAX_TOKENS else "dense"
         elif cpu_inference and x.shape[0] <= CPU_PAIRS_MAX_TOKENS:
             path = "pairs"
         elif x.dtype != torch.float64 and (x.is_cuda or (cpu_inference and x.shape[0] <= CPU_GROUPED_MAX_TOKENS)):

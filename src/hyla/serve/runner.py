@@ -5,9 +5,10 @@ restores, one forward over every request's new tokens packed in one row, then th
 With ``compile=True``, steps of decodes only (one new token per request, at most :data:`COMPILED_MAX_BATCH`
 requests) run the same forward captured by ``torch.compile`` (inductor's C++ kernels on the CPU): the hundreds of
 small eager operations of a decode step (norms, gates, routing, rotary tables, state updates) fused into a few
-dozen kernels. Two graphs are compiled when the runner is built — one request, and 2 to
-:data:`COMPILED_MAX_BATCH` requests with the batch and the block-table width dynamic — so that no request waits for
-a compile; the eager forward is the reference they are tested against and runs every other step.
+dozen kernels. Three graphs are compiled when the runner is built — one request, 2-3 and 4 to
+:data:`COMPILED_MAX_BATCH` requests (the experts indexed or dense, :mod:`hyla.ops.moe`), the batch and the
+block-table width dynamic — so that no request waits for a compile; the eager forward is the reference they are
+tested against and runs every other step.
 """
 
 from __future__ import annotations
@@ -143,8 +144,9 @@ class ModelRunner:
         forward = types.FunctionType(ModelRunner.forward.__code__.replace(), ModelRunner.forward.__globals__)
         self._compiled = torch.compile(types.MethodType(forward, self), options=_COMPILE_OPTIONS)
         try:
-            for batch in sorted({1, max_batch}):
-                # Block tables of 2 blocks (one request) or max_batch + 1 (several): no size the compiler would
+            # One request; 2-3 (their experts indexed, ops/moe.py); 4 and more (dense experts).
+            for batch in sorted({1, min(2, max_batch), max_batch}):
+                # Block tables of 2 blocks (one request) or batch + 1 (several): no size the compiler would
                 # specialise (0, 1) or take for the batch's.
                 width = 2 if batch == 1 else batch + 1
                 self.execute(SchedulerOutput([ScheduledSeq(i, [i % num_blocks] * width, 0, [0], True)
