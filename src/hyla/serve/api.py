@@ -449,7 +449,7 @@ def serve(
     model = load(model_dir, dtype=dtype, device=device)
     chat_template = load_chat_template(model_dir)
     if config is not None and config.compile:
-        log(f"hyla: compiling the decode step for 1, 2-3 and 4-{COMPILED_MAX_BATCH} requests (cached on disk)")
+        log(f"hyla: compiling the decode steps of up to {COMPILED_MAX_BATCH} requests (cached on disk)")
     engine = AsyncEngine(LLMEngine(model, tokenizer, config), max_waiting, start_thread=False)
     if stop.is_set():  # a signal while the model loaded or compiled: nothing was served yet
         log("hyla: stopped before serving")

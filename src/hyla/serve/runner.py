@@ -144,7 +144,7 @@ class ModelRunner:
         forward = types.FunctionType(ModelRunner.forward.__code__.replace(), ModelRunner.forward.__globals__)
         self._compiled = torch.compile(types.MethodType(forward, self), options=_COMPILE_OPTIONS)
         try:
-            # One request; 2-3 (their experts indexed, ops/moe.py); 4 and more (dense experts).
+            # One request; a few (experts indexed, up to ops/moe.py's COMPILED_GATHER_MAX_TOKENS); more (dense).
             for batch in sorted({1, min(2, max_batch), max_batch}):
                 # Block tables of 2 blocks (one request) or batch + 1 (several): no size the compiler would
                 # specialise (0, 1) or take for the batch's.
@@ -170,7 +170,40 @@ class ModelRunner:
                 pool[slots] = self.snapshots[layer][snapshots]
 
 
-class StepCache:
+class _PagedStep:
+    """What every layer of one step reads about its ``N`` requests, built once: each new token's position
+    (``[1, ΣT]``) and row in the flattened ``[num_blocks * block_size]`` KV pool (``slot_mapping``), and per request
+    its state slot, its context length with the new tokens and its block table (``[N, W]``, zero-padded)."""
+
+    def __init__(self, runner: ModelRunner, seqs: list[ScheduledSeq]) -> None:
+        self.runner = runner
+        bs = runner.block_size
+
+        def ints(values: list[int]) -> Tensor:
+            return torch.tensor(values, dtype=torch.long, device=runner.device)
+
+        ranges = [range(s.num_computed, s.num_computed + s.num_tokens) for s in seqs]
+        self._positions = ints([p for r in ranges for p in r])[None]
+        self.slot_mapping = ints([s.block_table[p // bs] * bs + p % bs for s, r in zip(seqs, ranges, strict=True)
+                                  for p in r])  # fmt: skip
+        self.slots = ints([s.slot for s in seqs])
+        self.context_lens = ints([r.stop for r in ranges])
+        width = max((len(s.block_table) for s in seqs), default=0)
+        self.block_tables = ints([s.block_table + [0] * (width - len(s.block_table)) for s in seqs]).view(-1, width)
+
+    def positions(self, num_tokens: int, device: torch.device) -> Tensor:
+        return self._positions
+
+    def _write_kv(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write the new keys and values ``[1, ΣT, Hkv, D]`` into layer ``layer_idx``'s pools at each token's
+        row; returns the pools."""
+        k_pool, v_pool = self.runner.keys[layer_idx], self.runner.values[layer_idx]
+        k_pool.view(-1, *k_pool.shape[2:]).index_copy_(0, self.slot_mapping, k[0])
+        v_pool.view(-1, *v_pool.shape[2:]).index_copy_(0, self.slot_mapping, v[0])
+        return k_pool, v_pool
+
+
+class StepCache(_PagedStep):
     """The cache as one engine step's forward sees it (the :class:`~hyla.model.Cache` protocol): ``N`` requests
     packed into one row ``[1, ΣT]``, their per-step metadata built once here and used by every layer.
 
@@ -183,25 +216,11 @@ class StepCache:
         first_prefill = next((i for i, s in enumerate(seqs) if s.num_tokens > 1), len(seqs))
         if any(s.num_tokens == 1 for s in seqs[first_prefill:]):
             raise ValueError("decodes (one new token) must come before prefill chunks in a step")
-        self.runner = runner
+        super().__init__(runner, seqs)
         device = runner.device
-        bs = runner.block_size
         lengths = [s.num_tokens for s in seqs]
         self.num_decodes = sum(1 for n in lengths if n == 1)
-
-        def ints(values: list[int]) -> Tensor:
-            return torch.tensor(values, dtype=torch.long, device=device)
-
-        ranges = [range(s.num_computed, s.num_computed + s.num_tokens) for s in seqs]
-        self._positions = ints([p for r in ranges for p in r])[None]
-        # Each new token's row in the flattened [num_blocks * block_size] pool.
-        self.slot_mapping = ints([s.block_table[p // bs] * bs + p % bs for s, r in zip(seqs, ranges, strict=True)
-                                  for p in r])  # fmt: skip
-        self.slots = ints([s.slot for s in seqs])
-        self.context_lens = ints([s.num_computed + s.num_tokens for s in seqs])
-        self.query_lens = ints(lengths)
-        width = max((len(s.block_table) for s in seqs), default=0)
-        self.block_tables = ints([s.block_table + [0] * (width - len(s.block_table)) for s in seqs]).view(-1, width)
+        self.query_lens = torch.tensor(lengths, dtype=torch.long, device=device)
         prefill = lengths[self.num_decodes :]
         self.varlen = Varlen.from_lengths(prefill, device)  # the prefill chunks, planned once for every layer
         self.cu_seqlens = self.varlen.cu_seqlens
@@ -211,9 +230,6 @@ class StepCache:
         offsets = torch.arange(t_max, device=device)[None]
         self.query_index = starts + torch.minimum(offsets, self.query_lens[self.num_decodes :, None] - 1)
         self.query_valid = offsets < self.query_lens[self.num_decodes :, None]
-
-    def positions(self, num_tokens: int, device: torch.device) -> Tensor:
-        return self._positions
 
     def lightning(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, slope: Tensor) -> Tensor:
         pool = self.runner.states[layer_idx]
@@ -229,7 +245,7 @@ class StepCache:
         return out
 
     def attention(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        k_pool, v_pool = _write_kv(self.runner, layer_idx, self.slot_mapping, k, v)
+        k_pool, v_pool = self._write_kv(layer_idx, k, v)
         nd = self.num_decodes
         out = torch.empty_like(q)  # [1, ΣT, H, D]
         if nd:
@@ -250,25 +266,10 @@ class StepCache:
         return out
 
 
-class DecodeCache:
+class DecodeCache(_PagedStep):
     """The cache of a step of ``B`` decodes only (one new token each), as tensors alone: what a compiled forward
     takes, one graph for every ``B`` from 2 and every block-table width (:meth:`mark_dynamic`). The same
     kernels as :class:`StepCache`'s decodes."""
-
-    def __init__(self, runner: ModelRunner, seqs: list[ScheduledSeq]) -> None:
-        self.runner = runner
-        bs = runner.block_size
-        width = max(len(s.block_table) for s in seqs)
-
-        def ints(values: list) -> Tensor:
-            return torch.tensor(values, dtype=torch.long, device=runner.device)
-
-        positions = [s.num_computed for s in seqs]
-        self._positions = ints(positions)[None]  # [1, B]
-        self.slots = ints([s.slot for s in seqs])
-        self.slot_mapping = ints([s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions, strict=True)])
-        self.block_tables = ints([s.block_table + [0] * (width - len(s.block_table)) for s in seqs])  # [B, W]
-        self.context_lens = self.slot_mapping.new_tensor(positions) + 1
 
     def mark_dynamic(self, *per_request: Tensor) -> None:
         """Let the compiler treat the block-table width, and from two requests the batch, as any size: no
@@ -279,25 +280,13 @@ class DecodeCache:
                 torch._dynamo.maybe_mark_dynamic(x, 0)
             torch._dynamo.maybe_mark_dynamic(self._positions, 1)
 
-    def positions(self, num_tokens: int, device: torch.device) -> Tensor:
-        return self._positions
-
     def lightning(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, slope: Tensor) -> Tensor:
         return lightning_decode(q[0], k[0], v[0], slope, self.runner.states[layer_idx], self.slots)[None]
 
     def attention(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        k_pool, v_pool = _write_kv(self.runner, layer_idx, self.slot_mapping, k, v)
+        k_pool, v_pool = self._write_kv(layer_idx, k, v)
         ones = torch.ones_like(self.context_lens)
         return paged_attention(q[0, :, None], k_pool, v_pool, self.block_tables, self.context_lens, ones)[None, :, 0]
-
-
-def _write_kv(runner: ModelRunner, layer_idx: int, slot_mapping: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """Write the new keys and values ``[1, ΣT, Hkv, D]`` into layer ``layer_idx``'s pools at ``slot_mapping``
-    (each token's row in the flattened pool); returns the pools."""
-    k_pool, v_pool = runner.keys[layer_idx], runner.values[layer_idx]
-    k_pool.view(-1, *k_pool.shape[2:]).index_copy_(0, slot_mapping, k[0])
-    v_pool.view(-1, *v_pool.shape[2:]).index_copy_(0, slot_mapping, v[0])
-    return k_pool, v_pool
 
 
 def prepare_cpu_weights(model: nn.Module, quantize: str | None = None) -> None:
