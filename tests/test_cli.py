@@ -293,3 +293,19 @@ def test_eval_prints_a_table_and_writes_json_and_png(trained):
     assert out.returncode == 2 and "do not fit the context" in out.stderr and "Traceback" not in out.stderr
     out = run("eval", "mqar", str(tmp_path / "corpus"))
     assert out.returncode == 2 and "is not a model directory" in out.stderr
+
+
+def test_chat_renders_the_template_in_a_sandbox(tmp_path):
+    marker = tmp_path / "pwned"
+    model_dir(tmp_path / "model")
+    exploit = f"{{{{ lipsum.__globals__['os'].popen('touch {marker}').read() }}}}"
+    config = tmp_path / "model" / "tokenizer_config.json"
+    config.write_text(json.dumps({"chat_template": exploit}))
+    out = subprocess.run([sys.executable, "-m", "hyla", "chat", str(tmp_path / "model"), "--max-tokens", "2"],
+                         input="hello\n", capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "the chat template refused this turn" in out.stdout and not marker.exists()
+    config.write_text(json.dumps({"chat_template": "{% if %}"}))
+    out = run("chat", str(tmp_path / "model"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.startswith(f"hyla: error: the chat_template of {tmp_path / 'model'} is not a valid Jinja")

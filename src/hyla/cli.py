@@ -23,8 +23,14 @@ from tokenizers import Tokenizer
 
 from hyla.checkpoint import find_model_dir, load
 from hyla.config import preset
-from hyla.data.tokenizer import byte_level_tokenizer, load_chat_template, load_tokenizer
-from hyla.errors import HylaError
+from hyla.data.tokenizer import (
+    DEFAULT_CHAT_TEMPLATE,
+    ChatTemplate,
+    byte_level_tokenizer,
+    load_chat_template,
+    load_tokenizer,
+)
+from hyla.errors import HylaError, RequestError
 from hyla.model import HylaForCausalLM
 from hyla.ops.precision import DTYPES
 from hyla.runtime import auto_dtype, tune_malloc
@@ -112,7 +118,7 @@ def chat(
     params: SamplingParams,
     lines: Iterable[str],
     write: Callable[[str], None],
-    template: str | None = None,
+    template: ChatTemplate | None = None,
     system: str | None = None,
 ) -> None:
     """The conversation loop of ``hyla chat``: each line of ``lines`` is a turn, its reply streamed to ``write``.
@@ -122,9 +128,7 @@ def chat(
     far and each line is appended to it and continued. ``/reset`` forgets the history, ``/quit`` ends; when the
     history outgrows the context, its oldest tokens are dropped.
     """
-    import jinja2
-
-    render = jinja2.Environment(autoescape=False).from_string(template).render if template else None
+    render = template.render if template else None
     engine = llm.engine
     room = engine.config.max_model_len - (params.max_tokens or 0) - 1
     messages: list[dict] = [{"role": "system", "content": system}] if system and render else []
@@ -142,7 +146,12 @@ def chat(
             continue
         if render is not None:
             messages.append({"role": "user", "content": text})
-            prompt = render(messages=messages, add_generation_prompt=True, bos_token="", eos_token="")
+            try:
+                prompt = render(messages)
+            except RequestError as e:  # the template refused this conversation: say so, keep the session
+                messages.pop()
+                write(f"(the chat template refused this turn: {e})\n")
+                continue
         else:
             history += text + "\n"
             prompt = history
@@ -176,7 +185,9 @@ def run_chat(args: argparse.Namespace) -> None:
     model, tokenizer, loaded = _model_and_tokenizer(args.model_dir, args.dtype, args.tokenizer, args.preset)
     template = None
     if args.model_dir is not None and args.mode != "completion":
-        template = load_chat_template(find_model_dir(args.model_dir))
+        source = load_chat_template(find_model_dir(args.model_dir))
+        if source is not None:  # compiled in the sandbox; a malformed one fails here, in words
+            template = ChatTemplate(source, f"the chat_template of {args.model_dir}")
     if args.mode == "chat" and template is None:
         raise HylaError("--mode chat needs a chat_template in the model directory's tokenizer_config.json")
     context = min(model.config.max_position_embeddings, args.context)
@@ -340,7 +351,6 @@ def run_serve(args: argparse.Namespace) -> None:
 def run_export(args: argparse.Namespace) -> None:
     """``hyla export``: the model as a GGUF file that llama.cpp runs."""
     from hyla.interop.gguf import export_gguf
-    from hyla.serve.api import DEFAULT_CHAT_TEMPLATE
 
     path = find_model_dir(args.model_dir)
     output = Path(args.output or Path(args.model_dir) / f"{Path(args.model_dir).resolve().name}-{args.outtype}.gguf")

@@ -481,3 +481,25 @@ def test_the_load_generator_names_a_server_without_usage():
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_a_chat_template_cannot_run_code_and_its_refusals_are_400(tmp_path):
+    marker = tmp_path / "pwned"
+    template = (
+        "{% if messages[0].role == 'system' %}{{ raise_exception('no system messages') }}{% endif %}"
+        f"{{{{ lipsum.__globals__['os'].popen('touch {marker}').read() }}}}"
+    )
+    engine = make_engine()
+    try:
+        with live_server(engine, chat_template=template) as url:
+            client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=60)
+            for messages, match in (
+                ([{"role": "system", "content": "x"}], "refused them: no system messages"),
+                ([{"role": "user", "content": "x"}], "chat template failed"),
+            ):
+                with pytest.raises(openai.BadRequestError) as error:
+                    client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1)
+                assert error.value.body["param"] == "messages" and match in error.value.body["message"]
+            assert not marker.exists()
+    finally:
+        engine.shutdown()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from hyla.errors import DataError
+from hyla.errors import DataError, RequestError
 
 END_OF_TEXT = "<|endoftext|>"
 
@@ -62,11 +62,74 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 def load_chat_template(model_dir: str | Path) -> str | None:
     """The ``chat_template`` of model directory ``model_dir``'s ``tokenizer_config.json`` (as transformers keeps
-    it), or None without one; :class:`~hyla.errors.DataError` naming the file when it cannot be read."""
+    it: a string, or a list of ``{"name", "template"}`` of which the one named ``default`` is taken), or None
+    without one; :class:`~hyla.errors.DataError` naming the file when it cannot be read."""
     file = Path(model_dir) / "tokenizer_config.json"
     if not file.is_file():
         return None
     try:
-        return json.loads(file.read_text()).get("chat_template")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        config = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read {file}: {e}") from None
+    if not isinstance(config, dict):
+        raise DataError(f"{file} must hold a JSON object, got {type(config).__name__}")
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        if "default" not in named:
+            raise DataError(f"{file}: chat_template is a list without a template named 'default' (has {sorted(named)})")
+        template = named["default"]
+    if template is not None and not isinstance(template, str):
+        raise DataError(f"{file}: chat_template must be a string or a list of named templates, got {template!r:.80}")
+    return template
+
+
+class ChatTemplate:
+    """A chat template (Jinja, as transformers' ``chat_template``) compiled in jinja2's immutable sandbox.
+
+    A model directory is data, never code: the sandbox refuses attribute access to Python internals
+    (``__globals__``, ``__class__``, ...) and mutation of the values passed in, as transformers and vLLM do.
+    ``raise_exception(message)`` inside a template (its way to refuse a conversation) raises
+    :class:`~hyla.errors.RequestError` on ``messages``, as does any other failure while rendering; a template
+    that does not compile raises :class:`~hyla.errors.DataError` when it is built.
+    """
+
+    def __init__(self, source: str | None = None, where: str = "the chat template") -> None:
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        self.source = DEFAULT_CHAT_TEMPLATE if source is None else source
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, autoescape=False)
+        env.globals["raise_exception"] = _raise_template_exception
+        try:
+            self._template = env.from_string(self.source)
+        except TemplateError as e:
+            raise DataError(f"{where} is not a valid Jinja template: {e}") from None
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt of ``messages`` (``[{"role", "content"}, ...]``)."""
+        from jinja2 import TemplateError
+
+        try:
+            return self._template.render(
+                messages=messages, add_generation_prompt=add_generation_prompt, bos_token="", eos_token=""
+            )
+        except _TemplateRefused as e:
+            raise RequestError("messages", f"the model's chat template refused them: {e}") from None
+        except TemplateError as e:  # the sandbox's refusals (SecurityError) and undefined names among them
+            raise RequestError("messages", f"the model's chat template failed on them: {e}") from None
+
+
+class _TemplateRefused(Exception):
+    """``raise_exception`` called inside a chat template."""
+
+
+def _raise_template_exception(message: str) -> None:
+    raise _TemplateRefused(message)
+
+
+# Without a chat template in the model directory: one ``role: content`` line per message, then ``assistant:``.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message.role }}: {{ message.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)

@@ -6,7 +6,8 @@ server has one), 404 for an unknown model, 413 for a body over the size limit, 5
 full or the server is shutting down.
 
 Chat prompts come from the model directory's ``tokenizer_config.json`` ``chat_template`` (Jinja, as in
-transformers) or, without one, :data:`DEFAULT_CHAT_TEMPLATE`: one ``role: content`` line per message, then
+transformers; rendered in jinja2's sandbox, see :class:`~hyla.data.tokenizer.ChatTemplate`) or, without one,
+:data:`~hyla.data.tokenizer.DEFAULT_CHAT_TEMPLATE`: one ``role: content`` line per message, then
 ``assistant:``.
 
 The routes are module-level functions reading the one :class:`ServerState` in ``app.state.hyla``; tokenizing
@@ -26,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import torch
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -36,6 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tokenizers import Tokenizer
 
+from hyla.data.tokenizer import ChatTemplate
 from hyla.errors import RequestError
 from hyla.serve.async_engine import AsyncEngine, EngineBusy, EngineStopped
 from hyla.serve.engine import EngineConfig, LLMEngine, RequestOutput, TokenLogprob
@@ -43,10 +44,6 @@ from hyla.serve.protocol import ChatCompletionRequest, CompletionRequest
 from hyla.serve.runner import COMPILED_MAX_BATCH
 from hyla.serve.sampling import SamplingParams
 
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message.role }}: {{ message.content }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
 # Request bodies past this size are refused (413) before they are parsed.
 DEFAULT_MAX_REQUEST_BYTES = 4 * 2**20
 
@@ -79,7 +76,7 @@ class ServerState:
     engine: AsyncEngine
     model_name: str
     api_key: str | None
-    template: jinja2.Template
+    template: ChatTemplate
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -138,12 +135,13 @@ def build_app(
     engine: AsyncEngine,
     model_name: str,
     api_key: str | None = None,
-    chat_template: str | None = None,
+    chat_template: ChatTemplate | str | None = None,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ) -> FastAPI:
-    """The FastAPI app serving ``engine`` as model ``model_name``."""
+    """The FastAPI app serving ``engine`` as model ``model_name`` (``chat_template``: Jinja source, compiled in
+    the sandbox; None: :data:`~hyla.data.tokenizer.DEFAULT_CHAT_TEMPLATE`)."""
     app = FastAPI(title="hyla", docs_url=None, redoc_url=None)
-    template = jinja2.Environment(autoescape=False).from_string(chat_template or DEFAULT_CHAT_TEMPLATE)
+    template = chat_template if isinstance(chat_template, ChatTemplate) else ChatTemplate(chat_template)
     app.state.hyla = ServerState(engine, model_name, api_key, template)
     for error_type, handler in _HANDLERS.items():
         app.add_exception_handler(error_type, handler)
@@ -262,7 +260,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     if not body.messages:
         raise APIError(400, "messages must not be empty", "invalid_request_error", "messages")
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    prompt = state.template.render(messages=messages, add_generation_prompt=True, bos_token="", eos_token="")
+    prompt = state.template.render(messages)
     ids, outputs = await _start(state, [prompt], params)
     meta = _meta("chatcmpl", "chat.completion", state.model_name)
     tokenizer = state.tokenizer
@@ -446,8 +444,8 @@ def serve(
     if max_request_bytes < 1 or shutdown_timeout < 0:
         raise ValueError("--max-request-bytes must be >= 1 and --shutdown-timeout >= 0")
     tokenizer = load_tokenizer(tokenizer_path or model_dir)
+    chat_template = ChatTemplate(load_chat_template(model_dir), f"the chat_template of {model_dir}")
     model = load(model_dir, dtype=dtype, device=device)
-    chat_template = load_chat_template(model_dir)
     if config is not None and config.compile:
         log(f"hyla: compiling the decode steps of up to {COMPILED_MAX_BATCH} requests (cached on disk)")
     engine = AsyncEngine(LLMEngine(model, tokenizer, config), max_waiting, start_thread=False)
