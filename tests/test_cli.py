@@ -219,34 +219,51 @@ def test_every_command_and_option_has_help():
     assert out.returncode == 0 and "A run directory is never replaced by accident" in out.stdout
 
 
-def test_train_interrupted_says_how_to_resume(tmp_path):
-    """Ctrl-C (SIGINT) while training: the step ends, a checkpoint is saved, the message says how to resume."""
-    from tests.data.test_data import small_corpus
-
-    small_corpus(tmp_path / "corpus", n=20)
-    proc = subprocess.Popen([sys.executable, "-m", "hyla", *train_args(tmp_path, "r", 100_000)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+def _interrupt(cmd: list[str], metrics, lines: int) -> tuple[int, str, str]:
+    """Run ``cmd``, send SIGINT once ``metrics`` has ``lines`` lines; its exit code, stdout and stderr."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        metrics = tmp_path / "r" / "metrics.jsonl"
-        while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
-            assert proc.poll() is None and time.monotonic() < deadline
+        while not (metrics.is_file() and metrics.read_text().count("\n") >= lines):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.1)
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, stderr
+    return proc.returncode, stdout, stderr
+
+
+def test_train_interrupted_says_how_to_resume_and_that_command_resumes(tmp_path):
+    """Ctrl-C (SIGINT) while training: the step ends, a checkpoint is saved, the message says how to resume; the
+    command printed, run as printed, continues the same run (its steps and cadence come from train.json)."""
+    import shlex
+
+    from tests.data.test_data import small_corpus
+
+    small_corpus(tmp_path / "corpus", n=20)
+    metrics = tmp_path / "r" / "metrics.jsonl"
+    cmd = [sys.executable, "-m", "hyla", *train_args(tmp_path, "r", 100_000), "--checkpoint-every", "15"]
+    code, stdout, stderr = _interrupt(cmd, metrics, 2)
+    assert code == 130, stderr
     assert "SIGINT: stopping after this step" in stderr and "Traceback" not in stderr
     step = len(metrics.read_text().splitlines())
-    assert (
-        f"interrupted at step {step}; checkpoint saved; resume with: hyla train --run-dir {tmp_path / 'r'} --resume"
-        in stdout
-    )
-    out = run(*train_args(tmp_path, "r", step + 2), "--resume")
+    printed = stdout.strip().splitlines()[-1]
+    assert printed == f"interrupted at step {step}; checkpoint saved; resume with: hyla train --run-dir " \
+        f"{shlex.quote(str(tmp_path / 'r'))} --resume"  # fmt: skip
+    resume = shlex.split(printed.split("resume with: ")[1])
+    assert resume[0] == "hyla"
+    code, stdout, stderr = _interrupt([sys.executable, "-m", *resume], metrics, step + 2)
+    assert code == 130, stderr
+    assert f"resuming at step {step} in {tmp_path / 'r'}" in stdout and "100000 steps" in stdout
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, len(steps) + 1))  # each step once, in order
+    out = run(*train_args(tmp_path, "r", steps[-1] + 2), "--resume")  # flags that may change: the steps
     assert out.returncode == 0, out.stderr
-    assert f"resuming at step {step}" in out.stdout and len(metrics.read_text().splitlines()) == step + 2
+    assert f"resuming at step {steps[-1]}" in out.stdout and len(metrics.read_text().splitlines()) == steps[-1] + 2
+    out = run("train", "--run-dir", str(tmp_path / "r"), "--resume", "--lr", "0.5")
+    assert out.returncode == 2 and "other values of ['lr']" in out.stderr
 
 
 def test_dtype_auto_says_what_it_chose_and_why():

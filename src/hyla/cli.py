@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -38,7 +39,7 @@ from hyla.serve import LLM, EngineConfig, SamplingParams
 from hyla.serve.api import DEFAULT_MAX_REQUEST_BYTES
 from hyla.serve.engine import QUANTIZE
 from hyla.serve.runner import COMPILED_MAX_BATCH
-from hyla.train.loop import TrainConfig, load_train_toml, train
+from hyla.train.loop import TrainConfig, load_train_toml, resume_config, train
 
 # The prompts of the samples at the end of `hyla train` (the default corpus is Python code).
 SAMPLE_PROMPTS = ("class Parser:\n    def ", "    for i in range(", "def test_")
@@ -215,7 +216,8 @@ def _samples(model: HylaForCausalLM, tokenizer: Tokenizer, seed: int) -> list[st
 
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
-    """A TOML file's fields, then the flags given, then preset overrides from ``--set``."""
+    """A TOML file's fields, then the flags given, then preset overrides from ``--set``; with ``--resume``, the
+    run's own config (its ``train.json``) with what of those a resumed run may change."""
     fields = load_train_toml(args.config) if args.config else {}
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     fields.update({k: v for k, v in given.items() if v is not None})
@@ -225,6 +227,9 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         if not sep:
             raise HylaError(f"--set takes FIELD=VALUE, got {item!r}")
         overrides[name] = json.loads(value) if value[:1] in "0123456789-[{tfn" else value
+    if args.resume:
+        run_dir = fields.pop("run_dir", TrainConfig.run_dir)
+        return resume_config(run_dir, {**fields, "model": overrides} if overrides else fields)
     return TrainConfig(**fields, model=overrides)
 
 
@@ -296,7 +301,7 @@ def _train_summary(cfg: TrainConfig, m: dict) -> str:
     lines = [f"--- sample ---\n{text}" for text in m.get("samples", [])]
     if m.get("interrupted") and "held_out_loss" not in m:
         lines.append(f"interrupted at step {m['step']}; checkpoint saved; resume with: "
-                     f"hyla train --run-dir {run} --resume")  # fmt: skip
+                     f"hyla train --run-dir {shlex.quote(str(run))} --resume")  # fmt: skip
         return "\n".join(lines)
     if "held_out_loss" in m:
         verdict = "learned" if m["learned"] else "not yet learned: the bar is 0.6"

@@ -183,6 +183,12 @@ def test_a_stop_during_the_final_evaluation_still_writes_the_report(tmp_path, mo
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["interrupted"] and not report["held_out_complete"] and "samples" not in report
     assert out["step"] == 2 and (tmp_path / "r" / "checkpoint" / "model" / "config.json").is_file()
+    # Resumed (as a sweep does), the run finishes its evaluation instead of saying it is done.
+    monkeypatch.setattr(loop, "evaluate_all", real)
+    resumed = train(config(tmp_path, "r", steps=2), resume=True, progress=False)
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["held_out_complete"] and resumed["held_out_loss"] == report["held_out_loss"]
+    assert train(config(tmp_path, "r", steps=2), resume=True, progress=False)["already_finished"]
 
 
 @pytest.mark.parametrize(
@@ -235,3 +241,90 @@ def test_a_corpus_with_segments_trains_and_evaluates_on_its_trained_tokens_only(
     assert 0 < count < held_out.offsets[-1] - len(held_out)  # some tokens are targets, not all
     assert report["held_out_tokens"] == count
     assert report["held_out_loss"] == pytest.approx(total / count, rel=1e-5)
+
+
+def test_a_planted_pickle_in_a_run_directory_does_not_run(tmp_path):
+    import pickle
+
+    small_corpus(tmp_path / "corpus", n=10)
+    train(config(tmp_path, "r", steps=2), progress=False)
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (tmp_path / "r" / "checkpoint" / "trainer.pt").write_bytes(pickle.dumps({"step": Exploit()}))
+    with pytest.raises(DataError, match="trainer.pt: it is not a trainer state hyla wrote"):
+        train(config(tmp_path, "r", steps=4), resume=True, progress=False)
+    assert not marker.exists()
+
+
+def test_resume_after_a_kill_logs_each_step_once(tmp_path, monkeypatch):
+    """Killed after the step past its last checkpoint: the resumed run redoes that step, and metrics.jsonl holds
+    every step once, as an uninterrupted run's."""
+    import hyla.train.loop as loop
+
+    small_corpus(tmp_path / "corpus", n=20)
+    train(config(tmp_path, "a", steps=5, checkpoint_every=2), progress=False)
+    real = loop._step
+
+    def killed(model, optimizer, batches, step, *args):
+        if step == 3:  # steps 1-3 logged, the checkpoint at 2
+            raise SystemExit("killed")
+        return real(model, optimizer, batches, step, *args)
+
+    monkeypatch.setattr(loop, "_step", killed)
+    with pytest.raises(SystemExit):
+        train(config(tmp_path, "b", steps=5, checkpoint_every=2), progress=False)
+    monkeypatch.setattr(loop, "_step", real)
+    train(config(tmp_path, "b", steps=5, checkpoint_every=2), resume=True, progress=False)
+    assert metrics_without_timing(tmp_path / "b") == metrics_without_timing(tmp_path / "a")
+
+
+def test_a_run_directory_is_trained_by_one_process_at_a_time(tmp_path):
+    from hyla.train.loop import run_lock
+
+    small_corpus(tmp_path / "corpus", n=10)
+    train(config(tmp_path, "r", steps=2), progress=False)
+    with run_lock(tmp_path / "r"), pytest.raises(DataError, match="is being trained by another process"):
+        train(config(tmp_path, "r", steps=4), resume=True, progress=False)
+    assert train(config(tmp_path, "r", steps=3), resume=True, progress=False)["step"] == 3
+
+
+def test_a_malformed_jsonl_line_fails_before_the_run_writes_anything(tmp_path):
+    (tmp_path / "c.jsonl").write_text('{"text": "fine"}\n{"text": 3}\n')
+    with pytest.raises(DataError, match=r"c.jsonl:2: expected a JSON object"):
+        train(config(tmp_path, "r", steps=2, data=str(tmp_path / "c.jsonl")), progress=False)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_full_disk_is_one_error_and_the_last_checkpoint_stays(tmp_path, monkeypatch):
+    import errno
+
+    import torch
+
+    small_corpus(tmp_path / "corpus", n=10)
+    train(config(tmp_path, "r", steps=2), progress=False)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "trainer.pt")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(DataError, match="no space left on the device writing trainer.pt: the last complete"):
+        train(config(tmp_path, "r", steps=4), resume=True, progress=False)
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "r" / "checkpoint" / "trainer.pt", weights_only=True)["step"] == 2
+
+
+def test_resume_config_takes_the_runs_own_fields(tmp_path):
+    from hyla.train.loop import resume_config
+
+    small_corpus(tmp_path / "corpus", n=10)
+    train(config(tmp_path, "r", steps=2, lr=2e-3), progress=False)
+    cfg = resume_config(tmp_path / "r", {"steps": 5, "cache_dir": str(tmp_path / "elsewhere"), "lr": 2e-3})
+    assert (cfg.steps, cfg.lr, cfg.eval_every, cfg.cache_dir) == (5, 2e-3, 4, str(tmp_path / "elsewhere"))
+    with pytest.raises(DataError, match=r"other values of \['lr'\]: a resumed run keeps its config except steps"):
+        resume_config(tmp_path / "r", {"lr": 1.0})
+    train(cfg, resume=True, progress=False)  # another cache directory is the same run
+    assert json.loads((tmp_path / "r" / "train.json").read_text())["steps"] == 5

@@ -11,15 +11,18 @@ losses equal an uninterrupted run's.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import os
+import pickle
 import shutil
 import sys
 import threading
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,10 +30,10 @@ import torch
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from hyla.atomic import atomic_directory
+from hyla.atomic import atomic_directory, recover_directory
 from hyla.checkpoint import load, save_pretrained
 from hyla.config import HylaConfig, preset
-from hyla.data.corpus import Source, discover
+from hyla.data.corpus import Source, discover, segments
 from hyla.data.packing import Batch, epoch_batches, packed_batches
 from hyla.data.shards import TokenShard, build_shards, train_documents
 from hyla.data.tokenizer import load_tokenizer, train_bpe
@@ -56,7 +59,10 @@ Sampler = Callable[[HylaForCausalLM, Tokenizer, int], list[str]]
 ESTIMATE_AFTER = 5
 # Fields that name files: compared resolved when a run is resumed, so that `runs/x`, `./runs/x/` or a moved run
 # directory are the same run.
-_PATHS = ("data", "tokenizer", "cache_dir")
+_PATHS = ("data", "tokenizer")
+# Fields a resumed run may change: how long it trains, how often it evaluates and saves, where corpora are cached
+# (none of them changes the numbers of the steps already taken). The rest is the run's identity.
+RESUMABLE = ("steps", "eval_every", "eval_batches", "checkpoint_every", "cache_dir")
 
 
 def _help(text: str) -> dict:
@@ -164,18 +170,63 @@ class RunPlan:
 
     @property
     def finished(self) -> bool:
-        """A resumed run that already did its steps."""
-        return self.resume_state is not None and self.resume_step >= self.cfg.steps
+        """A resumed run that already did its steps and evaluated every held-out token (one stopped during that
+        evaluation resumes it)."""
+        return self.resume_state is not None and self.resume_step >= self.cfg.steps and report_complete(self.run)
+
+
+def report_complete(run: Path) -> bool:
+    """Whether ``run/report.json`` holds the loss over every held-out token."""
+    try:
+        return bool(json.loads((run / "report.json").read_text()).get("held_out_complete"))
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
 
 
 def _comparable(fields: dict) -> dict:
-    """A run's fields as they decide its numbers: paths resolved; the run directory and the step count left out
-    (a run may move, and may be extended)."""
-    out = {k: v for k, v in fields.items() if k not in ("run_dir", "steps")}
+    """A run's fields as they decide its numbers: paths resolved; the run directory and :data:`RESUMABLE` left out
+    (a run may move, be extended, evaluate more often or find its corpus cache elsewhere)."""
+    out = {k: v for k, v in fields.items() if k not in ("run_dir", *RESUMABLE)}
     for key in _PATHS:
         if out.get(key) is not None:
             out[key] = str(Path(out[key]).expanduser().resolve())
     return out
+
+
+def _read_train_json(run: Path) -> dict:
+    try:
+        fields = json.loads((run / "train.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"cannot resume {run}: its train.json is missing or damaged ({e})") from None
+    if not isinstance(fields, dict):
+        raise DataError(f"cannot resume {run}: its train.json holds no JSON object")
+    return fields
+
+
+def resume_config(run_dir: str | Path, changes: dict | None = None) -> TrainConfig:
+    """The config of the run in ``run_dir`` as its ``train.json`` holds it, with ``changes`` (the flags given with
+    ``--resume``) applied to the fields a resumed run may change (:data:`RESUMABLE`); a change to any other field
+    raises :class:`DataError` naming it (a value equal to the run's, paths compared resolved, is no change)."""
+    run = Path(run_dir)
+    recover_directory(run / "checkpoint")
+    if not (run / "checkpoint" / "trainer.pt").is_file():
+        raise DataError(f"nothing to resume in {run}: no checkpoint/trainer.pt (start it without --resume)")
+    previous = {**train_fields(_read_train_json(run), f"{run / 'train.json'}"), "run_dir": str(run)}
+    changes = {k: v for k, v in (changes or {}).items() if k != "run_dir"}
+    kept, given = _comparable(previous), _comparable(changes)
+    differ = sorted(k for k, v in given.items() if kept.get(k) != v)
+    if differ:
+        raise DataError(f"{run} was trained with other values of {differ}: a resumed run keeps its config except "
+                        f"{', '.join(RESUMABLE)}; train another config with a new --run-dir")  # fmt: skip
+    return TrainConfig(**{**previous, **{k: v for k, v in changes.items() if k in RESUMABLE}})
+
+
+def check_sources(sources: list[Source]) -> None:
+    """Read every ``.jsonl`` line of ``sources`` once, so that a malformed one fails before a run writes anything."""
+    for source in sources:
+        if source.kind == "jsonl":
+            for _ in segments(source):
+                pass
 
 
 def plan_run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, world: World | None = None) -> RunPlan:
@@ -192,6 +243,8 @@ def plan_run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, wo
         raise ConfigError("--resume runs on one process; start it without torchrun")
     precision = Precision.resolve(cfg)
     sources = discover(cfg.data)
+    check_sources(sources)
+    recover_directory(run / "checkpoint")
     tokenizer = None
     if resume and (run / "checkpoint" / "trainer.pt").is_file():  # (without one: "nothing to resume", below)
         tokenizer = load_tokenizer(run / "tokenizer.json")
@@ -208,16 +261,15 @@ def plan_run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, wo
     if resume:
         if not (run / "checkpoint" / "trainer.pt").is_file():
             raise DataError(f"nothing to resume in {run}: no checkpoint/trainer.pt (start it without --resume)")
-        try:
-            previous = json.loads((run / "train.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise DataError(f"cannot resume {run}: its train.json is missing or damaged ({e})") from None
+        previous = _read_train_json(run)
         changed = sorted(k for k, v in _comparable(cfg.to_json()).items() if _comparable(previous).get(k) != v)
         if changed:
             raise DataError(f"{run} was trained with another config (differs in {changed}); use a new --run-dir")
-        resume_state = torch.load(run / "checkpoint" / "trainer.pt", weights_only=False)
+        resume_state = _load_trainer_state(run / "checkpoint" / "trainer.pt")
         if resume_state["optimizer"] is None:
             raise DataError(f"{run} was trained sharded (torchrun), which keeps no optimizer state to resume from")
+        if resume_state["step"] > cfg.steps:
+            raise ConfigError(f"steps ({cfg.steps}) is below the step of {run}'s checkpoint ({resume_state['step']})")
     elif holds_a_run and not overwrite and world.main:
         raise DataError(f"{run} already holds a run: continue it with --resume, replace it with --overwrite, "
                         "or choose another --run-dir")  # fmt: skip
@@ -227,16 +279,59 @@ def plan_run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, wo
     return RunPlan(cfg, run, sources, model_config, precision, tokenizer, resume_state)
 
 
+def _load_trainer_state(path: Path) -> dict:
+    """A checkpoint's ``trainer.pt``, read with ``weights_only=True``: tensors and plain values only, never a
+    pickled object (a run directory is data; a planted pickle must not run code)."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:  # a hostile pickle, a damaged archive, a cut file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unreadable"
+        raise DataError(f"cannot resume from {path}: it is not a trainer state hyla wrote ({type(e).__name__}: "
+                        f"{first})") from None  # fmt: skip
+    if not isinstance(state, dict) or not {"step", "tokens", "optimizer", "rng"} <= set(state):
+        raise DataError(f"cannot resume from {path}: it lacks the step, tokens, optimizer or rng state")
+    return state
+
+
+def _write_json(path: Path, value: dict) -> None:
+    """Replace ``path`` with ``value`` as JSON, atomically."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def run_lock(run: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the run directory while a process writes it: a second ``hyla train`` of the
+    same directory is refused with :class:`DataError` instead of interleaving its steps. The kernel drops the
+    lock when the process ends, however it ends; no file is left behind."""
+    import fcntl
+
+    run.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataError(f"{run} is being trained by another process; wait for it to end, or stop it") from None
+        yield
+    finally:
+        os.close(fd)  # (closing drops the lock)
+
+
 def _start_run_dir(plan: RunPlan, overwrite: bool) -> Tokenizer:
     """Write the run's ``train.json`` and ``tokenizer.json`` (training a BPE on the data's training split unless
-    one is given or the run is resumed); with ``overwrite``, the old run's files go first."""
+    one is given or the run is resumed: then ``train.json`` takes the resumed config's steps and cadence); with
+    ``overwrite``, the old run's files go first."""
     run, cfg = plan.run, plan.cfg
     if plan.resume_state is not None:
+        _write_json(run / "train.json", cfg.to_json())
         return plan.tokenizer
-    if overwrite and run.is_dir():
-        shutil.rmtree(run)
+    if overwrite and run.is_dir():  # emptied, not removed: this process holds the directory's lock
+        for item in run.iterdir():
+            shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
     run.mkdir(parents=True, exist_ok=True)
-    (run / "train.json").write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
+    _write_json(run / "train.json", cfg.to_json())
     tokenizer = plan.tokenizer
     if tokenizer is None:
         began = time.perf_counter()
@@ -256,10 +351,17 @@ def _describe(plan: RunPlan) -> str:
     size = f"{c.num_parameters() / 1e6:.1f}M parameters ({c.num_parameters(active=True) / 1e6:.1f}M active)"
     tokens = cfg.steps * cfg.tokens_per_batch * cfg.grad_accum
     start = f"resuming at step {plan.resume_step}" if plan.resume_step else "a new run"
+    if plan.resume_step >= cfg.steps:
+        start = f"finishing the held-out evaluation of step {plan.resume_step}"
     where = f"{plan.precision.device.type}, {'bfloat16 autocast' if plan.precision.bf16 else 'float32'}"
     return (f"hyla train: {start} in {plan.run}: preset {cfg.preset!r}, {size}; {cfg.steps} steps x "
-            f"{cfg.tokens_per_batch * cfg.grad_accum:,} tokens = {tokens / 1e6:.1f}M tokens of {data} "
+            f"{cfg.tokens_per_batch * cfg.grad_accum:,} tokens = {_count(tokens)} tokens of {data} "
             f"({len(plan.sources):,} files); {where}")  # fmt: skip
+
+
+def _count(n: int) -> str:
+    """``n`` in words a reader takes in at once: 40,960, 3.5M or 1.2B."""
+    return f"{n:,}" if n < 10**6 else f"{n / 1e6:.1f}M" if n < 10**9 else f"{n / 1e9:.1f}B"
 
 
 def evaluate(model: HylaForCausalLM, shard: TokenShard, cfg: TrainConfig, precision: Precision) -> float:
@@ -365,7 +467,14 @@ def train(
         plan = plan_run(cfg, resume, overwrite, world)
         if plan.finished:
             return {"already_finished": True, "step": plan.resume_step, "run_dir": str(plan.run)}
-        return _train(plan, overwrite, progress and world.main, world, stop or threading.Event(), sampler)
+        with run_lock(plan.run) if world.main else contextlib.nullcontext():
+            return _train(plan, overwrite, progress and world.main, world, stop or threading.Event(), sampler)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise DataError(f"no space left on the device writing {e.filename or cfg.run_dir}: the last complete "
+                        f"checkpoint is kept; free some space, then: hyla train --run-dir {cfg.run_dir} "
+                        "--resume") from None  # fmt: skip
     finally:
         shutdown(world)
 
@@ -406,8 +515,10 @@ def _train(
     held_out = shards["eval"] if len(shards["eval"]) else shards["train"]
     metrics: dict = {}
     model.train()
-    # A new run starts its metrics afresh; only rank 0 writes them.
+    # A new run starts its metrics afresh, a resumed one drops the lines of steps it redoes; only rank 0 writes.
     log_path = run / "metrics.jsonl" if world.main else Path(os.devnull)
+    if world.main and plan.resume_step:
+        _truncate_metrics(log_path, start)
     began = time.perf_counter()
     with log_path.open("a" if plan.resume_step else "w") as log, tqdm(
         total=cfg.steps, initial=start, disable=not progress, unit="step"
@@ -418,6 +529,9 @@ def _train(
             metrics["tokens"] = tokens_seen
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                 metrics["eval_loss"] = evaluate(model, held_out, cfg, precision)
+                if progress:
+                    bar.write(f"step {step + 1}: held-out loss {metrics['eval_loss']:.3f} (training loss "
+                              f"{metrics['loss']:.3f})")  # fmt: skip
             log.write(json.dumps(metrics) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
@@ -431,6 +545,24 @@ def _train(
             if stop.is_set():
                 return {**metrics, "interrupted": True, "run_dir": str(run)}
     return {**metrics, **_finish(model, held_out, shards["train"], tokenizer, plan, world, stop, sampler)}
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the lines of ``metrics.jsonl`` up to ``step``: a run killed after its last checkpoint redoes the steps
+    past it, which must not appear twice."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines(keepends=True) if _line_step(line) <= step]
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def _line_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")  # a torn last line of a killed process
 
 
 def _step(model, optimizer, batches, step: int, cfg: TrainConfig, precision: Precision, world: World) -> dict:
