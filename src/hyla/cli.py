@@ -37,7 +37,7 @@ from hyla.ops.precision import DTYPES
 from hyla.runtime import auto_dtype, tune_malloc
 from hyla.serve import LLM, EngineConfig, SamplingParams
 from hyla.serve.api import DEFAULT_MAX_REQUEST_BYTES
-from hyla.serve.engine import QUANTIZE
+from hyla.serve.engine import DEFAULT_KV_TOKENS, QUANTIZE
 from hyla.serve.runner import COMPILED_MAX_BATCH
 from hyla.train.loop import TrainConfig, load_train_toml, resume_config, train
 
@@ -525,7 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
     engine_help = {"max_num_seqs": "requests generated at once", "max_num_batched_tokens": "tokens in one step",
                    "block_size": "tokens per KV-cache block", "num_blocks": "KV-cache blocks (default: sized "
                    "for max-num-seqs full requests)", "max_model_len": "longest prompt + output, in tokens "
-                   "(default: the model's)", "enable_prefix_caching": "reuse the KV blocks and lightning "
+                   f"(default: the model's context, at most {DEFAULT_KV_TOKENS})", "kv_cache_gb": "memory for the "
+                   "KV cache, GB (default: room for max-num-seqs full requests, at most "
+                   f"{DEFAULT_KV_TOKENS} tokens)", "enable_prefix_caching": "reuse the KV blocks and lightning "
                    "states of earlier requests' shared prefixes (exact)", "prefix_cache_gb": "memory for "
                    "lightning-state snapshots, GB", "snapshot_every": "inside long prompts, a snapshot every this "
                    "many tokens", "quantize": "int8: the linear layers (not the experts) with int8 weights, CPU "
@@ -533,7 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{COMPILED_MAX_BATCH} requests through a torch.compile'd forward (needs a C++ compiler; "
                    "compiles for ~20-110 s at start, cached on disk; measured in RESULTS.md)"}  # fmt: skip
     for f in dataclasses.fields(EngineConfig):
-        kind = {"bool": argparse.BooleanOptionalAction, "float": float, "str | None": str}.get(f.type, int)
+        kind = {"bool": argparse.BooleanOptionalAction, "float": float, "float | None": float,
+                "str | None": str}.get(f.type, int)  # fmt: skip
         typed = {"action": kind} if kind is argparse.BooleanOptionalAction else {"type": kind}
         if f.name == "quantize":
             typed["choices"] = [q for q in QUANTIZE if q]

@@ -198,3 +198,22 @@ def test_incremental_detokenization_equals_decoding_the_whole_output(tokenizer):
         for end in range(1, len(ids) + 1):
             state.update(tokenizer, ids[:end])
             assert state.text == tokenizer.decode(ids[:end])
+
+
+def test_a_long_context_model_gets_a_kv_pool_sized_to_memory_not_to_its_context():
+    """MiniMax-Text-01's 10M-token context: the default context is capped, the pool follows a memory budget, and
+    a pool past the memory available is refused with the limits to change (no allocation is tried)."""
+    from hyla.serve.engine import DEFAULT_KV_TOKENS, LLMEngine
+
+    torch.manual_seed(0)
+    model = random_model(layer_types=PATTERNS["alternating"], max_position_embeddings=10_240_000)
+    engine = LLMEngine(model, byte_level_tokenizer(), EngineConfig(max_num_seqs=2, block_size=16))
+    c = engine.config
+    assert c.max_model_len == DEFAULT_KV_TOKENS and c.num_blocks * c.block_size == DEFAULT_KV_TOKENS
+    kv = 2 * 2 * model.config.num_key_value_heads * model.config.head_dim * 4  # two softmax layers, float32
+    budget = EngineConfig(kv_cache_gb=0.001, max_model_len=1000).resolve(10_240_000, kv)
+    assert budget.num_blocks == int(0.001 * 2**30 // (16 * kv))
+    with pytest.raises(ConfigError, match=r"cannot hold one 100000-token request; .* \(--kv-cache-gb\)"):
+        EngineConfig(kv_cache_gb=0.001, max_model_len=100_000).resolve(10_240_000, kv)
+    with pytest.raises(ConfigError, match=r"the KV cache of 10,240,000 tokens needs .* GiB, more than the 1.0 GiB"):
+        EngineConfig(max_model_len=10_240_000).resolve(10_240_000, kv, available=2**30)

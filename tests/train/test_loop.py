@@ -255,7 +255,7 @@ def test_a_planted_pickle_in_a_run_directory_does_not_run(tmp_path):
             return (open, (str(marker), "w"))
 
     (tmp_path / "r" / "checkpoint" / "trainer.pt").write_bytes(pickle.dumps({"step": Exploit()}))
-    with pytest.raises(DataError, match="trainer.pt: it is not a trainer state hyla wrote"):
+    with pytest.raises(DataError, match=r"trainer.pt: it is not a trainer state hyla wrote"):
         train(config(tmp_path, "r", steps=4), resume=True, progress=False)
     assert not marker.exists()
 
@@ -311,7 +311,7 @@ def test_a_full_disk_is_one_error_and_the_last_checkpoint_stays(tmp_path, monkey
         raise OSError(errno.ENOSPC, "No space left on device", "trainer.pt")
 
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(DataError, match="no space left on the device writing trainer.pt: the last complete"):
+    with pytest.raises(DataError, match=r"no space left on the device writing trainer.pt: the last complete"):
         train(config(tmp_path, "r", steps=4), resume=True, progress=False)
     monkeypatch.undo()
     assert torch.load(tmp_path / "r" / "checkpoint" / "trainer.pt", weights_only=True)["step"] == 2

@@ -21,10 +21,11 @@ from hyla.data.tokenizer import END_OF_TEXT, load_tokenizer
 from hyla.errors import ConfigError, RequestError, check_fields
 from hyla.model import HylaForCausalLM
 from hyla.serve.cache import CacheManager
-from hyla.serve.runner import ModelRunner, snapshot_bytes
+from hyla.serve.runner import ModelRunner, kv_bytes_per_token, snapshot_bytes
 from hyla.serve.sampling import SampleInput, SamplingParams, sample
 from hyla.serve.scheduler import Request, Scheduler, Status
 
+# The default KV pool's tokens (and the default context of models whose own is longer, MiniMax-Text-01's 10M).
 DEFAULT_KV_TOKENS = 2**16
 
 
@@ -33,9 +34,12 @@ QUANTIZE = (None, "int8")
 
 @dataclass
 class EngineConfig:
-    """The engine's limits. ``max_model_len=None`` is the model's ``max_position_embeddings``.
-    ``num_blocks=None`` sizes the KV pool for ``max_num_seqs`` full-length requests at once, but at most
-    :data:`DEFAULT_KV_TOKENS` tokens (and at least one full-length request); past it, requests are preempted.
+    """The engine's limits. ``max_model_len=None`` is the model's ``max_position_embeddings``, at most
+    :data:`DEFAULT_KV_TOKENS`. The KV pool holds ``num_blocks`` blocks; ``num_blocks=None`` gives it
+    ``kv_cache_gb`` of memory or, without that, room for ``max_num_seqs`` full-length requests at once but at
+    most :data:`DEFAULT_KV_TOKENS` tokens (and at least one full-length request); past it, requests are
+    preempted. A pool that cannot hold one full-length request, or larger than the memory available, is refused
+    with the limits to change.
 
     Prefix caching (``enable_prefix_caching``) keeps finished requests' KV blocks and snapshots of their lightning
     states for later requests that share a prefix: ``prefix_cache_gb`` is the snapshot pool's budget, and inside
@@ -51,27 +55,47 @@ class EngineConfig:
     block_size: int = 16
     num_blocks: int | None = None
     max_model_len: int | None = None
+    kv_cache_gb: float | None = None
     enable_prefix_caching: bool = True
     prefix_cache_gb: float = 0.25
     snapshot_every: int = 256
     quantize: str | None = None
     compile: bool = False
 
-    def resolve(self, max_position_embeddings: int) -> EngineConfig:
-        """A copy with the defaults filled in; raises :class:`ConfigError` naming a limit that cannot work."""
-        max_model_len = self.max_model_len or max_position_embeddings
-        tokens = max(max_model_len, min(self.max_num_seqs * max_model_len, DEFAULT_KV_TOKENS))
-        num_blocks = self.num_blocks or -(-tokens // self.block_size)
+    def resolve(
+        self, max_position_embeddings: int, kv_bytes_per_token: int = 0, available: int | None = None
+    ) -> EngineConfig:
+        """A copy with the defaults filled in; raises :class:`ConfigError` naming a limit that cannot work.
+        ``kv_bytes_per_token``: the model's KV cache per token (0 for a model without softmax layers);
+        ``available``: bytes of memory the pool may take at most (None: unchecked)."""
         check_fields(self, [(name, getattr(self, name) >= 1, "must be >= 1") for name in
                             ("max_num_seqs", "max_num_batched_tokens", "block_size", "snapshot_every")])  # fmt: skip
         check_fields(self, [("prefix_cache_gb", self.prefix_cache_gb >= 0, "must be >= 0"),
+                            ("kv_cache_gb", self.kv_cache_gb is None or self.kv_cache_gb > 0, "must be > 0"),
+                            ("num_blocks", self.num_blocks is None or self.num_blocks >= 1, "must be >= 1"),
                             ("quantize", self.quantize in QUANTIZE, f"must be one of {QUANTIZE}")])  # fmt: skip
+        max_model_len = self.max_model_len or min(max_position_embeddings, DEFAULT_KV_TOKENS)
         if max_model_len > max_position_embeddings:
             raise ConfigError(f"max_model_len {max_model_len} exceeds the model's context {max_position_embeddings}")
+        block_bytes = self.block_size * max(kv_bytes_per_token, 1)
+        num_blocks = self.num_blocks
+        if num_blocks is None and self.kv_cache_gb is not None:
+            num_blocks = max(int(self.kv_cache_gb * 2**30 // block_bytes), 1)
+        if num_blocks is None:
+            tokens = max(max_model_len, min(self.max_num_seqs * max_model_len, DEFAULT_KV_TOKENS))
+            num_blocks = -(-tokens // self.block_size)
         if num_blocks * self.block_size < max_model_len:
             raise ConfigError(
-                f"{num_blocks} blocks of {self.block_size} tokens cannot hold one {max_model_len}-token request; "
-                f"give at least {-(-max_model_len // self.block_size)} blocks or a smaller max_model_len"
+                f"{num_blocks} KV blocks of {self.block_size} tokens cannot hold one {max_model_len}-token request; "
+                f"give at least {-(-max_model_len // self.block_size)} blocks (--num-blocks), more memory "
+                "(--kv-cache-gb) or a smaller --max-model-len"
+            )
+        pool = num_blocks * block_bytes * (kv_bytes_per_token > 0)
+        if available is not None and pool > 0.9 * available:
+            raise ConfigError(
+                f"the KV cache of {num_blocks * self.block_size:,} tokens needs {pool / 2**30:.1f} GiB, more than "
+                f"the {available / 2**30:.1f} GiB of memory available; give a smaller --max-model-len, "
+                "--num-blocks or --kv-cache-gb"
             )
         snapshot_every = -(-self.snapshot_every // self.block_size) * self.block_size
         return dataclasses.replace(self, num_blocks=num_blocks, max_model_len=max_model_len,
@@ -147,8 +171,10 @@ class LLMEngine:
 
     def __init__(self, model: HylaForCausalLM, tokenizer: Tokenizer, config: EngineConfig | None = None) -> None:
         self.tokenizer = tokenizer
-        self.config = c = (config or EngineConfig()).resolve(model.config.max_position_embeddings)
         dtype = next(model.parameters()).dtype
+        kv_bytes = kv_bytes_per_token(model.config, dtype)
+        available = available_memory(next(model.parameters()).device)
+        self.config = c = (config or EngineConfig()).resolve(model.config.max_position_embeddings, kv_bytes, available)
         num_snapshots = c.num_snapshots(snapshot_bytes(model.config, dtype))
         self.cache = CacheManager(c.max_num_seqs, c.num_blocks, c.block_size, num_snapshots)
         self.scheduler = Scheduler(self.cache, c.max_num_seqs, c.max_num_batched_tokens, c.snapshot_every)
@@ -312,6 +338,20 @@ class LLMEngine:
         return RequestOutput(request.request_id, request.index, new_tokens, text, new_logprobs,
                              len(request.prompt_ids), len(request.output_ids), reason,
                              request.num_cached_tokens)  # fmt: skip
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes of memory ``device`` can still give (a GPU's free memory, Linux's ``MemAvailable``), or None where
+    unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _max_token_bytes(tokenizer: Tokenizer) -> int:

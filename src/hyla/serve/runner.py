@@ -55,6 +55,12 @@ def snapshot_bytes(config: HylaConfig, dtype: torch.dtype) -> int:
     return layers * config.num_attention_heads * config.head_dim**2 * compute_dtype(dtype).itemsize
 
 
+def kv_bytes_per_token(config: HylaConfig, dtype: torch.dtype) -> int:
+    """Bytes of one token's keys and values in every softmax layer's KV pool."""
+    layers = sum(t != LIGHTNING for t in config.layer_types)
+    return 2 * layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
+
+
 class ModelRunner:
     """Preallocated pools for every layer: ``[S, H, D, D]`` states and ``[P, H, D, D]`` snapshots per lightning
     layer, ``[num_blocks, block_size, Hkv, D]`` keys and values per softmax layer.
