@@ -36,9 +36,8 @@ from hyla.model import HylaForCausalLM
 from hyla.ops.precision import DTYPES
 from hyla.runtime import auto_dtype, tune_malloc
 from hyla.serve import LLM, EngineConfig, SamplingParams
-from hyla.serve.api import DEFAULT_MAX_REQUEST_BYTES
-from hyla.serve.engine import DEFAULT_KV_TOKENS, QUANTIZE
-from hyla.serve.runner import COMPILED_MAX_BATCH
+from hyla.serve.config import API_KEY_ENV, ServerConfig
+from hyla.serve.engine import QUANTIZE
 from hyla.train.loop import TrainConfig, load_train_toml, resume_config, train
 
 # The prompts of the samples at the end of `hyla train` (the default corpus is Python code).
@@ -339,11 +338,12 @@ def run_serve(args: argparse.Namespace) -> None:
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     config = EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
+    server = ServerConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)})
+    server.api_key = server.api_key or os.environ.get(API_KEY_ENV) or None
+    server.served_model_name = server.served_model_name or Path(args.model_dir).resolve().name
     dtype, dtype_text = resolve_dtype(args.dtype, args.device)
     try:
-        serve(str(find_model_dir(args.model_dir)), stop, args.host, args.port, args.api_key,
-              args.served_model_name or Path(args.model_dir).resolve().name, config, args.max_waiting,
-              dtype, args.device, args.tokenizer, args.max_request_bytes, args.shutdown_timeout,
+        serve(str(find_model_dir(args.model_dir)), stop, server, config, dtype, args.device, args.tokenizer,
               log=lambda line: print(line, file=sys.stderr, flush=True), dtype_text=dtype_text)  # fmt: skip
     finally:
         for s, handler in previous.items():
@@ -455,6 +455,33 @@ def _add_model_args(parser: argparse.ArgumentParser, what: str) -> None:
     _add_dtype_arg(parser)
 
 
+# Flag types of config fields, by their annotation.
+_FLAG_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float, "str | None": str}
+
+
+def _add_config_flags(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    only: tuple[str, ...] = (),
+    skip: tuple[str, ...] = (),
+    choices: dict[str, list] | None = None,
+    given_only: bool = False,
+) -> None:
+    """A flag per field of config dataclass ``cls`` (``--max-num-seqs`` for ``max_num_seqs``), its help from the
+    field's ``metadata["help"]`` and its default the field's; ``given_only``: every default None (so a value
+    given is told from one not given). Fields of other types (dicts, tuples) get no flag."""
+    for f in dataclasses.fields(cls):
+        if (only and f.name not in only) or f.name in skip or "help" not in f.metadata:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        kind: dict = {"action": argparse.BooleanOptionalAction} if f.type == "bool" else {"type": _FLAG_TYPES[f.type]}
+        if choices and f.name in choices:
+            kind["choices"] = choices[f.name]
+        parser.add_argument(f"--{f.name.replace('_', '-')}", **kind, default=None if given_only else default,
+                            help=f.metadata["help"] if "(default:" in f.metadata["help"] else
+                            f"{f.metadata['help']} (default: {default})")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="hyla", description=__doc__, formatter_class=formatter)
@@ -465,13 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "on this Python's standard library (~7 minutes on 2 CPU cores), into runs/default. "
                              "A run directory is never replaced by accident: continue it with --resume or "
                              "replace it with --overwrite.")  # fmt: skip
-    for f in dataclasses.fields(TrainConfig):
-        if f.type in ("int", "float", "str", "str | None"):
-            kind = {"int": int, "float": float}.get(f.type, str)
-            default = f.default if f.default is not dataclasses.MISSING else None
-            # None: not given, so that a --config file's value (or the dataclass default) applies.
-            tr.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None,
-                            help=f"{f.metadata.get('help', '')} (default: {default})")  # fmt: skip
+    # Defaults None: not given, so that a --config file's value (or the dataclass default) applies.
+    _add_config_flags(tr, TrainConfig, given_only=True)
     tr.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="change a field of the model preset, e.g. --set hidden_size=256 (repeatable)")  # fmt: skip
     tr.add_argument("--config", default=None, metavar="FILE.toml",
@@ -515,38 +537,12 @@ def build_parser() -> argparse.ArgumentParser:
                               "batching behind /v1/completions, /v1/chat/completions, /v1/models, /health and "
                               "/metrics. SIGINT/SIGTERM shut it down gracefully.")  # fmt: skip
     srv.add_argument("model_dir", help=MODEL_DIR_HELP)
-    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    srv.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
-    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
-    srv.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the directory's)")
+    _add_config_flags(srv, ServerConfig, only=("host", "port", "api_key", "served_model_name"))
     _add_tokenizer_arg(srv)
     _add_dtype_arg(srv, gpu=True)
     srv.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    engine_help = {"max_num_seqs": "requests generated at once", "max_num_batched_tokens": "tokens in one step",
-                   "block_size": "tokens per KV-cache block", "num_blocks": "KV-cache blocks (default: sized "
-                   "for max-num-seqs full requests)", "max_model_len": "longest prompt + output, in tokens "
-                   f"(default: the model's context, at most {DEFAULT_KV_TOKENS})", "kv_cache_gb": "memory for the "
-                   "KV cache, GB (default: room for max-num-seqs full requests, at most "
-                   f"{DEFAULT_KV_TOKENS} tokens)", "enable_prefix_caching": "reuse the KV blocks and lightning "
-                   "states of earlier requests' shared prefixes (exact)", "prefix_cache_gb": "memory for "
-                   "lightning-state snapshots, GB", "snapshot_every": "inside long prompts, a snapshot every this "
-                   "many tokens", "quantize": "int8: the linear layers (not the experts) with int8 weights, CPU "
-                   "float32 only (measured in RESULTS.md)", "compile": "CPU: run decode steps of up to "
-                   f"{COMPILED_MAX_BATCH} requests through a torch.compile'd forward (needs a C++ compiler; "
-                   "compiles for ~20-110 s at start, cached on disk; measured in RESULTS.md)"}  # fmt: skip
-    for f in dataclasses.fields(EngineConfig):
-        kind = {"bool": argparse.BooleanOptionalAction, "float": float, "float | None": float,
-                "str | None": str}.get(f.type, int)  # fmt: skip
-        typed = {"action": kind} if kind is argparse.BooleanOptionalAction else {"type": kind}
-        if f.name == "quantize":
-            typed["choices"] = [q for q in QUANTIZE if q]
-        srv.add_argument(f"--{f.name.replace('_', '-')}", **typed, default=f.default,
-                         help=f"{engine_help[f.name]} (default: {f.default})")  # fmt: skip
-    srv.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond which new ones get 503")
-    srv.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
-                     help="request bodies past this size get 413 (default: %(default)s)")  # fmt: skip
-    srv.add_argument("--shutdown-timeout", type=float, default=5.0, metavar="SECONDS",
-                     help="on SIGINT/SIGTERM, seconds running requests get to finish (default: 5)")  # fmt: skip
+    _add_config_flags(srv, EngineConfig, choices={"quantize": [q for q in QUANTIZE if q]})
+    _add_config_flags(srv, ServerConfig, skip=("host", "port", "api_key", "served_model_name"))
 
     ex = commands.add_parser("export", help="write a model as a GGUF file for llama.cpp",
                              description="Write a model directory (or a run directory's model) as one GGUF file "

@@ -503,3 +503,83 @@ def test_a_chat_template_cannot_run_code_and_its_refusals_are_400(tmp_path):
             assert not marker.exists()
     finally:
         engine.shutdown()
+
+
+def test_a_request_for_more_sequences_than_the_queue_is_400_before_any_work(client, engine):
+    """12,000 prompts x n=128 became 1.5M sequences (+1.5 GB); now refused before anything is tokenized."""
+    with pytest.raises(openai.BadRequestError) as error:
+        client.completions.create(model=MODEL, prompt=[[5, 6]] * 1000, n=128, max_tokens=1)
+    assert error.value.body["param"] == "n" and "128,000 sequences" in error.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as error:
+        client.completions.create(model=MODEL, prompt=[[5, 6]] * 2049, max_tokens=1)
+    assert error.value.body["param"] == "prompt" and "at most 2048 prompts" in error.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], n=65)
+    assert error.value.body["param"] == "n"
+    assert not engine.engine.requests and engine.num_waiting() == 0
+
+
+def test_a_lone_surrogate_is_400_naming_the_parameter(base_url):
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    for route, body, param in (
+        ("/completions", b'{"model": "hyla-test", "prompt": "ab\\ud800c", "max_tokens": 1}', "prompt"),
+        ("/chat/completions", b'{"model": "hyla-test", "messages": [{"role": "user", "content": "\\udfff"}]}',
+         "messages"),
+    ):  # fmt: skip
+        response = httpx2.post(base_url + route, content=body, headers=headers)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == param and "not valid Unicode" in response.json()["error"]["message"]
+
+
+def test_a_client_that_leaves_while_queued_frees_its_place():
+    """One slot, one waiting place: a queued client that leaves is aborted at once (it had kept its place until
+    its first token, and a live client got 503)."""
+    engine = make_engine(step_delay=0.05, max_num_seqs=1, max_waiting=1)
+    try:
+        with live_server(engine) as url:
+            client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=60)
+            args = dict(model=MODEL, max_tokens=200, extra_body={"ignore_eos": True})
+            running = client.completions.create(prompt="first", stream=True, **args)
+            next(iter(running))
+            body = {"model": MODEL, "prompt": "second", "max_tokens": 5}
+            with pytest.raises(httpx2.ReadTimeout):
+                httpx2.post(url + "/completions", json=body, timeout=1.0)  # queued, then the client leaves
+            wait_for(lambda: engine.num_waiting() == 0, timeout=10)
+            assert len(engine.engine.requests) == 1  # only the running one; the queued one was never computed
+            out = client.completions.create(prompt="third", max_tokens=2, model=MODEL, stream=True)
+            running.close()
+            assert len([c for c in out if c.choices]) >= 1  # queued, not refused
+    finally:
+        engine.shutdown()
+
+
+def test_a_connection_that_sends_no_request_is_closed_after_the_header_timeout(engine):
+    import socket
+
+    from hyla.serve.api import build_app, http_server
+    from hyla.serve.config import ServerConfig
+
+    server = http_server(build_app(engine, MODEL), ServerConfig(port=0, header_timeout=0.5))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as idle:
+            idle.sendall(b"GET /health HTTP/1.1\r\nHo")  # a slow client: half a request head, then nothing
+            assert idle.recv(100) == b""  # closed by the server, not by the 10 s socket timeout
+        assert httpx2.get(f"http://127.0.0.1:{port}/health").status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_repeated_errors_are_logged_once_a_minute():
+    import logging
+
+    from hyla.serve.api import _Once
+
+    once = _Once()
+    records = [logging.LogRecord("asyncio", logging.ERROR, "", 0, "socket.accept() out of system resource", (),
+                                 None) for _ in range(1000)]  # fmt: skip
+    assert sum(once.filter(r) for r in records) == 1

@@ -23,7 +23,8 @@ def frequencies(params: SamplingParams, logits: torch.Tensor, draws: int = 4000)
 @pytest.mark.parametrize(
     ("field", "value"),
     [("temperature", -0.1), ("top_p", 0.0), ("top_k", -1), ("min_p", 1.5), ("max_tokens", 0), ("n", 0),
-     ("presence_penalty", 3.0), ("frequency_penalty", -2.5), ("repetition_penalty", 0.0), ("logprobs", 21),
+     ("presence_penalty", 3.0), ("frequency_penalty", -2.5), ("repetition_penalty", 0.0), ("repetition_penalty", 1e-300),
+     ("logprobs", 21),
      ("min_tokens", -1), ("stop", [""]), ("seed", -1), ("stop_token_ids", [-3])],
 )  # fmt: skip
 def test_invalid_parameters_are_named(field, value):
@@ -125,3 +126,11 @@ def test_logprobs_are_the_models_before_processing():
     assert torch.allclose(values[0], reference[0].sort(descending=True).values[:4])
     assert math.isclose(float(values[0].exp().sum()), float(reference[0].exp().sort().values[-4:].sum()), rel_tol=1e-6)
     assert ids[0, 0] == logits[0].argmax()
+
+
+@pytest.mark.parametrize("temperature", [1e-39, 1e-30, 9e-6])
+def test_a_tiny_temperature_is_greedy_not_nan(temperature):
+    """Dividing float32 logits by 1e-39 gives inf and NaN probabilities, which drew token 0."""
+    logits = torch.log(torch.tensor([[0.1, 0.2, 0.6, 0.1]])).expand(16, -1)
+    rows = [row(SamplingParams(temperature=temperature), seed=i) for i in range(16)]
+    assert sample(logits, rows).tokens.tolist() == [2] * 16

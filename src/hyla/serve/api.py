@@ -18,7 +18,9 @@ aborts its request, streamed or not, before the engine's next step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import threading
 import time
 import uuid
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -35,17 +38,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tokenizers import Tokenizer
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from hyla.data.tokenizer import ChatTemplate
-from hyla.errors import RequestError
+from hyla.errors import ConfigError, RequestError
 from hyla.serve.async_engine import AsyncEngine, EngineBusy, EngineStopped
+from hyla.serve.config import DEFAULT_MAX_REQUEST_BYTES, ServerConfig
 from hyla.serve.engine import EngineConfig, LLMEngine, RequestOutput, TokenLogprob
 from hyla.serve.protocol import ChatCompletionRequest, CompletionRequest
 from hyla.serve.runner import COMPILED_MAX_BATCH
 from hyla.serve.sampling import SamplingParams
-
-# Request bodies past this size are refused (413) before they are parsed.
-DEFAULT_MAX_REQUEST_BYTES = 4 * 2**20
 
 
 class APIError(Exception):
@@ -233,7 +235,10 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     _check_model(state, body.model)
     params = body.sampling_params(body.max_tokens, body.logprobs)
     prompts = body.prompts()
-    ids, outputs = await _start(state, prompts, params)
+    started = await _start(request, state, prompts, params)
+    if started is None:
+        return Response(status_code=499)
+    ids, outputs = started
     meta = _meta("cmpl", "text_completion", state.model_name)
     tokenizer = state.tokenizer
     echoes = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts] if body.echo else None
@@ -260,8 +265,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     if not body.messages:
         raise APIError(400, "messages must not be empty", "invalid_request_error", "messages")
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    state.engine.admit(params.n)  # before rendering and tokenizing anything
     prompt = state.template.render(messages)
-    ids, outputs = await _start(state, [prompt], params)
+    started = await _start(request, state, [prompt], params, param="messages")
+    if started is None:
+        return Response(status_code=499)
+    ids, outputs = started
     meta = _meta("chatcmpl", "chat.completion", state.model_name)
     tokenizer = state.tokenizer
 
@@ -295,15 +304,26 @@ def _meta(prefix: str, kind: str, model_name: str) -> dict:
 
 
 async def _start(
-    state: ServerState, prompts: list[str | list[int]], params: SamplingParams
-) -> tuple[list[list[int]], AsyncIterator[RequestOutput]]:
-    """Encode (in a worker thread) and submit; errors before anything runs become 400 (RequestError), 503
-    (EngineBusy) or 500."""
+    request: Request, state: ServerState, prompts: list[str | list[int]], params: SamplingParams, param: str = "prompt"
+) -> tuple[list[list[int]], AsyncIterator[RequestOutput]] | None:
+    """Admit (before any work), encode (in a worker thread) and submit; errors before anything runs become 400
+    (RequestError, ``param`` naming text that is not valid Unicode), 503 (EngineBusy) or 500. None when the
+    client left while the request waited for its first output (then it is aborted, its place in the queue freed)."""
     engine = state.engine
-    ids = await asyncio.to_thread(lambda: [engine.engine.encode(p) for p in prompts])
+    engine.admit(len(prompts) * params.n)
+    ids = await asyncio.to_thread(lambda: [engine.engine.encode(p, param) for p in prompts])
     stream = engine.generate(ids, params)
+    first_output = asyncio.ensure_future(anext(stream))
+    gone = asyncio.ensure_future(_until_disconnected(request))
+    await asyncio.wait((first_output, gone), return_when=asyncio.FIRST_COMPLETED)
+    gone.cancel()
+    if not first_output.done():  # the client left while queued: abort before it takes a slot
+        first_output.cancel()
+        await asyncio.gather(first_output, return_exceptions=True)
+        await stream.aclose()
+        return None
     try:
-        first = await anext(stream)
+        first = first_output.result()
     except (RequestError, EngineBusy):
         raise
     except Exception as error:  # a failed engine step: this request fails, the server goes on
@@ -414,57 +434,112 @@ def _chat_logprobs(tokenizer: Tokenizer, entries: list[TokenLogprob]) -> list[di
 # -- the server ------------------------------------------------------------------------------------------------
 
 
+class _HeaderTimeout(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, closing a connection whose first request head has not arrived within the
+    header timeout (uvicorn times out idle keep-alive connections only after a response)."""
+
+    header_timeout = 10.0
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._header_timer = self.loop.call_later(self.header_timeout, self._on_header_timeout)
+
+    def _on_header_timeout(self) -> None:
+        if self.scope is None and not self.transport.is_closing():  # no request head yet
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._header_timer.cancel()
+        super().connection_lost(exc)
+
+
+class _Once(logging.Filter):
+    """Lets through the first of each kind of repeated error (``accept()`` failing at the open-files limit is
+    logged by asyncio on every try, tens of MB a minute), then one line a minute saying how many were dropped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last: dict[str, float] = {}
+        self.dropped: dict[str, int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key, now = str(record.msg)[:60], time.monotonic()
+        if now - self.last.get(key, -1e9) < 60:
+            self.dropped[key] = self.dropped.get(key, 0) + 1
+            return False
+        self.last[key] = now
+        dropped = self.dropped.pop(key, 0)
+        if dropped:
+            record.msg = f"{record.msg} (and {dropped} more like it in the last minute)"
+        record.exc_info = record.exc_info if not dropped else None
+        return True
+
+
+def _raise_open_files_limit() -> int:
+    """Raise the soft limit of open files to the hard one (as vLLM does); the limit in force."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        soft = wanted
+    return soft
+
+
+def http_server(app: FastAPI, sc: ServerConfig) -> uvicorn.Server:
+    """uvicorn serving ``app`` with ``sc``'s limits: a header timeout, a cap on connections below the open-files
+    limit (raised to its hard maximum), and asyncio's repeated errors logged once a minute."""
+    files = _raise_open_files_limit()
+    logging.getLogger("asyncio").addFilter(_Once())
+    protocol = type("HeaderTimeout", (_HeaderTimeout,), {"header_timeout": sc.header_timeout})
+    return uvicorn.Server(uvicorn.Config(
+        app, host=sc.host, port=sc.port, log_level="critical", http=protocol, timeout_keep_alive=5,
+        limit_concurrency=sc.max_connections or max(files - 64, 16), backlog=min(2048, files),
+        timeout_graceful_shutdown=max(sc.shutdown_timeout, 1.0)))  # fmt: skip
+
+
 def serve(
     model_dir: str,
     stop: threading.Event,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    api_key: str | None = None,
-    model_name: str | None = None,
+    server_config: ServerConfig | None = None,
     config: EngineConfig | None = None,
-    max_waiting: int = 256,
     dtype: torch.dtype | None = None,
     device: str = "cpu",
     tokenizer_path: str | None = None,
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-    shutdown_timeout: float = 5.0,
     log: Callable[[str], None] = print,
     dtype_text: str = "",
 ) -> None:
     """``hyla serve``: load a model directory and serve it until ``stop`` is set (the CLI sets it on SIGINT and
     SIGTERM), then shut down gracefully: new requests get 503, running ones have ``shutdown_timeout`` seconds
     to finish, and those left end with an error (an error event and ``[DONE]`` when streamed)."""
-    import uvicorn
-
     from hyla.checkpoint import load
     from hyla.data.tokenizer import load_chat_template, load_tokenizer
 
-    if not 0 <= port <= 65535:
-        raise ValueError(f"--port must be in 0..65535, got {port}")
-    if max_request_bytes < 1 or shutdown_timeout < 0:
-        raise ValueError("--max-request-bytes must be >= 1 and --shutdown-timeout >= 0")
+    sc = server_config or ServerConfig()
     tokenizer = load_tokenizer(tokenizer_path or model_dir)
     chat_template = ChatTemplate(load_chat_template(model_dir), f"the chat_template of {model_dir}")
     model = load(model_dir, dtype=dtype, device=device)
     if config is not None and config.compile:
         log(f"hyla: compiling the decode steps of up to {COMPILED_MAX_BATCH} requests (cached on disk)")
-    engine = AsyncEngine(LLMEngine(model, tokenizer, config), max_waiting, start_thread=False)
+    engine = AsyncEngine(LLMEngine(model, tokenizer, config), sc.max_waiting, start_thread=False)
     if stop.is_set():  # a signal while the model loaded or compiled: nothing was served yet
         log("hyla: stopped before serving")
         return
-    name = model_name or Path(model_dir).resolve().name
-    app = build_app(engine, name, api_key, chat_template, max_request_bytes)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="critical",
-                                           timeout_graceful_shutdown=max(shutdown_timeout, 1.0)))  # fmt: skip
+    name = sc.served_model_name or Path(model_dir).resolve().name
+    app = build_app(engine, name, sc.api_key, chat_template, sc.max_request_bytes)
+    server = http_server(app, sc)
     thread = threading.Thread(target=server.run, name="hyla-http", daemon=True)
     thread.start()
     while not server.started and thread.is_alive():
         time.sleep(0.05)
     if not server.started:
-        raise ValueError(f"could not serve on {host}:{port} (is the port taken, or the address not this machine's?)")
+        raise ConfigError(
+            f"could not serve on {sc.host}:{sc.port} (is the port taken, or the address not this machine's?)"
+        )
     c = engine.engine.config
     log(
-        f"hyla: serving {name!r} on http://{host}:{port}/v1 ({c.max_num_seqs} sequences, {c.num_blocks} KV "
+        f"hyla: serving {name!r} on http://{sc.host}:{sc.port}/v1 ({c.max_num_seqs} sequences, {c.num_blocks} KV "
         f"blocks of {c.block_size} tokens, context {c.max_model_len}, {c.max_num_batched_tokens} tokens per step"
         f"{'; ' + dtype_text if dtype_text else ''}"
         f"{f'; decode steps compiled in {engine.engine.runner.compile_seconds:.0f} s' if c.compile else ''})"
@@ -474,11 +549,11 @@ def serve(
     watchdog.start()  # the HTTP server dying on its own stops the engine loop too
     try:
         # The tensor work runs on the main thread (see hyla.serve.async_engine).
-        finished, ended = engine.run(stop=stop, grace_s=shutdown_timeout)
+        finished, ended = engine.run(stop=stop, grace_s=sc.shutdown_timeout)
     finally:
         server.should_exit = True
-        thread.join(timeout=shutdown_timeout + 5)
+        thread.join(timeout=sc.shutdown_timeout + 5)
     log(
         f"hyla: stopped; {finished} in-flight sequence(s) finished during the shutdown, {ended} ended at the "
-        f"{shutdown_timeout:g} s deadline"
+        f"{sc.shutdown_timeout:g} s deadline"
     )

@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
+from hyla.errors import RequestError
 from hyla.serve.engine import LLMEngine, RequestOutput
 from hyla.serve.metrics import EngineMetrics
 from hyla.serve.sampling import SamplingParams
@@ -42,6 +43,7 @@ class AsyncEngine:
         self.max_waiting = max_waiting
         self.metrics = metrics or EngineMetrics(engine)
         self._commands: list[Callable[[], None]] = []
+        self._pending = 0  # sequences of requests submitted but not yet added to the scheduler
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -112,7 +114,21 @@ class AsyncEngine:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
     def num_waiting(self) -> int:
-        return len(self.engine.scheduler.waiting) + len(self._commands)
+        """Sequences waiting for a slot: the scheduler's queue and the requests not handed to it yet."""
+        return len(self.engine.scheduler.waiting) + self._pending
+
+    def admit(self, num_sequences: int) -> None:
+        """Raise unless a request of ``num_sequences`` sequences (prompts x n) may queue now:
+        :class:`~hyla.errors.RequestError` (400) for one larger than the whole queue, :class:`EngineBusy` (503)
+        when the server is shutting down or the queue has no room for it. Cheap: called before any tokenizing."""
+        if num_sequences > self.max_waiting:
+            raise RequestError("n", f"the request asks for {num_sequences:,} sequences (prompts x n); this server "
+                               f"queues at most {self.max_waiting} (hyla serve --max-waiting)")  # fmt: skip
+        if self.draining:
+            raise EngineBusy("the server is shutting down; retry on another server or later")
+        if self.num_waiting() + num_sequences > self.max_waiting:
+            raise EngineBusy(f"the server is at capacity ({self.num_waiting()} sequences waiting, at most "
+                             f"{self.max_waiting}); retry later")  # fmt: skip
 
     async def generate(self, prompts: list[list[int]], params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Yield the outputs of ``n`` sequences per prompt as steps produce them, until all have finished.
@@ -123,22 +139,23 @@ class AsyncEngine:
         """
         for ids in prompts:
             self.engine.check(ids, params)
-        if self.draining:
-            raise EngineBusy("the server is shutting down; retry on another server or later")
-        if self.num_waiting() >= self.max_waiting:
-            raise EngineBusy(f"the server is at capacity ({self.max_waiting} requests waiting); retry later")
+        remaining = len(prompts) * params.n
+        self.admit(remaining)
         request_id = uuid.uuid4().hex
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = (asyncio.get_running_loop(), queue)
 
         def add() -> None:
+            with self._lock:
+                self._pending -= len(prompts) * params.n
             try:
                 self.engine.add_request(request_id, prompts, params)
             except Exception as error:
                 self._deliver(request_id, error)
 
+        with self._lock:
+            self._pending += remaining
         self._submit(add)
-        remaining = len(prompts) * params.n
         timer = self.metrics.request_timer()
         try:
             while remaining:

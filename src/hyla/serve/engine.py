@@ -21,7 +21,7 @@ from hyla.data.tokenizer import END_OF_TEXT, load_tokenizer
 from hyla.errors import ConfigError, RequestError, check_fields
 from hyla.model import HylaForCausalLM
 from hyla.serve.cache import CacheManager
-from hyla.serve.runner import ModelRunner, kv_bytes_per_token, snapshot_bytes
+from hyla.serve.runner import COMPILED_MAX_BATCH, ModelRunner, kv_bytes_per_token, snapshot_bytes
 from hyla.serve.sampling import SampleInput, SamplingParams, sample
 from hyla.serve.scheduler import Request, Scheduler, Status
 
@@ -30,6 +30,10 @@ DEFAULT_KV_TOKENS = 2**16
 
 
 QUANTIZE = (None, "int8")
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
 
 
 @dataclass
@@ -50,17 +54,36 @@ class EngineConfig:
     decode steps of up to :data:`~hyla.serve.runner.COMPILED_MAX_BATCH` requests through a forward compiled when
     the engine starts (CPU; see :mod:`hyla.serve.runner`)."""
 
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int = 512
-    block_size: int = 16
-    num_blocks: int | None = None
-    max_model_len: int | None = None
-    kv_cache_gb: float | None = None
-    enable_prefix_caching: bool = True
-    prefix_cache_gb: float = 0.25
-    snapshot_every: int = 256
-    quantize: str | None = None
-    compile: bool = False
+    max_num_seqs: int = field(default=32, metadata=_help("requests generated at once"))
+    max_num_batched_tokens: int = field(default=512, metadata=_help("tokens in one step"))
+    block_size: int = field(default=16, metadata=_help("tokens per KV-cache block"))
+    num_blocks: int | None = field(default=None, metadata=_help(
+        "KV-cache blocks (default: from --kv-cache-gb, else room for max-num-seqs full requests, at most "
+        f"{DEFAULT_KV_TOKENS} tokens)"))  # fmt: skip
+    max_model_len: int | None = field(
+        default=None,
+        metadata=_help(
+            f"longest prompt + output, in tokens (default: the model's context, at most {DEFAULT_KV_TOKENS})"
+        ),
+    )
+    kv_cache_gb: float | None = field(default=None, metadata=_help(
+        "memory for the KV cache, GB (default: see --num-blocks)"))  # fmt: skip
+    enable_prefix_caching: bool = field(
+        default=True,
+        metadata=_help("reuse the KV blocks and lightning states of earlier requests' shared prefixes (exact)"),
+    )
+    prefix_cache_gb: float = field(default=0.25, metadata=_help("memory for lightning-state snapshots, GB"))
+    snapshot_every: int = field(default=256, metadata=_help(
+        "inside long prompts, a snapshot every this many tokens"))  # fmt: skip
+    quantize: str | None = field(
+        default=None,
+        metadata=_help(
+            "int8: the linear layers (not the experts) with int8 weights, CPU float32 only (measured in RESULTS.md)"
+        ),
+    )
+    compile: bool = field(default=False, metadata=_help(
+        f"CPU: run decode steps of up to {COMPILED_MAX_BATCH} requests through a torch.compile'd forward (needs a "
+        "C++ compiler; compiles at start, cached on disk; measured in RESULTS.md)"))  # fmt: skip
 
     def resolve(
         self, max_position_embeddings: int, kv_bytes_per_token: int = 0, available: int | None = None
@@ -192,18 +215,25 @@ class LLMEngine:
 
     # -- requests ------------------------------------------------------------------------------------------
 
-    def encode(self, prompt: str | list[int]) -> list[int]:
-        """Token ids of a prompt, text or ids, checked against the vocabulary and the context.
+    def encode(self, prompt: str | list[int], param: str = "prompt") -> list[int]:
+        """Token ids of a prompt, text or ids, checked against the vocabulary and the context; errors name
+        ``param``.
 
         A text known to be over the context (more bytes than its longest possible tokenization covers) is
-        refused without being tokenized."""
+        refused without being tokenized; a text that is not valid Unicode (a lone surrogate, which JSON can
+        carry) is refused before the tokenizer sees it."""
         context = self.config.max_model_len
+        if isinstance(prompt, str) and not prompt.isascii():
+            try:
+                prompt.encode()
+            except UnicodeEncodeError as e:
+                raise RequestError(param, f"the text is not valid Unicode: {e.reason} at character {e.start}") from None
         if isinstance(prompt, str):
             if self._max_token_bytes and len(prompt) > self._max_token_bytes * context:  # chars <= UTF-8 bytes
                 num_bytes = len(prompt.encode())
                 if num_bytes > self._max_token_bytes * context:
                     raise RequestError(
-                        "prompt",
+                        param,
                         f"the prompt is {num_bytes:,} bytes: at least {-(-num_bytes // self._max_token_bytes):,} "
                         f"tokens, past this model's context of {context} tokens",
                     )
@@ -211,15 +241,15 @@ class LLMEngine:
         else:
             ids = list(prompt)
         if not ids:
-            raise RequestError("prompt", "the prompt is empty")
+            raise RequestError(param, "the prompt is empty")
         if len(ids) >= context:
             raise RequestError(
-                "prompt",
+                param,
                 f"the prompt is {len(ids)} tokens; this model's context is {context} tokens, "
                 "including at least one to generate",
             )
         if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in ids):
-            raise RequestError("prompt", f"token ids must be in [0, {self.vocab_size})")
+            raise RequestError(param, f"token ids must be in [0, {self.vocab_size})")
         return ids
 
     def check(self, prompt_ids: list[int], params: SamplingParams) -> int:

@@ -12,6 +12,9 @@ from pydantic import BaseModel, Field
 
 from hyla.serve.sampling import RequestError, SamplingParams
 
+# Prompts in one completions request at most (OpenAI's limit).
+MAX_PROMPTS = 2048
+
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
@@ -76,6 +79,8 @@ class CompletionRequest(_Sampling):
             return [p]
         if not p:
             raise RequestError("prompt", "the prompt is empty")
+        if len(p) > MAX_PROMPTS:
+            raise RequestError("prompt", f"at most {MAX_PROMPTS} prompts in one request (as OpenAI), got {len(p):,}")
         return list(p)
 
 

@@ -15,12 +15,18 @@ from torch import Tensor
 
 from hyla.errors import RequestError, check_fields
 
+# Temperatures below this sample greedily (as vLLM's); a smaller one would make float32 logits / temperature inf.
+GREEDY_BELOW = 1e-5
+# A repetition penalty divides or multiplies logits by itself: a tiny one underflows float32 to 0 (then NaN).
+MIN_REPETITION_PENALTY = 0.01
+
 
 @dataclass
 class SamplingParams:
     """How to continue one prompt. Defaults follow OpenAI's completions API (``max_tokens=16``).
 
-    ``top_k = 0`` and ``top_p = 1`` disable those filters; ``min_p`` keeps tokens at least ``min_p`` times as
+    ``temperature`` below :data:`GREEDY_BELOW` (0 among them) is greedy. ``top_k = 0`` and ``top_p = 1`` disable
+    those filters; ``min_p`` keeps tokens at least ``min_p`` times as
     likely as the most likely one. Penalties: ``repetition_penalty`` divides the positive logits (multiplies
     the negative ones) of tokens seen in the prompt or output; ``presence_penalty`` and ``frequency_penalty``
     subtract a constant, and a multiple of the count, from the logits of tokens in the output.
@@ -52,7 +58,11 @@ class SamplingParams:
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
             ("top_k", self.top_k >= 0, "must be >= 0 (0 disables it)"),
             ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
-            ("repetition_penalty", 0 < self.repetition_penalty <= 10, "must be in (0, 10]"),
+            (
+                "repetition_penalty",
+                MIN_REPETITION_PENALTY <= self.repetition_penalty <= 10,
+                f"must be in [{MIN_REPETITION_PENALTY}, 10]",
+            ),
             ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
             ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
             ("min_tokens", self.min_tokens >= 0, "must be >= 0"),
@@ -68,7 +78,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperatures below :data:`GREEDY_BELOW` are greedy: dividing float32 logits by them overflows."""
+        return self.temperature < GREEDY_BELOW
 
     @property
     def penalized(self) -> bool:
