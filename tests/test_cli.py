@@ -1,6 +1,7 @@
 """The ``hyla`` command, run as a user runs it."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -70,9 +71,11 @@ def test_serve_answers_the_openai_client(tmp_path):
         "--shutdown-timeout",
         "0",
     ]
-    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {**os.environ, "HYLA_API_KEY": "sk-env"}
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        assert "sk-env" not in " ".join(cmd)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-env", max_retries=0)
         deadline = time.monotonic() + 120
         while True:
             try:
@@ -82,6 +85,8 @@ def test_serve_answers_the_openai_client(tmp_path):
                 assert server.poll() is None and time.monotonic() < deadline, server.stdout.read()
                 time.sleep(0.2)
         assert [m.id for m in models.data] == ["model"]
+        with pytest.raises(openai.AuthenticationError):  # the key came from $HYLA_API_KEY, not the command line
+            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong", max_retries=0).models.list()
         out = client.completions.create(model="model", prompt="def f(x):", max_tokens=5, temperature=0,
                                         extra_body={"ignore_eos": True})  # fmt: skip
         assert out.usage.completion_tokens == 5
@@ -120,7 +125,7 @@ def test_serve_without_a_tokenizer_names_the_file(tmp_path):
 
 def test_serve_a_bad_port_is_one_clear_line(tmp_path):
     out = run("serve", str(model_dir(tmp_path)), "--port", "99999")
-    assert out.returncode == 2 and out.stderr.strip() == "hyla: error: --port must be in 0..65535, got 99999"
+    assert out.returncode == 2 and out.stderr.strip() == "hyla: error: port must be in 0..65535, got 99999"
 
 
 TRAIN = ["--preset", "tiny", "--vocab-size", "300", "--tokens-per-batch", "256", "--max-seq-len", "64",

@@ -53,6 +53,8 @@ def read_config(path: str | Path):
         raw = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{config_file} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{config_file} must hold a JSON object of config fields, got a {type(raw).__name__}")
     try:
         return config_from_hf(raw)
     except (ConfigError, KeyError) as e:

@@ -40,6 +40,23 @@ def test_config_not_json(saved):
         hyla.load(saved)
 
 
+def test_config_not_an_object(saved):
+    (saved / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="must hold a JSON object of config fields, got a list"):
+        hyla.load(saved)
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused(saved):
+    from hyla.errors import ConfigError
+    from hyla.serve import LLM
+    from hyla.data.synthetic import word_tokenizer
+
+    model = hyla.load(saved)
+    words = word_tokenizer(model.config.vocab_size)  # more ids than the model's vocabulary
+    with pytest.raises(ConfigError, match=f"the tokenizer has {words.get_vocab_size()} ids but the model only"):
+        LLM(model, words)
+
+
 def test_other_architecture(saved):
     raw = json.loads((saved / "config.json").read_text())
     raw["model_type"] = "llama"

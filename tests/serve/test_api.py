@@ -117,6 +117,12 @@ def test_logprobs(client):
     assert len(lp.token_logprobs) == 4 and all(x <= 0 for x in lp.token_logprobs)
     assert all(len(top) >= 1 for top in lp.top_logprobs)
     assert "".join(lp.tokens) == out.choices[0].text
+    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(4)]
+    echoed = client.completions.create(model=MODEL, prompt="abc", max_tokens=4, temperature=0, logprobs=3, echo=True)
+    assert echoed.choices[0].logprobs.text_offset == [3 + x for x in lp.text_offset]
+    streamed = client.completions.create(model=MODEL, prompt="abc", max_tokens=4, temperature=0, logprobs=3,
+                                         stream=True)  # fmt: skip
+    assert [x for c in streamed for x in c.choices[0].logprobs.text_offset] == lp.text_offset
     # Greedy: the chosen token is the most likely one.
     assert all(abs(max(top.values()) - x) < 1e-5 for top, x in zip(lp.top_logprobs, lp.token_logprobs, strict=True))
     chat = client.chat.completions.create(
@@ -583,3 +589,50 @@ def test_repeated_errors_are_logged_once_a_minute():
     records = [logging.LogRecord("asyncio", logging.ERROR, "", 0, "socket.accept() out of system resource", (),
                                  None) for _ in range(1000)]  # fmt: skip
     assert sum(once.filter(r) for r in records) == 1
+
+
+def test_logprobs_keep_every_alternative_and_the_tokens_own_bytes():
+    """Byte tokens 0x80-0xFF all decode to U+FFFD: 20 alternatives stay 20 keys, and a chat entry's bytes are the
+    token's own byte, not U+FFFD's."""
+    from hyla.data.tokenizer import _BYTE_OF, byte_level_tokenizer
+    from hyla.serve.api import _chat_logprobs, _top_logprobs
+    from hyla.serve.engine import TokenLogprob
+
+    tokenizer = byte_level_tokenizer()
+    lead, cont = tokenizer.encode("é").ids  # 0xC3 0xA9
+    spelled = {b: c for c, b in _BYTE_OF.items()}
+    top = [(lead, -0.1), (cont, -0.2)] + [
+        (tokenizer.token_to_id(spelled[b]), -1.0 - b / 1000) for b in range(0x80, 0x92)
+    ]
+    assert len({tokenizer.decode([t]) for t, _ in top[2:]}) == 1  # all U+FFFD
+    keys = _top_logprobs(tokenizer, top)
+    assert len(keys) == 20 and list(keys.values()) == [lp for _, lp in top]
+    entry = _chat_logprobs(tokenizer, [TokenLogprob(lead, -0.1, top[:2])])[0]
+    assert entry["bytes"] == [0xC3] and [t["bytes"] for t in entry["top_logprobs"]] == [[0xC3], [0xA9]]
+
+
+def test_logit_bias_is_honoured_and_unsupported_fields_are_400_not_ignored(client, engine):
+    forced = engine.engine.tokenizer.token_to_id("Q")
+    out = client.completions.create(model=MODEL, prompt="abc", max_tokens=3, temperature=0,
+                                    logit_bias={str(forced): 100}, extra_body={"ignore_eos": True})  # fmt: skip
+    assert out.choices[0].text == "QQQ"
+    with pytest.raises(openai.BadRequestError) as error:
+        client.completions.create(model=MODEL, prompt="abc", max_tokens=1, logit_bias={"100000": 5})
+    assert error.value.body["param"] == "logit_bias"
+    user = [{"role": "user", "content": "x"}]
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    for extra, param in (
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": [tool]}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
+    ):
+        with pytest.raises(openai.BadRequestError) as error:
+            client.chat.completions.create(model=MODEL, messages=user, max_tokens=1, **extra)
+        assert error.value.body["param"] == param, error.value.body
+    ok = client.chat.completions.create(model=MODEL, messages=user, max_tokens=1, response_format={"type": "text"},
+                                        tool_choice="none")  # fmt: skip
+    assert ok.choices[0].finish_reason
+    for extra, param in (({"suffix": "end"}, "suffix"), ({"best_of": 2}, "best_of")):
+        with pytest.raises(openai.BadRequestError) as error:
+            client.completions.create(model=MODEL, prompt="abc", max_tokens=1, **extra)
+        assert error.value.body["param"] == param

@@ -134,3 +134,16 @@ def test_a_tiny_temperature_is_greedy_not_nan(temperature):
     logits = torch.log(torch.tensor([[0.1, 0.2, 0.6, 0.1]])).expand(16, -1)
     rows = [row(SamplingParams(temperature=temperature), seed=i) for i in range(16)]
     assert sample(logits, rows).tokens.tolist() == [2] * 16
+
+
+def test_logit_bias_shifts_the_distribution_it_samples_from():
+    logits = torch.log(PROBS)[None]
+    bias = {3: 2.0, 0: -1.0}
+    shifted = logits.clone()
+    shifted[0, 3] += 2.0
+    shifted[0, 0] -= 1.0
+    expected = torch.softmax(shifted[0].double(), -1)
+    assert torch.allclose(frequencies(SamplingParams(logit_bias=bias), logits), expected, atol=0.03)
+    assert sample(logits, [row(SamplingParams(temperature=0, logit_bias={2: 100.0}))]).tokens.tolist() == [2]
+    with pytest.raises(RequestError, match=r"values must be in \[-100, 100\]"):
+        SamplingParams(logit_bias={1: 101.0})

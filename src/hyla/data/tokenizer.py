@@ -43,6 +43,29 @@ def byte_level_tokenizer() -> Tokenizer:
     return tokenizer
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's spelling of raw bytes (GPT-2's): printable Latin-1 bytes stand for themselves, the other
+    68 bytes take the characters from U+0100 on, in byte order. Maps each character back to its byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
+
+
+_BYTE_OF = _byte_level_alphabet()
+
+
+def token_bytes(tokenizer: Tokenizer, token_id: int) -> bytes:
+    """The bytes one token stands for, whole even where it holds part of a UTF-8 character (whose text alone
+    decodes to U+FFFD): byte-level BPE spells them in its alphabet, SentencePiece-style byte fallback as
+    ``<0xAB>``; other tokens are their decoded text's UTF-8."""
+    piece = tokenizer.id_to_token(token_id) or ""
+    if isinstance(tokenizer.decoder, decoders.ByteLevel) and piece and all(c in _BYTE_OF for c in piece):
+        return bytes(_BYTE_OF[c] for c in piece)
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        return bytes([int(piece[3:5], 16)])
+    return tokenizer.decode([token_id], skip_special_tokens=False).encode()
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """A ``tokenizer.json`` file, or the one in model directory ``path``; :class:`~hyla.errors.DataError` naming
     the file when there is none or it cannot be read (no silent fallback: another tokenizer's ids would be

@@ -40,7 +40,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tokenizers import Tokenizer
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from hyla.data.tokenizer import ChatTemplate
+from hyla.data.tokenizer import ChatTemplate, token_bytes
 from hyla.errors import ConfigError, RequestError
 from hyla.serve.async_engine import AsyncEngine, EngineBusy, EngineStopped
 from hyla.serve.config import DEFAULT_MAX_REQUEST_BYTES, ServerConfig
@@ -242,11 +242,16 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     meta = _meta("cmpl", "text_completion", state.model_name)
     tokenizer = state.tokenizer
     echoes = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts] if body.echo else None
+    offsets: dict[int, int] = {}  # per sequence: characters returned so far (text_offset)
 
     def choice(out: RequestOutput, text: str, entries: list[TokenLogprob], first: bool) -> dict:
         if echoes is not None and first:
             text = echoes[out.index // params.n] + text
-        lp = _completion_logprobs(tokenizer, entries) if params.logprobs is not None else None
+        lp = None
+        if params.logprobs is not None:
+            start = offsets.get(out.index, len(echoes[out.index // params.n]) if echoes is not None else 0)
+            lp = _completion_logprobs(tokenizer, entries, start)
+            offsets[out.index] = start + sum(len(t) for t in lp["tokens"])
         return {"index": out.index, "text": text, "logprobs": lp, "finish_reason": out.finish_reason}
 
     if body.stream:
@@ -414,19 +419,38 @@ def _event(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-def _completion_logprobs(tokenizer: Tokenizer, entries: list[TokenLogprob]) -> dict:
+def _completion_logprobs(tokenizer: Tokenizer, entries: list[TokenLogprob], offset: int) -> dict:
+    """OpenAI's completions ``logprobs``: ``text_offset`` counts characters of the returned text (``offset``: where
+    the first entry's token starts, after an echoed prompt and earlier chunks)."""
+    tokens = [tokenizer.decode([e.token_id]) for e in entries]
+    offsets = [offset + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
     return {
-        "tokens": [tokenizer.decode([e.token_id]) for e in entries],
+        "tokens": tokens,
         "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [{tokenizer.decode([t]): lp for t, lp in e.top} for e in entries],
-        "text_offset": [],
+        "top_logprobs": [_top_logprobs(tokenizer, e.top) for e in entries],
+        "text_offset": offsets,
     }
+
+
+def _top_logprobs(tokenizer: Tokenizer, top: list[tuple[int, float]]) -> dict[str, float]:
+    """The alternatives keyed by their text, as OpenAI's completions API; two tokens of the same text (a special
+    token and the empty string, two byte tokens of U+FFFD) keep both: the second is keyed by its vocabulary
+    string, or ``token_id:N`` (vLLM's spelling)."""
+    out: dict[str, float] = {}
+    for token_id, logprob in top:
+        key = tokenizer.decode([token_id])
+        if key in out:
+            key = tokenizer.id_to_token(token_id) or key
+        if key in out:
+            key = f"token_id:{token_id}"
+        out[key] = logprob
+    return out
 
 
 def _chat_logprobs(tokenizer: Tokenizer, entries: list[TokenLogprob]) -> list[dict]:
     def item(token_id: int, logprob: float) -> dict:
-        text = tokenizer.decode([token_id])
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        return {"token": tokenizer.decode([token_id]), "logprob": logprob,
+                "bytes": list(token_bytes(tokenizer, token_id))}  # fmt: skip
 
     return [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries]
 

@@ -201,7 +201,12 @@ class LLMEngine:
         num_snapshots = c.num_snapshots(snapshot_bytes(model.config, dtype))
         self.cache = CacheManager(c.max_num_seqs, c.num_blocks, c.block_size, num_snapshots)
         self.scheduler = Scheduler(self.cache, c.max_num_seqs, c.max_num_batched_tokens, c.snapshot_every)
-        self.vocab_size = min(tokenizer.get_vocab_size(), model.config.vocab_size)
+        if tokenizer.get_vocab_size() > model.config.vocab_size:
+            raise ConfigError(
+                f"the tokenizer has {tokenizer.get_vocab_size()} ids but the model only {model.config.vocab_size}: "
+                "they were not trained together (give the model's own tokenizer with --tokenizer)"
+            )
+        self.vocab_size = tokenizer.get_vocab_size()
         self.runner = ModelRunner(model, c.max_num_seqs, c.num_blocks, c.block_size, num_snapshots, self.vocab_size,
                                   c.quantize, c.compile)  # fmt: skip
         self.model = self.runner.model
@@ -262,9 +267,10 @@ class LLMEngine:
                 f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds this model's "
                 f"context of {self.config.max_model_len} tokens",
             )
-        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
-        if bad:
-            raise RequestError("stop_token_ids", f"{bad} are not token ids of this model (ids are < {self.vocab_size})")
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", list(params.logit_bias))):
+            bad = [t for t in ids if t >= self.vocab_size]
+            if bad:
+                raise RequestError(name, f"{bad[:8]} are not token ids of this model (ids are < {self.vocab_size})")
         return params.max_tokens or room
 
     def add_request(self, request_id: str, prompts: list[list[int]], params: SamplingParams) -> None:

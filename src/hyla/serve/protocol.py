@@ -1,7 +1,9 @@
 """OpenAI request bodies (completions and chat completions) and their mapping to :class:`SamplingParams`.
 
 Fields beyond OpenAI's are vLLM's extensions with vLLM's names: ``top_k``, ``min_p``,
-``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``. Unknown fields are ignored.
+``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``. Unknown fields are ignored; known
+OpenAI fields this server cannot honour (tools, structured output, ``suffix``, ``best_of`` other than ``n``) are
+refused with 400 naming them, never silently ignored.
 """
 
 from __future__ import annotations
@@ -38,11 +40,18 @@ class _Sampling(BaseModel):
     min_tokens: int = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] = Field(default_factory=list)
+    logit_bias: dict[str, float] | None = None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         if self.stream_options is not None and not self.stream:
             raise RequestError("stream_options", "is only allowed with stream=true")
+        self.refuse_unsupported()
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not key.isdigit():
+                raise RequestError("logit_bias", f"keys must be token ids, got {key!r}")
+            bias[int(key)] = value
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=self.temperature,
@@ -59,7 +68,11 @@ class _Sampling(BaseModel):
             min_tokens=self.min_tokens,
             n=self.n,
             logprobs=logprobs,
+            logit_bias=bias,
         )
+
+    def refuse_unsupported(self) -> None:
+        """400 for fields this server would otherwise ignore (each request type adds its own)."""
 
     @property
     def include_usage(self) -> bool:
@@ -71,6 +84,14 @@ class CompletionRequest(_Sampling):
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def refuse_unsupported(self) -> None:
+        if self.suffix:
+            raise RequestError("suffix", "is not supported (no fill-in-the-middle)")
+        if self.best_of is not None and self.best_of != self.n:
+            raise RequestError("best_of", f"is not supported other than equal to n ({self.n})")
 
     def prompts(self) -> list[str | list[int]]:
         """One or several prompts, each text or token ids."""
@@ -105,6 +126,19 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    response_format: dict | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    functions: list[dict] | None = None
+
+    def refuse_unsupported(self) -> None:
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text":
+            raise RequestError("response_format", f"type {kind!r} is not supported (no guided decoding); use 'text'")
+        if self.tools or self.functions:
+            raise RequestError("tools" if self.tools else "functions", "tool calling is not supported by this server")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise RequestError("tool_choice", f"{self.tool_choice!r} needs tool calling, which this server lacks")
 
     def logprobs_count(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:

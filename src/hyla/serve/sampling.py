@@ -30,7 +30,8 @@ class SamplingParams:
     likely as the most likely one. Penalties: ``repetition_penalty`` divides the positive logits (multiplies
     the negative ones) of tokens seen in the prompt or output; ``presence_penalty`` and ``frequency_penalty``
     subtract a constant, and a multiple of the count, from the logits of tokens in the output.
-    ``logprobs = k`` returns the chosen token's logprob and the ``k`` most likely alternatives.
+    ``logprobs = k`` returns the chosen token's logprob and the ``k`` most likely alternatives. ``logit_bias``
+    adds a value in [-100, 100] to the logits of the ids given, after the penalties (as OpenAI's).
     """
 
     max_tokens: int | None = 16  # None: up to the model's context
@@ -48,6 +49,7 @@ class SamplingParams:
     min_tokens: int = 0
     n: int = 1
     logprobs: int | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -73,6 +75,9 @@ class SamplingParams:
             ("stop", len(self.stop) <= 16, "takes at most 16 strings"),
             ("stop_token_ids", all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "must be ids >= 0"),
             ("seed", self.seed is None or 0 <= self.seed < 2**63, "must be in [0, 2^63)"),
+            ("logit_bias", all(isinstance(t, int) and t >= 0 for t in self.logit_bias), "keys must be ids >= 0"),
+            ("logit_bias", all(-100 <= b <= 100 for b in self.logit_bias.values()), "values must be in [-100, 100]"),
+            ("logit_bias", len(self.logit_bias) <= 1024, "takes at most 1024 tokens"),
         ]
         check_fields(self, checks, RequestError)
 
@@ -113,6 +118,10 @@ def sample(logits: Tensor, rows: list[SampleInput]) -> Sampled:
     logits = logits.clone()
     _mask_early_stops(logits, rows)
     _apply_penalties(logits, rows)
+    for i, r in enumerate(rows):
+        if r.params.logit_bias:
+            ids = torch.tensor(list(r.params.logit_bias), device=logits.device)
+            logits[i, ids] += torch.tensor(list(r.params.logit_bias.values()), device=logits.device)
     tokens = logits.argmax(dim=-1)
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
     if sampled:
