@@ -47,9 +47,9 @@ def test_config_not_an_object(saved):
 
 
 def test_a_tokenizer_larger_than_the_model_is_refused(saved):
+    from hyla.data.synthetic import word_tokenizer
     from hyla.errors import ConfigError
     from hyla.serve import LLM
-    from hyla.data.synthetic import word_tokenizer
 
     model = hyla.load(saved)
     words = word_tokenizer(model.config.vocab_size)  # more ids than the model's vocabulary
