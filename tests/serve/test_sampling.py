@@ -24,7 +24,8 @@ def frequencies(params: SamplingParams, logits: torch.Tensor, draws: int = 4000)
     ("field", "value"),
     [("temperature", -0.1), ("top_p", 0.0), ("top_k", -1), ("min_p", 1.5), ("max_tokens", 0), ("n", 0),
      ("presence_penalty", 3.0), ("frequency_penalty", -2.5), ("repetition_penalty", 0.0),
-     ("repetition_penalty", 1e-300), ("logprobs", 21), ("min_tokens", -1), ("stop", [""]), ("seed", -1), ("stop_token_ids", [-3])],
+     ("repetition_penalty", 1e-300), ("logprobs", 21), ("min_tokens", -1),
+     ("stop", [""]), ("seed", -1), ("stop_token_ids", [-3])],
 )  # fmt: skip
 def test_invalid_parameters_are_named(field, value):
     with pytest.raises(RequestError) as error:
