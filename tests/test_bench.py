@@ -25,13 +25,13 @@ def test_append_result_adds_one_dated_section(tmp_path):
 def test_bench_context_writes_table_plot_and_a_rerunnable_command(tmp_path):
     """End to end on tiny lengths (one not a multiple of the block): every column measured, the plot drawn, and
     the recorded command carries every option that shaped the run."""
-    results, plot = tmp_path / "RESULTS.md", tmp_path / "ctx.png"
+    results = tmp_path / "RESULTS.md"
     results.write_text("# Results\n")
-    context.main([64, 100], "cpu", "float32", 64, 2, 1, True, results, plot)
+    context.main([64, 100], "cpu", "float32", 64, 2, 1, True, tmp_path / "out", results)
     text = results.read_text()
-    assert plot.stat().st_size > 0
-    assert ("`hyla bench context --device cpu --dtype float32 --lengths 64 100 --hidden 64 --heads 2 --repeats 1 "
-            f"--plot {plot}`") in text  # fmt: skip
+    assert (tmp_path / "out" / "context.png").stat().st_size > 0
+    command = "`hyla bench context --device cpu --dtype float32 --lengths 64 100 --hidden 64 --heads 2 --repeats 1`"
+    assert command in text and command in (tmp_path / "out" / "context.md").read_text()
     rows = [line for line in text.splitlines() if line.startswith("| 64 ") or line.startswith("| 100 ")]
     assert len(rows) == 2
     for row in rows:

@@ -415,10 +415,9 @@ def run_bench_context(args: argparse.Namespace) -> None:
     lengths = args.lengths or [2**i for i in (range(12, 18) if cuda else range(10, 17))]
     if args.hidden % args.heads:
         raise HylaError(f"--heads ({args.heads}) must divide --hidden ({args.hidden})")
-    results = None if args.no_append else Path("benchmarks/RESULTS.md")
-    plot = Path(args.plot or f"benchmarks/context-{args.device}.png")
+    out = Path(args.out or f"hyla-bench/context-{args.device}-{time.strftime('%Y%m%d-%H%M%S')}")
     context.main(lengths, args.device, args.dtype or ("bfloat16" if cuda else "float32"), args.hidden,
-                 args.heads, args.repeats, not args.no_backward, results, plot)  # fmt: skip
+                 args.heads, args.repeats, not args.no_backward, out, args.append_results)  # fmt: skip
 
 
 def run_bench_serve(args: argparse.Namespace) -> None:
@@ -601,7 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     ctx = benches.add_parser("context", help="lightning vs softmax attention across context lengths",
                              description="Time one lightning layer, its kernel and softmax attention from 1k to 64k "
-                             "tokens; print a table, plot it and append it to benchmarks/RESULTS.md.")  # fmt: skip
+                             "tokens; print a table and write it, with its plot, into --out.")  # fmt: skip
     ctx.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     ctx.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                      help="default: bfloat16 on CUDA, float32 on the CPU")  # fmt: skip
@@ -611,8 +610,20 @@ def build_parser() -> argparse.ArgumentParser:
     ctx.add_argument("--heads", type=int, default=8, help="attention heads (default: 8)")
     ctx.add_argument("--repeats", type=int, default=3, help="timed runs per length, the median kept (default: 3)")
     ctx.add_argument("--no-backward", action="store_true", help="time the forward pass only")
-    ctx.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
-    ctx.add_argument("--plot", default=None, help="PNG path (default: benchmarks/context-DEVICE.png)")
+    ctx.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="where context.md (table, machine, command) and "
+        "context.png go (default: a new hyla-bench/context-DEVICE-TIME in the working directory)",
+    )
+    ctx.add_argument(
+        "--append-results",
+        type=Path,
+        default=None,
+        metavar="RESULTS.md",
+        help="also append the table to this file (hyla's own record: benchmarks/RESULTS.md)",
+    )
     sv = benches.add_parser("serve", help="load-test an OpenAI-compatible server (start one with hyla serve)",
                             description="Send streaming completions at several concurrency levels and report "
                             "tokens/s, time to first token, time per output token and $ per 1M tokens.")  # fmt: skip
@@ -622,7 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--requests", type=int, default=None, help="per level (default: max(4, 2 x concurrency))")
     sv.add_argument("--input-len", type=int, default=128, help="prompt tokens (default: 128)")
     sv.add_argument("--output-len", type=int, default=128, help="generated tokens (default: 128)")
-    sv.add_argument("--price-per-hour", type=float, default=1.0, help="the machine's price, for $ per 1M tokens")
+    sv.add_argument("--price-per-hour", type=float, default=1.0,
+                    help="the machine's price in $ an hour, for $ per 1M output tokens (default: 1.0)")  # fmt: skip
     sv.add_argument("--workload", choices=["random", "chat", "agent"], default="random",
                     help="random prompts; chat: conversations sharing a system prompt, resent whole each turn; "
                     "agent: transcripts growing by a tool result each call (default: random)")  # fmt: skip

@@ -287,8 +287,9 @@ def test_the_load_generator_measures_the_live_server(base_url):
 
     from hyla.bench.serve import run_load
 
-    result = asyncio.run(run_load(base_url, concurrency=2, num_requests=4, input_len=8, output_len=5, api_key=API_KEY))
-    assert [r.output_tokens for r in result.records] == [5, 5, 5, 5]
+    result = asyncio.run(run_load(base_url, concurrency=2, num_requests=4, input_len=8, output_len=5, api_key=API_KEY,
+                                  warmup=1))  # fmt: skip
+    assert [r.output_tokens for r in result.records] == [5, 5, 5, 5]  # the warm-up request is not recorded
     assert all(0 < r.ttft <= r.latency for r in result.records) and result.wall > 0
 
 
@@ -305,6 +306,13 @@ def test_the_load_report_of_known_requests():
     assert row["tpot_p50_ms"] == pytest.approx(100)  # 1.0 s / 10 and 2.0 s / 20 tokens after the first
     assert row["prefix_hit_rate"] == pytest.approx(0.25)
     assert row["usd_per_1m_out"] == pytest.approx(62.5)  # $3.6/h at 16 tok/s: 57,600 tokens per dollar-hour
+    plain = LoadResult(2, records, wall=2.0, workload="random").row(price_per_hour=3.6)
+    assert "ttft_later_p50_ms" not in plain  # no turns: no empty (NaN) columns
+    from hyla.bench.serve import format_table
+
+    assert "nan" not in format_table([row | {"tpot_p99_ms": float("nan")}]) and "| — |" in format_table(
+        [row | {"tpot_p99_ms": float("nan")}]
+    )
 
 
 def test_the_load_generator_names_an_unreachable_server():

@@ -233,9 +233,12 @@ def main(
     heads: int,
     repeats: int,
     backward: bool,
-    results: Path | None,
-    plot_path: Path | None,
+    out: Path,
+    results: Path | None = None,
 ) -> None:
+    """Measure, print the table, and write ``out/context.md`` (machine, command, table) and ``out/context.png``;
+    with ``results``, also append the section to that RESULTS.md (the maintainers' record; a user's run is
+    never written into the checkout unless asked)."""
     torch_dtype = DTYPES[dtype]
     tune_malloc()
     machine = machine_description(device)
@@ -243,10 +246,14 @@ def main(
     print(f"# context scaling on {device}: {machine}; one layer {shape}")
     rows = run(lengths, device, torch_dtype, hidden, heads, repeats, backward)
     table = format_table(rows)
-    if plot_path is not None:
-        plot(rows, plot_path, f"hyla context scaling — {device}, {shape}")
+    out.mkdir(parents=True, exist_ok=True)
+    plot(rows, out / "context.png", f"hyla context scaling — {device}, {shape}")
+    command = (
+        f"hyla bench context --device {device} --dtype {dtype} --lengths {' '.join(map(str, lengths))} "
+        f"--hidden {hidden} --heads {heads} --repeats {repeats}{'' if backward else ' --no-backward'}"
+    )
+    title, preamble = f"Context scaling, {device}", f"Machine: {machine}; {shape}."
+    (out / "context.md").write_text(f"# {title}\n\n{preamble}\nCommand: `{command}`\n\n{table}\n")
     if results is not None:
-        command = (f"hyla bench context --device {device} --dtype {dtype} --lengths {' '.join(map(str, lengths))} "
-                   f"--hidden {hidden} --heads {heads} --repeats {repeats}" + ("" if backward else " --no-backward")
-                   + (f" --plot {plot_path}" if plot_path is not None else ""))  # fmt: skip
-        append_result(results, f"Context scaling, {device}", f"Machine: {machine}; {shape}.", command, table)
+        append_result(results, title, preamble, command, table)
+    print(f"wrote {out / 'context.md'} and {out / 'context.png'}{f'; appended to {results}' if results else ''}")

@@ -94,7 +94,13 @@ class LoadResult:
         return price_per_hour / (self.output_tokens_per_s * 3600) * 1e6
 
     def row(self, price_per_hour: float) -> dict:
+        """The level's figures; the per-turn TTFT columns only for workloads with turns (chat, agent)."""
         later = [r.ttft for r in self.records if r.turn > 0]
+        turns = {
+            "ttft_turn1_p50_ms": 1e3 * _median([r.ttft for r in self.records if r.turn == 0]),
+            "ttft_later_p50_ms": 1e3 * _median(later),
+            "ttft_later_p99_ms": 1e3 * _p99(later),
+        }
         return {
             "workload": self.workload,
             "concurrency": self.concurrency,
@@ -103,9 +109,7 @@ class LoadResult:
             "out_tok_s": self.output_tokens_per_s,
             "ttft_p50_ms": 1e3 * _median([r.ttft for r in self.records]),
             "ttft_p99_ms": 1e3 * _p99([r.ttft for r in self.records]),
-            "ttft_turn1_p50_ms": 1e3 * _median([r.ttft for r in self.records if r.turn == 0]),
-            "ttft_later_p50_ms": 1e3 * _median(later),
-            "ttft_later_p99_ms": 1e3 * _p99(later),
+            **(turns if self.workload != "random" else {}),
             "tpot_p50_ms": 1e3 * _median([r.tpot for r in self.records]),
             "tpot_p99_ms": 1e3 * _p99([r.tpot for r in self.records]),
             "prefix_hit_rate": self.prefix_hit_rate,
@@ -162,10 +166,13 @@ async def run_load(
     system_words: int = 400,
     user_words: int = 60,
     vocab: int | None = None,
+    warmup: int = 0,
 ) -> LoadResult:
     """Drive ``base_url`` (``http://host:port/v1``) with ``concurrency`` clients; see the module docstring.
     ``num_requests`` counts requests for ``random``; ``chat`` and ``agent`` send ``concurrency x turns``.
-    ``random`` prompts draw ids below ``vocab`` (default: the vocabulary the server's model card names)."""
+    ``random`` prompts draw ids below ``vocab`` (default: the vocabulary the server's model card names).
+    ``warmup`` requests (short completions, not recorded) go first: a server's first request pays one-time costs
+    (allocations, caches) that are not its steady state."""
     if workload not in WORKLOADS:
         raise ValueError(f"workload must be one of {WORKLOADS}, got {workload!r}")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -184,6 +191,9 @@ async def run_load(
         records: list[RequestRecord] = []
         common = {"model": card["id"], "max_tokens": output_len, "temperature": 0, "stream": True,
                   "stream_options": {"include_usage": True}, "ignore_eos": True}  # fmt: skip
+        for _ in range(warmup):
+            body = {**common, "prompt": _words(random.Random(-1), 16), "max_tokens": 4}
+            await _one(client, f"{base_url}/completions", body, 0)
 
         async def random_client(queue: list[list[int]]) -> None:
             while queue:
@@ -254,19 +264,29 @@ def format_table(rows: list[dict]) -> str:
     header = "| " + " | ".join(rows[0]) + " |"
     lines = [header, "|" + "---|" * len(rows[0])]
     for row in rows:
-        lines.append("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
+        lines.append("| " + " | ".join(_cell(v) for v in row.values()) + " |")
     return "\n".join(lines)
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return "—" if value != value else f"{value:.3g}"  # NaN: nothing measured (no request had a first token)
+    return str(value)
 
 
 def main(base_url: str, concurrency: list[int], num_requests: int | None, input_len: int, output_len: int,
          price_per_hour: float, api_key: str | None, workload: str = "random", turns: int = 4,
          system_words: int = 400, user_words: int = 60) -> list[dict]:  # fmt: skip
-    """Run each concurrency level (``num_requests`` default: ``max(4, 2 * concurrency)``) and print a table."""
+    """Run each concurrency level (``num_requests`` default: ``max(4, 2 * concurrency)``) and print a table; one
+    warm-up request goes first."""
+    print(f"# {workload} workload against {base_url}; $ per 1M output tokens at ${price_per_hour:.2f} an hour of "
+          "the machine (--price-per-hour)", flush=True)  # fmt: skip
     rows = []
-    for c in concurrency:
+    for i, c in enumerate(concurrency):
         n = num_requests or max(4, 2 * c)
         result = asyncio.run(run_load(base_url, c, n, input_len, output_len, api_key, workload=workload,
-                                      turns=turns, system_words=system_words, user_words=user_words))  # fmt: skip
+                                      turns=turns, system_words=system_words, user_words=user_words,
+                                      warmup=int(i == 0)))  # fmt: skip
         rows.append(result.row(price_per_hour))
         print(format_table(rows[-1:]).splitlines()[-1] if len(rows) > 1 else format_table(rows), flush=True)
     return rows
