@@ -442,9 +442,10 @@ def _add_tokenizer_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_dtype_arg(parser: argparse.ArgumentParser, gpu: bool = False) -> None:
-    where = "on a GPU or a CPU with AMX/AVX512-BF16" if gpu else "where the CPU has AMX/AVX512-BF16"
+    gpu_text = "bfloat16 on a GPU; " if gpu else ""
     parser.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
-                        help=f"auto: bfloat16 {where}, else float32")  # fmt: skip
+                        help=f"auto: {gpu_text}on a CPU with AMX/AVX512-BF16 the faster of bfloat16 and float32 "
+                        "(measured once per machine), else float32")  # fmt: skip
 
 
 def _add_model_args(parser: argparse.ArgumentParser, what: str) -> None:
