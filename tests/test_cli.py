@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 import hyla
 from hyla.bench.serve import free_port
@@ -198,7 +199,9 @@ def test_chat_reads_turns_from_a_pipe(trained):
     assert "completion" in out.stderr and "/reset" in out.stderr
     replies = out.stdout.split("(history cleared)\n")
     assert len(replies) == 2
-    first, second = replies[0].split("\n")[0], replies[1].split("\n")[0]
+    assert replies[0].startswith("> def add(a, b):\n") and replies[1].startswith("> def add(a, b):\n")  # echoed
+    assert "> return\n" in replies[0] and replies[0].rstrip().endswith("> /reset")
+    first, second = replies[0].split("\n")[1], replies[1].split("\n")[1]
     assert first == second and first  # the same prompt after /reset: the same greedy reply
 
 
@@ -331,3 +334,23 @@ def test_chat_renders_the_template_in_a_sandbox(tmp_path):
     out = run("chat", str(tmp_path / "model"))
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.startswith(f"hyla: error: the chat_template of {tmp_path / 'model'} is not a valid Jinja")
+
+
+def test_a_mistyped_flag_shows_the_subcommands_usage_and_the_closest_flag():
+    out = run("generate", "some-dir", "--temprature", "0")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("usage: hyla generate") and "--temprature -> --temperature" in out.stderr
+    out = run("bench", "serve", "--concurency", "4")
+    assert out.stderr.startswith("usage: hyla bench serve") and "--concurency -> --concurrency" in out.stderr
+
+
+def test_llm_takes_a_run_directory_and_a_dtype_by_name(trained):
+    from hyla.errors import ConfigError
+    from hyla.serve import LLM, SamplingParams
+
+    tmp_path, _ = trained
+    llm = LLM(tmp_path / "r", dtype="float64")
+    (out,) = llm.generate(["def "], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    assert len(out[0].token_ids) == 3 and next(llm.engine.model.parameters()).dtype == torch.float64
+    with pytest.raises(ConfigError, match="dtype must be one of"):
+        LLM(tmp_path / "r", dtype="float16x")

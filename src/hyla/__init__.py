@@ -2,6 +2,7 @@
 
 from hyla.checkpoint import load, save_pretrained
 from hyla.config import HylaConfig, preset
+from hyla.data.tokenizer import byte_level_tokenizer
 from hyla.errors import CheckpointError, ConfigError, DataError, RequestError
 from hyla.model import HylaForCausalLM
 
@@ -12,6 +13,7 @@ __all__ = [
     "HylaConfig",
     "HylaForCausalLM",
     "RequestError",
+    "byte_level_tokenizer",
     "load",
     "preset",
     "save_pretrained",

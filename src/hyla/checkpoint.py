@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
 
 from hyla.atomic import atomic_directory
 from hyla.errors import CheckpointError, ConfigError
@@ -130,13 +131,19 @@ def _shards(tensors: dict[str, torch.Tensor], max_shard_size: int) -> list[dict[
     return shards
 
 
-def save_pretrained(model: HylaForCausalLM, path: str | Path, max_shard_size: int = 5 * 2**30) -> None:
-    """Write ``model`` to directory ``path`` in transformers' MiniMax layout, atomically.
+def save_pretrained(
+    model: HylaForCausalLM, path: str | Path, tokenizer: Tokenizer | None = None, max_shard_size: int = 5 * 2**30
+) -> None:
+    """Write ``model`` to directory ``path`` in transformers' MiniMax layout, atomically; with ``tokenizer``, its
+    ``tokenizer.json`` too (what ``hyla serve``, ``generate`` and ``chat`` need beside the weights).
 
     Shards larger than ``max_shard_size`` bytes are split, with a ``model.safetensors.index.json``.
     Other files already in ``path`` (a tokenizer, ...) are kept.
     """
     path = Path(path)
+    if tokenizer is not None and tokenizer.get_vocab_size() > model.config.vocab_size:
+        raise ConfigError(f"the tokenizer has {tokenizer.get_vocab_size()} ids but the model only "
+                          f"{model.config.vocab_size}")  # fmt: skip
     dtype = next(model.parameters()).dtype
     tensors = {k: v.detach().cpu() for k, v in state_dict_to_hf(model.state_dict(), model.config).items()}
     with atomic_directory(path) as tmp:
@@ -145,6 +152,8 @@ def save_pretrained(model: HylaForCausalLM, path: str | Path, max_shard_size: in
                 if item.name not in _OWN and not (item.name.startswith("model-") and item.suffix == ".safetensors"):
                     copy = shutil.copytree if item.is_dir() else shutil.copy2
                     copy(item, tmp / item.name)
+        if tokenizer is not None:
+            tokenizer.save(str(tmp / "tokenizer.json"))
         (tmp / "config.json").write_text(json.dumps(config_to_hf(model.config, dtype), indent=2) + "\n")
         shards = _shards(tensors, max_shard_size)
         metadata = {"format": "pt"}

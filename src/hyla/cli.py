@@ -1,6 +1,6 @@
 """hyla: train, run, chat with and serve hybrid lightning-attention language models on your own machine.
 
-Start with `hyla train` (a small code model on this Python's standard library, ~7 minutes on 2 cores), then
+Start with `hyla train` (a small code model on this Python's standard library, 10-12 minutes on 2 cores), then
 `hyla chat runs/default`, `hyla generate runs/default` or `hyla serve runs/default`.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import json
 import os
 import shlex
@@ -120,13 +121,15 @@ def chat(
     write: Callable[[str], None],
     template: ChatTemplate | None = None,
     system: str | None = None,
+    echo: bool = False,
 ) -> None:
     """The conversation loop of ``hyla chat``: each line of ``lines`` is a turn, its reply streamed to ``write``.
 
     With a chat ``template`` (Jinja, as transformers' ``chat_template``), turns are user messages and the
     history is the list of messages; without one (completion mode, for code models), the history is the text so
     far and each line is appended to it and continued. ``/reset`` forgets the history, ``/quit`` ends; when the
-    history outgrows the context, its oldest tokens are dropped.
+    history outgrows the context, its oldest tokens are dropped. ``echo`` writes each turn (``> line``) before its
+    reply, so that a transcript of piped input reads as a conversation.
     """
     render = template.render if template else None
     engine = llm.engine
@@ -135,6 +138,8 @@ def chat(
     history = ""
     for line in lines:
         text = line.rstrip("\n")
+        if echo:
+            write(f"> {text}\n")
         if text.strip() in ("/quit", "/exit"):
             return
         if text.strip() == "/reset":
@@ -201,7 +206,7 @@ def run_chat(args: argparse.Namespace) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    chat(llm, _sampling(args), _stdin_lines("> "), write, template, args.system)
+    chat(llm, _sampling(args), _stdin_lines("> "), write, template, args.system, echo=not sys.stdin.isatty())
 
 
 # -- train -----------------------------------------------------------------------------------------------------
@@ -391,7 +396,12 @@ def run_eval(args: argparse.Namespace) -> None:
         result = evaluation.loss_by_position(model, docs, split)
         title = f"{name}: loss by position ({result.documents} {split} documents)"
     else:
-        context = min(max(args.lengths) + 16, model.config.max_position_embeddings)
+        # Room for the answer after the longest prompt; default lengths are those that fit the model's context.
+        limit = model.config.max_position_embeddings - ANSWER_ROOM
+        if args.lengths is None:
+            defaults = EVAL_LENGTHS[args.task]
+            args.lengths = [n for n in defaults if n <= limit] or [min(defaults)]
+        context = min(max(args.lengths) + ANSWER_ROOM, model.config.max_position_embeddings)
         llm = LLM(model, tokenizer, EngineConfig(max_model_len=context))
         if args.task == "mqar":
             result = evaluation.mqar(llm, args.lengths, args.pairs, args.contexts, args.queries, args.seed)
@@ -401,6 +411,11 @@ def run_eval(args: argparse.Namespace) -> None:
     print(f"{title}\n\n{result.table()}\n")
     files = evaluation.save(result, args.out or Path(args.model_dir) / "eval", args.task, title)
     print(f"wrote {files[0]} and {files[1]} ({time.perf_counter() - start:.0f} s)")
+
+
+# Default context lengths of `hyla eval mqar|passkey`, and the tokens kept free after a prompt for its answer.
+EVAL_LENGTHS = {"mqar": [64, 128, 256, 512], "passkey": [256, 512, 1024, 2048]}
+ANSWER_ROOM = 16
 
 
 # -- bench -----------------------------------------------------------------------------------------------------
@@ -489,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = commands.add_parser("train", help="train a model (default: the 2.3M demo on the Python standard library)",
                              description="Train a model. With no flags: the main job, a 2.3M-parameter code model "
-                             "on this Python's standard library (~7 minutes on 2 CPU cores), into runs/default. "
+                             "on this Python's standard library (10-12 minutes on 2 CPU cores), into runs/default. "
                              "A run directory is never replaced by accident: continue it with --resume or "
                              "replace it with --overwrite.")  # fmt: skip
     # Defaults None: not given, so that a --config file's value (or the dataclass default) applies.
@@ -576,15 +591,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "MODEL_DIR/eval)")  # fmt: skip
         t.add_argument("--seed", type=int, default=0, help="the random tasks' seed (default: 0)")
         if task == "mqar":
-            t.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256, 512],
-                           help="context lengths in tokens (default: 64 128 256 512)")  # fmt: skip
+            t.add_argument("--lengths", type=int, nargs="+", default=None,
+                           help="context lengths in tokens (default: 64 128 256 512, those the model's context "
+                           "holds)")  # fmt: skip
             t.add_argument("--pairs", type=int, nargs="+", default=[4, 8, 16],
                            help="key-value pairs per context (default: 4 8 16)")  # fmt: skip
             t.add_argument("--contexts", type=int, default=8, help="random contexts per cell (default: 8)")
             t.add_argument("--queries", type=int, default=4, help="keys asked per context (default: 4)")
         elif task == "passkey":
-            t.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048],
-                           help="context lengths in tokens (default: 256 512 1024 2048)")  # fmt: skip
+            t.add_argument("--lengths", type=int, nargs="+", default=None,
+                           help="context lengths in tokens (default: 256 512 1024 2048, those the model's context "
+                           "holds)")  # fmt: skip
             t.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
                            help="where the key sits, 0 (start) to 1 (end) (default: 0 0.25 0.5 0.75 1)")  # fmt: skip
             t.add_argument("--trials", type=int, default=4, help="random keys per cell (default: 4)")
@@ -646,8 +663,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_args``, but an unknown option is reported by the subcommand's own parser (its usage, not the
+    top-level one) with the closest option it has."""
+    args, extras = parser.parse_known_args(argv)
+    if not extras:
+        return args
+    command = parser
+    while True:  # the deepest subcommand chosen: hyla bench serve, hyla eval passkey, ...
+        sub = next((a for a in command._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if sub is None or getattr(args, sub.dest, None) not in sub.choices:
+            break
+        command = sub.choices[getattr(args, sub.dest)]
+    options = [o for action in command._actions for o in action.option_strings]
+    hints = [f"{e} -> {close[0]}" for e in extras if e.startswith("-")
+             for close in [difflib.get_close_matches(e.split("=")[0], options, n=1, cutoff=0.6)] if close]  # fmt: skip
+    command.error(f"unrecognized arguments: {' '.join(extras)}" + (f" (did you mean: {'; '.join(hints)}?)"
+                                                                  if hints else ""))  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(build_parser(), argv)
     tune_malloc()
     commands: dict[str, Callable[[argparse.Namespace], int | None]] = {
         "generate": run_generate,

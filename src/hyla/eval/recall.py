@@ -68,7 +68,8 @@ def _vocabulary(llm: LLM) -> list[int]:
 def _check_length(llm: LLM, longest: int, task: str) -> None:
     limit = llm.engine.config.max_model_len
     if longest > limit:
-        raise ConfigError(f"{task}: a {longest}-token prompt and its answer do not fit the context of {limit} tokens")
+        raise ConfigError(f"{task}: a {longest}-token prompt and its answer do not fit the context of {limit} tokens; "
+                          "give shorter lengths (hyla eval --lengths)")  # fmt: skip
 
 
 def mqar(llm: LLM, lengths: list[int], pairs: list[int], contexts: int = 8, queries: int = 4, seed: int = 0) -> Grid:

@@ -20,6 +20,7 @@ from tokenizers import Tokenizer, pre_tokenizers
 from hyla.data.tokenizer import END_OF_TEXT, load_tokenizer
 from hyla.errors import ConfigError, RequestError, check_fields
 from hyla.model import HylaForCausalLM
+from hyla.ops.precision import DTYPES
 from hyla.serve.cache import CacheManager
 from hyla.serve.runner import COMPILED_MAX_BATCH, ModelRunner, kv_bytes_per_token, snapshot_bytes
 from hyla.serve.sampling import SampleInput, SamplingParams, sample
@@ -412,23 +413,30 @@ class Completion:
 
 
 class LLM:
-    """Offline batched generation: ``LLM("runs/default/checkpoint").generate(["def f(x):"], params)``."""
+    """Offline batched generation: ``LLM("runs/default").generate(["def f(x):"], params)`` (a model directory or a
+    ``hyla train`` run directory, whose tokenizer it loads; or a model object and its tokenizer). ``dtype`` is a
+    ``torch.dtype`` or its name (``"float32"``, ``"bfloat16"``, ...)."""
 
     def __init__(
         self,
         model: str | Path | HylaForCausalLM,
         tokenizer: Tokenizer | None = None,
         config: EngineConfig | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
         device: str | torch.device = "cpu",
     ) -> None:
+        if isinstance(dtype, str):
+            if dtype not in DTYPES:
+                raise ConfigError(f"dtype must be one of {sorted(DTYPES)} or a torch.dtype, got {dtype!r}")
+            dtype = DTYPES[dtype]
         if not isinstance(model, HylaForCausalLM):
-            from hyla.checkpoint import load
+            from hyla.checkpoint import find_model_dir, load
 
-            tokenizer = tokenizer or load_tokenizer(model)
-            model = load(model, dtype=dtype, device=device)
+            path = find_model_dir(model)
+            tokenizer = tokenizer or load_tokenizer(path)
+            model = load(path, dtype=dtype, device=device)
         if tokenizer is None:
-            raise ValueError("LLM(model) of a model object needs its tokenizer: LLM(model, tokenizer)")
+            raise ConfigError("LLM(model) of a model object needs its tokenizer: LLM(model, tokenizer)")
         self.engine = LLMEngine(model, tokenizer, config)
         self._next_id = 0
 
