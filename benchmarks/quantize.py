@@ -25,10 +25,10 @@ from hyla.checkpoint import find_model_dir, load
 from hyla.data.corpus import discover
 from hyla.data.tokenizer import byte_level_tokenizer, load_tokenizer
 from hyla.eval import document_ids, loss_by_position
+from hyla.model.linear import prepare_for_cpu_inference
 from hyla.runtime import tune_malloc
 from hyla.serve import EngineConfig, SamplingParams
 from hyla.serve.engine import LLMEngine
-from hyla.serve.runner import prepare_cpu_weights
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
@@ -64,7 +64,7 @@ def held_out_loss(run: Path) -> dict[str, float]:
     losses = {}
     for name, quantize in (("float32", None), ("int8", "int8")):
         model = load(path).eval()
-        prepare_cpu_weights(model, quantize)
+        prepare_for_cpu_inference(model, quantize)
         result = loss_by_position(model, docs, split)
         losses[name] = sum(result.sums) / sum(result.counts)
     losses["tokens"] = sum(len(d) - 1 for d in docs)

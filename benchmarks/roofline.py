@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 import hyla
 from hyla.bench import append_result, machine_description, run_times
+from hyla.model.linear import transpose_weights
 from hyla.ops.linear import can_pack, pack, packed_linear
-from hyla.serve.runner import transpose_weights
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,7 +17,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from hyla.atomic import atomic_directory
+from hyla.atomic import atomic_directory, recover_directory
+from hyla.data.tokenizer import ChatTemplate, load_chat_template, load_tokenizer
 from hyla.errors import CheckpointError, ConfigError
 from hyla.interop.transformers import config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf
 from hyla.model import HylaForCausalLM
@@ -35,6 +37,8 @@ def find_model_dir(path: str | Path) -> Path:
         raise CheckpointError(f"model directory {str(path)!r} does not exist or is not a directory")
     if (path / "config.json").is_file():
         return path
+    if (path / "train.json").is_file():  # a run directory: a save killed between renames is finished first
+        recover_directory(path / "checkpoint")
     if (path / "checkpoint" / "model" / "config.json").is_file():
         return path / "checkpoint" / "model"
     if (path / "train.json").is_file():
@@ -97,7 +101,7 @@ def load(path: str | Path, dtype: torch.dtype | None = None, device: str | torch
     expected = model.state_dict()
     try:
         state = state_dict_from_hf(_read_tensors(path), config)
-    except KeyError as e:
+    except (KeyError, CheckpointError) as e:  # a tensor missing from the file
         raise CheckpointError(f"{path}: {e.args[0]}") from None
     for name, ref in expected.items():
         if config.tie_word_embeddings and name == "lm_head.weight":
@@ -168,3 +172,35 @@ def save_pretrained(
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+@dataclass
+class Pretrained:
+    """What a model directory holds for running the model: the weights, the tokenizer, the chat template."""
+
+    model: HylaForCausalLM
+    tokenizer: Tokenizer
+    chat_template: ChatTemplate | None  # compiled in jinja2's sandbox; None: the directory has none
+    path: Path | None  # the model directory (a run directory's checkpoint/model); None: not read from disk
+
+
+def load_pretrained(
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    tokenizer: str | Path | None = None,
+) -> Pretrained:
+    """The one loader of a model or ``hyla train`` run directory with its tokenizer (``tokenizer``: another
+    ``tokenizer.json``) and chat template: everything checked (the tokenizer's ids against the model's, the
+    template compiled) before the weights are read, each mistake one :class:`~hyla.errors.HylaError`."""
+    path = find_model_dir(path)
+    vocab = load_tokenizer(tokenizer or path)
+    config = read_config(path)
+    if vocab.get_vocab_size() > config.vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {vocab.get_vocab_size()} ids but the model in {path} only {config.vocab_size}: "
+            "they were not trained together (give the model's own with --tokenizer)"
+        )
+    source = load_chat_template(path)
+    template = None if source is None else ChatTemplate(source, f"the chat_template of {path}")
+    return Pretrained(load(path, dtype=dtype, device=device), vocab, template, path)

@@ -10,7 +10,13 @@ from collections.abc import Iterable
 
 
 class HylaError(ValueError):
-    """A mistake in what hyla was given (not a bug in hyla)."""
+    """A mistake in what hyla was given (not a bug in hyla). Raise the subclass at fault, never this one."""
+
+    @classmethod
+    def for_field(cls, name: str, message: str) -> HylaError:
+        """The error for field ``name`` breaking a rule: ``"{name} {message}"`` (:class:`RequestError` keeps the
+        name apart, as the parameter the HTTP API reports)."""
+        return cls(f"{name} {message}")
 
 
 class ConfigError(HylaError):
@@ -32,13 +38,14 @@ class RequestError(HylaError):
         super().__init__(f"{param}: {message}")
         self.param = param
 
+    @classmethod
+    def for_field(cls, name: str, message: str) -> RequestError:
+        return cls(name, message)
+
 
 def check_fields(obj: object, rules: Iterable[tuple[str, bool, str]], error: type[HylaError] = ConfigError) -> None:
     """The one validation style: ``rules`` are ``(field, ok, rule)``; the first that fails raises ``error``
     naming the field, the rule and the value given (``"top_p must be in (0, 1], got 0"``)."""
     for name, ok, rule in rules:
         if not ok:
-            value = getattr(obj, name)
-            if error is RequestError:
-                raise RequestError(name, f"{rule}, got {value!r}")
-            raise error(f"{name} {rule}, got {value!r}")
+            raise error.for_field(name, f"{rule}, got {getattr(obj, name)!r}")

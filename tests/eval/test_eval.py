@@ -11,16 +11,18 @@ import torch.nn.functional as F
 
 import hyla
 from hyla.data.synthetic import mqar_document
-from hyla.data.tokenizer import byte_level_tokenizer, train_bpe
+from hyla.data.tokenizer import train_bpe
 from hyla.errors import ConfigError
 from hyla.eval import loss_by_position, mqar, passkey, save
 from hyla.eval.recall import PASSKEY_NEEDLE, passkey_prompt
 from hyla.serve import LLM, EngineConfig
+from tests.helpers import byte_tokenizer
 
 
 def _llm(vocab_size: int = 512, max_model_len: int = 512) -> LLM:
     model = hyla.HylaForCausalLM(hyla.preset("tiny").replace(vocab_size=vocab_size)).eval()
-    return LLM(model, byte_level_tokenizer(), EngineConfig(max_model_len=max_model_len, block_size=8))
+    tokenizer = byte_tokenizer(min(vocab_size, 256))
+    return LLM(model, tokenizer, EngineConfig(max_model_len=max_model_len, block_size=8))
 
 
 def test_mqar_counts_what_a_full_forward_predicts():

@@ -11,6 +11,7 @@ from hyla.data.tokenizer import byte_level_tokenizer
 from hyla.errors import ConfigError
 from hyla.serve import LLM, EngineConfig, SamplingParams
 from hyla.serve.engine import _Detokenized
+from tests.helpers import byte_tokenizer
 from tests.model.test_parity import PATTERNS, random_model
 
 VOCAB = 256  # the byte-level tokenizer's ids; the model's vocabulary is larger
@@ -82,7 +83,7 @@ def test_long_outputs_under_preemption_equal_full_forward():
     model = random_model(layer_types=PATTERNS["alternating"], vocab_size=96).double()
     ps = [torch.randint(0, 96, (31,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(3)]
     config = EngineConfig(max_num_seqs=3, max_num_batched_tokens=17, block_size=4, max_model_len=120, num_blocks=30)
-    llm = LLM(model, byte_level_tokenizer(), config)  # the model's 96 ids limit the tokenizer's 256
+    llm = LLM(model, byte_tokenizer(96), config)
     results = llm.generate(ps, SamplingParams(max_tokens=60, temperature=0, ignore_eos=True))
     assert llm.engine.scheduler.num_preemptions > 0
     for prompt, (completion,) in zip(ps, results, strict=True):

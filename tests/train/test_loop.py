@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from hyla.cli import _samples
+from hyla.cli.train import samples as _samples
 from hyla.data.tokenizer import load_tokenizer
 from hyla.errors import ConfigError, DataError
 from hyla.train.loop import TrainConfig, train
@@ -40,7 +40,7 @@ def test_resume_continues_like_an_uninterrupted_run(tmp_path):
     resumed = train(config(tmp_path, "b", steps=6), resume=True, progress=False)
     # Same numbers step for step: loss, lr, gradient norm and tokens seen.
     assert metrics_without_timing(tmp_path / "b") == metrics_without_timing(tmp_path / "a")
-    assert resumed["eval_loss"] == straight["eval_loss"]
+    assert resumed.eval_loss == straight.eval_loss
     assert (tmp_path / "a" / "checkpoint" / "model" / "config.json").is_file()
     assert [p.name for p in (tmp_path / "a").iterdir() if p.name.startswith(".")] == []
 
@@ -150,9 +150,9 @@ def test_resume_compares_resolved_paths_and_a_moved_run_resumes(tmp_path, monkey
     train(config(tmp_path, "r", steps=4, run_dir="./r/", data=str(tmp_path / "corpus")), resume=True, progress=False)
     (tmp_path / "r").rename(tmp_path / "moved")
     out = train(config(tmp_path, "moved", steps=5, data="./corpus"), resume=True, progress=False)
-    assert out["step"] == 5 and [m["step"] for m in metrics_without_timing(tmp_path / "moved")] == [1, 2, 3, 4, 5]
-    assert train(config(tmp_path, "moved", steps=5), resume=True, progress=False) == {
-        "already_finished": True, "step": 5, "run_dir": str(tmp_path / "moved")}  # fmt: skip
+    assert out.step == 5 and [m["step"] for m in metrics_without_timing(tmp_path / "moved")] == [1, 2, 3, 4, 5]
+    again = train(config(tmp_path, "moved", steps=5), resume=True, progress=False)
+    assert (again.already_finished, again.step, again.run_dir) == (True, 5, str(tmp_path / "moved"))
 
 
 def test_a_stop_saves_the_step_and_resume_continues_exactly(tmp_path):
@@ -161,10 +161,10 @@ def test_a_stop_saves_the_step_and_resume_continues_exactly(tmp_path):
     stop = threading.Event()
     stop.set()  # as if Ctrl-C came during the first step
     out = train(config(tmp_path, "b", steps=5, checkpoint_every=100), progress=False, stop=stop)
-    assert out["interrupted"] and out["step"] == 1 and not (tmp_path / "b" / "report.json").exists()
+    assert out.interrupted and out.step == 1 and not (tmp_path / "b" / "report.json").exists()
     resumed = train(config(tmp_path, "b", steps=5, checkpoint_every=100), resume=True, progress=False)
     assert metrics_without_timing(tmp_path / "b") == metrics_without_timing(tmp_path / "a")
-    assert resumed["held_out_loss"] == straight["held_out_loss"]
+    assert resumed.held_out_loss == straight.held_out_loss
 
 
 def test_a_stop_during_the_final_evaluation_still_writes_the_report(tmp_path, monkeypatch):
@@ -182,13 +182,13 @@ def test_a_stop_during_the_final_evaluation_still_writes_the_report(tmp_path, mo
     out = train(config(tmp_path, "r", steps=2), progress=False, stop=stop, sampler=_samples)
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["interrupted"] and not report["held_out_complete"] and "samples" not in report
-    assert out["step"] == 2 and (tmp_path / "r" / "checkpoint" / "model" / "config.json").is_file()
+    assert out.step == 2 and (tmp_path / "r" / "checkpoint" / "model" / "config.json").is_file()
     # Resumed (as a sweep does), the run finishes its evaluation instead of saying it is done.
     monkeypatch.setattr(loop, "evaluate_all", real)
     resumed = train(config(tmp_path, "r", steps=2), resume=True, progress=False)
     report = json.loads((tmp_path / "r" / "report.json").read_text())
-    assert report["held_out_complete"] and resumed["held_out_loss"] == report["held_out_loss"]
-    assert train(config(tmp_path, "r", steps=2), resume=True, progress=False)["already_finished"]
+    assert report["held_out_complete"] and resumed.held_out_loss == report["held_out_loss"]
+    assert train(config(tmp_path, "r", steps=2), resume=True, progress=False).already_finished
 
 
 @pytest.mark.parametrize(
@@ -239,8 +239,8 @@ def test_a_corpus_with_segments_trains_and_evaluates_on_its_trained_tokens_only(
         losses = F.cross_entropy(logits, doc[1:], reduction="none")[mask[1:]]
         total, count = total + losses.sum().item(), count + len(losses)
     assert 0 < count < held_out.offsets[-1] - len(held_out)  # some tokens are targets, not all
-    assert report["held_out_tokens"] == count
-    assert report["held_out_loss"] == pytest.approx(total / count, rel=1e-5)
+    assert report.held_out_tokens == count
+    assert report.held_out_loss == pytest.approx(total / count, rel=1e-5)
 
 
 def test_a_planted_pickle_in_a_run_directory_does_not_run(tmp_path):
@@ -289,7 +289,7 @@ def test_a_run_directory_is_trained_by_one_process_at_a_time(tmp_path):
     train(config(tmp_path, "r", steps=2), progress=False)
     with run_lock(tmp_path / "r"), pytest.raises(DataError, match="is being trained by another process"):
         train(config(tmp_path, "r", steps=4), resume=True, progress=False)
-    assert train(config(tmp_path, "r", steps=3), resume=True, progress=False)["step"] == 3
+    assert train(config(tmp_path, "r", steps=3), resume=True, progress=False).step == 3
 
 
 def test_a_malformed_jsonl_line_fails_before_the_run_writes_anything(tmp_path):

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import httpx2
 
+from hyla.errors import ConfigError, HylaError
+
 WORKLOADS = ("random", "chat", "agent")
 # Words of the generated text: common English and code words, so that a BPE finds tokens of a few bytes each.
 _VOCABULARY = (
@@ -117,7 +119,7 @@ class LoadResult:
         }
 
 
-class ServerError(ValueError):
+class ServerError(HylaError):
     """The server answered something the load generator cannot measure."""
 
 
@@ -174,7 +176,7 @@ async def run_load(
     ``warmup`` requests (short completions, not recorded) go first: a server's first request pays one-time costs
     (allocations, caches) that are not its steady state."""
     if workload not in WORKLOADS:
-        raise ValueError(f"workload must be one of {WORKLOADS}, got {workload!r}")
+        raise ConfigError(f"workload must be one of {WORKLOADS}, got {workload!r}")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     # A new connection per request: a kept-alive one that the server closed meanwhile (llama-server does) fails
     # the next request with "Server disconnected"; a loopback connect costs ~0.1 ms.
@@ -183,9 +185,9 @@ async def run_load(
         try:
             response = await client.get(f"{base_url}/models")
         except httpx2.TransportError as e:
-            raise ValueError(f"cannot reach a server at {base_url} ({e}); start one with `hyla serve DIR`") from None
+            raise ServerError(f"cannot reach a server at {base_url} ({e}); start one with `hyla serve DIR`") from None
         if response.status_code != 200:
-            raise ValueError(f"{base_url}/models answered {response.status_code}: {response.text[:200]}")
+            raise ServerError(f"{base_url}/models answered {response.status_code}: {response.text[:200]}")
         card = response.json()["data"][0]
         rng = random.Random(seed)
         records: list[RequestRecord] = []

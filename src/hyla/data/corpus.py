@@ -84,7 +84,7 @@ def segments(source: Source) -> Iterator[Segments]:
                     continue
                 try:
                     parts = _json_segments(json.loads(line))
-                except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError, DataError) as e:
                     raise DataError(
                         f"{source.path}:{number}: expected a JSON object with a 'text' field, 'prompt' and "
                         f"'completion', or 'segments' of {{'text', 'train'}} ({type(e).__name__}: {e})"
@@ -110,5 +110,5 @@ def _json_segments(row: dict) -> Segments:
     else:
         parts = [(row["text"], True)]
     if not all(isinstance(text, str) for text, _ in parts):
-        raise TypeError("every text must be a string")
+        raise DataError("every text must be a string")
     return parts

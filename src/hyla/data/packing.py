@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from hyla.data.shards import TokenShard
+from hyla.errors import ConfigError, DataError
 
 
 class Batch(NamedTuple):
@@ -46,9 +47,9 @@ def packed_batches(shard: TokenShard, tokens_per_batch: int, max_seq_len: int, s
     ``labels`` ``[1, n]``.
     """
     if max_seq_len > tokens_per_batch:
-        raise ValueError(f"max_seq_len ({max_seq_len}) cannot exceed tokens_per_batch ({tokens_per_batch})")
+        raise ConfigError(f"max_seq_len ({max_seq_len}) cannot exceed tokens_per_batch ({tokens_per_batch})")
     if len(shard) == 0:
-        raise ValueError("cannot draw batches from an empty shard")
+        raise DataError("no documents to draw batches from: the corpus (or its held-out split) is empty")
     endless = itertools.chain.from_iterable(pieces(shard, max_seq_len, seed + e) for e in itertools.count())
     yield from pack_greedy(endless, tokens_per_batch)
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from hyla.atomic import atomic_directory
 from hyla.data.corpus import Source, documents, segments
 from hyla.data.tokenizer import END_OF_TEXT
-from hyla.errors import DataError
+from hyla.errors import ConfigError, DataError
 
 SPLITS = ("train", "eval")
 
@@ -76,7 +76,7 @@ def build_shards(
 ) -> dict[str, TokenShard]:
     """Tokenize ``sources`` into ``cache_dir/<key>/`` (once) and map the ``train`` and ``eval`` shards."""
     if not 0 <= eval_fraction < 1:
-        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+        raise ConfigError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
     directory = Path(cache_dir) / cache_key(sources, tokenizer, eval_fraction)
     if not (directory / "meta.json").is_file():
         _tokenize(sources, tokenizer, directory, eval_fraction, progress)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from hyla.errors import DataError, RequestError
+from hyla.errors import ConfigError, DataError, RequestError
 
 END_OF_TEXT = "<|endoftext|>"
 
@@ -17,7 +17,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, progress: bool = False) -> 
     """A byte-level BPE tokenizer of ``vocab_size`` ids (all 256 bytes, then merges), with ``<|endoftext|>``;
     ``progress`` shows the trainer's progress bars (on a terminal)."""
     if vocab_size < 257:
-        raise ValueError(
+        raise ConfigError(
             f"a byte-level BPE vocabulary needs at least 257 ids (256 bytes + end of text), got {vocab_size}"
         )
     tokenizer = Tokenizer(models.BPE())

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from hyla.config import LIGHTNING, SOFTMAX, ConfigError, HylaConfig
+from hyla.errors import CheckpointError
 from hyla.ops.lightning.decay import lightning_slopes
 
 ARCHITECTURE = "MiniMaxForCausalLM"
@@ -165,7 +166,9 @@ def state_dict_from_hf(tensors: Mapping[str, Tensor], config: HylaConfig) -> dic
         for w, found in parts.items():
             missing = sorted(set(range(config.num_experts)) - set(found))
             if missing:
-                raise KeyError(f"missing tensor model.layers.{layer}.block_sparse_moe.experts.{missing[0]}.{w}.weight")
+                raise CheckpointError(
+                    f"missing tensor model.layers.{layer}.block_sparse_moe.experts.{missing[0]}.{w}.weight"
+                )
         prefix = f"model.layers.{layer}.mlp."
         out[prefix + "gate_up_proj"] = torch.stack(
             [torch.cat((parts["w1"][e], parts["w3"][e])) for e in range(config.num_experts)]

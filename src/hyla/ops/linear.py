@@ -10,7 +10,6 @@ equal). The same products, same values up to summation order.
 from __future__ import annotations
 
 import warnings
-import weakref
 
 import torch
 from torch import Tensor
@@ -69,32 +68,3 @@ def int8_linear(x: Tensor, packed: object) -> Tensor:
     fbgemm needs on CPUs without VNNI), so each output is within ~1-2% of the float product's scale (measured)."""
     out = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]).float(), packed, True)
     return out.view(*x.shape[:-1], out.shape[-1])
-
-
-# fbgemm's packed weights by key, for compiled graphs, which cannot take the packed object as an input.
-_REGISTERED: dict[int, object] = {}
-
-
-def register_int8(packed: object, owner: object) -> int:
-    """A key under which :func:`registered_int8_linear` finds ``packed`` (from :func:`quantize_int8`) inside a
-    ``torch.compile`` graph; dropped when ``owner`` (the layer holding it) is collected."""
-    key = id(packed)
-    _REGISTERED[key] = packed
-    weakref.finalize(owner, _REGISTERED.pop, key, None)
-    return key
-
-
-def registered_int8_linear(x: Tensor, key: int, out_features: int) -> Tensor:
-    """:func:`int8_linear` on the weight registered under ``key``, one opaque operation inside ``torch.compile``."""
-    out = _int8_mm(x.reshape(-1, x.shape[-1]).float(), key, out_features)
-    return out.view(*x.shape[:-1], out_features)
-
-
-@torch.library.custom_op("hyla::int8_mm", mutates_args=())
-def _int8_mm(x: Tensor, key: int, out_features: int) -> Tensor:
-    return torch.ops.quantized.linear_dynamic(x, _REGISTERED[key], True)
-
-
-@_int8_mm.register_fake
-def _(x: Tensor, key: int, out_features: int) -> Tensor:
-    return x.new_empty(x.shape[0], out_features)

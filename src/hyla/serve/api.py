@@ -524,7 +524,7 @@ def http_server(app: FastAPI, sc: ServerConfig) -> uvicorn.Server:
 
 
 def serve(
-    model_dir: str,
+    model_dir: str | Path,
     stop: threading.Event,
     server_config: ServerConfig | None = None,
     config: EngineConfig | None = None,
@@ -534,24 +534,21 @@ def serve(
     log: Callable[[str], None] = print,
     dtype_text: str = "",
 ) -> None:
-    """``hyla serve``: load a model directory and serve it until ``stop`` is set (the CLI sets it on SIGINT and
+    """``hyla serve``: load a model (or run) directory and serve it until ``stop`` is set (the CLI sets it on SIGINT and
     SIGTERM), then shut down gracefully: new requests get 503, running ones have ``shutdown_timeout`` seconds
     to finish, and those left end with an error (an error event and ``[DONE]`` when streamed)."""
-    from hyla.checkpoint import load
-    from hyla.data.tokenizer import load_chat_template, load_tokenizer
+    from hyla.checkpoint import load_pretrained
 
     sc = server_config or ServerConfig()
-    tokenizer = load_tokenizer(tokenizer_path or model_dir)
-    chat_template = ChatTemplate(load_chat_template(model_dir), f"the chat_template of {model_dir}")
-    model = load(model_dir, dtype=dtype, device=device)
+    loaded = load_pretrained(model_dir, dtype=dtype, device=device, tokenizer=tokenizer_path)
     if config is not None and config.compile:
         log(f"hyla: compiling the decode steps of up to {COMPILED_MAX_BATCH} requests (cached on disk)")
-    engine = AsyncEngine(LLMEngine(model, tokenizer, config), sc.max_waiting, start_thread=False)
+    engine = AsyncEngine(LLMEngine(loaded.model, loaded.tokenizer, config), sc.max_waiting, start_thread=False)
     if stop.is_set():  # a signal while the model loaded or compiled: nothing was served yet
         log("hyla: stopped before serving")
         return
     name = sc.served_model_name or Path(model_dir).resolve().name
-    app = build_app(engine, name, sc.api_key, chat_template, sc.max_request_bytes)
+    app = build_app(engine, name, sc.api_key, loaded.chat_template, sc.max_request_bytes)
     server = http_server(app, sc)
     thread = threading.Thread(target=server.run, name="hyla-http", daemon=True)
     thread.start()

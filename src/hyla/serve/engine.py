@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, pre_tokenizers
 
-from hyla.data.tokenizer import END_OF_TEXT, load_tokenizer
+from hyla.data.tokenizer import END_OF_TEXT
 from hyla.errors import ConfigError, RequestError, check_fields
 from hyla.model import HylaForCausalLM
 from hyla.ops.precision import DTYPES
@@ -430,11 +430,10 @@ class LLM:
                 raise ConfigError(f"dtype must be one of {sorted(DTYPES)} or a torch.dtype, got {dtype!r}")
             dtype = DTYPES[dtype]
         if not isinstance(model, HylaForCausalLM):
-            from hyla.checkpoint import find_model_dir, load
+            from hyla.checkpoint import load_pretrained
 
-            path = find_model_dir(model)
-            tokenizer = tokenizer or load_tokenizer(path)
-            model = load(path, dtype=dtype, device=device)
+            loaded = load_pretrained(model, dtype=dtype, device=device)
+            model, tokenizer = loaded.model, tokenizer or loaded.tokenizer
         if tokenizer is None:
             raise ConfigError("LLM(model) of a model object needs its tokenizer: LLM(model, tokenizer)")
         self.engine = LLMEngine(model, tokenizer, config)

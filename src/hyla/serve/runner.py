@@ -19,32 +19,20 @@ import types
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from hyla.config import LIGHTNING, HylaConfig
 from hyla.errors import ConfigError
 from hyla.model import HylaForCausalLM
+from hyla.model.linear import prepare_for_compile, prepare_for_cpu_inference
 from hyla.ops.attention import paged_attention
 from hyla.ops.lightning import lightning_attention, lightning_decode
-from hyla.ops.linear import (
-    can_pack,
-    int8_linear,
-    pack,
-    packed_linear,
-    quantize_int8,
-    register_int8,
-    registered_int8_linear,
-)
 from hyla.ops.precision import compute_dtype
 from hyla.ops.varlen import Varlen
 from hyla.serve.scheduler import ScheduledSeq, SchedulerOutput
 
-# The most requests a compiled decode step takes (see the module's docstring); larger steps run eager. Measured
-# (`small`, vocab 8192, 2 EPYC cores, medians of 5 alternations of 20 steps, eager -> compiled ms, two runs): 1
-# request 13.3 -> 8.6, 2: 18.0 -> 14.4, 4: 24.5 -> 20.1, 8: 31.5 -> 20.4; 16: 40.7 -> 29.8, 32: 49.7 -> 41.4 (from
-# 2 requests the compiled experts run dense: every expert on every token, E / k times the products, which grow
-# with the batch; at 2 requests indexing the chosen experts' weights was faster, 12.4 ms in another run).
+# The most requests a compiled decode step takes (see the module's docstring); larger steps run eager, where the
+# compiled step stopped winning (RESULTS.md, "Compiled decode step").
 COMPILED_MAX_BATCH = 32
 _COMPILE_OPTIONS = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "cpp_wrapper": True}
 
@@ -66,7 +54,7 @@ class ModelRunner:
     layer, ``[num_blocks, block_size, Hkv, D]`` keys and values per softmax layer.
 
     The engine takes ownership of the model: it is put in eval mode and, on the CPU, its weights are prepared for
-    small batches (:func:`prepare_cpu_weights`: same values, same parameters)."""
+    small batches (:func:`~hyla.model.linear.prepare_for_cpu_inference`: same values, same parameters)."""
 
     def __init__(
         self,
@@ -88,7 +76,7 @@ class ModelRunner:
         if compile and (self.device.type != "cpu" or dtype not in (torch.float32, torch.float64)):
             raise ConfigError(f"compile runs on the CPU with a float32 or float64 model, not {self.device} {dtype}")
         if self.device.type == "cpu":
-            prepare_cpu_weights(model, quantize)
+            prepare_for_cpu_inference(model, quantize)
         config = model.config
         self.block_size = block_size
         h, hkv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -139,14 +127,11 @@ class ModelRunner:
         """Compile :meth:`forward` for decode steps and run each graph once (on free slots and blocks, which a
         request zeroes or overwrites before it reads them), timing it."""
         start = time.perf_counter()
-        for module in self.model.modules():
-            if hasattr(module, "_hyla_compiled"):
-                packed = _packed_copy(module)
-                module._hyla_compiled = register_int8(packed, module) if module._hyla_int8 else packed
+        prepare_for_compile(self.model)
         # Dynamo keeps compiled graphs per code object: this runner's forward gets a code object of its own, so no
         # other engine in the process shares (or counts against the recompile limit of) these graphs, and the
         # guards on the modules can go (the engine owns the model, whose structure does not change as it serves).
-        # inductor's C++ wrapper calls the kernels (measured: one request 6.91 -> 6.37 ms a step, 8: 18.9 -> 18.0).
+        # inductor's C++ wrapper calls the kernels (faster, RESULTS.md).
         forward = types.FunctionType(ModelRunner.forward.__code__.replace(), ModelRunner.forward.__globals__)
         self._compiled = torch.compile(types.MethodType(forward, self), options=_COMPILE_OPTIONS)
         try:
@@ -293,76 +278,3 @@ class DecodeCache(_PagedStep):
         k_pool, v_pool = self._write_kv(layer_idx, k, v)
         ones = torch.ones_like(self.context_lens)
         return paged_attention(q[0, :, None], k_pool, v_pool, self.block_tables, self.context_lens, ones)[None, :, 0]
-
-
-def prepare_cpu_weights(model: nn.Module, quantize: str | None = None) -> None:
-    """Every matrix stored transposed (:func:`transpose_weights`), and every ``nn.Linear`` whose weight oneDNN
-    takes computing through a packed copy of it (:mod:`hyla.ops.linear`; a decode step of 8 requests of the
-    `small` preset 46.8 -> 39.8 ms, 32 requests 70.2 -> 62.4 ms, measured on 2 EPYC cores; one row, as in a decode
-    step of one request, keeps the transposed weight: no faster packed).
-
-    The parameters stay what they were (``state_dict`` and saving are unchanged); the copy costs the dense
-    weights' memory once more, is made again if a weight is changed in place, and is not used where autograd
-    needs the weight's gradient. With ``quantize="int8"`` the copy is int8 (:func:`~hyla.ops.linear.int8_linear`)
-    and used for every row count.
-    """
-    transpose_weights(model)
-    for module in model.modules():
-        if isinstance(module, nn.Linear) and can_pack(module.weight):
-            _use_packed_weight(module, quantize == "int8")
-
-
-class _PackedCopies(dict):
-    """A linear layer's packed weight, keyed by ``(data_ptr, version)`` of the weight it was made from. A copied
-    module starts with none (its weight is another tensor; the copy packs its own on first use)."""
-
-    def __deepcopy__(self, memo: dict) -> _PackedCopies:
-        return _PackedCopies()
-
-
-def _use_packed_weight(module: nn.Linear, int8: bool) -> None:
-    module._hyla_packed = _PackedCopies()
-    module._hyla_int8 = int8
-    # What a compiled graph reads (set by ModelRunner._compile): the packed copy, or the int8 copy's registry key.
-    module._hyla_compiled = None
-    module.forward = types.MethodType(_packed_forward, module)  # a bound method: copies rebind to the copy
-
-
-def _packed_copy(module: nn.Linear) -> Tensor | object:
-    """The layer's packed (or int8) copy of its weight as it is now, made if the weight changed."""
-    weight, packed = module.weight, module._hyla_packed
-    key = (weight.data_ptr(), weight._version)  # which tensor, and how often it was changed in place
-    if key not in packed:  # the weight was changed or replaced (an optimizer step, a load), or this is a copy
-        packed.clear()
-        packed[key] = quantize_int8(weight, module.bias) if module._hyla_int8 else pack(weight)
-    return packed[key]
-
-
-def _packed_forward(module: nn.Linear, x: Tensor) -> Tensor:
-    weight, int8 = module.weight, module._hyla_int8
-    one_row = x.numel() <= x.shape[-1]
-    if torch.compiler.is_compiling():  # (no data pointers in a graph: the copy made before compiling)
-        packed = module._hyla_compiled
-        if int8 and packed is not None:
-            return registered_int8_linear(x, packed, module.out_features)
-        return F.linear(x, weight, module.bias) if one_row or packed is None else packed_linear(x, packed, module.bias)
-    # One row runs as fast through the transposed weight; autograd needs the plain product.
-    if (one_row and not int8) or (torch.is_grad_enabled() and weight.requires_grad):
-        return F.linear(x, weight, module.bias)
-    packed = _packed_copy(module)
-    return int8_linear(x, packed) if int8 else packed_linear(x, packed, module.bias)
-
-
-def transpose_weights(model: nn.Module) -> None:
-    """Store every weight matrix transposed (same values and shape, column-major strides), in place.
-
-    ``linear(x, W)`` multiplies by ``W.t()``; with ``W.t()`` contiguous, the CPU's small-batch matmuls of a
-    decode step run faster (measured on the `small` preset, 2 cores: 46.3 -> 40.3 ms per step at 32
-    requests, 14.3 -> 13.6 ms at one; a 512-token prefill unchanged). Embedding tables keep their rows.
-    """
-    for module in model.modules():
-        if isinstance(module, nn.Embedding):
-            continue
-        for p in module.parameters(recurse=False):
-            if p.dim() >= 2 and p.stride(-1) == 1:
-                p.data = p.data.transpose(-1, -2).contiguous().transpose(-1, -2)

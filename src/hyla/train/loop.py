@@ -152,6 +152,28 @@ def load_train_toml(path: str | Path) -> dict:
 
 
 @dataclass
+class TrainResult:
+    """What :func:`train` did: the last step's metrics, whether it was stopped, and the end-of-run report (``None``
+    fields: not reached). ``held_out_complete`` False: the final evaluation was stopped part-way (a resume
+    finishes it)."""
+
+    run_dir: str
+    step: int = 0
+    loss: float | None = None  # the last step's training loss
+    eval_loss: float | None = None  # the last periodic evaluation (eval_batches batches)
+    tokens: int = 0
+    interrupted: bool = False
+    already_finished: bool = False  # a resume of a finished run: nothing ran
+    held_out_loss: float | None = None  # every held-out target (or those evaluated before a stop)
+    held_out_tokens: int = 0
+    held_out_complete: bool = False
+    unigram_entropy: float | None = None
+    ratio: float | None = None
+    learned: bool = False
+    samples: list[str] = field(default_factory=list)
+
+
+@dataclass
 class RunPlan:
     """What :func:`plan_run` found: everything checked, nothing written yet."""
 
@@ -453,10 +475,10 @@ def train(
     overwrite: bool = False,
     stop: threading.Event | None = None,
     sampler: Sampler | None = None,
-) -> dict:
-    """Train (or resume) a run; returns the last metrics: ``{"step", "loss", "eval_loss", ...}``, with
-    ``"interrupted": True`` when ``stop`` was set (a checkpoint of the last step is saved) and
-    ``"already_finished": True`` for ``resume`` of a run that had done its steps (nothing runs).
+) -> TrainResult:
+    """Train (or resume) a run; returns a :class:`TrainResult`: ``interrupted`` when ``stop`` was set (a
+    checkpoint of the last step is saved), ``already_finished`` for ``resume`` of a run that had done its steps
+    and its evaluation (nothing runs).
     ``sampler(model, tokenizer, seed)`` writes the report's samples (the CLI hands it the serving engine's).
 
     Under ``torchrun`` the model is sharded with FSDP2 and each of the ``N`` ranks takes every ``N``-th of a
@@ -466,7 +488,7 @@ def train(
     try:
         plan = plan_run(cfg, resume, overwrite, world)
         if plan.finished:
-            return {"already_finished": True, "step": plan.resume_step, "run_dir": str(plan.run)}
+            return TrainResult(str(plan.run), step=plan.resume_step, already_finished=True)
         with run_lock(plan.run) if world.main else contextlib.nullcontext():
             return _train(plan, overwrite, progress and world.main, world, stop or threading.Event(), sampler)
     except OSError as e:
@@ -481,7 +503,7 @@ def train(
 
 def _train(
     plan: RunPlan, overwrite: bool, progress: bool, world: World, stop: threading.Event, sampler: Sampler | None
-) -> dict:
+) -> TrainResult:
     cfg, run, precision = plan.cfg, plan.run, plan.precision
     if progress:
         print(_describe(plan), flush=True)
@@ -513,6 +535,7 @@ def _train(
             next(batches)
 
     held_out = shards["eval"] if len(shards["eval"]) else shards["train"]
+    result = TrainResult(str(run), step=start, tokens=tokens_seen)
     metrics: dict = {}
     model.train()
     # A new run starts its metrics afresh, a resumed one drops the lines of steps it redoes; only rank 0 writes.
@@ -542,9 +565,13 @@ def _train(
                           f"({per_step:.2f} s a step so far), then the evaluation")  # fmt: skip
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or stop.is_set():
                 _save_checkpoint(run, model, optimizer, step + 1, tokens_seen, world)
+            result.step, result.loss, result.tokens = metrics["step"], metrics["loss"], tokens_seen
+            result.eval_loss = metrics.get("eval_loss", result.eval_loss)
             if stop.is_set():
-                return {**metrics, "interrupted": True, "run_dir": str(run)}
-    return {**metrics, **_finish(model, held_out, shards["train"], tokenizer, plan, world, stop, sampler)}
+                result.interrupted = True
+                return result
+    _finish(result, model, held_out, shards["train"], tokenizer, plan, world, stop, sampler)
+    return result
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -592,14 +619,15 @@ def _step(model, optimizer, batches, step: int, cfg: TrainConfig, precision: Pre
             "tokens_per_s": tokens / (time.perf_counter() - began)}  # fmt: skip
 
 
-def _finish(model, held_out: TokenShard, train_shard: TokenShard, tokenizer: Tokenizer, plan: RunPlan, world: World,
-            stop: threading.Event, sampler: Sampler | None) -> dict:  # fmt: skip
-    """The end of a run: every held-out token evaluated (every rank: the model may be sharded), then, on rank 0,
-    ``report.json`` with the loss against the unigram entropy, the plot and samples. Stopped during the
-    evaluation, the report still holds what finished: the training, and the loss over the tokens evaluated."""
+def _finish(result: TrainResult, model, held_out: TokenShard, train_shard: TokenShard, tokenizer: Tokenizer,
+            plan: RunPlan, world: World, stop: threading.Event, sampler: Sampler | None) -> None:  # fmt: skip
+    """The end of a run, into ``result``: every held-out token evaluated (every rank: the model may be sharded),
+    then, on rank 0, ``report.json`` with the loss against the unigram entropy, the plot and samples. Stopped
+    during the evaluation, the report still holds what finished: the training, and the loss over the tokens
+    evaluated (a resume evaluates again)."""
     loss, targets, complete = evaluate_all(model, held_out, plan.cfg, plan.precision, stop)
     if not world.main:
-        return {}
+        return
     summary = report(plan.run, train_shard, loss, tokenizer.get_vocab_size())
     summary.update(
         held_out_tokens=targets, held_out_complete=complete, model_dir=str(plan.run / "checkpoint" / "model")
@@ -609,4 +637,7 @@ def _finish(model, held_out: TokenShard, train_shard: TokenShard, tokenizer: Tok
     elif sampler is not None:
         summary["samples"] = sampler(load(plan.run / "checkpoint" / "model"), tokenizer, plan.cfg.seed)
     (plan.run / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    result.held_out_loss, result.held_out_tokens, result.held_out_complete = loss, targets, complete
+    result.unigram_entropy, result.ratio, result.learned = summary["unigram_entropy"], summary["ratio"], summary[
+        "learned"]  # fmt: skip
+    result.samples, result.interrupted = summary.get("samples", []), not complete

@@ -7,7 +7,7 @@ import pytest
 
 from hyla.config import LIGHTNING, SOFTMAX
 from hyla.errors import ConfigError
-from hyla.train.sweep import flops, layer_types, read_grid, sweep
+from hyla.experiments.sweep import flops, layer_types, read_grid, sweep
 from tests.data.test_data import small_corpus
 
 BASE = """
@@ -132,8 +132,8 @@ def test_the_command_prints_the_table_and_writes_json_and_png(tmp_path):
 
 
 def test_families_with_five_runs_or_more_get_a_law_and_a_frontier():
-    from hyla.train.scaling import Fit
-    from hyla.train.sweep import fit_families
+    from hyla.experiments.scaling import Fit
+    from hyla.experiments.sweep import fit_families
 
     law = Fit(E=2.0, A=50.0, B=300.0, alpha=0.4, beta=0.3)
     rows = [{"pattern": "hybrid:8", "n": n, "tokens": d, "held_out_loss": float(law.loss(n, d)), "flops": 6 * n * d}

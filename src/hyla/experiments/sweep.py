@@ -55,12 +55,11 @@ from pathlib import Path
 import numpy as np
 
 from hyla import eval as evaluation
-from hyla.checkpoint import load
 from hyla.config import LIGHTNING, SOFTMAX, HylaConfig, preset
 from hyla.data.corpus import discover
 from hyla.data.shards import train_documents
 from hyla.data.synthetic import word_tokenizer, write_mqar
-from hyla.data.tokenizer import load_tokenizer, train_bpe
+from hyla.data.tokenizer import train_bpe
 from hyla.errors import ConfigError
 from hyla.serve import LLM, EngineConfig
 from hyla.train.loop import TrainConfig, read_toml, train, train_fields
@@ -237,10 +236,10 @@ def _sweep(cells: list[Cell], task: RecallTask | None, out: Path, stop: threadin
         if report is None:
             resume = world.size == 1 and (run / "checkpoint" / "trainer.pt").is_file()
             log(f"[{i + 1}/{len(cells)}] {cell.name}: {'resuming' if resume else 'training'}")
-            metrics = train(cell.config, resume=resume, overwrite=not resume and run.is_dir(), progress=False,
+            result = train(cell.config, resume=resume, overwrite=not resume and run.is_dir(), progress=False,
                             stop=stop)  # fmt: skip
             barrier(world)  # rank 0 wrote the report
-            if metrics.get("interrupted"):
+            if result.interrupted:
                 log(f"stopped in {cell.name}; run the same command again to continue")
                 break
             report = _done(run)
@@ -268,8 +267,7 @@ def _recall(run: Path, task: RecallTask, log) -> dict:
     path = run / "eval" / "mqar.json"
     if not path.is_file():
         log(f"  asking {run.name} MQAR over lengths {task.lengths} x pairs {task.pairs}")
-        model = load(run / "checkpoint" / "model").eval()
-        llm = LLM(model, load_tokenizer(run / "tokenizer.json"), EngineConfig(max_model_len=max(task.lengths) + 16))
+        llm = LLM(run, config=EngineConfig(max_model_len=max(task.lengths) + 16))
         result = evaluation.mqar(llm, task.lengths, task.pairs, task.contexts, task.queries, task.seed + 1)
         evaluation.save(result, run / "eval", "mqar", f"{run.name}: MQAR accuracy (chance {result.chance:.2g})")
     grid = json.loads(path.read_text())
@@ -283,10 +281,10 @@ FLOOR_AT_BOUND = 1e-3
 
 
 def fit_families(rows: list[dict], bootstrap: int = 100) -> dict[str, dict]:
-    """Per pattern with at least 5 runs, the law ``L(N, D)`` (:func:`hyla.train.scaling.fit`, ``N`` = ``n``,
+    """Per pattern with at least 5 runs, the law ``L(N, D)`` (:func:`hyla.experiments.scaling.fit`, ``N`` = ``n``,
     ``D`` = training tokens), its compute-optimal ``(N, D, L)`` at each decade of the sweep's FLOPs, and
     ``floor_identified``: False when the fitted ``E`` sits at its bound (:data:`FLOOR_AT_BOUND`)."""
-    from hyla.train.scaling import fit
+    from hyla.experiments.scaling import fit
 
     fits = {}
     for pattern in dict.fromkeys(r["pattern"] for r in rows):
@@ -327,7 +325,7 @@ def plot(rows: list[dict], path: Path, fits: dict[str, dict] | None = None) -> P
         axes[0][0].set_ylabel("MQAR accuracy")
         axes[0][-1].legend(fontsize=7)
     else:
-        from hyla.train.scaling import PARAMETERS, Fit
+        from hyla.experiments.scaling import PARAMETERS, Fit
 
         patterns, size = list(dict.fromkeys(r["pattern"] for r in rows)), operator.itemgetter("depth", "width")
         fig, axes = plt.subplots(1, len(patterns), figsize=(4.2 * len(patterns), 3.8), sharey=True, squeeze=False)

@@ -7,7 +7,7 @@ import pytest
 from scipy.optimize import minimize_scalar
 
 from hyla.errors import DataError
-from hyla.train.scaling import Fit, fit
+from hyla.experiments.scaling import Fit, fit
 
 TRUE = dict(E=1.7, A=400.0, B=410.0, alpha=0.34, beta=0.28)
 STARTS = list(itertools.product([0, 5, 10], [0, 5, 10], [0.0, 0.5], [0.2, 0.5], [0.2, 0.5]))
@@ -59,7 +59,7 @@ def test_too_few_or_bad_runs_are_refused():
 def test_the_gradient_is_the_objectives():
     from scipy.optimize import check_grad
 
-    from hyla.train.scaling import _objective
+    from hyla.experiments.scaling import _objective
 
     n, d, loss = runs(0.01)
     args = (np.log(n), np.log(d), np.log(loss), 1e-3)

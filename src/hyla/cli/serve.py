@@ -1,0 +1,57 @@
+"""``hyla serve``: a model behind an OpenAI-compatible HTTP API; SIGINT/SIGTERM shut it down gracefully."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from hyla.cli.common import (
+    MODEL_DIR_HELP,
+    add_config_flags,
+    add_dtype_arg,
+    add_tokenizer_arg,
+    config_from_args,
+    resolve_dtype,
+    stop_on_signals,
+)
+from hyla.serve.config import API_KEY_ENV, ServerConfig
+
+# The flags of ServerConfig that come first in --help.
+_ADDRESS = ("host", "port", "api_key", "served_model_name")
+
+
+def add_parsers(commands: argparse._SubParsersAction) -> None:
+    import torch
+
+    from hyla.serve.engine import QUANTIZE, EngineConfig
+
+    srv = commands.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                              description="Serve a model directory (or a run directory's model) with continuous "
+                              "batching behind /v1/completions, /v1/chat/completions, /v1/models, /health and "
+                              "/metrics. SIGINT/SIGTERM shut it down gracefully.")  # fmt: skip
+    srv.add_argument("model_dir", help=MODEL_DIR_HELP)
+    add_config_flags(srv, ServerConfig, only=_ADDRESS)
+    add_tokenizer_arg(srv)
+    add_dtype_arg(srv, gpu=True)
+    srv.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    add_config_flags(srv, EngineConfig, choices={"quantize": [q for q in QUANTIZE if q]})
+    add_config_flags(srv, ServerConfig, skip=_ADDRESS)
+    srv.set_defaults(run=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    """``hyla serve``: the first SIGINT or SIGTERM starts a graceful shutdown, a second one stops at once."""
+    from hyla.serve.api import serve
+    from hyla.serve.engine import EngineConfig
+
+    server = config_from_args(ServerConfig, args)
+    server.api_key = server.api_key or os.environ.get(API_KEY_ENV) or None
+    server.served_model_name = server.served_model_name or Path(args.model_dir).resolve().name
+    config = config_from_args(EngineConfig, args)
+    dtype, dtype_text = resolve_dtype(args.dtype, args.device)
+    what = f"shutting down (no new requests; running ones have {server.shutdown_timeout:g} s to finish)"
+    with stop_on_signals(what) as stop:
+        serve(args.model_dir, stop, server, config, dtype, args.device, args.tokenizer,
+              log=lambda line: print(line, file=sys.stderr, flush=True), dtype_text=dtype_text)  # fmt: skip
