@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: demo test bench
+.PHONY: demo test test-fast bench
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,11 @@ demo: $(VENV)/.demo
 test: $(VENV)/.test
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m ruff format --check src tests benchmarks
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
+
+# The inner loop: the whole suite but the slow end-to-end tests (CI runs them all, with `make test`).
+test-fast: $(VENV)/.test
+	$(PY) -m pytest -q -m "not slow"
 
 bench: $(VENV)/.test
 	$(PY) benchmarks/prefill.py

@@ -17,3 +17,21 @@ def _seed():
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|: the error relative to the reference's scale."""
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+# A live server for the API and load-generator tests (tests/serve, tests/bench), one per module.
+@pytest.fixture(scope="module")
+def engine():
+    from tests.helpers import make_engine
+
+    engine = make_engine()
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def base_url(engine):
+    from tests.helpers import API_KEY, live_server
+
+    with live_server(engine, API_KEY) as url:
+        yield url

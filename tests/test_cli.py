@@ -13,6 +13,7 @@ import torch
 import hyla
 from hyla.bench.serve import free_port
 from hyla.data.tokenizer import byte_level_tokenizer
+from tests.helpers import small_corpus, train_args
 
 
 def run(*args):
@@ -129,20 +130,9 @@ def test_serve_a_bad_port_is_one_clear_line(tmp_path):
     assert out.returncode == 2 and out.stderr.strip() == "hyla: error: port must be in 0..65535, got 99999"
 
 
-TRAIN = ["--preset", "tiny", "--vocab-size", "300", "--tokens-per-batch", "256", "--max-seq-len", "64",
-         "--eval-every", "4", "--eval-batches", "1", "--eval-fraction", "0.1", "--warmup", "2",
-         "--set", "hidden_size=32", "--set", "intermediate_size=32"]  # fmt: skip
-
-
-def train_args(tmp_path, run: str, steps: int) -> list[str]:
-    return ["train", "--run-dir", str(tmp_path / run), "--data", str(tmp_path / "corpus"), "--steps", str(steps),
-            "--cache-dir", str(tmp_path / "cache"), *TRAIN]  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A finished tiny run, as `hyla train` leaves it, and what it printed."""
-    from tests.data.test_data import small_corpus
 
     tmp_path = tmp_path_factory.mktemp("cli")
     small_corpus(tmp_path / "corpus", n=20)
@@ -247,8 +237,6 @@ def test_train_interrupted_says_how_to_resume_and_that_command_resumes(tmp_path)
     """Ctrl-C (SIGINT) while training: the step ends, a checkpoint is saved, the message says how to resume; the
     command printed, run as printed, continues the same run (its steps and cadence come from train.json)."""
     import shlex
-
-    from tests.data.test_data import small_corpus
 
     small_corpus(tmp_path / "corpus", n=20)
     metrics = tmp_path / "r" / "metrics.jsonl"

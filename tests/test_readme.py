@@ -15,7 +15,7 @@ import pytest
 
 from hyla.bench.serve import free_port
 from hyla.cli import build_parser
-from tests.test_cli import TRAIN
+from tests.helpers import TRAIN
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -43,7 +43,7 @@ def hyla(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.Complete
 def home(tmp_path_factory):
     """A working directory holding what the README's commands expect: `runs/default` (a tiny trained run) and
     `my-model` (written by the README's Python snippet)."""
-    from tests.data.test_data import small_corpus
+    from tests.helpers import small_corpus
 
     cwd = tmp_path_factory.mktemp("readme")
     small_corpus(cwd / "corpus", n=20)

@@ -11,18 +11,7 @@ from hyla.data.packing import epoch_batches, packed_batches, pieces
 from hyla.data.shards import TokenShard, build_shards, is_eval, train_documents
 from hyla.data.tokenizer import END_OF_TEXT, train_bpe
 from hyla.errors import DataError
-
-WORDS = ("def", "return", "import", "class", "lambda", "yield", "while", "for", "if", "else", "try", "except")
-
-
-def small_corpus(root, n=40):
-    """A directory of small Python-like files, varied lengths, made from a seeded generator."""
-    rng = np.random.default_rng(0)
-    root.mkdir()
-    for i in range(n):
-        lines = [" ".join(rng.choice(WORDS, size=rng.integers(2, 9))) for _ in range(rng.integers(1, 30))]
-        (root / f"f{i:03d}.py").write_text("\n".join(lines) + "\n")
-    return root
+from tests.helpers import small_corpus
 
 
 def test_default_corpus_is_the_stdlib():

@@ -8,33 +8,7 @@ import pytest
 from hyla.config import LIGHTNING, SOFTMAX
 from hyla.errors import ConfigError
 from hyla.experiments.sweep import flops, layer_types, read_grid, sweep
-from tests.data.test_data import small_corpus
-
-BASE = """
-[base]
-vocab_size = 300
-tokens_per_batch = 256
-max_seq_len = 64
-eval_every = 4
-eval_batches = 1
-eval_fraction = 0.1
-warmup = 1
-data = "{data}"
-cache_dir = "{cache}"
-[model]
-num_experts = 2
-num_experts_per_tok = 1
-block_size = 16
-"""
-
-
-def grid_file(tmp_path, grid: str):
-    corpus = tmp_path / "corpus"
-    if not corpus.exists():
-        small_corpus(corpus, n=20)
-    path = tmp_path / "grid.toml"
-    path.write_text(BASE.format(data=corpus, cache=tmp_path / "cache") + grid)
-    return path
+from tests.helpers import SWEEP_BASE, grid_file
 
 
 def test_layer_patterns_and_the_depth_dial():
@@ -163,7 +137,7 @@ queries = 2
 
 @pytest.mark.slow
 def test_a_recall_grid_trains_on_mqar_and_asks_each_model(tmp_path):
-    text = BASE.replace('data = "{data}"\n', "").replace("vocab_size = 300\n", "")
+    text = SWEEP_BASE.replace('data = "{data}"\n', "").replace("vocab_size = 300\n", "")
     path = tmp_path / "grid.toml"
     path.write_text(text.format(cache=tmp_path / "cache") + TASK + '[grid]\npattern = ["lightning", "softmax"]\n'
                     "depth = [1]\nwidth = 32\nsteps = [2]\n")  # fmt: skip
@@ -193,7 +167,7 @@ def test_a_recall_grid_trains_on_mqar_and_asks_each_model(tmp_path):
     ],
 )
 def test_a_recall_task_that_cannot_work_is_refused(tmp_path, change, message):
-    text = (BASE.replace('data = "{data}"\n', "").replace("vocab_size = 300\n", "").format(cache=tmp_path) + TASK
+    text = (SWEEP_BASE.replace('data = "{data}"\n', "").replace("vocab_size = 300\n", "").format(cache=tmp_path) + TASK
             + '[grid]\npattern = ["softmax"]\ndepth = [1]\nwidth = 32\nsteps = [2]\n')  # fmt: skip
     path = tmp_path / "grid.toml"
     path.write_text(text.replace(*change))

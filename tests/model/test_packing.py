@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import rel_err
-from tests.model.test_parity import PATTERNS, random_model
+from tests.helpers import PATTERNS, random_model
 
 
 @pytest.mark.parametrize("pattern", ["hybrid-7:1", "alternating", "all-softmax"])

@@ -34,7 +34,7 @@ def test_every_row_ignored_gives_zero_not_nan():
 
 
 def test_the_model_trains_the_same_with_the_fused_loss():
-    from tests.model.test_parity import random_model
+    from tests.helpers import random_model
 
     model = random_model().double()
     ids = torch.randint(0, model.config.vocab_size, (1, 45))

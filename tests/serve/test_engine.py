@@ -11,19 +11,9 @@ from hyla.data.tokenizer import byte_level_tokenizer
 from hyla.errors import ConfigError
 from hyla.serve import LLM, EngineConfig, SamplingParams
 from hyla.serve.engine import _Detokenized
-from tests.helpers import byte_tokenizer
-from tests.model.test_parity import PATTERNS, random_model
+from tests.helpers import PATTERNS, byte_tokenizer, full_forward_greedy, random_model
 
 VOCAB = 256  # the byte-level tokenizer's ids; the model's vocabulary is larger
-
-
-def full_forward_greedy(model, prompt: list[int], max_tokens: int, vocab: int = VOCAB) -> list[int]:
-    seq = torch.tensor([prompt])
-    with torch.no_grad():
-        for _ in range(max_tokens):
-            nxt = model(seq).logits[0, -1, :vocab].argmax()
-            seq = torch.cat((seq, nxt.view(1, 1)), dim=1)
-    return seq[0, len(prompt) :].tolist()
 
 
 @pytest.fixture(scope="module")

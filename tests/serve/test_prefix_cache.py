@@ -7,8 +7,7 @@ import torch
 from hyla.data.tokenizer import byte_level_tokenizer
 from hyla.serve import LLM, EngineConfig, SamplingParams
 from hyla.serve.cache import BlockPool, CacheManager, SnapshotPool, block_hashes
-from tests.model.test_parity import PATTERNS, random_model
-from tests.serve.test_engine import full_forward_greedy
+from tests.helpers import PATTERNS, full_forward_greedy, random_model
 
 VOCAB = 256
 BS = 8  # KV block size of these tests

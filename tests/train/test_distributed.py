@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import hyla
-from tests.data.test_data import small_corpus
+from tests.helpers import small_corpus
 
 
 def train_args(tmp_path, run: str) -> list[str]:
@@ -53,7 +53,7 @@ def test_two_gloo_processes_equal_one(tmp_path):
 def test_a_sweep_under_torchrun_equals_one_process(tmp_path):
     """`torchrun -m hyla sweep`: the ranks share one process group across the grid's runs, rank 0 writes the
     files; every run's held-out loss equals the single process's."""
-    from tests.experiments.test_sweep import grid_file
+    from tests.helpers import grid_file
 
     path = grid_file(tmp_path, '[grid]\npattern = ["lightning", "hybrid:2"]\ndepth = [2]\nsteps = [2]\n')
     path.write_text(path.read_text().replace("[base]\n", "[base]\ngrad_accum = 2\n"))

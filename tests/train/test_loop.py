@@ -10,7 +10,7 @@ from hyla.data.tokenizer import load_tokenizer
 from hyla.errors import ConfigError, DataError
 from hyla.train.loop import TrainConfig, train
 from hyla.train.optim import lr_at
-from tests.data.test_data import small_corpus
+from tests.helpers import small_corpus
 
 MODEL = {"hidden_size": 32, "intermediate_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1}
 

@@ -31,13 +31,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hyla", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    built: set[str] = set()
+    full = {m for m, _ in COMMANDS.values()} if command is None else {COMMANDS[command][0]} if command else set()
     for name, (module, help_line) in COMMANDS.items():
-        if command is not None and name != command:
+        if module not in full:
             commands.add_parser(name, help=help_line)
-        elif module not in built:
+        elif not any(c == name for c in commands.choices):  # (a module adds all of its commands at once)
             importlib.import_module(f"hyla.cli.{module}").add_parsers(commands)
-            built.add(module)
     # (one module may add several commands, in its own order: put them back in the order of COMMANDS)
     commands._choices_actions.sort(key=lambda action: list(COMMANDS).index(action.dest))
     return parser

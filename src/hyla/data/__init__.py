@@ -1,1 +1,1 @@
-"""Data: tokenizers (and, later, corpora, token shards and packing)."""
+"""Data: corpora, tokenizers and chat templates, token shards, packed batches, synthetic recall tasks."""

@@ -19,6 +19,7 @@ import torch
 
 from hyla.data.shards import TokenShard
 from hyla.errors import ConfigError, DataError
+from hyla.ops.loss import IGNORE_INDEX
 
 
 class Batch(NamedTuple):
@@ -83,4 +84,4 @@ def _collate(batch: list[np.ndarray]) -> Batch:
         tokens = packed[None]
         return Batch(tokens, cu_seqlens, tokens)
     tokens, mask = packed
-    return Batch(tokens[None], cu_seqlens, torch.where(mask.bool(), tokens, -100)[None])
+    return Batch(tokens[None], cu_seqlens, torch.where(mask.bool(), tokens, IGNORE_INDEX)[None])

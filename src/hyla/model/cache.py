@@ -3,8 +3,8 @@
 A cache owns the history of the sequences in a forward: lightning layers keep a constant-size ``[H, D, D]``
 state per sequence, softmax layers keep keys and values. The layers hand it the new ``q, k, v`` and get the
 attention output back, so the model needs no knowledge of how a server lays out its memory (the serving
-engine's implementation, ``hyla.serve.cache.StepCache``: packed requests of different lengths, their states in
-pooled slots and their keys and values in a paged block pool).
+engine's implementations, ``hyla.serve.runner.StepCache`` and ``DecodeCache``: packed requests of different
+lengths, their states in pooled slots and their keys and values in a paged block pool).
 """
 
 from __future__ import annotations

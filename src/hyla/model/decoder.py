@@ -17,7 +17,7 @@ from hyla.model.cache import Cache
 from hyla.model.lightning import LightningAttention
 from hyla.model.moe import SparseMoE
 from hyla.model.norm import RMSNorm
-from hyla.ops.loss import linear_cross_entropy
+from hyla.ops.loss import IGNORE_INDEX, linear_cross_entropy
 from hyla.ops.moe import load_balancing_loss
 from hyla.ops.rope import rope_cos_sin, rope_inv_freq
 from hyla.ops.varlen import Varlen, as_varlen
@@ -82,7 +82,7 @@ def next_token_targets(labels: Tensor, cu_seqlens: Tensor | None) -> Tensor:
     targets = labels[:, 1:]
     if cu_seqlens is not None:
         targets = targets.clone()
-        targets[0, cu_seqlens[1:-1].to(targets.device) - 1] = -100
+        targets[0, cu_seqlens[1:-1].to(targets.device) - 1] = IGNORE_INDEX
     return targets
 
 

@@ -37,15 +37,14 @@ def route(router_logits: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 CPU_GROUPED_MAX_TOKENS = 512
-# Measured on `small` (8 experts 512 -> 256, top-2, 8 layers), 2 cores: the experts of one token 4.9 -> 3.8 ms
-# with pairs instead of the grouped kernel, a whole decode step of one request 15.8 -> 14.4 ms (medians of 6
-# alternations); at two requests the step was 0.9 ms slower with pairs, and from 4 tokens on the grouped kernel wins.
+# On the CPU, up to this many tokens run their experts as (token, expert) pairs instead of the grouped kernel,
+# which wins from two tokens on (measured on `small`: RESULTS.md, "Same-process A/B measurements behind code
+# comments").
 CPU_PAIRS_MAX_TOKENS = 1
 PATHS = ("loop", "grouped", "pairs", "gather", "dense")
 # Inside a compiled graph, up to this many tokens index their experts' weights (``k`` matrices read per token);
-# more run every expert once (``E`` matrices). Measured (`small`, 8 experts top-2, compiled decode steps, eager ->
-# compiled ms): 2 requests 18.0 -> 14.4 dense, 17.1 -> 10.6 gathered; 3: 22.0 -> 14.9 gathered; 4: 22.1 -> 16.2
-# dense (the gathered 4 reads as many matrices as dense: 8).
+# more run every expert once (``E`` matrices): the crossover measured on `small`, 8 experts top-2 (RESULTS.md,
+# "Same-process A/B measurements behind the compiled decode step"): 4 gathered tokens read as many as dense.
 COMPILED_GATHER_MAX_TOKENS = 3
 
 

@@ -40,6 +40,7 @@ from hyla.data.tokenizer import load_tokenizer, train_bpe
 from hyla.errors import ConfigError, DataError, check_fields
 from hyla.model import HylaForCausalLM
 from hyla.model.decoder import next_token_targets
+from hyla.ops.loss import IGNORE_INDEX
 from hyla.train.optim import build_optimizer, lr_at
 from hyla.train.parallel import (
     World,
@@ -408,7 +409,7 @@ def evaluate_all(
     for batch in epoch_batches(shard, cfg.tokens_per_batch, cfg.max_seq_len):
         if stop is not None and stop.is_set():
             return total / max(count, 1), int(count), False
-        targets = int((next_token_targets(batch.labels, batch.cu_seqlens) != -100).sum())
+        targets = int((next_token_targets(batch.labels, batch.cu_seqlens) != IGNORE_INDEX).sum())
         if targets:
             total += _batch_loss(model, batch, precision) * targets
             count += targets

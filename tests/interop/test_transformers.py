@@ -9,38 +9,11 @@ from transformers import MiniMaxForCausalLM
 from transformers.utils import logging as hf_logging
 
 import hyla
-from hyla.config import LIGHTNING, SOFTMAX, hybrid_layer_types
+from hyla.config import LIGHTNING, SOFTMAX
 from tests.conftest import rel_err
+from tests.helpers import PATTERNS, random_model
 
 hf_logging.set_verbosity_error()
-
-PATTERNS = {
-    "hybrid-7:1": hybrid_layer_types(8),
-    "alternating": [SOFTMAX, LIGHTNING] * 2,
-    "all-lightning": [LIGHTNING] * 3,
-    "all-softmax": [SOFTMAX] * 2,
-}
-
-
-def random_model(**overrides) -> hyla.HylaForCausalLM:
-    """A tiny model with every weight random, norms included, and DeepNorm factors that are not 1."""
-    layer_types = overrides.pop("layer_types", PATTERNS["hybrid-7:1"])
-    config = hyla.preset(
-        "tiny",
-        layer_types=layer_types,
-        num_hidden_layers=len(layer_types),
-        block_size=16,
-        linear_attn_alpha_factor=1.7,
-        full_attn_alpha_factor=1.3,
-        mlp_alpha_factor=2.1,
-        mlp_beta_factor=0.9,
-        **overrides,
-    )
-    model = hyla.HylaForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(1 + 0.3 * torch.randn_like(p) if p.dim() == 1 else 0.1 * torch.randn_like(p))
-    return model
 
 
 def load_transformers(path, dtype=torch.float32) -> MiniMaxForCausalLM:
