@@ -285,7 +285,7 @@ def test_a_client_that_leaves_a_non_streamed_request_aborts_it():
                 client.completions.create(model=MODEL, prompt="leave", max_tokens=240,
                                           extra_body={"ignore_eos": True})  # fmt: skip
             wait_for(lambda: not e.scheduler.running and not e.requests, timeout=5)
-            assert e.num_output_tokens < 120  # 240 at 20 ms a step would take ~5 s
+            assert e.stats.output_tokens < 120  # 240 at 20 ms a step would take ~5 s
             assert e.cache.blocks.num_free == e.config.num_blocks and e.cache.slots.num_free == e.config.max_num_seqs
     finally:
         engine.shutdown()
@@ -500,7 +500,7 @@ def test_logprobs_keep_every_alternative_and_the_tokens_own_bytes():
     token's own byte, not U+FFFD's."""
     from hyla.data.tokenizer import _BYTE_OF, byte_level_tokenizer
     from hyla.serve.api import _chat_logprobs, _top_logprobs
-    from hyla.serve.engine import TokenLogprob
+    from hyla.serve.outputs import TokenLogprob
 
     tokenizer = byte_level_tokenizer()
     lead, cont = tokenizer.encode("é").ids  # 0xC3 0xA9

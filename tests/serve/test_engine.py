@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, decoders, models
 from hyla.data.tokenizer import byte_level_tokenizer
 from hyla.errors import ConfigError
 from hyla.serve import LLM, EngineConfig, SamplingParams
-from hyla.serve.engine import _Detokenized
+from hyla.serve.outputs import SequenceText
 from tests.helpers import PATTERNS, byte_tokenizer, full_forward_greedy, random_model
 
 VOCAB = 256  # the byte-level tokenizer's ids; the model's vocabulary is larger
@@ -49,7 +49,7 @@ def test_concurrent_greedy_equals_full_forward(model, block_size, budget, num_bl
         assert completion.token_ids == full_forward_greedy(model, prompt, 12)
         assert completion.finish_reason == "length"
     if num_blocks is not None:
-        assert llm.engine.scheduler.num_preemptions > 0
+        assert llm.engine.stats.preemptions > 0
     # Everything was given back.
     assert llm.engine.cache.blocks.num_free == llm.engine.config.num_blocks
     assert llm.engine.cache.slots.num_free == config.max_num_seqs
@@ -75,7 +75,7 @@ def test_long_outputs_under_preemption_equal_full_forward():
     config = EngineConfig(max_num_seqs=3, max_num_batched_tokens=17, block_size=4, max_model_len=120, num_blocks=30)
     llm = LLM(model, byte_tokenizer(96), config)
     results = llm.generate(ps, SamplingParams(max_tokens=60, temperature=0, ignore_eos=True))
-    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.stats.preemptions > 0
     for prompt, (completion,) in zip(ps, results, strict=True):
         assert completion.token_ids == full_forward_greedy(model, prompt, 60, vocab=96)
     assert llm.engine.cache.blocks.num_free == 30 and llm.engine.cache.slots.num_free == 3
@@ -96,7 +96,7 @@ def test_a_sequence_stops_at_its_end_of_text_token(model):
     llm = LLM(model, byte_level_tokenizer(), EngineConfig(max_num_seqs=2, max_model_len=64))
     prompt = prompts([9], seed=3)[0]
     first = full_forward_greedy(model, prompt, 1)[0]
-    llm.engine.eos_token_id = first
+    llm.engine.inputs.eos_token_id = first
     (completion,) = llm.generate([prompt], SamplingParams(max_tokens=10, temperature=0))[0]
     assert completion.token_ids == [first] and completion.finish_reason == "stop"
 
@@ -144,7 +144,7 @@ def test_compiled_decode_steps_equal_the_eager_reference(model, dtype, quantize,
         assert outputs == {i: full_forward_greedy(model, ps[i], n) for i, n in enumerate(max_tokens)}
     else:
         assert outputs == greedy_outputs(eager.engine, ps, max_tokens)
-    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.stats.preemptions > 0
     assert set(batches) >= {1, 2, 5}
 
 
@@ -185,7 +185,7 @@ def test_incremental_detokenization_equals_decoding_the_whole_output(tokenizer):
     for trial in range(20):
         n = tokenizer.get_vocab_size()
         ids = torch.randint(0, n, (60,), generator=g).tolist() if trial % 2 else utf8[: 3 + trial] * (n > 255)
-        state = _Detokenized()
+        state = SequenceText()
         for end in range(1, len(ids) + 1):
             state.update(tokenizer, ids[:end])
             assert state.text == tokenizer.decode(ids[:end])

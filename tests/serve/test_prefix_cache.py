@@ -54,7 +54,7 @@ def test_shared_prefixes_hit_and_equal_the_uncached_outputs(model):
         assert got == [full_forward_greedy(model, p, 8) for p in batch]
     hits = [c[0] for c in greedy(cached, later)]  # a third time: everything up to the last boundary is cached
     e = cached.engine
-    assert e.cache.hit_tokens > 0 and plain.engine.cache.hit_tokens == 0
+    assert e.stats.hit_tokens > 0 and plain.engine.stats.hit_tokens == 0
     check_all_free(cached)
     assert hits[0].token_ids == full_forward_greedy(model, later[0], 8)
 
@@ -101,9 +101,9 @@ def test_under_pressure_the_outputs_do_not_change(model, budget, num_blocks, pre
         got = [c[0].token_ids for c in greedy(llm, prompts, max_tokens=20)]
         assert got == [full_forward_greedy(model, p, 20) for p in prompts]
     if num_blocks is not None:
-        assert llm.engine.scheduler.num_preemptions > 0
+        assert llm.engine.stats.preemptions > 0
     if prefix_cache_gb >= 0.25:  # (two snapshots are taken over by the decodes' before anyone reuses them)
-        assert llm.engine.cache.hit_tokens > 0
+        assert llm.engine.stats.hit_tokens > 0
     check_all_free(llm)
 
 

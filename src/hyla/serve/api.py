@@ -44,7 +44,8 @@ from hyla.data.tokenizer import ChatTemplate, token_bytes
 from hyla.errors import ConfigError, RequestError
 from hyla.serve.async_engine import AsyncEngine, EngineBusy, EngineStopped
 from hyla.serve.config import DEFAULT_MAX_REQUEST_BYTES, ServerConfig
-from hyla.serve.engine import EngineConfig, LLMEngine, RequestOutput, TokenLogprob
+from hyla.serve.engine import EngineConfig, LLMEngine
+from hyla.serve.outputs import RequestOutput, TokenLogprob
 from hyla.serve.protocol import ChatCompletionRequest, CompletionRequest
 from hyla.serve.runner import COMPILED_MAX_BATCH
 from hyla.serve.sampling import SamplingParams

@@ -5,8 +5,22 @@ server's coroutines hand it new requests and aborts through a command list and r
 through per-request ``asyncio.Queue``s. Tensor work releases the GIL, so the event loop keeps serving.
 
 ``hyla serve`` runs the loop on the main thread and the HTTP server on another: on this CPU build of torch,
-OpenMP-parallel ops called from a secondary thread ran 2x slower (17 vs 37 ms per decode step, measured),
-so the thread that does the tensor work is the main one. Tests start the loop on a thread instead.
+OpenMP-parallel ops called from a secondary thread ran 2x slower (measured, RESULTS.md), so the thread that does
+the tensor work is the main one. Tests start the loop on a thread instead.
+
+The threading contract:
+
+- The engine thread alone calls the :class:`~hyla.serve.engine.LLMEngine`'s methods that change state
+  (``add_request``, ``abort``, ``step``) and writes its state (scheduler, pools, output processor, metrics
+  totals). Everything else reaches it through :meth:`AsyncEngine._submit` (a list under ``_lock``), run by the
+  engine thread before its next step.
+- The event loop (and the worker threads it tokenizes on) may call ``engine.inputs`` (``encode``, ``check``:
+  reads of the tokenizer and the fixed config), read ``draining`` (a bool) and ``num_waiting()`` (the length of
+  the scheduler's queue and ``_pending``, under ``_lock``), and receive outputs through its request queues
+  (``call_soon_threadsafe``).
+- A ``/metrics`` scrape (the event loop) reads single numbers the engine thread writes: queue lengths, free
+  counts of the pools, the metrics' totals. Each read is atomic under the GIL; a scrape may see one step's
+  values mixed with the next's, never a torn number.
 """
 
 from __future__ import annotations
@@ -18,8 +32,9 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 
 from hyla.errors import RequestError
-from hyla.serve.engine import LLMEngine, RequestOutput
+from hyla.serve.engine import LLMEngine
 from hyla.serve.metrics import EngineMetrics
+from hyla.serve.outputs import RequestOutput
 from hyla.serve.sampling import SamplingParams
 
 
@@ -94,7 +109,7 @@ class AsyncEngine:
             except Exception as error:  # a failed step fails its requests, not the server
                 self._end_all(error)
                 continue
-            self.metrics.on_step(outputs)
+            self.metrics.on_step(outputs, self.engine.last_stats)
             for out in outputs:
                 self._deliver(out.request_id, out)
         return 0, 0
@@ -137,8 +152,7 @@ class AsyncEngine:
         :class:`EngineBusy` if the queue is full or the server is shutting down. Leaving early (a client gone:
         the generator closed or its task cancelled) aborts the request before the engine's next step.
         """
-        for ids in prompts:
-            self.engine.check(ids, params)
+        limits = self.engine.inputs.check(prompts, params)  # the one check: add_request takes its limits
         remaining = len(prompts) * params.n
         self.admit(remaining)
         request_id = uuid.uuid4().hex
@@ -149,7 +163,7 @@ class AsyncEngine:
             with self._lock:
                 self._pending -= len(prompts) * params.n
             try:
-                self.engine.add_request(request_id, prompts, params)
+                self.engine.add_request(request_id, prompts, params, limits)
             except Exception as error:
                 self._deliver(request_id, error)
 

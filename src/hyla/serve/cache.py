@@ -176,8 +176,6 @@ class CacheManager:
         self.blocks = BlockPool(num_blocks)
         self.snapshots = SnapshotPool(num_snapshots)
         self.prefix_caching = num_snapshots > 0
-        self.queried_tokens = 0  # prompt tokens looked up, and those found: the hit rate
-        self.hit_tokens = 0
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)

@@ -8,7 +8,9 @@ from collections import deque
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from hyla.serve.engine import LLMEngine, RequestOutput
+from hyla.serve.engine import LLMEngine
+from hyla.serve.outputs import RequestOutput
+from hyla.serve.scheduler import StepStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 RATE_WINDOW_S = 10.0
@@ -33,14 +35,17 @@ class EngineMetrics:
         Gauge("hyla_state_slots_usage", "Fraction of the lightning state slots in use", registry=r).set_function(
             lambda: 1 - cache.slots.num_free / cache.slots.num
         )
+        # Totals of the engine's StepStats, added up on the engine thread (on_step); a scrape reads them.
+        self.totals = StepStats()
+        totals = self.totals
         Gauge("hyla_prefix_cache_hit_rate", "Share of prompt tokens read from the prefix cache since the start",
-              registry=r).set_function(lambda: cache.hit_tokens / max(cache.queried_tokens, 1))  # fmt: skip
+              registry=r).set_function(lambda: totals.hit_tokens / max(totals.queried_tokens, 1))  # fmt: skip
         Gauge("hyla_prefix_cache_snapshots_usage", "Fraction of the lightning-state snapshot pool in use",
               registry=r).set_function(lambda: cache.snapshots.num_used / max(cache.snapshots.num, 1))  # fmt: skip
         Gauge("hyla_prefix_cache_hit_tokens", "Prompt tokens read from the prefix cache since the start",
-              registry=r).set_function(lambda: cache.hit_tokens)  # fmt: skip
+              registry=r).set_function(lambda: totals.hit_tokens)  # fmt: skip
         Gauge("hyla_preemptions", "Requests preempted since the start", registry=r).set_function(
-            lambda: scheduler.num_preemptions
+            lambda: totals.preemptions
         )
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
         self._lock = threading.Lock()  # the engine thread appends, the server thread reads
@@ -54,18 +59,16 @@ class EngineMetrics:
                               buckets=LATENCY_BUCKETS)  # fmt: skip
         self.latency = Histogram("hyla_request_latency_seconds", "Request latency, end to end", registry=r,
                                  buckets=LATENCY_BUCKETS)  # fmt: skip
-        self._engine = engine
-        self._prompt_seen = 0
 
-    def on_step(self, outputs: list[RequestOutput]) -> None:
-        """Called by the engine thread after each step."""
+    def on_step(self, outputs: list[RequestOutput], stats: StepStats) -> None:
+        """Called by the engine thread after each step, with the step's outputs and statistics."""
         tokens = sum(len(o.token_ids) for o in outputs)
         now = time.monotonic()
         with self._lock:
             self._recent.append((now, tokens))
         self.generation_tokens.inc(tokens)
-        self.prompt_tokens.inc(self._engine.num_prompt_tokens - self._prompt_seen)
-        self._prompt_seen = self._engine.num_prompt_tokens
+        self.prompt_tokens.inc(stats.prompt_tokens)
+        self.totals.add(stats)
 
     def _rate(self) -> float:
         now = time.monotonic()

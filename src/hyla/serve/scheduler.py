@@ -109,6 +109,22 @@ class SchedulerOutput:
 
 
 @dataclass
+class StepStats:
+    """What steps did, for metrics: counted by the scheduler during a step, returned by :meth:`Scheduler.update`
+    and added up by the engine (on its thread)."""
+
+    prompt_tokens: int = 0  # prompt tokens computed (first admissions; a preempted request's recompute excluded)
+    queried_tokens: int = 0  # prompt tokens looked up in the prefix cache (first admissions)
+    hit_tokens: int = 0  # of those, read from it
+    preemptions: int = 0
+    output_tokens: int = 0
+
+    def add(self, other: StepStats) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass
 class _Save:
     request: Request
     snapshot: int
@@ -129,7 +145,7 @@ class Scheduler:
         self.requests: dict[tuple[str, int], Request] = {}
         self._preempted: set[tuple[str, int]] = set()
         self._saves: list[_Save] = []
-        self.num_preemptions = 0  # since the start, for metrics
+        self._stats = StepStats()  # this step's, returned by update()
 
     def add(self, request: Request) -> None:
         if self.cache.prefix_caching:
@@ -164,6 +180,7 @@ class Scheduler:
             if not save.pending:
                 self.cache.snapshots.release(save.snapshot)
         self._saves = []
+        self._stats = StepStats()
         out = SchedulerOutput()
         chosen: list[tuple[Request, int]] = []
         for want_decode in (True, False):
@@ -239,8 +256,8 @@ class Scheduler:
             out.restores.append((hit.snapshot, request.slot))
         if request.num_preemptions == 0:
             request.num_cached_tokens = hit.num_tokens
-            cache.queried_tokens += len(request.prompt_ids)
-            cache.hit_tokens += hit.num_tokens
+            self._stats.queried_tokens += len(request.prompt_ids)
+            self._stats.hit_tokens += hit.num_tokens
         request.block_table, request.status = hit.blocks + blocks, Status.RUNNING
         self.running.append(request)
         return n
@@ -263,12 +280,15 @@ class Scheduler:
             if request.pending_snapshot is not None:
                 self._saves.append(_Save(request, request.pending_snapshot, computed, pending=True))
 
-    def update(self, out: SchedulerOutput, sampled: list[int]) -> list[tuple[Request, int]]:
+    def update(self, out: SchedulerOutput, sampled: list[int]) -> tuple[list[tuple[Request, int]], StepStats]:
         """Apply a step that ran: advance each request, cache its newly full blocks and snapshots, append the
         ``sampled`` tokens (one per seq with ``sample``, in order) and finish those that reached a stop token or
-        ``max_tokens``. Returns each sampled ``(request, token)``."""
+        ``max_tokens``. Returns each sampled ``(request, token)``, and the step's :class:`StepStats`."""
+        stats, self._stats = self._stats, StepStats()
         requests = [self.requests[k] for k in out.keys]
         for request, seq in zip(requests, out.seqs, strict=True):
+            if seq.num_computed == request.num_cached_tokens and not request.num_preemptions:  # its first chunk
+                stats.prompt_tokens += len(request.prompt_ids) - request.num_cached_tokens
             request.num_computed += seq.num_tokens
             self._register_blocks(request, seq.num_computed, request.num_computed)
         for save in self._saves:
@@ -284,13 +304,14 @@ class Scheduler:
             if not seq.sample:
                 continue
             token = next(tokens)
+            stats.output_tokens += 1
             request.output_ids.append(token)
             results.append((request, token))
             if token in request.stop_ids:
                 self.finish(request, "stop")
             elif len(request.output_ids) >= request.max_tokens:
                 self.finish(request, "length")
-        return results
+        return results, stats
 
     def _extend_names(self, request: Request, num_tokens: int) -> None:
         """Block names for the full blocks of the request's first ``num_tokens`` tokens."""
@@ -332,7 +353,7 @@ class Scheduler:
         self._preempted.add(request.key)
         request.status, request.num_computed = Status.WAITING, 0
         request.num_preemptions += 1
-        self.num_preemptions += 1
+        self._stats.preemptions += 1
         self.waiting.appendleft(request)
 
     def _free(self, request: Request) -> None:
