@@ -113,7 +113,7 @@ class StepStats:
     """What steps did, for metrics: counted by the scheduler during a step, returned by :meth:`Scheduler.update`
     and added up by the engine (on its thread)."""
 
-    prompt_tokens: int = 0  # prompt tokens computed (first admissions; a preempted request's recompute excluded)
+    prompt_tokens: int = 0  # prompts' tokens to compute, counted at their first chunk (not a preempted recompute)
     queried_tokens: int = 0  # prompt tokens looked up in the prefix cache (first admissions)
     hit_tokens: int = 0  # of those, read from it
     preemptions: int = 0
