@@ -23,7 +23,7 @@ def client(base_url):
 def solo_greedy(engine, prompt: str, max_tokens: int) -> str:
     """The reference: a full forward over the whole sequence for every token, this prompt alone."""
     e = engine.engine
-    seq = torch.tensor([e.encode(prompt)])
+    seq = torch.tensor([e.inputs.encode(prompt)])
     with torch.no_grad():
         for _ in range(max_tokens):
             nxt = e.model(seq).logits[0, -1, : e.vocab_size].argmax()
@@ -152,6 +152,7 @@ def test_models_health_and_metrics(client, base_url):
         (dict(max_tokens=252), "max_tokens"),  # prompt + max_tokens past the 256-token context
         (dict(prompt="x" * 300), "prompt"),  # longer than the context
         (dict(prompt=""), "prompt"),
+        (dict(prompt=[]), "prompt"),
         (dict(prompt=[100000]), "prompt"),  # not a token id of this vocabulary
         (dict(n=0), "n"),
         (dict(extra_body={"top_k": -5}), "top_k"),
@@ -328,11 +329,11 @@ def test_a_prompt_known_to_be_past_the_context_is_refused_without_tokenizing(eng
     e.tokenizer = Untouchable()
     try:
         with pytest.raises(RequestError, match="at least 257 tokens"):
-            e.encode(refused)
+            e.inputs.encode(refused)
     finally:
         e.tokenizer = tokenizer
     with pytest.raises(RequestError, match="300 tokens"):  # within the bound: tokenized, then refused
-        e.encode("y" * 300)
+        e.inputs.encode("y" * 300)
 
 
 def test_graceful_shutdown():

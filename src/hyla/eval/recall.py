@@ -115,7 +115,7 @@ PASSKEY_QUESTION = "What is the pass key? The pass key is"
 
 def passkey_prompt(llm: LLM, key: int, length: int, depth: float) -> list[int]:
     """About ``length`` tokens: the intro, filler with the needle after ``depth`` (0..1) of it, the question."""
-    encode = llm.engine.encode
+    encode = llm.engine.inputs.encode
     intro, needle, question = encode(PASSKEY_INTRO), encode(PASSKEY_NEEDLE.format(key=key)), encode(PASSKEY_QUESTION)
     filler = encode(PASSKEY_FILLER)
     room = length - len(intro) - len(needle) - len(question)

@@ -317,7 +317,7 @@ async def _start(
     client left while the request waited for its first output (then it is aborted, its place in the queue freed)."""
     engine = state.engine
     engine.admit(len(prompts) * params.n)
-    ids = await asyncio.to_thread(lambda: [engine.engine.encode(p, param) for p in prompts])
+    ids = await asyncio.to_thread(lambda: [engine.engine.inputs.encode(p, param) for p in prompts])
     stream = engine.generate(ids, params)
     first_output = asyncio.ensure_future(anext(stream))
     gone = asyncio.ensure_future(_until_disconnected(request))

@@ -90,14 +90,14 @@ class AsyncEngine:
             if deadline is None and stop is not None and stop.is_set():
                 self.draining = True
                 deadline = time.monotonic() + grace_s
-                in_flight = self._num_sequences()
+                in_flight = self.engine.outputs.num_sequences()
             with self._lock:
                 commands, self._commands = self._commands, []
                 self._wake.clear()
             for command in commands:
                 command()
             if deadline is not None and (not self.engine.has_work() or time.monotonic() >= deadline):
-                ended = self._num_sequences()
+                ended = self.engine.outputs.num_sequences()
                 self._end_all(EngineStopped(f"the server shut down before this request finished ({grace_s:g} s "
                                             "grace period)"))  # fmt: skip
                 return in_flight - ended, ended
@@ -113,9 +113,6 @@ class AsyncEngine:
             for out in outputs:
                 self._deliver(out.request_id, out)
         return 0, 0
-
-    def _num_sequences(self) -> int:
-        return sum(len(group) for group in self.engine.requests.values())
 
     def _end_all(self, error: Exception) -> None:
         for request_id in list(self.engine.requests):

@@ -173,10 +173,6 @@ class LLMEngine:
         """The requests not finished yet: id -> sequences (the output processor's)."""
         return self.outputs.requests
 
-    def encode(self, prompt: str | list[int], param: str = "prompt") -> list[int]:
-        """:meth:`InputProcessor.encode`."""
-        return self.inputs.encode(prompt, param)
-
     def add_request(
         self, request_id: str, prompts: list[list[int]], params: SamplingParams, limits: list[int] | None = None
     ) -> None:

@@ -58,7 +58,7 @@ class LLM:
         """Run ``prompts`` together; yield each sequence's deltas as steps produce them."""
         params = params or SamplingParams()
         for prompt in prompts:
-            self.engine.add_request(str(self._next_id), [self.engine.encode(prompt)], params)
+            self.engine.add_request(str(self._next_id), [self.engine.inputs.encode(prompt)], params)
             self._next_id += 1
         while self.engine.has_work():
             yield from self.engine.step()

@@ -96,10 +96,8 @@ class CompletionRequest(_Sampling):
     def prompts(self) -> list[str | list[int]]:
         """One or several prompts, each text or token ids."""
         p = self.prompt
-        if isinstance(p, str) or (p and isinstance(p[0], int)):
+        if isinstance(p, str) or not p or isinstance(p[0], int):  # (an empty one is refused when encoded)
             return [p]
-        if not p:
-            raise RequestError("prompt", "the prompt is empty")
         if len(p) > MAX_PROMPTS:
             raise RequestError("prompt", f"at most {MAX_PROMPTS} prompts in one request (as OpenAI), got {len(p):,}")
         return list(p)
