@@ -108,3 +108,17 @@ def test_missing_shard(tmp_path):
     next(tmp_path.glob("model-00002-*.safetensors")).unlink()
     with pytest.raises(CheckpointError, match=r"shard .* is missing"):
         hyla.load(tmp_path)
+
+
+def test_a_saved_model_is_readable_by_others_under_the_umask(tmp_path):
+    """safetensors writes through a 0600 temporary file: the saved directory must follow the umask instead."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        hyla.save_pretrained(hyla.HylaForCausalLM(hyla.preset("tiny")), tmp_path / "m", hyla.byte_level_tokenizer())
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "m").iterdir()}
+    assert modes == {"config.json": 0o644, "model.safetensors": 0o644, "tokenizer.json": 0o644}

@@ -328,3 +328,9 @@ def test_resume_config_takes_the_runs_own_fields(tmp_path):
         resume_config(tmp_path / "r", {"lr": 1.0})
     train(cfg, resume=True, progress=False)  # another cache directory is the same run
     assert json.loads((tmp_path / "r" / "train.json").read_text())["steps"] == 5
+
+
+def test_the_plan_line_counts_a_short_runs_tokens_in_words(tmp_path):
+    from hyla.train.loop import _count
+
+    assert (_count(2 * 256), _count(3_530_000), _count(2_100_000_000)) == ("512", "3.5M", "2.1B")
