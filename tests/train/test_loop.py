@@ -8,7 +8,8 @@ import pytest
 from hyla.cli.train import samples as _samples
 from hyla.data.tokenizer import load_tokenizer
 from hyla.errors import ConfigError, DataError
-from hyla.train.loop import TrainConfig, train
+from hyla.train.config import TrainConfig
+from hyla.train.loop import train
 from hyla.train.optim import lr_at
 from tests.helpers import small_corpus
 

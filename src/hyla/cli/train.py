@@ -14,14 +14,15 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
     from hyla.model import HylaForCausalLM
-    from hyla.train.loop import TrainConfig, TrainResult
+    from hyla.train.config import TrainConfig
+    from hyla.train.loop import TrainResult
 
 # The prompts of the samples at the end of `hyla train` (the default corpus is Python code).
 SAMPLE_PROMPTS = ("class Parser:\n    def ", "    for i in range(", "def test_")
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
-    from hyla.train.loop import TrainConfig
+    from hyla.train.config import TrainConfig
 
     tr = commands.add_parser("train", help="train a model (default: the 2.3M demo on the Python standard library)",
                              description="Train a model. With no flags: the main job, a 2.3M-parameter code model "
@@ -55,7 +56,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     import dataclasses
 
     from hyla.errors import ConfigError
-    from hyla.train.loop import TrainConfig, load_train_toml, resume_config
+    from hyla.train.config import TrainConfig, load_train_toml
+    from hyla.train.loop import resume_config
 
     fields = load_train_toml(args.config) if args.config else {}
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}

@@ -62,7 +62,8 @@ from hyla.data.synthetic import word_tokenizer, write_mqar
 from hyla.data.tokenizer import train_bpe
 from hyla.errors import ConfigError
 from hyla.serve import LLM, EngineConfig
-from hyla.train.loop import TrainConfig, read_toml, train, train_fields
+from hyla.train.config import TrainConfig, read_toml, train_fields
+from hyla.train.loop import train
 from hyla.train.parallel import World, barrier, init_world, shutdown
 
 
