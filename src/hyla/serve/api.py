@@ -271,7 +271,6 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     if not body.messages:
         raise APIError(400, "messages must not be empty", "invalid_request_error", "messages")
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    state.engine.admit(params.n)  # before rendering and tokenizing anything
     prompt = state.template.render(messages)
     started = await _start(request, state, [prompt], params, param="messages")
     if started is None:
@@ -494,10 +493,12 @@ class _Once(logging.Filter):
             return False
         self.last[key] = now
         dropped = self.dropped.pop(key, 0)
-        if dropped:
-            record.msg = f"{record.msg} (and {dropped} more like it in the last minute)"
-        record.exc_info = record.exc_info if not dropped else None
+        if dropped:  # one line that says how many were dropped (their tracebacks are the first one's)
+            record.msg, record.exc_info = f"{record.msg} (and {dropped} more like it in the last minute)", None
         return True
+
+
+_ONCE = _Once()
 
 
 def _raise_open_files_limit() -> int:
@@ -516,7 +517,7 @@ def http_server(app: FastAPI, sc: ServerConfig) -> uvicorn.Server:
     """uvicorn serving ``app`` with ``sc``'s limits: a header timeout, a cap on connections below the open-files
     limit (raised to its hard maximum), and asyncio's repeated errors logged once a minute."""
     files = _raise_open_files_limit()
-    logging.getLogger("asyncio").addFilter(_Once())
+    logging.getLogger("asyncio").addFilter(_ONCE)  # (added once: a logger keeps a filter once)
     protocol = type("HeaderTimeout", (_HeaderTimeout,), {"header_timeout": sc.header_timeout})
     return uvicorn.Server(uvicorn.Config(
         app, host=sc.host, port=sc.port, log_level="critical", http=protocol, timeout_keep_alive=5,
