@@ -74,8 +74,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def resolve_dtype(name: str, device: str) -> tuple[torch.dtype, str]:
     """``--dtype``: a dtype by name, or ``auto``: what the device runs fastest; and the words that say so."""
+    from hyla.bench.dtype import auto_dtype
     from hyla.ops.precision import DTYPES
-    from hyla.runtime import auto_dtype
 
     if name != "auto":
         return DTYPES[name], name
