@@ -74,3 +74,17 @@ def test_a_collected_int8_layer_leaves_no_entry():
     del layer
     gc.collect()
     assert token not in Int8Linear._by_token
+
+
+def test_an_engine_that_batches_prepares_every_copy_at_start():
+    import hyla
+    from hyla.data.tokenizer import byte_level_tokenizer
+    from hyla.serve import LLM, EngineConfig
+
+    def copies(llm):
+        return {len(m._copies) for m in llm.engine.model.modules() if isinstance(m, PackedLinear)}
+
+    batching = LLM(hyla.HylaForCausalLM(hyla.preset("tiny")), byte_level_tokenizer(), EngineConfig(max_num_seqs=4))
+    assert copies(batching) == {1}
+    single = LLM(hyla.HylaForCausalLM(hyla.preset("tiny")), byte_level_tokenizer(), EngineConfig(max_num_seqs=1))
+    assert copies(single) == {0}  # one request: made on first use, the LM head's never (one row)

@@ -24,7 +24,7 @@ from torch import Tensor
 from hyla.config import LIGHTNING, HylaConfig
 from hyla.errors import ConfigError
 from hyla.model import HylaForCausalLM
-from hyla.model.linear import prepare_for_compile, prepare_for_cpu_inference
+from hyla.model.linear import prepare_copies, prepare_for_compile, prepare_for_cpu_inference
 from hyla.ops.attention import paged_attention
 from hyla.ops.lightning import lightning_attention, lightning_decode
 from hyla.ops.precision import compute_dtype
@@ -77,6 +77,8 @@ class ModelRunner:
             raise ConfigError(f"compile runs on the CPU with a float32 or float64 model, not {self.device} {dtype}")
         if self.device.type == "cpu":
             prepare_for_cpu_inference(model, quantize)
+            if num_slots > 1:  # steps of several rows will come: no first step should pay for the copies
+                prepare_copies(model)
         config = model.config
         self.block_size = block_size
         h, hkv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
