@@ -18,7 +18,7 @@ from hyla.runtime import BF16_FLAGS, cpu_info
 # Where the measured choice is kept, per machine (CPU model and flags, torch version, threads).
 DTYPE_CACHE = Path.home() / ".cache" / "hyla" / "dtype.json"
 # bfloat16 is chosen only when its decode step is at least this much faster: float32 is the reference (and more
-# precise), and a VM's speed moves by 10-30% between runs (measured: benchmarks/dtype.py, RESULTS.md).
+# precise), and a shared VM's speed moves between runs (benchmarks/dtype.py, RESULTS.md).
 BF16_MIN_SPEEDUP = 1.15
 
 
@@ -30,7 +30,7 @@ def auto_dtype(
     one of them gets bfloat16 if a decode step measured (``measure``, default :func:`measure_decode`) once per
     machine and kept in ``cache`` (default :data:`DTYPE_CACHE`) ran :data:`BF16_MIN_SPEEDUP` times faster in it,
     else float32: the flag does not predict the speed (on an AMD EPYC with avx512_bf16, bfloat16 matrix products
-    ran 2-3x faster and a decode step about as fast; Intel's AMX runs bfloat16 products ~7x faster)."""
+    ran faster and a decode step about as fast: ``benchmarks/dtype.py`` in RESULTS.md)."""
     if torch.device(device).type == "cuda":
         if torch.cuda.is_bf16_supported():
             return torch.bfloat16, f"{torch.cuda.get_device_name()} has bfloat16 tensor cores"

@@ -134,8 +134,8 @@ def prepare_for_cpu_inference(model: nn.Module, quantize: str | None = None) -> 
 
 
 def prepare_copies(model: nn.Module) -> None:
-    """Make every prepared layer's copy now (an engine does it at start: made on first use instead, the LM head's
-    copy stalled the first step in which two sequences sample together, ~0.45 s on `small`: RESULTS.md)."""
+    """Make every prepared layer's copy now (an engine that batches does it at start: made on first use instead,
+    the LM head's copy stalled the first step in which two sequences sample together; measured in RESULTS.md)."""
     for module in model.modules():
         if isinstance(module, PackedLinear):
             module.prepared()
