@@ -63,3 +63,18 @@ def test_files_keep_the_umasks_permissions(tmp_path):
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [tmp_path / "d", *(tmp_path / "d").iterdir()]}
     assert modes == {"d": 0o755, "private": 0o644, "sub": 0o755}
+
+
+def test_replace_file_is_whole_or_nothing(tmp_path, monkeypatch):
+    from hyla.atomic import replace_file
+
+    path = tmp_path / "train.json"
+    replace_file(path, "old")
+
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(OSError):
+        replace_file(path, "new")
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["train.json"]

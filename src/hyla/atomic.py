@@ -67,6 +67,19 @@ def recover_directory(target: str | Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def replace_file(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all: a temporary sibling is filled, then renamed over ``path``
+    (and removed if the write fails, a full disk say)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 @contextmanager
 def atomic_directory(target: str | Path) -> Iterator[Path]:
     """Yield an empty temporary sibling of ``target`` to fill; when the block ends without an error it replaces

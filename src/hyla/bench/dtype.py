@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from hyla.atomic import replace_file
 from hyla.runtime import BF16_FLAGS, cpu_info
 
 # Where the measured choice is kept, per machine (CPU model and flags, torch version, threads).
@@ -95,7 +95,4 @@ def _write_cache(path: Path, key: str, times: dict[str, float]) -> None:
     """Keep a measurement; a cache that cannot be written (a read-only home) only costs a measurement next time."""
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = {**_read_cache(path), key: times}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        os.replace(tmp, path)
+        replace_file(path, json.dumps({**_read_cache(path), key: times}, indent=1) + "\n")

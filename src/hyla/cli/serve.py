@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from hyla.cli.common import (
     MODEL_DIR_HELP,
@@ -48,7 +47,6 @@ def run_serve(args: argparse.Namespace) -> None:
 
     server = config_from_args(ServerConfig, args)
     server.api_key = server.api_key or os.environ.get(API_KEY_ENV) or None
-    server.served_model_name = server.served_model_name or Path(args.model_dir).resolve().name
     config = config_from_args(EngineConfig, args)
     dtype, dtype_text = resolve_dtype(args.dtype, args.device)
     what = f"shutting down (no new requests; running ones have {server.shutdown_timeout:g} s to finish)"

@@ -63,7 +63,7 @@ from hyla.data.tokenizer import train_bpe
 from hyla.errors import ConfigError
 from hyla.serve import LLM, EngineConfig
 from hyla.train.config import TrainConfig, read_toml, train_fields
-from hyla.train.loop import train
+from hyla.train.loop import complete_report, train
 from hyla.train.parallel import World, barrier, init_world, shutdown
 
 
@@ -187,14 +187,6 @@ def read_grid(path: str | Path, out: str | Path) -> tuple[list[Cell], RecallTask
     return cells, task
 
 
-def _done(run: Path) -> dict | None:
-    try:
-        report = json.loads((run / "report.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return report if report.get("held_out_complete") else None
-
-
 def sweep(grid: str | Path, out: str | Path, stop: threading.Event | None = None, log=print) -> list[dict]:
     """Run (or continue) the grid in ``grid`` under ``out``; returns the rows of ``out/sweep.json``. Stops after
     the current run's step when ``stop`` is set (run again to continue).
@@ -233,7 +225,7 @@ def _sweep(cells: list[Cell], task: RecallTask | None, out: Path, stop: threadin
     for i, cell in enumerate(cells):
         run = Path(cell.config.run_dir)
         cell.config.tokenizer = str(tokenizer)
-        report = _done(run)
+        report = complete_report(run)
         if report is None:
             resume = world.size == 1 and (run / "checkpoint" / "trainer.pt").is_file()
             log(f"[{i + 1}/{len(cells)}] {cell.name}: {'resuming' if resume else 'training'}")
@@ -243,7 +235,7 @@ def _sweep(cells: list[Cell], task: RecallTask | None, out: Path, stop: threadin
             if result.interrupted:
                 log(f"stopped in {cell.name}; run the same command again to continue")
                 break
-            report = _done(run)
+            report = complete_report(run)
         else:
             log(f"[{i + 1}/{len(cells)}] {cell.name}: done before, skipped")
         if report is None:

@@ -28,7 +28,7 @@ import torch
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from hyla.atomic import atomic_directory, recover_directory
+from hyla.atomic import atomic_directory, recover_directory, replace_file
 from hyla.checkpoint import load, save_pretrained
 from hyla.config import HylaConfig, preset
 from hyla.data.corpus import Source, discover, segments
@@ -108,15 +108,21 @@ class RunPlan:
     def finished(self) -> bool:
         """A resumed run that already did its steps and evaluated every held-out token (one stopped during that
         evaluation resumes it)."""
-        return self.resume_state is not None and self.resume_step >= self.cfg.steps and report_complete(self.run)
+        return (
+            self.resume_state is not None
+            and self.resume_step >= self.cfg.steps
+            and complete_report(self.run) is not None
+        )
 
 
-def report_complete(run: Path) -> bool:
-    """Whether ``run/report.json`` holds the loss over every held-out token."""
+def complete_report(run: Path) -> dict | None:
+    """``run/report.json`` if it holds the loss over every held-out token, else None (no report, a damaged one, or
+    one whose evaluation was stopped)."""
     try:
-        return bool(json.loads((run / "report.json").read_text()).get("held_out_complete"))
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return False
+        report = json.loads((run / "report.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return report if isinstance(report, dict) and report.get("held_out_complete") else None
 
 
 def _comparable(fields: dict) -> dict:
@@ -231,9 +237,7 @@ def _load_trainer_state(path: Path) -> dict:
 
 def _write_json(path: Path, value: dict) -> None:
     """Replace ``path`` with ``value`` as JSON, atomically."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
+    replace_file(path, json.dumps(value, indent=2) + "\n")
 
 
 @contextlib.contextmanager
@@ -494,9 +498,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = [line for line in path.read_text().splitlines(keepends=True) if _line_step(line) <= step]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    replace_file(path, "".join(kept))
 
 
 def _line_step(line: str) -> float:
