@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from hyla.atomic import atomic_directory, recover_directory
-from hyla.data.tokenizer import ChatTemplate, load_chat_template, load_tokenizer
+from hyla.data.tokenizer import ChatTemplate, check_tokenizer_fits, load_chat_template, load_tokenizer
 from hyla.errors import CheckpointError, ConfigError
 from hyla.interop.transformers import config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf
 from hyla.model import HylaForCausalLM
@@ -145,9 +145,8 @@ def save_pretrained(
     Other files already in ``path`` (a tokenizer, ...) are kept.
     """
     path = Path(path)
-    if tokenizer is not None and tokenizer.get_vocab_size() > model.config.vocab_size:
-        raise ConfigError(f"the tokenizer has {tokenizer.get_vocab_size()} ids but the model only "
-                          f"{model.config.vocab_size}")  # fmt: skip
+    if tokenizer is not None:
+        check_tokenizer_fits(tokenizer.get_vocab_size(), model.config.vocab_size)
     dtype = next(model.parameters()).dtype
     tensors = {k: v.detach().cpu() for k, v in state_dict_to_hf(model.state_dict(), model.config).items()}
     with atomic_directory(path) as tmp:
@@ -196,11 +195,7 @@ def load_pretrained(
     path = find_model_dir(path)
     vocab = load_tokenizer(tokenizer or path)
     config = read_config(path)
-    if vocab.get_vocab_size() > config.vocab_size:
-        raise ConfigError(
-            f"the tokenizer has {vocab.get_vocab_size()} ids but the model in {path} only {config.vocab_size}: "
-            "they were not trained together (give the model's own with --tokenizer)"
-        )
+    check_tokenizer_fits(vocab.get_vocab_size(), config.vocab_size, f"the model in {path}")
     source = load_chat_template(path)
     template = None if source is None else ChatTemplate(source, f"the chat_template of {path}")
     return Pretrained(load(path, dtype=dtype, device=device), vocab, template, path)

@@ -66,6 +66,14 @@ def token_bytes(tokenizer: Tokenizer, token_id: int) -> bytes:
     return tokenizer.decode([token_id], skip_special_tokens=False).encode()
 
 
+def check_tokenizer_fits(num_ids: int, vocab_size: int, model: str = "the model") -> None:
+    """:class:`~hyla.errors.ConfigError` unless a tokenizer of ``num_ids`` ids fits a model of ``vocab_size`` (a
+    larger one makes some prompts' ids out of the model's range)."""
+    if num_ids > vocab_size:
+        raise ConfigError(f"the tokenizer has {num_ids} ids but {model} only {vocab_size}: they were not trained "
+                          "together (give the model's own tokenizer, --tokenizer on the command line)")  # fmt: skip
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """A ``tokenizer.json`` file, or the one in model directory ``path``; :class:`~hyla.errors.DataError` naming
     the file when there is none or it cannot be read (no silent fallback: another tokenizer's ids would be

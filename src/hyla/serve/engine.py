@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from hyla.data.tokenizer import END_OF_TEXT
+from hyla.data.tokenizer import END_OF_TEXT, check_tokenizer_fits
 from hyla.errors import ConfigError, RequestError, check_fields
 from hyla.model import HylaForCausalLM
 from hyla.serve.cache import CacheManager
@@ -147,11 +147,7 @@ class LLMEngine:
         kv_bytes = kv_bytes_per_token(model.config, dtype)
         available = available_memory(next(model.parameters()).device)
         self.config = c = (config or EngineConfig()).resolve(model.config.max_position_embeddings, kv_bytes, available)
-        if tokenizer.get_vocab_size() > model.config.vocab_size:
-            raise ConfigError(
-                f"the tokenizer has {tokenizer.get_vocab_size()} ids but the model only {model.config.vocab_size}: "
-                "they were not trained together (give the model's own tokenizer with --tokenizer)"
-            )
+        check_tokenizer_fits(tokenizer.get_vocab_size(), model.config.vocab_size)
         self.vocab_size = tokenizer.get_vocab_size()
         num_snapshots = c.num_snapshots(snapshot_bytes(model.config, dtype))
         self.cache = CacheManager(c.max_num_seqs, c.num_blocks, c.block_size, num_snapshots)

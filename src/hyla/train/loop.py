@@ -34,7 +34,7 @@ from hyla.config import HylaConfig, preset
 from hyla.data.corpus import Source, discover, segments
 from hyla.data.packing import Batch, epoch_batches, packed_batches
 from hyla.data.shards import TokenShard, build_shards, train_documents
-from hyla.data.tokenizer import load_tokenizer, train_bpe
+from hyla.data.tokenizer import check_tokenizer_fits, load_tokenizer, train_bpe
 from hyla.errors import ConfigError, DataError
 from hyla.model import HylaForCausalLM
 from hyla.model.decoder import next_token_targets
@@ -194,8 +194,7 @@ def plan_run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, wo
         tokenizer = load_tokenizer(cfg.tokenizer)
     vocab_size = cfg.vocab_size if tokenizer is None else tokenizer.get_vocab_size()
     model_config = preset(cfg.preset, **{"vocab_size": vocab_size, **cfg.model})
-    if vocab_size > model_config.vocab_size:
-        raise ConfigError(f"the tokenizer has {vocab_size} ids but the model only {model_config.vocab_size}")
+    check_tokenizer_fits(vocab_size, model_config.vocab_size)
     holds_a_run = run.is_dir() and any(run.iterdir())
     if run.exists() and not run.is_dir():
         raise DataError(f"--run-dir {run} is a file, not a directory")
