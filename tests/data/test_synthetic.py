@@ -7,7 +7,18 @@ import pytest
 
 from hyla.data.corpus import discover, documents
 from hyla.data.shards import build_shards
-from hyla.data.synthetic import mqar_document, word_tokenizer, write_mqar
+from hyla.data.synthetic import (
+    PASSKEY_FILLER,
+    PASSKEY_INTRO,
+    PASSKEY_NEEDLE,
+    PASSKEY_QUESTION,
+    mqar_document,
+    passkey_layout,
+    passkey_tokenizer,
+    word_tokenizer,
+    write_mqar,
+    write_passkey,
+)
 from hyla.errors import ConfigError
 
 
@@ -59,3 +70,39 @@ def test_mqar_documents_train_on_the_answers_only(tmp_path):
             assert trained == asked and all(doc[j] == pairs[doc[j - 1]] for j in trained)
     again = write_mqar(tmp_path / "again.jsonl", tokenizer, 40, [16, 32], [2, 4], seed=1)
     assert again.read_text() == path.read_text()  # the same seed, the same documents
+
+
+def test_passkey_documents_train_on_the_key_after_the_question(tmp_path):
+    tokenizer = passkey_tokenizer()
+    encode = lambda text: tokenizer.encode(text).ids  # noqa: E731
+    path = write_passkey(tmp_path / "passkey.jsonl", tokenizer, 30, [128, 200], seed=3)
+    shards = build_shards(discover(path), tokenizer, tmp_path / "cache", 0.1, progress=False)
+    question, lengths = encode(PASSKEY_QUESTION), set()
+    for split in ("train", "eval"):
+        shard = shards[split]
+        for i in range(len(shard)):
+            doc, mask = shard.document(i).tolist(), shard.mask[shard.offsets[i] : shard.offsets[i + 1]]
+            assert doc[-1] == 0 and 0 not in doc[:-1]  # every word known: no <|endoftext|> stands in for one
+            trained = [doc[j] for j in range(len(doc)) if mask[j]]
+            key = tokenizer.decode(trained).replace(" ", "")
+            assert len(trained) == 5 and key.isdigit() and 10_000 <= int(key) < 100_000
+            prompt = doc[:-6]  # before the five digits and the end of text
+            assert prompt[-len(question) :] == question and sum(mask[: len(prompt)]) == 0
+            assert tokenizer.decode(prompt).replace(" ", "").count(key) == 2  # the needle says it twice
+            lengths.add(len(prompt))
+    windows = {target: [n for n in lengths if target - 24 < n <= target] for target in (128, 200)}  # whole lines
+    assert all(windows.values()) and sum(map(len, windows.values())) == len(lengths)
+
+
+def test_passkey_tokens_do_not_depend_on_how_the_prompt_is_cut():
+    """hyla eval passkey encodes the parts one by one; training encodes the text whole: the same tokens."""
+    tokenizer = passkey_tokenizer()
+    encode = lambda text: tokenizer.encode(text).ids  # noqa: E731
+    for depth in (0.0, 0.4, 1.0):
+        before, after = passkey_layout(encode, 300, depth)
+        parts = [PASSKEY_INTRO, *[PASSKEY_FILLER] * before, PASSKEY_NEEDLE.format(key=40213),
+                 *[PASSKEY_FILLER] * after, PASSKEY_QUESTION]  # fmt: skip
+        assert [t for part in parts for t in encode(part)] == encode("".join(parts))
+        assert before + after == (300 - 26 - 23 - 10) // 24 and abs(before / (before + after) - depth) <= 0.05
+    with pytest.raises(ConfigError, match="cannot hold the intro"):
+        passkey_layout(encode, 40, 0.5)

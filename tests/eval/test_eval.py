@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 
 import hyla
-from hyla.data.synthetic import mqar_document
+from hyla.data.synthetic import PASSKEY_NEEDLE, mqar_document
 from hyla.data.tokenizer import train_bpe
 from hyla.errors import ConfigError
 from hyla.eval import loss_by_position, mqar, passkey, save
-from hyla.eval.recall import PASSKEY_NEEDLE, passkey_prompt
+from hyla.eval.recall import passkey_prompt
 from hyla.serve import LLM, EngineConfig
 from tests.helpers import byte_tokenizer
 

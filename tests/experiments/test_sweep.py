@@ -7,7 +7,7 @@ import pytest
 
 from hyla.config import LIGHTNING, SOFTMAX
 from hyla.errors import ConfigError
-from hyla.experiments.sweep import flops, layer_types, read_grid, sweep
+from hyla.experiments.sweep import flops, layer_types, plot, read_grid, sweep, table
 from tests.helpers import SWEEP_BASE, grid_file
 
 
@@ -18,6 +18,14 @@ def test_layer_patterns_and_the_depth_dial():
         layer_types("hybrid:8", 4)
     with pytest.raises(ConfigError, match="hybrid:N"):
         layer_types("hybrid", 4)
+    # letters name a period, first layer first, repeated to the depth
+    assert layer_types("SL", 4) == [SOFTMAX, LIGHTNING] * 2
+    assert layer_types("LLLS", 8) == layer_types("hybrid:4", 8)
+    assert layer_types("SLLLLLLL", 8) == [SOFTMAX] + [LIGHTNING] * 7
+    with pytest.raises(ConfigError, match="not a multiple"):
+        layer_types("SLL", 4)
+    with pytest.raises(ConfigError, match="letters L/S"):
+        layer_types("SLx", 3)
 
 
 def test_the_width_setting_narrows_every_depth(tmp_path):
@@ -81,7 +89,7 @@ def test_a_grid_runs_skips_what_is_done_and_resumes_what_stopped(tmp_path):
     [
         ('[grid]\npattern = ["hybrid:8"]\ndepth = [2]\nsteps = [3]\n', "depth 2 has none"),
         ('[grid]\npattern = ["softmax"]\ndepth = [0]\nsteps = [3]\n', "depth must be >= 1"),
-        ('[grid]\npattern = ["softmax"]\ndepth = [1]\n', "needs \\[grid\\] with pattern, depth and steps"),
+        ('[grid]\npattern = ["softmax"]\ndepth = [1]\n', r"needs \[grid\] \(or several \[\[grid\]\]\) with"),
         ('[grid]\npattern = ["softmax"]\ndepth = [1]\nsteps = [0]\n', "steps"),
     ],
 )
@@ -151,6 +159,11 @@ def test_a_recall_grid_trains_on_mqar_and_asks_each_model(tmp_path):
         train = json.loads((out / "runs" / row["run"] / "train.json").read_text())
         assert train["data"] == str(out / "data" / "mqar.jsonl") and row["config"]["vocab_size"] == 25
     assert sum(line.startswith("  asking") for line in lines) == 2
+    for row in rows:  # probed too: the embedding and the layer, the softmax layer with its attention per head
+        layers = row["probe"]["layers"]
+        assert [p["kind"] for p in layers] == ["embedding", "softmax" if "softmax" in row["run"] else "lightning"]
+        assert (layers[1]["to_value"] is not None) == ("softmax" in row["run"])
+        assert (out / "runs" / row["run"] / "eval" / "probe.md").is_file()
     lines.clear()
     again = sweep(path, out, None, lines.append)  # done: neither trained nor asked again
     assert [r["mqar"] for r in again] == [r["mqar"] for r in rows] and not any("asking" in line for line in lines)
@@ -159,10 +172,10 @@ def test_a_recall_grid_trains_on_mqar_and_asks_each_model(tmp_path):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (('name = "mqar"', 'name = "copy"'), 'needs name = "mqar"'),
+        (('name = "mqar"', 'name = "copy"'), r"needs name = one of \['mqar', 'passkey'\]"),
         (("vocab = 8", "vocab = 3"), "4 pairs need as many distinct keys"),
         (("documents = 60", "documents = 60\nlength = 3"), "unexpected keyword argument 'length'"),
-        (("max_seq_len = 64", "max_seq_len = 32"), "max_seq_len must hold the longest MQAR document, 33 tokens"),
+        (("max_seq_len = 64", "max_seq_len = 32"), "max_seq_len must hold the longest mqar document, 33 tokens"),
         (("[base]", '[base]\ndata = "x"'), "may not set data"),
     ],
 )
@@ -173,3 +186,40 @@ def test_a_recall_task_that_cannot_work_is_refused(tmp_path, change, message):
     path.write_text(text.replace(*change))
     with pytest.raises(ConfigError, match=message):
         read_grid(path, tmp_path / "out")
+
+
+PASSKEY = """
+[task]
+name = "passkey"
+lengths = [96]
+documents = 40
+scales = [1, 2]
+depths = [0.0, 1.0]
+trials = 2
+"""
+
+
+@pytest.mark.slow
+def test_a_passkey_grid_trains_at_one_length_and_asks_at_several(tmp_path):
+    text = SWEEP_BASE.replace('data = "{data}"\n', "").replace("vocab_size = 300\n", "").replace("64", "112")
+    path = tmp_path / "grid.toml"
+    path.write_text(text.format(cache=tmp_path / "cache") + PASSKEY + '[grid]\npattern = ["SL"]\n'
+                    "depth = [2]\nwidth = 16\nsteps = [2]\n")  # fmt: skip
+    out = tmp_path / "out"
+    rows = sweep(path, out, None, lambda line: None)
+    assert len((out / "data" / "passkey.jsonl").read_text().splitlines()) == 40
+    grid = json.loads((out / "runs" / "SL-d2-s2" / "eval" / "passkey.json").read_text())
+    assert grid["length"] == [96, 192] and grid["depth"] == [0.0, 1.0] and grid["trials"] == [[2, 2], [2, 2]]
+    assert rows[0]["passkey"]["mean"] == sum(map(sum, grid["correct"])) / 8 and "probe" not in rows[0]
+    assert plot(rows, tmp_path / "sweep.png").stat().st_size > 0 and "passkey accuracy" in table(rows)
+
+
+def test_several_grid_tables_run_in_one_sweep(tmp_path):
+    grids = ('[[grid]]\npattern = ["SL"]\ndepth = [2]\nwidth = 32\nsteps = [2]\n'
+             '[[grid]]\npattern = ["SLLL", "LLLS"]\ndepth = [4]\nwidth = 16\nsteps = [2]\n')  # fmt: skip
+    cells, _ = read_grid(grid_file(tmp_path, grids), tmp_path / "out")
+    assert [c.name for c in cells] == ["SL-d2-w32-s2", "SLLL-d4-w16-s2", "LLLS-d4-w16-s2"]
+    assert cells[1].model.layer_types == [SOFTMAX] + [LIGHTNING] * 3 and cells[1].model.hidden_size == 64
+    twice = grids + '[[grid]]\npattern = ["SL"]\ndepth = [2]\nwidth = 32\nsteps = [2]\n'
+    with pytest.raises(ConfigError, match="names the run SL-d2-w32-s2 twice"):
+        read_grid(grid_file(tmp_path, twice), tmp_path / "out")

@@ -12,8 +12,9 @@ from hyla.cli.common import is_main_rank, stop_on_signals
 def add_parsers(commands: argparse._SubParsersAction) -> None:
     sw = commands.add_parser("sweep", help="train a grid of runs: layer patterns x depths x budgets",
                              description="Train every cell of a grid file (TOML: [base] run fields, [model] "
-                             "model fields, [grid] pattern = [softmax, lightning, hybrid:N], depth = [...], steps = "
-                             "[...], optional width; optional [task] name = \"mqar\" to train on recall; see "
+                             "model fields, [grid] pattern = [softmax, lightning, hybrid:N, or letters L/S such as "
+                             "SLLL], depth = [...], steps = [...], optional width (or several [[grid]]); optional "
+                             "[task] name = \"mqar\" or \"passkey\" to train on recall; see "
                              "hyla/experiments/sweep.py) as a `hyla train` run under OUT/runs, skipping finished "
                              "runs and resuming interrupted ones (under torchrun each run trains sharded); prints a "
                              "table and writes OUT/sweep.json, OUT/sweep.png and, with five runs of a pattern, "
@@ -34,7 +35,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     if not is_main_rank():  # under torchrun, rank 0 reports
         return 0
     out = Path(args.out)
-    fits = {} if "mqar" in rows[0] else sweep.fit_families(rows)
+    fits = {} if {"mqar", "passkey"} & set(rows[0]) else sweep.fit_families(rows)
     print(f"\n{sweep.table(rows)}\n\nwrote {out / 'sweep.json'} and {sweep.plot(rows, out / 'sweep.png', fits)}")
     if fits:
         (out / "fits.json").write_text(json.dumps(fits, indent=1) + "\n")

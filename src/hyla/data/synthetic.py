@@ -1,4 +1,5 @@
-"""Synthetic token tasks, generated from a seed (no downloads): multi-query associative recall (MQAR).
+"""Synthetic recall tasks, generated from a seed (no downloads): multi-query associative recall (MQAR) and the
+passkey.
 
 MQAR (Zoology, Arora et al. 2023) at the token level: ``num_pairs`` distinct keys, each followed by its value,
 then filler tokens in which some keys are asked again, each followed by its value. Keys, values and filler come
@@ -8,6 +9,11 @@ the pair from its context: the task that separates attention (exact lookup) from
 Training documents are text over a word-level vocabulary (:func:`word_tokenizer`: ``w1 w2 ...``, one id each,
 in order after ``<|endoftext|>``), so that ``hyla train`` reads them as any ``.jsonl`` corpus and ``hyla eval
 mqar`` asks the trained model with the same thirds of the same ids.
+
+Passkey (Mohtashami & Jaggi 2023): a five-digit number hidden at a depth of repetitive filler text, then "What is
+the pass key? The pass key is". :func:`passkey_layout` places the needle for ``hyla eval passkey``;
+:func:`write_passkey` writes training documents in the same format, over :func:`passkey_tokenizer`'s words (each
+digit a token), trained on the number after the question only.
 """
 
 from __future__ import annotations
@@ -16,10 +22,11 @@ import itertools
 import json
 import operator
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers.pre_tokenizers import Digits, Punctuation, WhitespaceSplit
 
 from hyla.data.tokenizer import END_OF_TEXT
 from hyla.errors import ConfigError
@@ -84,5 +91,63 @@ def write_mqar(
             parts = [{"text": "".join(f"{tokenizer.id_to_token(t)} " for t, _ in run), "train": trained}
                      for trained, run in runs]  # fmt: skip
             parts.append({"text": "", "train": False})  # the end of text is no answer either
+            f.write(json.dumps({"segments": parts}) + "\n")
+    return path
+
+
+PASSKEY_INTRO = (
+    "There is an important number hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about it.\n"
+)
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
+PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key.\n"
+PASSKEY_QUESTION = "What is the pass key? The pass key is"
+PASSKEY_KEYS = (10_000, 100_000)  # the five-digit numbers: range(*PASSKEY_KEYS)
+
+
+def passkey_layout(encode: Callable[[str], list[int]], length: int, depth: float) -> tuple[int, int]:
+    """How many filler lines go before and after the needle so that the prompt (intro, filler, needle, filler,
+    question) holds about ``length`` tokens of ``encode`` with the needle after ``depth`` (0..1) of the filler."""
+    fixed = sum(len(encode(text)) for text in (PASSKEY_INTRO, PASSKEY_NEEDLE.format(key=12345), PASSKEY_QUESTION))
+    room = length - fixed
+    if room < 0:
+        raise ConfigError(f"passkey: {length} tokens cannot hold the intro, the needle and the question")
+    repeats = room // len(encode(PASSKEY_FILLER))
+    before = round(depth * repeats)
+    return before, repeats - before
+
+
+def passkey_tokenizer() -> Tokenizer:
+    """``<|endoftext|>`` (id 0, special), the ten digits and the words and punctuation of the passkey texts, one id
+    each; text splits at whitespace, punctuation and between digits, so a prompt built from separately encoded
+    parts (``hyla eval passkey``) tokenizes as the same text written whole. Decoding joins tokens with spaces."""
+    split = pre_tokenizers.Sequence([WhitespaceSplit(), Punctuation(), Digits(individual_digits=True)])
+    texts = (PASSKEY_INTRO, PASSKEY_FILLER, PASSKEY_NEEDLE.format(key=1234567890), PASSKEY_QUESTION)
+    words = dict.fromkeys(piece for text in texts for piece, _ in split.pre_tokenize_str(text))
+    vocab = {END_OF_TEXT: 0, **{word: i for i, word in enumerate(words, start=1)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=END_OF_TEXT))
+    tokenizer.pre_tokenizer = split
+    tokenizer.add_special_tokens([END_OF_TEXT])
+    return tokenizer
+
+
+def write_passkey(path: str | Path, tokenizer: Tokenizer, documents: int, lengths: Sequence[int], seed: int) -> Path:
+    """``documents`` passkey training documents as ``.jsonl`` segments: each a prompt of a length from
+    ``lengths`` (tokens of ``tokenizer``) with a random key at a random depth, then the key, the only trained
+    segment (the filler is predictable text that would drown the recall signal, as in :func:`write_mqar`)."""
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text).ids
+
+    rng = random.Random(seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for _ in range(documents):
+            key, depth = rng.randrange(*PASSKEY_KEYS), rng.random()
+            before, after = passkey_layout(encode, rng.choice(lengths), depth)
+            prompt = PASSKEY_INTRO + PASSKEY_FILLER * before + PASSKEY_NEEDLE.format(key=key)
+            parts = [{"text": prompt + PASSKEY_FILLER * after + PASSKEY_QUESTION, "train": False},
+                     {"text": f" {key}", "train": True}, {"text": "", "train": False}]  # fmt: skip
             f.write(json.dumps({"segments": parts}) + "\n")
     return path

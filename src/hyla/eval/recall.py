@@ -8,7 +8,8 @@ the context once. It is a probe of in-context recall: a model never trained on t
 (``1 / values``); ``hyla sweep``'s recall study trains models on it.
 
 Passkey (Mohtashami & Jaggi 2023): a five-digit number hidden at a given depth of repetitive filler text, then
-"What is the pass key? The pass key is"; right when the greedy continuation starts with the number.
+"What is the pass key? The pass key is" (:mod:`hyla.data.synthetic`); right when the greedy continuation starts
+with the number.
 """
 
 from __future__ import annotations
@@ -16,7 +17,15 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from hyla.data.synthetic import mqar_document
+from hyla.data.synthetic import (
+    PASSKEY_FILLER,
+    PASSKEY_INTRO,
+    PASSKEY_KEYS,
+    PASSKEY_NEEDLE,
+    PASSKEY_QUESTION,
+    mqar_document,
+    passkey_layout,
+)
 from hyla.errors import ConfigError
 from hyla.serve import LLM, SamplingParams
 
@@ -104,26 +113,13 @@ def mqar(llm: LLM, lengths: list[int], pairs: list[int], contexts: int = 8, quer
     return grid
 
 
-PASSKEY_INTRO = (
-    "There is an important number hidden inside a lot of irrelevant text. Find it and memorize it. "
-    "I will quiz you about it.\n"
-)
-PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
-PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key.\n"
-PASSKEY_QUESTION = "What is the pass key? The pass key is"
-
-
 def passkey_prompt(llm: LLM, key: int, length: int, depth: float) -> list[int]:
     """About ``length`` tokens: the intro, filler with the needle after ``depth`` (0..1) of it, the question."""
     encode = llm.engine.inputs.encode
-    intro, needle, question = encode(PASSKEY_INTRO), encode(PASSKEY_NEEDLE.format(key=key)), encode(PASSKEY_QUESTION)
+    before, after = passkey_layout(encode, length, depth)
     filler = encode(PASSKEY_FILLER)
-    room = length - len(intro) - len(needle) - len(question)
-    if room < 0:
-        raise ConfigError(f"passkey: {length} tokens cannot hold the intro, the needle and the question")
-    repeats = room // len(filler)
-    before = round(depth * repeats)
-    return intro + filler * before + needle + filler * (repeats - before) + question
+    return (encode(PASSKEY_INTRO) + filler * before + encode(PASSKEY_NEEDLE.format(key=key)) + filler * after
+            + encode(PASSKEY_QUESTION))  # fmt: skip
 
 
 def passkey(llm: LLM, lengths: list[int], depths: list[float], trials: int = 4, seed: int = 0) -> Grid:
@@ -136,9 +132,15 @@ def passkey(llm: LLM, lengths: list[int], depths: list[float], trials: int = 4, 
     grid = Grid("passkey", "length", "depth", [float(n) for n in lengths], list(depths), chance=1e-5)
     params = SamplingParams(max_tokens=8, temperature=0.0)
     for length in lengths:
-        keys = [[rng.randrange(10_000, 100_000) for _ in range(trials)] for _ in depths]
+        keys = [[rng.randrange(*PASSKEY_KEYS) for _ in range(trials)] for _ in depths]
         prompts = [passkey_prompt(llm, key, length, d) for d, row in zip(depths, keys, strict=True) for key in row]
         outputs = iter(llm.generate(prompts, params))
-        grid.correct.append([sum(next(outputs)[0].text.strip().startswith(str(key)) for key in row) for row in keys])
+        grid.correct.append([sum(_answers(next(outputs)[0].text, key) for key in row) for row in keys])
         grid.trials.append([trials] * len(depths))
     return grid
+
+
+def _answers(text: str, key: int) -> bool:
+    """Whether ``text`` starts with the digits of ``key``, spaces aside (a word-level tokenizer decodes digits
+    with spaces between them)."""
+    return "".join(text.split()).startswith(str(key))

@@ -11,6 +11,9 @@ A grid is a TOML file::
     depth = [2, 4, 8]
     steps = [100, 200]
     width = 64             # optional: channels per layer, one value or a list (a second size dial)
+
+Several ``[[grid]]`` tables in one file (instead of one ``[grid]``) run one after the other, each its own product:
+cells that do not form a product (``SL`` at depth 2 and ``SLLL`` at depth 4) share one sweep and one ``sweep.json``.
     [task]                 # optional: train on a synthetic task instead of [base] data (the recall study)
     name = "mqar"
     vocab = 64             # ids per third: keys, values, filler
@@ -20,16 +23,21 @@ A grid is a TOML file::
 
 ``depth`` is the dial that derives a model's shape (as nanochat's ``--depth``): ``depth`` layers, hidden size
 ``width x depth`` (``width`` channels per layer, default 64; the product a multiple of 32), heads of 32 channels
-(half as many key-value heads), experts as wide as the hidden size. Patterns: ``softmax`` (every layer),
-``lightning`` (none), ``hybrid:N`` (every ``N``-th layer softmax: MiniMax-01's 7:1 is ``hybrid:8``; needs ``depth
->= N``; at ``depth = 8`` the widths 8, 12, 16, 24 give hidden sizes 64 to 192, as in the scaling study). Every
+(half as many key-value heads), experts as wide as the hidden size; at ``depth = 8`` the widths 8, 12, 16, 24
+give hidden sizes 64 to 192, as in the scaling study. Patterns: ``softmax`` (every layer), ``lightning`` (none),
+``hybrid:N`` (every ``N``-th layer softmax: MiniMax-01's 7:1 is ``hybrid:8``; needs ``depth >= N``), or letters
+naming a period of layers, first layer first, repeated to ``depth`` (``SL``: softmax then lightning;
+``SLLLLLLL``: MiniMax's 7:1 with its softmax layer moved to the front). Every
 cell is checked before the first run starts. The runs share one tokenizer, trained once into ``OUT/tokenizer.json``.
 
 With ``[task] name = "mqar"`` the sweep writes ``documents`` MQAR training documents
 (:func:`hyla.data.synthetic.write_mqar`: each of a length from ``lengths`` and a number of pairs from ``pairs``,
 the loss on the answers only) to ``OUT/data/mqar.jsonl`` with a word-level tokenizer of ``3 x vocab`` ids, and
-after each run asks its model ``hyla eval mqar`` over ``lengths`` x ``pairs`` (``OUT/runs/NAME/eval/mqar.json``):
-rows gain the accuracy.
+after each run asks its model ``hyla eval mqar`` over ``lengths`` x ``pairs`` (``OUT/runs/NAME/eval/mqar.json``)
+and probes how it answers (``eval/probe.json``, :mod:`hyla.experiments.probe`); with ``name = "passkey"`` it
+trains on passkey documents of ``lengths`` tokens and asks ``hyla eval passkey`` at ``scales`` x that length and
+each of ``depths`` (:mod:`hyla.experiments.tasks`). Rows gain the accuracy; the evaluation runs on the device the
+run trained on.
 
 A run whose ``report.json`` holds a complete held-out evaluation is skipped, one with a checkpoint is resumed,
 one stopped before its first checkpoint starts again: an interrupted sweep continues where it stopped. The
@@ -49,33 +57,43 @@ import itertools
 import json
 import operator
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from hyla import eval as evaluation
+from hyla.atomic import replace_file
 from hyla.config import LIGHTNING, SOFTMAX, HylaConfig, preset
 from hyla.data.corpus import discover
 from hyla.data.shards import train_documents
-from hyla.data.synthetic import word_tokenizer, write_mqar
 from hyla.data.tokenizer import train_bpe
 from hyla.errors import ConfigError
+from hyla.experiments.probe import probe
+from hyla.experiments.tasks import MQARTask, Task, read_task
 from hyla.serve import LLM, EngineConfig
 from hyla.train.config import TrainConfig, read_toml, train_fields
-from hyla.train.loop import complete_report, train
+from hyla.train.loop import Precision, complete_report, train
 from hyla.train.parallel import World, barrier, init_world, shutdown
 
 
 def layer_types(pattern: str, depth: int) -> list[str]:
-    """The ``depth`` layer types of ``pattern`` (``softmax``, ``lightning`` or ``hybrid:N``)."""
+    """The ``depth`` layer types of ``pattern``: ``softmax``, ``lightning``, ``hybrid:N`` or a period of letters
+    (``L`` lightning, ``S`` softmax, first layer first) repeated to ``depth``: ``SLLL`` at depth 8 is
+    ``SLLLSLLL``, and ``hybrid:4`` is ``LLLS``."""
     if pattern == "softmax":
         return [SOFTMAX] * depth
     if pattern == "lightning":
         return [LIGHTNING] * depth
+    if pattern and set(pattern) <= {"L", "S"}:
+        if depth % len(pattern):
+            raise ConfigError(f"pattern {pattern} repeats every {len(pattern)} layers: depth {depth} is not a multiple")
+        return [SOFTMAX if c == "S" else LIGHTNING for c in pattern] * (depth // len(pattern))
     period = pattern.removeprefix("hybrid:")
     if not pattern.startswith("hybrid:") or not period.isdigit() or int(period) < 2:
-        raise ConfigError(f"pattern must be softmax, lightning or hybrid:N (N >= 2), got {pattern!r}")
+        raise ConfigError(f"pattern must be softmax, lightning, hybrid:N (N >= 2) or letters L/S (a period such as "
+                          f"SLLL), got {pattern!r}")  # fmt: skip
     if depth < int(period):
         raise ConfigError(f"pattern {pattern} puts a softmax layer every {period} layers: depth {depth} has none")
     return [SOFTMAX if (i + 1) % int(period) == 0 else LIGHTNING for i in range(depth)]
@@ -117,67 +135,43 @@ class Cell:
     model: HylaConfig
 
 
-@dataclass
-class RecallTask:
-    """``[task] name = "mqar"``: the training documents and the evaluation after each run (module docstring)."""
-
-    vocab: int = 64  # ids per third: keys, values, filler
-    lengths: list[int] = field(default_factory=lambda: [64, 128, 256])
-    pairs: list[int] = field(default_factory=lambda: [4, 8, 16, 32])
-    documents: int = 20_000
-    contexts: int = 16  # evaluation: random contexts per (length, pairs) cell ...
-    queries: int = 4  # ... and keys asked of each
-    seed: int = 0
-
-    @property
-    def vocab_size(self) -> int:
-        return 3 * self.vocab + 1  # and <|endoftext|>
-
-
-def _read_task(fields: dict | None, where: str) -> RecallTask | None:
-    if fields is None:
-        return None
-    fields = dict(fields)
-    if fields.pop("name", None) != "mqar":
-        raise ConfigError(f'{where} [task] needs name = "mqar" (the one synthetic task a sweep trains on)')
-    try:
-        task = RecallTask(**fields)
-    except TypeError as e:
-        raise ConfigError(f"{where} [task]: {e}") from None
-    if task.vocab < max(task.pairs):
-        raise ConfigError(f"{where} [task]: {max(task.pairs)} pairs need as many distinct keys; vocab is {task.vocab}")
-    return task
-
-
-def read_grid(path: str | Path, out: str | Path) -> tuple[list[Cell], RecallTask | None]:
+def read_grid(path: str | Path, out: str | Path) -> tuple[list[Cell], Task | None]:
     """Every cell of the grid file ``path``, checked (the model builds, the run config validates; runs go under
     ``out``), and its ``[task]``. Raises :class:`ConfigError` naming the first problem."""
     where = f"grid file {str(path)!r}"
     spec = read_toml(path, "grid file")
     unknown = sorted(set(spec) - {"base", "model", "grid", "task"})
-    grid = dict(spec.get("grid", {}))
-    widths = grid.pop("width", 64)
-    widths = widths if isinstance(widths, list) else [widths]
-    if unknown or sorted(grid) != ["depth", "pattern", "steps"]:
-        raise ConfigError(f"{where} needs [grid] with pattern, depth and steps (and optional [base], [model] and "
-                          f"[task]); found sections {sorted(spec)} and grid keys {sorted(grid)}")  # fmt: skip
+    grids = spec.get("grid", {})
+    grids = [dict(g) for g in grids] if isinstance(grids, list) else [dict(grids)]
+    for grid in grids:
+        widths = grid.get("width", 64)
+        grid["width"] = widths if isinstance(widths, list) else [widths]
+        if unknown or sorted(grid) != ["depth", "pattern", "steps", "width"]:
+            raise ConfigError(f"{where} needs [grid] (or several [[grid]]) with pattern, depth and steps (and "
+                              f"optional [base], [model] and [task]); found sections {sorted(spec)} and grid keys "
+                              f"{sorted(set(grid) - {'width'})}")  # fmt: skip
+    several_widths = len({w for grid in grids for w in grid["width"]}) > 1
     base = train_fields(spec.get("base", {}), f"{where} [base]")
-    task = _read_task(spec.get("task"), where)
+    task = read_task(spec.get("task"), where)
     for name in ("run_dir", "model", "steps", "tokenizer", *(("data", "vocab_size") if task else ())):
         if name in base:
             raise ConfigError(f"[base] may not set {name}: the sweep sets it for each run")
     out = Path(out)
     shared = {}
     if task:  # (the tokenizer file is written before the first run; a BPE tokenizer's size is checked here)
-        shared = dict(data=str(out / "data" / "mqar.jsonl"), tokenizer=str(out / "tokenizer.json"),
-                      vocab_size=task.vocab_size)  # fmt: skip
-        longest = max(task.lengths) + 1  # and the end of text
+        shared = dict(data=str(out / "data" / f"{task.name}.jsonl"), tokenizer=str(out / "tokenizer.json"),
+                      vocab_size=task.tokenizer().get_vocab_size())  # fmt: skip
+        longest = task.longest_document
         if base.get("max_seq_len", TrainConfig.max_seq_len) < longest:
-            raise ConfigError(f"{where}: [base] max_seq_len must hold the longest MQAR document, {longest} tokens")
+            raise ConfigError(f"{where}: [base] max_seq_len must hold the longest {task.name} document, {longest} "
+                              "tokens")  # fmt: skip
     cells = []
-    for pattern, depth, width, steps in itertools.product(grid["pattern"], grid["depth"], widths, grid["steps"]):
+    products = (itertools.product(g["pattern"], g["depth"], g["width"], g["steps"]) for g in grids)
+    for pattern, depth, width, steps in itertools.chain.from_iterable(products):
         fields = {**spec.get("model", {}), **model_fields(pattern, depth, width)}
-        name = f"{pattern.replace(':', '')}-d{depth}{f'-w{width}' if len(widths) > 1 else ''}-s{steps}"
+        name = f"{pattern.replace(':', '')}-d{depth}{f'-w{width}' if several_widths else ''}-s{steps}"
+        if any(cell.name == name for cell in cells):
+            raise ConfigError(f"{where} names the run {name} twice")
         try:
             config = TrainConfig(**{**base, **shared}, model=fields, steps=steps, run_dir=str(out / "runs" / name))
             model = preset("demo").replace(vocab_size=config.vocab_size, **fields)
@@ -206,16 +200,16 @@ def _silent(line: str) -> None:
     """The log of ranks other than 0."""
 
 
-def _sweep(cells: list[Cell], task: RecallTask | None, out: Path, stop: threading.Event, log, world: World):
+def _sweep(cells: list[Cell], task: Task | None, out: Path, stop: threading.Event, log, world: World):
     tokenizer = out / "tokenizer.json"
     base = cells[0].config
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
         if task and not Path(base.data).is_file():
-            log(f"writing {task.documents:,} MQAR documents to {base.data}")
-            words = word_tokenizer(3 * task.vocab)
+            log(f"writing {task.documents:,} {task.name} documents to {base.data}")
+            words = task.tokenizer()
             words.save(str(tokenizer))
-            write_mqar(base.data, words, task.documents, task.lengths, task.pairs, task.seed)
+            task.write(Path(base.data), words)
         elif not tokenizer.is_file():
             log(f"training the runs' {base.vocab_size}-id tokenizer into {tokenizer}")
             sources = discover(base.data)
@@ -247,25 +241,42 @@ def _sweep(cells: list[Cell], task: RecallTask | None, out: Path, stop: threadin
                      "tokens": tokens, "flops": flops(cell.model, tokens, cell.config.max_seq_len),
                      "held_out_loss": report["held_out_loss"], "config": asdict(cell.config)})  # fmt: skip
         if task and world.main:
-            rows[-1]["mqar"] = _recall(run, task, log)
+            device = Precision.resolve(cell.config).device  # where the run trained
+            rows[-1][task.name] = _recall(run, task, log, device)
+            if isinstance(task, MQARTask):
+                rows[-1]["probe"] = _probe(run, task, log, device)
         barrier(world)
     if world.main:
         (out / "sweep.json").write_text(json.dumps(rows, indent=1) + "\n")
     return rows
 
 
-def _recall(run: Path, task: RecallTask, log) -> dict:
-    """The MQAR accuracy grid of ``run``'s model over the task's lengths x pairs, measured once
-    (``run/eval/mqar.json``) and read back after; ``accuracy`` (all cells' correct answers / trials) added."""
-    path = run / "eval" / "mqar.json"
+def _recall(run: Path, task: Task, log, device: torch.device) -> dict:
+    """The task's accuracy grid of ``run``'s model, measured once on ``device`` (``run/eval/NAME.json``) and read
+    back after; ``mean`` (all cells' correct answers / trials) added."""
+    path = run / "eval" / f"{task.name}.json"
     if not path.is_file():
-        log(f"  asking {run.name} MQAR over lengths {task.lengths} x pairs {task.pairs}")
-        llm = LLM(run, config=EngineConfig(max_model_len=max(task.lengths) + 16))
-        result = evaluation.mqar(llm, task.lengths, task.pairs, task.contexts, task.queries, task.seed + 1)
-        evaluation.save(result, run / "eval", "mqar", f"{run.name}: MQAR accuracy (chance {result.chance:.2g})")
+        log(f"  asking {run.name} {task.describe()}")
+        llm = LLM(run, config=EngineConfig(max_model_len=task.longest_prompt), device=device)
+        result = task.evaluate(llm)
+        evaluation.save(result, run / "eval", task.name,
+                        f"{run.name}: {task.name} accuracy (chance {result.chance:.2g})")  # fmt: skip
     grid = json.loads(path.read_text())
     correct, trials = (sum(map(sum, grid[k])) for k in ("correct", "trials"))
     return {**grid, "mean": correct / trials}
+
+
+def _probe(run: Path, task: MQARTask, log, device: torch.device) -> dict:
+    """The mechanism probes (:mod:`hyla.experiments.probe`) of ``run``'s model at the task's middle length and
+    pairs, measured once (``run/eval/probe.json``) and read back after."""
+    path = run / "eval" / "probe.json"
+    if not path.is_file():
+        length, pairs = sorted(task.lengths)[len(task.lengths) // 2], sorted(task.pairs)[len(task.pairs) // 2]
+        log(f"  probing {run.name} on MQAR contexts of {length} tokens with {pairs} pairs")
+        result = probe(run, length, pairs, seed=task.seed + 2, device=device)
+        replace_file(path, json.dumps(result.to_json(), indent=1) + "\n")
+        (run / "eval" / "probe.md").write_text(f"{run.name}: mechanism probes\n\n{result.table()}\n")
+    return json.loads(path.read_text())
 
 
 # A fitted floor E below this (nats) sits at the parameterization's bound (E = exp(e), e -> -inf): runs far from
@@ -296,9 +307,10 @@ def fit_families(rows: list[dict], bootstrap: int = 100) -> dict[str, dict]:
 
 
 def plot(rows: list[dict], path: Path, fits: dict[str, dict] | None = None) -> Path:
-    """The sweep's figure: a recall sweep's MQAR accuracy by pairs (one panel per length, one line per run);
-    otherwise held-out loss against training FLOPs, one panel per pattern with a line per model size (its
-    budgets) and, where ``fits`` has the pattern, the fitted law through them (dashed)."""
+    """The sweep's figure: a recall sweep's MQAR accuracy by pairs (one panel per length, one line per run), or
+    its passkey accuracy by length x depth (a heat map per run); otherwise held-out loss against training FLOPs,
+    one panel per pattern with a line per model size (its budgets) and, where ``fits`` has the pattern, the
+    fitted law through them (dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -317,6 +329,18 @@ def plot(rows: list[dict], path: Path, fits: dict[str, dict] | None = None) -> P
             ax.grid(alpha=0.3)
         axes[0][0].set_ylabel("MQAR accuracy")
         axes[0][-1].legend(fontsize=7)
+    elif "passkey" in rows[0]:
+        fig, axes = plt.subplots(1, len(rows), figsize=(2.6 * len(rows) + 0.8, 3.0), squeeze=False,
+                                 layout="constrained")  # fmt: skip
+        for ax, r in zip(axes[0], rows, strict=True):
+            grid = r["passkey"]
+            image = ax.imshow(np.array(grid["accuracy"], dtype=float), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+            ax.set_xticks(range(len(grid["depth"])), [f"{d:g}" for d in grid["depth"]])
+            ax.set_yticks(range(len(grid["length"])), [f"{n:g}" for n in grid["length"]])
+            ax.set_title(r["run"], fontsize=8)
+            ax.set_xlabel("needle depth")
+        axes[0][0].set_ylabel("context length (tokens)")
+        fig.colorbar(image, ax=axes[0].tolist(), label="passkey accuracy")
     else:
         from hyla.experiments.scaling import PARAMETERS, Fit
 
@@ -339,18 +363,19 @@ def plot(rows: list[dict], path: Path, fits: dict[str, dict] | None = None) -> P
             ax.grid(alpha=0.3)
             ax.legend(fontsize=6)
         axes[0][0].set_ylabel("held-out loss (nats/token)")
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
 def table(rows: list[dict]) -> str:
-    """A markdown table of the runs; a recall sweep's has each run's MQAR accuracy (all cells' answers)."""
-    recall = "mqar" in rows[0]
-    lines = ["| run | parameters (active) | tokens | FLOPs | held-out loss |" + (" MQAR accuracy |" if recall else ""),
-             "|---|---|---|---|---|" + ("---|" if recall else "")]  # fmt: skip
+    """A markdown table of the runs; a recall sweep's has each run's accuracy on its task (all cells' answers)."""
+    task = next((name for name in ("mqar", "passkey") if name in rows[0]), None)
+    lines = ["| run | parameters (active) | tokens | FLOPs | held-out loss |" + (f" {task} accuracy |" if task else ""),
+             "|---|---|---|---|---|" + ("---|" if task else "")]  # fmt: skip
     lines += [f"| {r['run']} | {r['parameters'] / 1e6:.2f}M ({r['active'] / 1e6:.2f}M) | {r['tokens']:,} | "
-              f"{r['flops']:.3g} | {r['held_out_loss']:.4f} |" + (f" {r['mqar']['mean']:.3f} |" if recall else "")
+              f"{r['flops']:.3g} | {r['held_out_loss']:.4f} |" + (f" {r[task]['mean']:.3f} |" if task else "")
               for r in rows]  # fmt: skip
     return "\n".join(lines)
