@@ -57,6 +57,9 @@ class HylaConfig:
     max_position_embeddings: int = 8192
     # Lightning attention: the block length of MiniMax's blockwise algorithm (a power of two)
     block_size: int = 256
+    # Not MiniMax's (0: none): taps of a short causal convolution over each lightning layer's q and k channels,
+    # the recall study's step outside the design family (hyla.ops.conv); the exporters refuse it.
+    lightning_qk_conv: int = 0
     # Residuals and norms
     rms_norm_eps: float = 1e-5
     postnorm: bool = True
@@ -110,6 +113,8 @@ class HylaConfig:
             raise ConfigError(
                 f"num_experts_per_tok ({self.num_experts_per_tok}) cannot exceed num_experts ({self.num_experts})"
             )
+        if not isinstance(self.lightning_qk_conv, int) or self.lightning_qk_conv < 0 or self.lightning_qk_conv == 1:
+            raise ConfigError(f"lightning_qk_conv must be 0 (none) or at least 2 taps, got {self.lightning_qk_conv}")
         if self.block_size & (self.block_size - 1):
             raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
         if not 0 < self.rotary_dim <= self.head_dim or self.rotary_dim % 2:

@@ -54,6 +54,9 @@ def check_exportable(config: HylaConfig) -> None:
         )
     if betas != {1.0}:
         raise ConfigError(f"llama.cpp's MiniMax-01 needs DeepNorm betas of 1; this model has {sorted(betas)}")
+    if config.lightning_qk_conv:
+        raise ConfigError(f"llama.cpp's MiniMax-01 has no lightning q/k convolution; this model has "
+                          f"lightning_qk_conv={config.lightning_qk_conv} (a recall-study option)")  # fmt: skip
     if config.num_hidden_layers < 2 and LIGHTNING in config.layer_types:
         raise ConfigError("llama.cpp's MiniMax-01 scales lightning decay by depth / (layers - 1): give >= 2 layers")
 

@@ -23,7 +23,10 @@ from hyla.ops.lightning.decay import lightning_slopes
 ARCHITECTURE = "MiniMaxForCausalLM"
 MODEL_TYPE = "minimax"
 # transformers' name, and the original remote-code checkpoints' (MiniMax-Text-01, MiniMax-M1).
-MODEL_TYPES = (MODEL_TYPE, "minimax_text_01", "minimax_m1")
+# A model with a lightning q/k convolution (the recall study's option) is no MiniMax: its config.json names a type
+# of its own, which transformers refuses to load instead of computing another function.
+QK_CONV_MODEL_TYPE = "hyla_minimax_qk_conv"
+MODEL_TYPES = (MODEL_TYPE, "minimax_text_01", "minimax_m1", QK_CONV_MODEL_TYPE)
 
 # (hyla field, transformers field, original remote-code field)
 _FACTORS = (
@@ -104,6 +107,7 @@ def config_from_hf(raw: Mapping) -> HylaConfig:
         layer_types=layer_types,
         rope_theta=float(rope.get("rope_theta", raw.get("rope_theta", 1_000_000.0))),
         postnorm=bool(raw.get("postnorm", True)),
+        lightning_qk_conv=raw.get("lightning_qk_conv", 0),
         bos_token_id=_token_id(raw.get("bos_token_id")),
         eos_token_id=_token_id(raw.get("eos_token_id")),
         pad_token_id=_token_id(raw.get("pad_token_id")),
@@ -117,7 +121,8 @@ def config_from_hf(raw: Mapping) -> HylaConfig:
 
 
 def config_to_hf(config: HylaConfig, dtype: torch.dtype = torch.float32) -> dict:
-    """The ``config.json`` transformers' ``MiniMaxConfig`` reads; ``rotary_dim`` and ``postnorm`` ride along.
+    """The ``config.json`` transformers' ``MiniMaxConfig`` reads; ``rotary_dim`` and ``postnorm`` ride along
+    (a model with ``lightning_qk_conv`` gets a type of its own, :data:`QK_CONV_MODEL_TYPE`, that only hyla reads).
 
     transformers' MiniMax implements full rotary and post-norm only: a config with ``rotary_dim < head_dim``
     or ``postnorm=False`` round-trips through hyla, but transformers would compute another function.
@@ -127,8 +132,8 @@ def config_to_hf(config: HylaConfig, dtype: torch.dtype = torch.float32) -> dict
         rope["partial_rotary_factor"] = config.rotary_dim / config.head_dim
         warnings.warn(_PARTIAL_ROTARY.format(rotary_dim=config.rotary_dim, head_dim=config.head_dim), stacklevel=3)
     out = {
-        "architectures": [ARCHITECTURE],
-        "model_type": MODEL_TYPE,
+        "architectures": [ARCHITECTURE if not config.lightning_qk_conv else "HylaQKConvForCausalLM"],
+        "model_type": MODEL_TYPE if not config.lightning_qk_conv else QK_CONV_MODEL_TYPE,
         **{name: getattr(config, name) for name in _SAME},
         "head_dim": config.head_dim,
         "num_key_value_heads": config.num_key_value_heads,
@@ -137,6 +142,7 @@ def config_to_hf(config: HylaConfig, dtype: torch.dtype = torch.float32) -> dict
         "rope_parameters": rope,
         "rotary_dim": config.rotary_dim,
         "postnorm": config.postnorm,
+        **({"lightning_qk_conv": config.lightning_qk_conv} if config.lightning_qk_conv else {}),
         "bos_token_id": config.bos_token_id,
         "eos_token_id": config.eos_token_id,
         "pad_token_id": config.pad_token_id,

@@ -27,3 +27,8 @@ class Cache(Protocol):
     def attention(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Causal softmax attention of ``[B, T, H, D]`` queries over the cached and new keys, which it keeps."""
         ...
+
+    def short_conv(self, layer_idx: int, x: Tensor, weight: Tensor) -> Tensor:
+        """:func:`hyla.ops.conv.short_conv` of ``[B, T, C]`` inputs continuing each sequence's cached last
+        ``K - 1`` inputs, which it updates (only models with ``lightning_qk_conv`` call it)."""
+        ...

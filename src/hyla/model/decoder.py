@@ -166,13 +166,16 @@ class HylaForCausalLM(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, seed: int | None = None) -> None:
-        """Normal(0, initializer_range) for every matrix, ones for norms (as transformers initialises)."""
+        """Normal(0, initializer_range) for every matrix, ones for norms (as transformers initialises); a lightning
+        q/k convolution (``lightning_qk_conv``) starts as the identity."""
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         std = self.config.initializer_range
-        for p in self.parameters():
+        for name, p in self.named_parameters():
             if p.is_meta:
                 continue
-            if p.dim() == 1:
+            if name.endswith("qk_conv"):  # the identity: tap 0, the token itself
+                p.zero_()[0] = 1.0
+            elif p.dim() == 1:
                 p.fill_(1.0)
             else:
                 p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32) * std)

@@ -38,9 +38,16 @@ _COMPILE_OPTIONS = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modul
 
 
 def snapshot_bytes(config: HylaConfig, dtype: torch.dtype) -> int:
-    """Bytes of one snapshot: every lightning layer's ``[H, D, D]`` state."""
+    """Bytes of one snapshot: every lightning layer's ``[H, D, D]`` state (and, with ``lightning_qk_conv = K``,
+    its last ``K - 1`` q/k inputs)."""
     layers = sum(t == LIGHTNING for t in config.layer_types)
-    return layers * config.num_attention_heads * config.head_dim**2 * compute_dtype(dtype).itemsize
+    state = config.num_attention_heads * config.head_dim**2 * compute_dtype(dtype).itemsize
+    return layers * (state + _conv_history(config) * dtype.itemsize)
+
+
+def _conv_history(config: HylaConfig) -> int:
+    """Values a lightning layer's q/k convolution keeps per sequence: its last ``K - 1`` inputs ``[K - 1, 2HD]``."""
+    return max(config.lightning_qk_conv - 1, 0) * 2 * config.num_attention_heads * config.head_dim
 
 
 def kv_bytes_per_token(config: HylaConfig, dtype: torch.dtype) -> int:
@@ -75,6 +82,8 @@ class ModelRunner:
             raise ConfigError(f"quantize={quantize!r} runs on the CPU with a float32 model, not {self.device} {dtype}")
         if compile and (self.device.type != "cpu" or dtype not in (torch.float32, torch.float64)):
             raise ConfigError(f"compile runs on the CPU with a float32 or float64 model, not {self.device} {dtype}")
+        if compile and model.config.lightning_qk_conv:
+            raise ConfigError("compile does not take a model with lightning_qk_conv (a study option): serve it eager")
         if self.device.type == "cpu":
             prepare_for_cpu_inference(model, quantize)
             if num_slots > 1:  # steps of several rows will come: no first step should pay for the copies
@@ -83,14 +92,19 @@ class ModelRunner:
         self.block_size = block_size
         h, hkv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         kind = dict(dtype=compute_dtype(dtype), device=self.device)
-        self.states: dict[int, Tensor] = {}
-        self.snapshots: dict[int, Tensor] = {}
+        # Keyed by layer; a lightning q/k convolution's history by "conv{layer}" (slots and snapshots alike).
+        self.states: dict[int | str, Tensor] = {}
+        self.snapshots: dict[int | str, Tensor] = {}
         self.keys: dict[int, Tensor] = {}
         self.values: dict[int, Tensor] = {}
         for i, layer_type in enumerate(config.layer_types):
             if layer_type == LIGHTNING:
                 self.states[i] = torch.zeros(num_slots, h, d, d, **kind)
                 self.snapshots[i] = torch.zeros(num_snapshots, h, d, d, **kind)
+                if config.lightning_qk_conv:
+                    history = (config.lightning_qk_conv - 1, 2 * h * d)
+                    self.states[f"conv{i}"] = torch.zeros(num_slots, *history, dtype=dtype, device=self.device)
+                    self.snapshots[f"conv{i}"] = torch.zeros(num_snapshots, *history, dtype=dtype, device=self.device)
             else:
                 self.keys[i] = torch.zeros(num_blocks, block_size, hkv, d, dtype=dtype, device=self.device)
                 self.values[i] = torch.zeros_like(self.keys[i])
@@ -180,12 +194,38 @@ class _PagedStep:
         self.slot_mapping = ints([s.block_table[p // bs] * bs + p % bs for s, r in zip(seqs, ranges, strict=True)
                                   for p in r])  # fmt: skip
         self.slots = ints([s.slot for s in seqs])
+        self.lengths = [s.num_tokens for s in seqs]
         self.context_lens = ints([r.stop for r in ranges])
         width = max((len(s.block_table) for s in seqs), default=0)
         self.block_tables = ints([s.block_table + [0] * (width - len(s.block_table)) for s in seqs]).view(-1, width)
 
     def positions(self, num_tokens: int, device: torch.device) -> Tensor:
         return self._positions
+
+    def short_conv(self, layer_idx: int, x: Tensor, weight: Tensor) -> Tensor:
+        """The q/k convolution of ``x`` ``[1, ΣT, C]`` continuing each request's last ``K - 1`` inputs (its slot's
+        history, which it updates): every tap of every token gathered at once from ``[histories; x]``."""
+        history = self.runner.states[f"conv{layer_idx}"]  # [S, K - 1, C]
+        flat = torch.cat((history[self.slots].flatten(0, 1), x[0]))
+        taps, keep = self._conv_index(len(weight))
+        history[self.slots] = flat[keep]
+        return (flat[taps] * weight).sum(1)[None]
+
+    def _conv_index(self, k: int) -> tuple[Tensor, Tensor]:
+        """Rows of ``[histories; x]`` (:meth:`short_conv`): each token's ``k`` taps ``[ΣT, k]`` (tap ``j``: ``j``
+        tokens back) and each request's new history ``[N, k - 1]``. Request ``i`` reads its history then its new
+        tokens: position ``v`` of that sequence is history row ``i (k - 1) + v`` or new token ``v - (k - 1)``."""
+        base, start, taps, keep = len(self.lengths) * (k - 1), 0, [], []
+        for i, n in enumerate(self.lengths):
+
+            def row(v: int, i: int = i, start: int = start) -> int:
+                return i * (k - 1) + v if v < k - 1 else base + start + v - (k - 1)
+
+            taps += [[row(k - 1 + o - j) for j in range(k)] for o in range(n)]
+            keep.append([row(n + m) for m in range(k - 1)])
+            start += n
+        device = self.runner.device
+        return torch.tensor(taps, device=device), torch.tensor(keep, device=device)
 
     def _write_kv(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write the new keys and values ``[1, ΣT, Hkv, D]`` into layer ``layer_idx``'s pools at each token's
