@@ -65,7 +65,7 @@ def test_one_budget_decodes_first_then_chunks_then_new_requests():
     out = scheduler.schedule()  # a whole (6), then 4 of b's 15: the budget of 10
     assert [len(s.token_ids) for s in out.seqs] == [6, 4] and [s.sample for s in out.seqs] == [True, False]
     assert out.zero_slots == [0, 1]
-    (updates, stats) = scheduler.update(out, [42])
+    (updates, stats) = scheduler.update(out, [[42]])
     assert [(r.key, t) for r, t in updates] == [(a.key, 42)] and stats.output_tokens == 1
     assert stats.prompt_tokens == 21  # both prompts' tokens, counted when their first chunk runs
     out = scheduler.schedule()  # a's decode first, then 9 more of b's prompt
@@ -79,17 +79,17 @@ def test_the_newest_request_is_preempted_when_blocks_run_out_and_recomputed_late
     old, new = request("old", 7), request("new", 7)
     scheduler.add(old)
     scheduler.add(new)
-    scheduler.update(scheduler.schedule(), [1, 2])
-    scheduler.update(scheduler.schedule(), [3, 4])  # both at 9 tokens, 8 computed: 2 blocks each, the pool full
+    scheduler.update(scheduler.schedule(), [[1], [2]])
+    scheduler.update(scheduler.schedule(), [[3], [4]])  # both at 9 tokens, 8 computed: 2 blocks each, the pool full
     out = scheduler.schedule()  # old needs a third block: the newest gives its up
-    (updates, stats) = scheduler.update(out, [5])
+    (updates, stats) = scheduler.update(out, [[5]])
     assert stats.preemptions == 1 and [r.key for r, _ in updates] == [old.key]
     assert new.status is Status.WAITING and new.num_computed == 0 and new.output_ids == [2, 4]
     assert cache.blocks.num_free == 1 and cache.slots.num_free == 1
     scheduler.finish(old, "stop")
     out = scheduler.schedule()  # new comes back with its prompt and its output so far, recomputed
     assert out.seqs[0].token_ids == [*range(7), 2, 4] and out.seqs[0].sample
-    (_, stats) = scheduler.update(out, [6])
+    (_, stats) = scheduler.update(out, [[6]])
     assert stats.prompt_tokens == 0  # a recompute is not counted as new prompt work
 
 
@@ -99,7 +99,7 @@ def test_a_finished_or_aborted_request_frees_everything():
     running, waiting = request("r", 5), request("w", 5)
     scheduler.add(running)
     scheduler.add(waiting)
-    scheduler.update(scheduler.schedule(), [9])
+    scheduler.update(scheduler.schedule(), [[9]])
     assert running.status is Status.RUNNING and waiting.status is Status.WAITING  # one slot
     scheduler.finish(waiting, "abort")
     scheduler.finish(running, "abort")

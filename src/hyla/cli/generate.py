@@ -49,6 +49,19 @@ def _add_sampling(parser: argparse.ArgumentParser, max_tokens: int, temperature:
     group.add_argument("--top-p", type=float, default=1.0,
                        help="draw from the likeliest tokens covering this probability (default: 1, all)")  # fmt: skip
     group.add_argument("--seed", type=int, default=0, help="the same seed gives the same text (default: 0)")
+    group.add_argument("--speculative", choices=["ngram"], default=None,
+                       help="ngram: draft tokens from the text so far and verify them in one step (the same "
+                       "distribution; faster where the text repeats itself)")  # fmt: skip
+    group.add_argument("--num-draft-tokens", type=int, default=4, help="speculative: tokens drafted at most "
+                       "(default: 4)")  # fmt: skip
+
+
+def _engine_config(args: argparse.Namespace, context: int):
+    """One request at a time, with ``--speculative`` if given."""
+    from hyla.serve import EngineConfig
+
+    return EngineConfig(max_num_seqs=1, max_model_len=context, speculative=args.speculative,
+                        num_draft_tokens=args.num_draft_tokens)  # fmt: skip
 
 
 def _sampling(args: argparse.Namespace) -> SamplingParams:
@@ -62,23 +75,27 @@ def run_generate(args: argparse.Namespace) -> None:
     """Stream a continuation of ``--prompt``, then report prefill and decode speed."""
     import torch
 
-    from hyla.serve import LLM, EngineConfig
+    from hyla.serve import LLM
 
     torch.manual_seed(args.seed)
     loaded, line = load_for_generation(args, args.preset)
     context = min(loaded.model.config.max_position_embeddings, 4096)
-    llm = LLM(loaded.model, loaded.tokenizer, EngineConfig(max_num_seqs=1, max_model_len=context))
+    llm = LLM(loaded.model, loaded.tokenizer, _engine_config(args, context))
     print(line, file=sys.stderr)
     print(args.prompt, end="", flush=True)
     start = time.perf_counter()
-    first, count = None, 0
+    first, first_count, count = None, 0, 0
     for out in llm.stream([args.prompt], _sampling(args)):
-        first = first or time.perf_counter()
         count += len(out.token_ids)
+        if first is None:
+            first, first_count = time.perf_counter(), count
         print(out.text, end="", flush=True)
     end = time.perf_counter()
     print()
-    decode = f", decode {(count - 1) / (end - first):.1f} tok/s" if count > 1 else ""
+    decode = f", decode {(count - first_count) / (end - first):.1f} tok/s" if count > first_count else ""
+    stats = llm.engine.stats
+    if stats.draft_tokens:
+        decode += f" (speculative: {stats.accepted_tokens} of {stats.draft_tokens} drafted tokens accepted)"
     prompt_tokens = len(loaded.tokenizer.encode(args.prompt).ids)
     print(f"# prompt {prompt_tokens} tokens, prefill {(first - start) * 1e3:.0f} ms; generated {count} tokens{decode}",
           file=sys.stderr)  # fmt: skip
@@ -159,7 +176,7 @@ def _stdin_lines(prompt: str) -> Iterator[str]:
 
 def run_chat(args: argparse.Namespace) -> None:
     from hyla.errors import ConfigError
-    from hyla.serve import LLM, EngineConfig
+    from hyla.serve import LLM
 
     loaded, line = load_for_generation(args, args.preset)
     template = loaded.chat_template if args.mode != "completion" else None
@@ -168,7 +185,7 @@ def run_chat(args: argparse.Namespace) -> None:
     context = min(loaded.model.config.max_position_embeddings, args.context)
     if args.max_tokens >= context:
         raise ConfigError(f"--max-tokens ({args.max_tokens}) must be below the context ({context})")
-    llm = LLM(loaded.model, loaded.tokenizer, EngineConfig(max_num_seqs=1, max_model_len=context))
+    llm = LLM(loaded.model, loaded.tokenizer, _engine_config(args, context))
     mode = "chat" if template else "completion: each line is appended to the text so far and continued"
     print(f"{line}; {mode}; /reset forgets, /quit ends", file=sys.stderr, flush=True)
 

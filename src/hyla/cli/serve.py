@@ -24,7 +24,7 @@ _ADDRESS = ("host", "port", "api_key", "served_model_name")
 def add_parsers(commands: argparse._SubParsersAction) -> None:
     import torch
 
-    from hyla.serve.engine import QUANTIZE, EngineConfig
+    from hyla.serve.engine import QUANTIZE, SPECULATIVE, EngineConfig
 
     srv = commands.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
                               description="Serve a model directory (or a run directory's model) with continuous "
@@ -35,7 +35,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     add_tokenizer_arg(srv)
     add_dtype_arg(srv, gpu=True)
     srv.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    add_config_flags(srv, EngineConfig, choices={"quantize": [q for q in QUANTIZE if q]})
+    add_config_flags(srv, EngineConfig, choices={"quantize": [q for q in QUANTIZE if q],
+                                                 "speculative": [s for s in SPECULATIVE if s]})  # fmt: skip
     add_config_flags(srv, ServerConfig, skip=_ADDRESS)
     srv.set_defaults(run=run_serve)
 

@@ -22,13 +22,15 @@ from hyla.serve.inputs import InputProcessor
 from hyla.serve.outputs import OutputProcessor, RequestOutput, TokenLogprob
 from hyla.serve.runner import COMPILED_MAX_BATCH, ModelRunner, kv_bytes_per_token, snapshot_bytes
 from hyla.serve.sampling import SampleInput, SamplingParams, sample
-from hyla.serve.scheduler import Request, Scheduler, Status, StepStats
+from hyla.serve.scheduler import Request, ScheduledSeq, Scheduler, Status, StepStats
+from hyla.serve.speculative import NgramProposer
 
 # The default KV pool's tokens (and the default context of models whose own is longer, MiniMax-Text-01's 10M).
 DEFAULT_KV_TOKENS = 2**16
 
 
 QUANTIZE = (None, "int8")
+SPECULATIVE = (None, "ngram")
 
 
 def _help(text: str) -> dict:
@@ -51,7 +53,11 @@ class EngineConfig:
     ``quantize="int8"`` runs the linear layers (attention projections, router, LM head; not the experts) with int8
     weights on the CPU (:func:`~hyla.ops.linear.quantize_int8`; float32 models only). ``compile=True`` runs the
     decode steps of up to :data:`~hyla.serve.runner.COMPILED_MAX_BATCH` requests through a forward compiled when
-    the engine starts (CPU; see :mod:`hyla.serve.runner`)."""
+    the engine starts (CPU; see :mod:`hyla.serve.runner`).
+
+    ``speculative="ngram"`` drafts up to ``num_draft_tokens`` tokens per decode by prompt lookup
+    (:mod:`hyla.serve.speculative`) and verifies them in the same step: the outputs keep the model's distribution
+    (greedy: the same tokens as without it)."""
 
     max_num_seqs: int = field(default=32, metadata=_help("requests generated at once"))
     max_num_batched_tokens: int = field(default=512, metadata=_help("tokens in one step"))
@@ -80,6 +86,9 @@ class EngineConfig:
             "int8: the linear layers (not the experts) with int8 weights, CPU float32 only (measured in RESULTS.md)"
         ),
     )
+    speculative: str | None = field(default=None, metadata=_help(
+        "ngram: speculative decoding with drafts from the request's own context (prompt lookup); exact"))  # fmt: skip
+    num_draft_tokens: int = field(default=4, metadata=_help("speculative: tokens drafted per decode, at most"))
     compile: bool = field(default=False, metadata=_help(
         f"CPU: run decode steps of up to {COMPILED_MAX_BATCH} requests through a torch.compile'd forward (needs a "
         "C++ compiler; compiles at start, cached on disk; measured in RESULTS.md)"))  # fmt: skip
@@ -91,11 +100,14 @@ class EngineConfig:
         ``kv_bytes_per_token``: the model's KV cache per token (0 for a model without softmax layers);
         ``available``: bytes of memory the pool may take at most (None: unchecked)."""
         check_fields(self, [(name, getattr(self, name) >= 1, "must be >= 1") for name in
-                            ("max_num_seqs", "max_num_batched_tokens", "block_size", "snapshot_every")])  # fmt: skip
+                            ("max_num_seqs", "max_num_batched_tokens", "block_size", "snapshot_every",
+                             "num_draft_tokens")])  # fmt: skip
         check_fields(self, [("prefix_cache_gb", self.prefix_cache_gb >= 0, "must be >= 0"),
                             ("kv_cache_gb", self.kv_cache_gb is None or self.kv_cache_gb > 0, "must be > 0"),
                             ("num_blocks", self.num_blocks is None or self.num_blocks >= 1, "must be >= 1"),
-                            ("quantize", self.quantize in QUANTIZE, f"must be one of {QUANTIZE}")])  # fmt: skip
+                            ("quantize", self.quantize in QUANTIZE, f"must be one of {QUANTIZE}"),
+                            ("speculative", self.speculative in SPECULATIVE,
+                             f"must be one of {SPECULATIVE}")])  # fmt: skip
         max_model_len = self.max_model_len or min(max_position_embeddings, DEFAULT_KV_TOKENS)
         if max_model_len > max_position_embeddings:
             raise ConfigError(f"max_model_len {max_model_len} exceeds the model's context {max_position_embeddings}")
@@ -151,7 +163,11 @@ class LLMEngine:
         self.vocab_size = tokenizer.get_vocab_size()
         num_snapshots = c.num_snapshots(snapshot_bytes(model.config, dtype))
         self.cache = CacheManager(c.max_num_seqs, c.num_blocks, c.block_size, num_snapshots)
-        self.scheduler = Scheduler(self.cache, c.max_num_seqs, c.max_num_batched_tokens, c.snapshot_every)
+        if c.speculative and model.config.lightning_qk_conv:
+            raise ConfigError("speculative decoding does not rewind a lightning q/k convolution (lightning_qk_conv, "
+                              "a study option): serve this model without --speculative")  # fmt: skip
+        proposer = NgramProposer(c.num_draft_tokens) if c.speculative else None
+        self.scheduler = Scheduler(self.cache, c.max_num_seqs, c.max_num_batched_tokens, c.snapshot_every, proposer)
         self.runner = ModelRunner(model, c.max_num_seqs, c.num_blocks, c.block_size, num_snapshots, self.vocab_size,
                                   c.quantize, c.compile)  # fmt: skip
         self.model = self.runner.model
@@ -200,26 +216,55 @@ class LLMEngine:
         if not out.seqs:
             return []
         logits = self.runner.execute(out)
-        to_sample = [self.scheduler.requests[k] for k, s in zip(out.keys, out.seqs, strict=True) if s.sample]
+        to_sample = [(self.scheduler.requests[k], s) for k, s in zip(out.keys, out.seqs, strict=True) if s.sample]
         if not to_sample:  # only prompt chunks this step
             self._count(self.scheduler.update(out, [])[1])
             return []
-        rows = [SampleInput(r.params, r.prompt_ids, r.output_ids, r.generator, r.stop_ids) for r in to_sample]
+        # A row per sampled position: a drafted position sees the drafts before it as outputs (penalties, stops).
+        rows = [SampleInput(r.params, r.prompt_ids, r.output_ids + s.draft[:j] if j else r.output_ids, r.generator,
+                            r.stop_ids) for r, s in to_sample for j in range(s.num_samples)]  # fmt: skip
         sampled = sample(logits, rows)
-        updates, stats = self.scheduler.update(out, sampled.tokens.tolist())
+        runs, starts = self._accept(sampled.tokens.tolist(), to_sample)
+        updates, stats = self.scheduler.update(out, runs)
         self._count(stats)
-        results = []
-        for row, (request, token) in enumerate(updates):
+        results, emitted = [], dict.fromkeys(starts, 0)
+        for request, token in updates:
+            (row, before), i = starts[request.key], emitted[request.key]
+            emitted[request.key] += 1
+            if before + i >= len(request.output_ids):  # a stop string ended its run of accepted tokens before
+                continue
             logprob = None
             if request.params.logprobs is not None:
                 k = request.params.logprobs
-                top = list(zip(sampled.top[1][row, :k].tolist(), sampled.top[0][row, :k].tolist(), strict=True))
-                logprob = TokenLogprob(token, float(sampled.logprobs[row]), top)
-            output = self.outputs.process(request, token, logprob)
-            if output.finished and request.status is not Status.FINISHED:  # a stop string
-                self.scheduler.finish(request, output.finish_reason)
+                top = list(zip(sampled.top[1][row + i, :k].tolist(), sampled.top[0][row + i, :k].tolist(),
+                               strict=True))  # fmt: skip
+                logprob = TokenLogprob(token, float(sampled.logprobs[row + i]), top)
+            output = self.outputs.process(request, token, logprob, before + i + 1)
+            if output.finished and (request.status is not Status.FINISHED or before + i + 1 < len(request.output_ids)):
+                self.scheduler.finish(request, output.finish_reason, before + i + 1)  # a stop string
             results.append(output)
         return results
+
+    def _accept(
+        self, tokens: list[int], to_sample: list[tuple[Request, ScheduledSeq]]
+    ) -> tuple[list[list[int]], dict[tuple[str, int], tuple[int, int]]]:
+        """The tokens each sampled sequence emits: its drawn token, or with a draft the drafts up to the first
+        position whose drawn token differs, then that drawn token (all drafts agreed: the token after them). A
+        drafted token is kept exactly when the model drew it, so the outputs follow the model's distribution
+        (rejection sampling with a draft of probability one). Rewinds the lightning states past the rejected
+        drafts. Also returns, per request, its first sampled row and its outputs before this step."""
+        runs, starts, accepted, row = [], {}, [], 0
+        for request, seq in to_sample:
+            drawn = tokens[row : row + seq.num_samples]
+            agree = next((j for j, d in enumerate(seq.draft) if drawn[j] != d), len(seq.draft))
+            runs.append(drawn[: agree + 1])
+            starts[request.key] = (row, len(request.output_ids))
+            if seq.draft:
+                accepted.append(agree)
+            row += seq.num_samples
+        if accepted:
+            self.runner.rewind(accepted)
+        return runs, starts
 
     def _count(self, stats: StepStats) -> None:
         self.last_stats = stats

@@ -47,6 +47,12 @@ class EngineMetrics:
         Gauge("hyla_preemptions", "Requests preempted since the start", registry=r).set_function(
             lambda: totals.preemptions
         )
+        Gauge("hyla_spec_draft_tokens", "Tokens drafted for speculative decoding since the start",
+              registry=r).set_function(lambda: totals.draft_tokens)  # fmt: skip
+        Gauge("hyla_spec_accepted_tokens", "Drafted tokens accepted since the start",
+              registry=r).set_function(lambda: totals.accepted_tokens)  # fmt: skip
+        Gauge("hyla_spec_acceptance_rate", "Share of drafted tokens accepted since the start",
+              registry=r).set_function(lambda: totals.accepted_tokens / max(totals.draft_tokens, 1))  # fmt: skip
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
         self._lock = threading.Lock()  # the engine thread appends, the server thread reads
         Gauge("hyla_generation_tokens_per_second", f"Output tokens/s over the last {RATE_WINDOW_S:.0f} s",

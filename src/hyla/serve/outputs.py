@@ -90,24 +90,28 @@ class OutputProcessor:
     def num_sequences(self) -> int:
         return sum(len(group) for group in self.requests.values())
 
-    def process(self, request: Request, token: int, logprob: TokenLogprob | None) -> RequestOutput:
-        """The delta of a sequence that sampled ``token`` (already appended to its outputs by the scheduler, which
-        set ``finish_reason`` for a stop token or the length). A stop string in the text sets the output's
-        ``finish_reason`` to "stop" (the engine then finishes the sequence) and cuts the text before it."""
+    def process(
+        self, request: Request, token: int, logprob: TokenLogprob | None, upto: int | None = None
+    ) -> RequestOutput:
+        """The delta of a sequence that sampled ``token``, its output number ``upto`` (default: the last; the
+        scheduler already appended it, and set ``finish_reason`` if a stop token or the length ended the sequence
+        there). A stop string in the text sets the output's ``finish_reason`` to "stop" (the engine then finishes
+        the sequence) and cuts the text before it."""
+        upto = len(request.output_ids) if upto is None else upto
         state = self._texts[request.key]
         if logprob is not None:
             state.logprobs.append(logprob)
-        reason = request.finish_reason
+        reason = request.finish_reason if upto == len(request.output_ids) else None
         if reason != "stop" or token not in request.stop_ids:  # a stop token adds no text
-            state.update(self.tokenizer, request.output_ids)
-            if self._cut_at_stop_string(request, state):
+            state.update(self.tokenizer, request.output_ids[:upto])
+            if self._cut_at_stop_string(request, state, upto):
                 reason = "stop"
-        return self._delta(request, state, reason)
+        return self._delta(request, state, reason, upto)
 
-    def _cut_at_stop_string(self, request: Request, state: SequenceText) -> bool:
+    def _cut_at_stop_string(self, request: Request, state: SequenceText, upto: int) -> bool:
         """Cut the text before the first stop string; whether there was one."""
         stops = request.params.stop
-        if not stops or len(request.output_ids) < request.params.min_tokens:
+        if not stops or upto < request.params.min_tokens:
             return False
         start = max(state.sent_chars - max(map(len, stops)), 0)
         found = [i for i in (state.text.find(s, start) for s in stops) if i >= 0]
@@ -116,7 +120,7 @@ class OutputProcessor:
         state.text = state.text[: min(found)]
         return True
 
-    def _delta(self, request: Request, state: SequenceText, reason: str | None) -> RequestOutput:
+    def _delta(self, request: Request, state: SequenceText, reason: str | None, upto: int) -> RequestOutput:
         end = len(state.text)
         if reason is None:
             # Hold back what could be the start of a stop string, or an incomplete UTF-8 character.
@@ -125,14 +129,14 @@ class OutputProcessor:
                 end -= 1
         end = max(end, state.sent_chars)
         text, state.sent_chars = state.text[state.sent_chars : end], end
-        new_tokens = request.output_ids[state.sent_tokens :]
+        new_tokens = request.output_ids[state.sent_tokens : upto]
         new_logprobs = state.logprobs[state.sent_tokens :]
-        state.sent_tokens = len(request.output_ids)
+        state.sent_tokens = upto
         if reason is not None:
             self._texts.pop(request.key)
             group = self.requests.get(request.request_id, [])
             if all(s.key not in self._texts for s in group):  # every sequence of the request has finished
                 self.requests.pop(request.request_id, None)
         return RequestOutput(request.request_id, request.index, new_tokens, text, new_logprobs,
-                             len(request.prompt_ids), len(request.output_ids), reason,
+                             len(request.prompt_ids), upto, reason,
                              request.num_cached_tokens)  # fmt: skip

@@ -109,25 +109,30 @@ class ModelRunner:
                 self.keys[i] = torch.zeros(num_blocks, block_size, hkv, d, dtype=dtype, device=self.device)
                 self.values[i] = torch.zeros_like(self.keys[i])
         self._compiled: Callable[[Tensor, DecodeCache, Tensor], Tensor] | None = None
+        self._verified: StepCache | None = None  # the last step, when it verified drafts (for rewind)
         self.compile_seconds = 0.0
         if compile:
             self._compile(min(num_slots, COMPILED_MAX_BATCH), num_blocks)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> Tensor:
-        """Run one step; returns the ``[num sampled, vocab_limit]`` float32 logits of the last new token of each
-        sequence with ``sample`` set, in order."""
+        """Run one step; returns the ``[num sampled, vocab_limit]`` float32 logits of the sampled positions of
+        each sequence with ``sample`` set (its last token; with a draft, the last ``1 + len(draft)``), in order.
+        A step with drafts keeps what :meth:`rewind` needs until the next step."""
         self._copy_states(out)
+        self._verified = None
         ids = torch.tensor([t for s in out.seqs for t in s.token_ids], dtype=torch.long, device=self.device)
         ends = list(itertools.accumulate(s.num_tokens for s in out.seqs))
-        rows = [e - 1 for e, s in zip(ends, out.seqs, strict=True) if s.sample]  # each sampled seq's last token
+        rows = [e - j for e, s in zip(ends, out.seqs, strict=True) for j in range(s.num_samples, 0, -1)]
         rows = torch.tensor(rows, dtype=torch.long, device=self.device)
         if self._compiled is not None and len(ids) <= COMPILED_MAX_BATCH and len(ids) == len(out.seqs):
             step = DecodeCache(self, out.seqs)
             step.mark_dynamic(ids, rows)
             logits = self._compiled(ids, step, rows)
         else:
-            logits = self.forward(ids, StepCache(self, out.seqs), rows)
+            step = StepCache(self, out.seqs)
+            logits = self.forward(ids, step, rows)
+            self._verified = step if step.verify else None
         if out.saves:
             slots, snapshots = (torch.tensor(x, device=self.device) for x in zip(*out.saves, strict=True))
             for layer, pool in self.states.items():
@@ -164,6 +169,24 @@ class ModelRunner:
                 "serve without it (the eager forward), or install a C++ compiler (g++)"
             ) from error
         self.compile_seconds = time.perf_counter() - start
+
+    @torch.inference_mode()
+    def rewind(self, accepted: list[int]) -> None:
+        """After a step with drafts: end each drafted sequence's lightning states after its last token and its
+        first ``accepted[i]`` drafts (in the step's order of drafted sequences), recomputed from the states before
+        the step and the keys and values the step kept: exact, and a few state updates instead of a forward."""
+        step, self._verified = self._verified, None
+        keep = [1 + a for a, (_, s) in zip(accepted, step.verify, strict=True)]
+        redo = [i for i, (n, (_, s)) in enumerate(zip(keep, step.verify, strict=True)) if n < s.num_tokens]
+        if not redo:
+            return
+        slots = step.verify_slots[redo]
+        rows = torch.cat([step.verify_rows[i][: keep[i]] for i in redo])
+        varlen = Varlen.from_lengths([keep[i] for i in redo], self.device)
+        for layer, (before, k, v, slope) in step.kept.items():
+            _, states = lightning_attention(k[None, rows], k[None, rows], v[None, rows], slope, before[redo],
+                                            cu_seqlens=varlen)  # fmt: skip
+            self.states[layer][slots] = states
 
     def _copy_states(self, out: SchedulerOutput) -> None:
         """Zero the slots of requests that start from nothing; copy snapshots into those that resume."""
@@ -263,9 +286,18 @@ class StepCache(_PagedStep):
         offsets = torch.arange(t_max, device=device)[None]
         self.query_index = starts + torch.minimum(offsets, self.query_lens[self.num_decodes :, None] - 1)
         self.query_valid = offsets < self.query_lens[self.num_decodes :, None]
+        # Sequences with drafts: their slots, and their tokens' packed rows; each lightning layer keeps its states
+        # before the step and the keys and values of these rows, for ModelRunner.rewind.
+        ends = list(itertools.accumulate(lengths))
+        self.verify = [(i, s) for i, s in enumerate(seqs) if s.draft]
+        self.verify_slots = torch.tensor([s.slot for _, s in self.verify], dtype=torch.long, device=device)
+        self.verify_rows = [torch.arange(ends[i] - s.num_tokens, ends[i], device=device) for i, s in self.verify]
+        self.kept: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
 
     def lightning(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, slope: Tensor) -> Tensor:
         pool = self.runner.states[layer_idx]
+        if self.verify:
+            self.kept[layer_idx] = (pool[self.verify_slots], k[0], v[0], slope)
         nd = self.num_decodes
         out = torch.empty_like(q)  # [1, ΣT, H, D]
         if nd:

@@ -18,6 +18,12 @@ sequence (a shared system prompt's end, so that the sequences after it resume th
 chunks that stop short of the prompt's end are cut at a block boundary, and their ends snapshotted every
 ``snapshot_every`` tokens or more, which costs no extra step. A request's end keeps the last block boundary its
 decodes passed.
+
+With speculative decoding (a ``proposer``, :mod:`hyla.serve.speculative`), a decode may carry drafted tokens: it
+is scheduled as a chunk of its last token and the drafts (among the prefill chunks), every position sampled;
+:meth:`Scheduler.update` then takes the tokens the engine accepted (the drafts the model agreed with and one
+more) and advances the request past the accepted ones only, so no block is named and no snapshot taken for a
+rejected token (a step with drafts plans no snapshot).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import torch
 
 from hyla.serve.cache import CacheManager, block_hashes
 from hyla.serve.sampling import SamplingParams
+from hyla.serve.speculative import NgramProposer
 
 
 class Status(enum.Enum):
@@ -82,13 +89,20 @@ class Request:
 @dataclass
 class ScheduledSeq:
     """One request's share of a step: ``token_ids`` (``num_tokens`` new tokens) after ``num_computed`` cached
-    ones, in state slot ``slot`` and KV blocks ``block_table``; ``sample``: its next token is drawn."""
+    ones, in state slot ``slot`` and KV blocks ``block_table``; ``sample``: its next token is drawn (with a
+    ``draft``, the last ``len(draft)`` of ``token_ids``, a token after every one of them too)."""
 
     slot: int
     block_table: list[int]
     num_computed: int
     token_ids: list[int]
     sample: bool
+    draft: list[int] = field(default_factory=list)
+
+    @property
+    def num_samples(self) -> int:
+        """Positions whose next token is drawn: the last ``num_samples`` of ``token_ids``."""
+        return (1 + len(self.draft)) * self.sample
 
     @property
     def num_tokens(self) -> int:
@@ -118,6 +132,8 @@ class StepStats:
     hit_tokens: int = 0  # of those, read from it
     preemptions: int = 0
     output_tokens: int = 0
+    draft_tokens: int = 0  # tokens drafted for speculative decoding ...
+    accepted_tokens: int = 0  # ... and of those, accepted
 
     def add(self, other: StepStats) -> None:
         for name in self.__dataclass_fields__:
@@ -134,9 +150,15 @@ class _Save:
 
 class Scheduler:
     def __init__(
-        self, cache: CacheManager, max_num_seqs: int, max_num_batched_tokens: int, snapshot_every: int = 256
+        self,
+        cache: CacheManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        snapshot_every: int = 256,
+        proposer: NgramProposer | None = None,
     ) -> None:
         self.cache = cache
+        self.proposer = proposer
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.snapshot_every = snapshot_every
@@ -160,8 +182,16 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def finish(self, request: Request, reason: str) -> None:
-        """End a request (done, stopped or aborted) and free its slot and blocks."""
+    def finish(self, request: Request, reason: str, num_outputs: int | None = None) -> None:
+        """End a request (done, stopped or aborted) and free its slot and blocks; ``num_outputs``: keep only that
+        many outputs (a stop string inside a run of accepted drafts ends it there)."""
+        if num_outputs is not None:
+            del request.output_ids[num_outputs:]
+        if request.status is Status.FINISHED:  # ended by its last token; a stop string came earlier in the run
+            request.finish_reason = reason
+            return
+        if self.proposer is not None:
+            self.proposer.forget(request.key)
         if request.status is Status.RUNNING:
             self._free(request)
             self.running.remove(request)
@@ -183,15 +213,19 @@ class Scheduler:
         self._stats = StepStats()
         out = SchedulerOutput()
         chosen: list[tuple[Request, int]] = []
+        drafts: dict[tuple[str, int], list[int]] = {}
         for want_decode in (True, False):
             for request in list(self.running):
                 left = request.num_tokens - request.num_computed
                 if budget == 0 or request.status is not Status.RUNNING or (left == 1) != want_decode:
                     continue
-                n = self._chunk(request, min(left, budget))
+                draft = self._draft(request, budget) if left == 1 else []
+                n = len(draft) + 1 if left == 1 else self._chunk(request, min(left, budget))
                 if self._grow(request, request.num_computed + n):
                     chosen.append((request, n))
                     budget -= n
+                    if draft:
+                        drafts[request.key] = draft
         while self.waiting and budget and len(self.running) < self.max_num_seqs and self.cache.slots.num_free:
             request = self.waiting[0]
             if request.key in self._preempted:  # it gave its blocks up this step: not back before the next
@@ -206,15 +240,25 @@ class Scheduler:
         # Decodes in slot order, so that the state update runs in place over consecutive slots.
         decodes = sorted((c for c in chosen if c[1] == 1), key=lambda c: c[0].slot)
         for request, n in decodes + [c for c in chosen if c[1] > 1]:
-            start, end = request.num_computed, request.num_computed + n
-            tokens = request.token_ids(start, end)
+            draft = drafts.get(request.key, [])
+            start, end = request.num_computed, request.num_computed + n - len(draft)
+            tokens = request.token_ids(start, end) + draft
             out.seqs.append(
-                ScheduledSeq(request.slot, list(request.block_table), start, tokens, end == request.num_tokens)
+                ScheduledSeq(request.slot, list(request.block_table), start, tokens, end == request.num_tokens, draft)
             )
             out.keys.append(request.key)
-            self._plan_save(request, start + n)
+            if not draft:  # with drafts, the states after this step may hold tokens that will be rejected
+                self._plan_save(request, start + n)
         out.saves = [(s.request.slot, s.snapshot) for s in self._saves if s.request.status is Status.RUNNING]
         return out
+
+    def _draft(self, request: Request, budget: int) -> list[int]:
+        """Drafted tokens to verify after a decode's last token: within the budget and the request's
+        ``max_tokens`` (the token after the drafts comes too); none without a proposer."""
+        if self.proposer is None:
+            return []
+        limit = min(budget - 1, request.max_tokens - len(request.output_ids) - 1)
+        return self.proposer.propose(request.key, request.token_ids, request.num_tokens, limit)
 
     def _chunk(self, request: Request, n: int) -> int:
         """``n`` new tokens, cut at the next snapshot boundary inside them; a chunk that stops short of the
@@ -280,17 +324,26 @@ class Scheduler:
             if request.pending_snapshot is not None:
                 self._saves.append(_Save(request, request.pending_snapshot, computed, pending=True))
 
-    def update(self, out: SchedulerOutput, sampled: list[int]) -> tuple[list[tuple[Request, int]], StepStats]:
+    def update(self, out: SchedulerOutput, sampled: list[list[int]]) -> tuple[list[tuple[Request, int]], StepStats]:
         """Apply a step that ran: advance each request, cache its newly full blocks and snapshots, append the
-        ``sampled`` tokens (one per seq with ``sample``, in order) and finish those that reached a stop token or
-        ``max_tokens``. Returns each sampled ``(request, token)``, and the step's :class:`StepStats`."""
+        ``sampled`` tokens (per seq with ``sample``, in order: one token, or with a draft the accepted drafts and
+        the token after them) and finish those that reached a stop token or ``max_tokens``. Returns each
+        appended ``(request, token)`` in order, and the step's :class:`StepStats`."""
         stats, self._stats = self._stats, StepStats()
         requests = [self.requests[k] for k in out.keys]
-        for request, seq in zip(requests, out.seqs, strict=True):
+        runs = iter(sampled)
+        emitted = [next(runs) if seq.sample else [] for seq in out.seqs]
+        for request, seq, tokens in zip(requests, out.seqs, emitted, strict=True):
             if seq.num_computed == request.num_cached_tokens and not request.num_preemptions:  # its first chunk
                 stats.prompt_tokens += len(request.prompt_ids) - request.num_cached_tokens
-            request.num_computed += seq.num_tokens
-            self._register_blocks(request, seq.num_computed, request.num_computed)
+            rejected = len(seq.draft) - (len(tokens) - 1) if seq.draft else 0
+            request.num_computed += seq.num_tokens - rejected
+            # (accepted drafts are computed tokens not yet among the outputs: they are appended below)
+            self._register_blocks(request, seq.num_computed, request.num_computed, tokens[:-1] if seq.draft else [])
+            if seq.draft:
+                stats.draft_tokens += len(seq.draft)
+                stats.accepted_tokens += len(seq.draft) - rejected
+                self.proposer.feedback(request.key, len(seq.draft), len(seq.draft) - rejected)
         for save in self._saves:
             if save.pending:
                 save.request.pending_boundary = save.boundary
@@ -299,34 +352,36 @@ class Scheduler:
                 self.cache.snapshots.name(save.snapshot, name)
         self._saves = []
         results = []
-        tokens = iter(sampled)
-        for request, seq in zip(requests, out.seqs, strict=True):
-            if not seq.sample:
-                continue
-            token = next(tokens)
-            stats.output_tokens += 1
-            request.output_ids.append(token)
-            results.append((request, token))
-            if token in request.stop_ids:
-                self.finish(request, "stop")
-            elif len(request.output_ids) >= request.max_tokens:
-                self.finish(request, "length")
+        for request, tokens in zip(requests, emitted, strict=True):
+            for token in tokens:
+                stats.output_tokens += 1
+                request.output_ids.append(token)
+                results.append((request, token))
+                if token in request.stop_ids:
+                    self.finish(request, "stop")
+                elif len(request.output_ids) >= request.max_tokens:
+                    self.finish(request, "length")
+                if request.status is Status.FINISHED:
+                    break
         return results, stats
 
-    def _extend_names(self, request: Request, num_tokens: int) -> None:
-        """Block names for the full blocks of the request's first ``num_tokens`` tokens."""
+    def _extend_names(self, request: Request, num_tokens: int, accepted: list[int] | None = None) -> None:
+        """Block names for the full blocks of the request's first ``num_tokens`` tokens (its prompt, outputs and
+        then ``accepted``, drafts to be appended)."""
         bs = self.cache.block_size
         have = len(request.block_names)
         if num_tokens // bs > have:
             parent = request.block_names[-1] if have else b""
             tokens = request.token_ids(have * bs, num_tokens // bs * bs)
+            if accepted:
+                tokens = (tokens + accepted)[: num_tokens // bs * bs - have * bs]
             request.block_names += block_hashes(tokens, bs, parent)
 
-    def _register_blocks(self, request: Request, before: int, after: int) -> None:
-        """Name the blocks that the last step filled."""
+    def _register_blocks(self, request: Request, before: int, after: int, accepted: list[int]) -> None:
+        """Name the blocks that the last step filled (``accepted``: drafts it computed, not yet outputs)."""
         if not self.cache.prefix_caching or after // self.cache.block_size == before // self.cache.block_size:
             return
-        self._extend_names(request, after)
+        self._extend_names(request, after, accepted)
         for i in range(before // self.cache.block_size, after // self.cache.block_size):
             self.cache.blocks.register(request.block_table[i], request.block_names[i])
 

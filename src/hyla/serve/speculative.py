@@ -1,0 +1,79 @@
+"""Speculative decoding's drafts: prompt lookup (n-gram matching against a request's own context).
+
+Code and agent transcripts copy from their context: when the last ``n`` tokens of a sequence occurred earlier in
+its prompt or outputs, the tokens that followed them then are a likely continuation now. :class:`NgramProposer`
+proposes them (no second model): the most recent earlier occurrence of the longest suffix of ``max_ngram`` down
+to ``min_ngram`` tokens. The engine verifies the drafts in one forward (the last token and the drafts, through
+the ordinary packed path), keeps the longest prefix the target model agrees with and rewinds the lightning
+states past it (:mod:`hyla.serve.runner`); the output distribution is the target model's, whatever is drafted.
+
+A request whose drafts were all rejected gets none for the next ``cooldown`` steps (doubling while rejections go
+on, reset by an accepted draft), so that text that does not repeat itself decodes as without speculation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+MAX_COOLDOWN = 32  # the longest run of steps a request goes without drafts after repeated full rejections
+RequestKey = tuple[str, int]
+TokenSource = Callable[[int, int], list[int]]  # tokens(start, stop) of a request's prompt + outputs
+
+
+@dataclass
+class _History:
+    """One request's n-gram index: each n-gram of its first ``indexed`` tokens -> where its last occurrence ends."""
+
+    index: dict[tuple[int, ...], int] = field(default_factory=dict)
+    indexed: int = 0
+    cooldown: int = 0  # steps left without drafts
+    backoff: int = 0  # the next cooldown after a full rejection
+
+
+class NgramProposer:
+    """Drafts of at most ``num_draft_tokens`` tokens by prompt lookup, per request (see the module docstring)."""
+
+    def __init__(self, num_draft_tokens: int, max_ngram: int = 4, min_ngram: int = 2) -> None:
+        self.num_draft_tokens = num_draft_tokens
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self._histories: dict[RequestKey, _History] = {}
+
+    def propose(self, key: RequestKey, tokens: TokenSource, num_tokens: int, limit: int) -> list[int]:
+        """Up to ``min(num_draft_tokens, limit)`` tokens to follow the ``num_tokens`` tokens of request ``key``
+        (``tokens(start, stop)`` reads them); none when nothing matches or the request is cooling down."""
+        history = self._histories.setdefault(key, _History())
+        limit = min(self.num_draft_tokens, limit)
+        if history.cooldown:
+            history.cooldown -= 1
+            return []
+        if limit <= 0 or num_tokens <= self.min_ngram:
+            return []
+        # Index the n-grams that end before the last token: a suffix then matches only an earlier occurrence.
+        start = max(history.indexed - self.max_ngram + 1, 0)
+        seen = tokens(start, num_tokens)
+        for end in range(history.indexed, num_tokens - 1):  # the n-grams ending at token `end`
+            for n in range(self.min_ngram, self.max_ngram + 1):
+                if end - n + 1 >= 0:
+                    history.index[tuple(seen[end - n + 1 - start : end + 1 - start])] = end + 1
+        history.indexed = max(history.indexed, num_tokens - 1)
+        for n in range(min(self.max_ngram, num_tokens - 1), self.min_ngram - 1, -1):
+            follows = history.index.get(tuple(seen[num_tokens - n - start :]))
+            if follows is not None:
+                return tokens(follows, min(follows + limit, num_tokens))
+        return []
+
+    def feedback(self, key: RequestKey, drafted: int, accepted: int) -> None:
+        """How the request's last drafts fared: a full rejection starts (or doubles) its cooldown."""
+        history = self._histories.get(key)
+        if history is None or not drafted:
+            return
+        if accepted:
+            history.backoff = 0
+        else:
+            history.backoff = min(max(2 * history.backoff, 1), MAX_COOLDOWN)
+            history.cooldown = history.backoff
+
+    def forget(self, key: RequestKey) -> None:
+        """The request finished (or restarts from its prompt): drop its index."""
+        self._histories.pop(key, None)

@@ -1,0 +1,148 @@
+"""Speculative decoding by prompt lookup: drafts from a request's own context, verified in one step, lightning
+states rewound past rejected drafts. Greedy outputs equal a full forward per token (float64) and speculation off,
+token for token, for every layer pattern and under chunking, preemption, prefix caching, n > 1, stop strings and
+max_tokens inside an accepted run; sampled outputs follow the model's distribution (a chi-square test)."""
+
+import itertools
+import random
+
+import pytest
+import torch
+
+from hyla.errors import ConfigError
+from hyla.serve import LLM, EngineConfig, SamplingParams
+from hyla.serve.speculative import NgramProposer
+from tests.helpers import PATTERNS, byte_tokenizer, full_forward_greedy, random_model
+
+VOCAB = 12  # a small vocabulary: random models repeat themselves, so drafts come and are both kept and rejected
+
+
+def reader(tokens: list[int]):
+    return lambda start, stop: tokens[start:stop]
+
+
+def test_the_proposer_continues_the_latest_earlier_occurrence_of_the_longest_suffix():
+    proposer = NgramProposer(num_draft_tokens=3)
+    tokens = [5, 1, 2, 9, 8, 1, 2, 7, 6, 3, 4, 0, 1, 2]
+    # (1, 2) last occurred before the end at positions 5-6, followed by 7, 6, 3
+    assert proposer.propose(("a", 0), reader(tokens), len(tokens), limit=8) == [7, 6, 3]
+    tokens += [7, 6]  # now (1, 2, 7, 6) matches too; the continuation is the same run
+    assert proposer.propose(("a", 0), reader(tokens), len(tokens), limit=2) == [3, 4]
+    tokens += [5]  # (6, 5) never occurred; nor did anything ending in 5 except the first token
+    assert proposer.propose(("a", 0), reader(tokens), len(tokens), limit=8) == []
+    assert proposer.propose(("b", 0), reader([1, 2, 1, 2]), 4, limit=8) == [1, 2]  # a match may overlap the suffix
+    assert proposer.propose(("c", 0), reader([3, 3]), 2, limit=8) == []  # too short for a 2-gram before the end
+
+
+def test_a_request_whose_drafts_fail_waits_longer_each_time():
+    proposer, key, tokens = NgramProposer(num_draft_tokens=2), ("a", 0), [1, 2, 3, 1, 2]
+    assert proposer.propose(key, reader(tokens), 5, limit=8) == [3, 1]
+    proposer.feedback(key, drafted=2, accepted=0)
+    assert proposer.propose(key, reader(tokens), 5, limit=8) == []  # cooling down: one step
+    assert proposer.propose(key, reader(tokens), 5, limit=8) == [3, 1]
+    proposer.feedback(key, drafted=2, accepted=0)
+    assert [proposer.propose(key, reader(tokens), 5, limit=8) for _ in range(3)] == [[], [], [3, 1]]
+    proposer.feedback(key, drafted=2, accepted=1)  # an accepted draft resets the backoff
+    proposer.feedback(key, drafted=2, accepted=0)
+    assert [proposer.propose(key, reader(tokens), 5, limit=8) for _ in range(2)] == [[], [3, 1]]
+
+
+def repetitive_prompts(seed: int, lengths=(24, 9, 40, 3)) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    motif = torch.randint(0, VOCAB, (5,), generator=g).tolist()
+    noise = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
+    return [(motif + x)[: max(n, 2)] * 2 + x[:3] for x, n in zip(noise, lengths, strict=True)]
+
+
+def engines(model, **config):
+    defaults = dict(max_num_seqs=3, max_num_batched_tokens=64, block_size=4, max_model_len=120)
+    tokenizer = byte_tokenizer(VOCAB)
+    spec = LLM(model, tokenizer, EngineConfig(**{**defaults, **config}, speculative="ngram", num_draft_tokens=4))
+    plain = LLM(model, tokenizer, EngineConfig(**{**defaults, **config}))
+    return spec, plain
+
+
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+@pytest.mark.parametrize(
+    ("budget", "num_blocks", "caching"),
+    [(64, None, True), (6, None, False), (16, 30, True)],  # one chunk; tiny chunks; preemption and the cache
+)
+def test_greedy_outputs_equal_a_full_forward_and_speculation_off(pattern, budget, num_blocks, caching):
+    torch.manual_seed(0)
+    model = random_model(layer_types=PATTERNS[pattern], vocab_size=VOCAB + 4).double()
+    spec, plain = engines(model, max_num_batched_tokens=budget, num_blocks=num_blocks,
+                          enable_prefix_caching=caching)  # fmt: skip
+    prompts = repetitive_prompts(seed=budget)
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    for _ in range(2):  # the second time, prompts resume from cached prefixes
+        got = [c[0].token_ids for c in spec.generate(prompts, params)]
+        assert got == [c[0].token_ids for c in plain.generate(prompts, params)]
+        assert got == [full_forward_greedy(model, p, 30, vocab=VOCAB) for p in prompts]
+    stats = spec.engine.stats
+    assert 0 < stats.accepted_tokens < stats.draft_tokens  # drafts were kept and rejected
+    if num_blocks is not None:
+        assert stats.preemptions > 0
+    e = spec.engine
+    assert e.cache.blocks.num_free == e.config.num_blocks and e.cache.slots.num_free == e.config.max_num_seqs
+
+
+def test_stop_strings_max_tokens_n_and_logprobs_are_those_of_speculation_off():
+    torch.manual_seed(1)
+    model = random_model(layer_types=PATTERNS["alternating"], vocab_size=VOCAB + 4).double()
+    spec, plain = engines(model)
+    prompts = repetitive_prompts(seed=5)
+    texts = [c[0].text for c in plain.generate(prompts, SamplingParams(max_tokens=30, temperature=0,
+                                                                        ignore_eos=True))]  # fmt: skip
+    stops = [text[7:9] for text in texts]  # strings the greedy outputs reach part-way
+    cases = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in (1, 2, 3, 5, 7)]
+    cases += [SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, stop=[s]) for s in stops]
+    cases += [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, n=2, logprobs=2)]
+    for params in cases:
+        a, b = spec.generate(prompts, params), plain.generate(prompts, params)
+        for x, y in zip(itertools.chain(*a), itertools.chain(*b), strict=True):
+            assert (x.token_ids, x.text, x.finish_reason) == (y.token_ids, y.text, y.finish_reason)
+            assert [t.token_id for t in x.logprobs] == [t.token_id for t in y.logprobs]
+            assert [t.logprob for t in x.logprobs] == pytest.approx([t.logprob for t in y.logprobs], abs=1e-9)
+    assert spec.engine.stats.accepted_tokens > 0
+
+
+def test_sampled_outputs_follow_the_models_distribution():
+    """Three sampled tokens after a prompt in which every pair (3, x) occurs, so that from the second token on
+    each is verified against a draft: their joint frequencies over 3,000 sequences against the model's
+    probabilities (a chi-square test)."""
+    from scipy.stats import chisquare
+
+    vocab, n = 5, 3000
+    torch.manual_seed(2)
+    model = random_model(layer_types=PATTERNS["alternating"], vocab_size=8)
+    prompt = [3, 0, 3, 1, 3, 2, 3, 3, 3, 4, 3]  # the draft for t2 is always 3, which the model draws 13% of times
+
+    def probs(*tokens: int) -> torch.Tensor:
+        with torch.no_grad():
+            return model(torch.tensor([[*prompt, *tokens]])).logits[0, -1, :vocab].double().softmax(-1)
+
+    expected = torch.stack([probs()[a] * probs(a)[b] * probs(a, b) for a in range(vocab) for b in range(vocab)])
+    expected = expected.flatten()  # [vocab^3]: P(t1, t2, t3)
+    config = EngineConfig(max_num_seqs=32, max_model_len=32, speculative="ngram", num_draft_tokens=3)
+    llm = LLM(model, byte_tokenizer(vocab), config)
+    random.seed(7)  # each sequence draws its generator's seed from `random`: the test is deterministic
+    outputs = llm.generate([prompt] * n, SamplingParams(max_tokens=3, temperature=1.0, ignore_eos=True))
+    counts = torch.zeros(vocab**3, dtype=torch.float64)
+    for (c,) in outputs:
+        counts[(c.token_ids[0] * vocab + c.token_ids[1]) * vocab + c.token_ids[2]] += 1
+    stats = llm.engine.stats
+    assert stats.draft_tokens >= n and 0 < stats.accepted_tokens < stats.draft_tokens
+    keep = expected * n >= 5  # cells too rare for the test are pooled into one
+    observed = torch.cat((counts[keep], counts[~keep].sum()[None])).numpy()
+    wanted = torch.cat((expected[keep], expected[~keep].sum()[None])).numpy() * n
+    assert chisquare(observed, wanted).pvalue > 1e-3
+
+
+def test_what_cannot_speculate_is_refused():
+    with pytest.raises(ConfigError, match="speculative"):
+        EngineConfig(speculative="draft").resolve(1024)
+    with pytest.raises(ConfigError, match="num_draft_tokens"):
+        EngineConfig(speculative="ngram", num_draft_tokens=0).resolve(1024)
+    model = random_model(layer_types=PATTERNS["alternating"], lightning_qk_conv=2)
+    with pytest.raises(ConfigError, match="does not rewind a lightning q/k convolution"):
+        LLM(model, byte_tokenizer(VOCAB), EngineConfig(speculative="ngram"))
