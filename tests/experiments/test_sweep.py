@@ -214,6 +214,15 @@ def test_a_passkey_grid_trains_at_one_length_and_asks_at_several(tmp_path):
     assert plot(rows, tmp_path / "sweep.png").stat().st_size > 0 and "passkey accuracy" in table(rows)
 
 
+def test_a_passkey_grid_whose_model_cannot_hold_the_longest_prompt_is_refused(tmp_path):
+    text = SWEEP_BASE.replace('data = "{data}"\n', "").replace("vocab_size = 300\n", "").replace("64", "112")
+    path = tmp_path / "grid.toml"
+    path.write_text(text.format(cache=tmp_path / "cache") + "max_position_embeddings = 100\n" + PASSKEY
+                    + '[grid]\npattern = ["SL"]\ndepth = [2]\nwidth = 16\nsteps = [2]\n')  # fmt: skip
+    with pytest.raises(ConfigError, match="prompts of up to 208 tokens; set \\[model\\] max_position_embeddings"):
+        read_grid(path, tmp_path / "out")
+
+
 def test_several_grid_tables_run_in_one_sweep(tmp_path):
     grids = ('[[grid]]\npattern = ["SL"]\ndepth = [2]\nwidth = 32\nsteps = [2]\n'
              '[[grid]]\npattern = ["SLLL", "LLLS"]\ndepth = [4]\nwidth = 16\nsteps = [2]\n')  # fmt: skip

@@ -177,6 +177,10 @@ def read_grid(path: str | Path, out: str | Path) -> tuple[list[Cell], Task | Non
             model = preset("demo").replace(vocab_size=config.vocab_size, **fields)
         except TypeError as e:
             raise ConfigError(f"{where}: {e}") from None
+        if task and model.max_position_embeddings < task.longest_prompt:
+            raise ConfigError(f"{where}: the {task.name} evaluation asks prompts of up to {task.longest_prompt} "
+                              f"tokens; set [model] max_position_embeddings to at least that (the model has "
+                              f"{model.max_position_embeddings})")  # fmt: skip
         cells.append(Cell(pattern, depth, width, steps, name, config, model))
     return cells, task
 
