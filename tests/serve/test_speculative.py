@@ -35,6 +35,7 @@ def test_the_proposer_continues_the_latest_earlier_occurrence_of_the_longest_suf
 
 
 def test_a_request_whose_drafts_fail_waits_longer_each_time():
+    """Full rejections, or a running acceptance below MIN_ACCEPTANCE, pause a request's drafts."""
     proposer, key, tokens = NgramProposer(num_draft_tokens=2), ("a", 0), [1, 2, 3, 1, 2]
     assert proposer.propose(key, reader(tokens), 5, limit=8) == [3, 1]
     proposer.feedback(key, drafted=2, accepted=0)
@@ -42,9 +43,11 @@ def test_a_request_whose_drafts_fail_waits_longer_each_time():
     assert proposer.propose(key, reader(tokens), 5, limit=8) == [3, 1]
     proposer.feedback(key, drafted=2, accepted=0)
     assert [proposer.propose(key, reader(tokens), 5, limit=8) for _ in range(3)] == [[], [], [3, 1]]
-    proposer.feedback(key, drafted=2, accepted=1)  # an accepted draft resets the backoff
+    proposer.feedback(key, drafted=2, accepted=2)  # a good round resets the backoff
     proposer.feedback(key, drafted=2, accepted=0)
     assert [proposer.propose(key, reader(tokens), 5, limit=8) for _ in range(2)] == [[], [3, 1]]
+    proposer.feedback(key, drafted=4, accepted=1)  # some accepted, but the running share is below the bar
+    assert proposer.propose(key, reader(tokens), 5, limit=8) == []
 
 
 def repetitive_prompts(seed: int, lengths=(24, 9, 40, 3)) -> list[list[int]]:

@@ -7,8 +7,9 @@ to ``min_ngram`` tokens. The engine verifies the drafts in one forward (the last
 the ordinary packed path), keeps the longest prefix the target model agrees with and rewinds the lightning
 states past it (:mod:`hyla.serve.runner`); the output distribution is the target model's, whatever is drafted.
 
-A request whose drafts were all rejected gets none for the next ``cooldown`` steps (doubling while rejections go
-on, reset by an accepted draft), so that text that does not repeat itself decodes as without speculation.
+A request whose drafts were all rejected, or whose running share of accepted drafts fell below
+:data:`MIN_ACCEPTANCE`, gets none for the next ``cooldown`` steps (doubling while poor rounds go on, reset by a
+good one), so that text that does not repeat itself decodes about as without speculation.
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-MAX_COOLDOWN = 32  # the longest run of steps a request goes without drafts after repeated full rejections
+MAX_COOLDOWN = 32  # the longest run of steps a request goes without drafts after repeated poor rounds
+# Below this running share of drafts accepted a request's round counts as poor (cools down): a verify step costs
+# more than a decode step, and on the main job's model 0.36 of drafts accepted ran at 0.73x speculation off,
+# 0.84 at 1.31x (RESULTS.md, "Speculative decoding").
+MIN_ACCEPTANCE = 0.5
 RequestKey = tuple[str, int]
 TokenSource = Callable[[int, int], list[int]]  # tokens(start, stop) of a request's prompt + outputs
 
@@ -28,7 +33,8 @@ class _History:
     index: dict[tuple[int, ...], int] = field(default_factory=dict)
     indexed: int = 0
     cooldown: int = 0  # steps left without drafts
-    backoff: int = 0  # the next cooldown after a full rejection
+    backoff: int = 0  # the next cooldown after a poor round
+    acceptance: float = 1.0  # running share of drafts accepted (each round weighs half)
 
 
 class NgramProposer:
@@ -64,11 +70,13 @@ class NgramProposer:
         return []
 
     def feedback(self, key: RequestKey, drafted: int, accepted: int) -> None:
-        """How the request's last drafts fared: a full rejection starts (or doubles) its cooldown."""
+        """How the request's last drafts fared: a full rejection, or a running acceptance below
+        :data:`MIN_ACCEPTANCE`, starts (or doubles) its cooldown; a good round resets it."""
         history = self._histories.get(key)
         if history is None or not drafted:
             return
-        if accepted:
+        history.acceptance = (history.acceptance + accepted / drafted) / 2
+        if accepted and history.acceptance >= MIN_ACCEPTANCE:
             history.backoff = 0
         else:
             history.backoff = min(max(2 * history.backoff, 1), MAX_COOLDOWN)
