@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 
 MAX_COOLDOWN = 32  # the longest run of steps a request goes without drafts after repeated poor rounds
 # Below this running share of drafts accepted a request's round counts as poor (cools down): a verify step costs
-# more than a decode step, and on the main job's model 0.36 of drafts accepted ran at 0.73x speculation off,
-# 0.84 at 1.31x (RESULTS.md, "Speculative decoding").
+# more than a decode step (measured on the main job's model: RESULTS.md, "Speculative decoding").
 MIN_ACCEPTANCE = 0.5
 RequestKey = tuple[str, int]
 TokenSource = Callable[[int, int], list[int]]  # tokens(start, stop) of a request's prompt + outputs
