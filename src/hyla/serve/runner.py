@@ -218,6 +218,7 @@ class _PagedStep:
                                   for p in r])  # fmt: skip
         self.slots = ints([s.slot for s in seqs])
         self.lengths = [s.num_tokens for s in seqs]
+        self._conv_rows: tuple[Tensor, Tensor] | None = None  # short_conv's gather rows, built once a step
         self.context_lens = ints([r.stop for r in ranges])
         width = max((len(s.block_table) for s in seqs), default=0)
         self.block_tables = ints([s.block_table + [0] * (width - len(s.block_table)) for s in seqs]).view(-1, width)
@@ -230,7 +231,9 @@ class _PagedStep:
         history, which it updates): every tap of every token gathered at once from ``[histories; x]``."""
         history = self.runner.states[f"conv{layer_idx}"]  # [S, K - 1, C]
         flat = torch.cat((history[self.slots].flatten(0, 1), x[0]))
-        taps, keep = self._conv_index(len(weight))
+        if self._conv_rows is None:  # the same for every layer of the step
+            self._conv_rows = self._conv_index(len(weight))
+        taps, keep = self._conv_rows
         history[self.slots] = flat[keep]
         return (flat[taps] * weight).sum(1)[None]
 
