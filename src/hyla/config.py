@@ -200,6 +200,16 @@ PRESETS: dict[str, dict] = {
     ),
     # ~70M parameters (~40M active), hybrid 7:1: the benchmarks.
     "small": dict(),
+    # ~0.5B parameters (~0.2B active), hybrid 7:1, 8 experts top-2, 128-wide heads as MiniMax-01's: a model
+    # people would run on a CPU, where a decode step is bound by reading the weights (speed benchmarks, random
+    # weights are fine there).
+    "medium": dict(
+        hidden_size=1024,
+        intermediate_size=1024,
+        num_hidden_layers=16,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+    ),
 }
 
 

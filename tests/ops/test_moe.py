@@ -4,7 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hyla.ops.moe import load_balancing_loss, load_balancing_stats, route, swiglu_experts
+from hyla.ops.linear import int8_linear, quantize_int8
+from hyla.ops.moe import (
+    int8_swiglu_experts,
+    load_balancing_loss,
+    load_balancing_stats,
+    quantize_experts,
+    route,
+    swiglu_experts,
+)
 from tests.conftest import rel_err
 
 
@@ -42,6 +50,30 @@ def test_swiglu_experts_match_per_token_loop(n, num_experts, top_k, path):
     g_ref = torch.autograd.grad(ref, (x, weights, gate_up, down), dy)
     for a, b in zip(g_got, g_ref, strict=True):
         assert a.dtype == b.dtype and rel_err(a, b) < tol
+
+
+@pytest.mark.parametrize(("n", "num_experts", "top_k"), [(1, 4, 2), (37, 8, 2), (3, 16, 2), (64, 16, 1)])
+def test_int8_experts_match_the_per_expert_int8_products_and_stay_near_the_float_ones(n, num_experts, top_k):
+    """Against each expert's two int8 products over the tokens that chose it, picked by a mask (the same rounding:
+    fbgemm scales the activations once per call, so the same calls; equal up to summation order) and against the
+    float experts (the int8 model's rounding); most experts idle when ``n`` is small, and the transposed storage
+    the serving engine gives the weights."""
+    h, inter = 32, 48
+    x = torch.randn(n, h)
+    gate_up = (torch.randn(num_experts, 2 * inter, h) * 0.2).transpose(1, 2).contiguous().transpose(1, 2)
+    down = (torch.randn(num_experts, h, inter) * 0.2).transpose(1, 2).contiguous().transpose(1, 2)
+    _, weights, experts = route(torch.randn(n, num_experts), top_k)
+    got = int8_swiglu_experts(x, weights, experts, quantize_experts(gate_up, down))
+    by_expert = torch.zeros_like(x)
+    for e in range(num_experts):
+        chose = (experts == e).any(dim=1)
+        if chose.any():
+            g, u = int8_linear(x[chose], quantize_int8(gate_up[e])).chunk(2, dim=-1)
+            y = int8_linear(F.silu(g) * u, quantize_int8(down[e]))
+            by_expert[chose] += (weights * (experts == e)).sum(1)[chose, None] * y
+    assert got.shape == x.shape and got.dtype == torch.float32
+    assert rel_err(got, by_expert) < 1e-5
+    assert rel_err(got, reference_experts(x, weights, experts, gate_up, down)) < 0.05  # 7-bit activations
 
 
 def test_swiglu_experts_with_no_tokens_or_no_weight_gradients():

@@ -1,5 +1,6 @@
 """Linear layers prepared for CPU inference: modules that own a packed (oneDNN) or int8 (fbgemm) copy of their
-weight, swapped in for ``nn.Linear`` by :func:`prepare_for_cpu_inference`.
+weight, swapped in for ``nn.Linear`` (and, for int8, for the experts of a ``SparseMoE``) by
+:func:`prepare_for_cpu_inference`.
 
 The parameters stay the same tensors (``state_dict`` and saving are unchanged). The copy costs the dense weight's
 memory once more, is made again when the weight changes (in place or replaced), and is not used where autograd
@@ -8,6 +9,7 @@ needs the weight's gradient. The serving engine prepares its model this way; mea
 
 from __future__ import annotations
 
+import copy
 import itertools
 import weakref
 from typing import ClassVar
@@ -16,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hyla.model.moe import SparseMoE
 from hyla.ops.linear import can_pack, int8_linear, pack, packed_linear, quantize_int8
+from hyla.ops.moe import int8_swiglu_experts, quantize_experts, swiglu_experts
 
 QUANTIZE = (None, "int8")
 
@@ -68,27 +72,35 @@ class PackedLinear(nn.Linear):
         return packed_linear(x, self.prepared(), self.bias)
 
 
-class Int8Linear(PackedLinear):
+class _Tokened:
+    """A module that compiled graphs find by an integer token: fbgemm's packed weights cannot be graph inputs, so
+    the graph's opaque op carries the module's token and looks the module up (weakly held: a collected module
+    leaves no entry). Every instance, a deep copy included, has its own token."""
+
+    _by_token: ClassVar[weakref.WeakValueDictionary[int, nn.Module]] = weakref.WeakValueDictionary()
+    _tokens: ClassVar[itertools.count] = itertools.count()
+
+    def _register(self) -> None:
+        self.token = next(_Tokened._tokens)
+        _Tokened._by_token[self.token] = self
+
+    def __deepcopy__(self, memo: dict) -> nn.Module:
+        twin = type(self)(self)  # the same parameters, a token of its own, no copies yet
+        memo[id(self)] = twin
+        for name, p in self.named_parameters(recurse=False):
+            setattr(twin, name, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+        for name, child in self.named_children():
+            setattr(twin, name, copy.deepcopy(child, memo))
+        return twin
+
+
+class Int8Linear(_Tokened, PackedLinear):
     """An ``nn.Linear`` (the same parameters) computing through an int8 copy of its weight with one scale per
     output row (:func:`~hyla.ops.linear.int8_linear`), for every row count; within ~1-2% of the float product."""
 
-    # Layers by token, for compiled graphs: fbgemm's packed weight cannot be a graph input, so the graph's opaque
-    # op carries the layer's token and finds the layer (weakly held: a collected layer leaves no entry).
-    _by_token: ClassVar[weakref.WeakValueDictionary[int, Int8Linear]] = weakref.WeakValueDictionary()
-    _tokens: ClassVar[itertools.count] = itertools.count()
-
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__(linear)
-        self.token = next(Int8Linear._tokens)
-        Int8Linear._by_token[self.token] = self
-
-    def __deepcopy__(self, memo: dict) -> Int8Linear:
-        twin = Int8Linear(self)  # a token of its own
-        memo[id(self)] = twin
-        twin.weight = nn.Parameter(self.weight.detach().clone(), requires_grad=self.weight.requires_grad)
-        if self.bias is not None:
-            twin.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=self.bias.requires_grad)
-        return twin
+        self._register()
 
     def _prepare(self) -> object:
         return quantize_int8(self.weight, self.bias)
@@ -107,12 +119,58 @@ class Int8Linear(PackedLinear):
 @torch.library.custom_op("hyla::int8_mm", mutates_args=())
 def _int8_mm(x: Tensor, token: int, out_features: int) -> Tensor:
     """The int8 product of the :class:`Int8Linear` with ``token``, one opaque operation inside ``torch.compile``."""
-    return torch.ops.quantized.linear_dynamic(x, Int8Linear._by_token[token].compiled, True)
+    return torch.ops.quantized.linear_dynamic(x, _Tokened._by_token[token].compiled, True)
 
 
 @_int8_mm.register_fake
 def _(x: Tensor, token: int, out_features: int) -> Tensor:
     return x.new_empty(x.shape[0], out_features)
+
+
+class Int8SparseMoE(_Tokened, SparseMoE):
+    """A :class:`~hyla.model.moe.SparseMoE` (the same parameters and router) whose experts compute through int8
+    copies of their matrices (:func:`~hyla.ops.moe.int8_swiglu_experts`) where no gradient is needed; the copies
+    are made again when the expert weights change, as :class:`PackedLinear`'s."""
+
+    def __init__(self, moe: SparseMoE) -> None:
+        nn.Module.__init__(self)
+        self.top_k, self.gate = moe.top_k, moe.gate
+        self.gate_up_proj, self.down_proj = moe.gate_up_proj, moe.down_proj
+        self._copies = _Copies()
+        self.compiled: list[tuple[object, object]] | None = None
+        self._register()
+
+    def prepared(self) -> list[tuple[object, object]]:
+        """The int8 copies of the experts as they are now, made if a weight changed."""
+        key = tuple((p.data_ptr(), p._version) for p in (self.gate_up_proj, self.down_proj))
+        if key not in self._copies:
+            self._copies.clear()
+            self._copies[key] = quantize_experts(self.gate_up_proj, self.down_proj)
+        return self._copies[key]
+
+    def prepare_for_compile(self) -> None:
+        """Fix the copies a ``torch.compile`` graph of this block reads."""
+        self.compiled = self.prepared()
+
+    def experts(self, x: Tensor, weights: Tensor, experts: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            if self.compiled is None:
+                return swiglu_experts(x, weights, experts, self.gate_up_proj, self.down_proj)
+            return _int8_experts(x.float(), weights.float(), experts, self.token).to(x.dtype)
+        if torch.is_grad_enabled() and self.gate_up_proj.requires_grad:
+            return swiglu_experts(x, weights, experts, self.gate_up_proj, self.down_proj)
+        return int8_swiglu_experts(x, weights, experts, self.prepared()).to(x.dtype)
+
+
+@torch.library.custom_op("hyla::int8_experts", mutates_args=())
+def _int8_experts(x: Tensor, weights: Tensor, experts: Tensor, token: int) -> Tensor:
+    """The int8 experts of the :class:`Int8SparseMoE` with ``token``, one opaque operation inside ``torch.compile``."""
+    return int8_swiglu_experts(x, weights, experts, _Tokened._by_token[token].compiled)
+
+
+@_int8_experts.register_fake
+def _(x: Tensor, weights: Tensor, experts: Tensor, token: int) -> Tensor:
+    return torch.empty_like(x)
 
 
 def prepare_for_cpu_inference(model: nn.Module, quantize: str | None = None) -> nn.Module:
@@ -128,23 +186,30 @@ def prepare_for_cpu_inference(model: nn.Module, quantize: str | None = None) -> 
         return kind(model) if can_pack(model.weight) else model
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
+            if type(child) is SparseMoE and quantize == "int8" and can_pack(child.gate_up_proj[0]):
+                setattr(parent, name, Int8SparseMoE(child))
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and can_pack(child.weight):
                 setattr(parent, name, kind(child))
     return model
+
+
+PREPARED = (PackedLinear, Int8SparseMoE)  # the modules that own prepared copies of their weights
 
 
 def prepare_copies(model: nn.Module) -> None:
     """Make every prepared layer's copy now (an engine that batches does it at start: made on first use instead,
     the LM head's copy stalled the first step in which two sequences sample together; measured in RESULTS.md)."""
     for module in model.modules():
-        if isinstance(module, PackedLinear):
+        if isinstance(module, PREPARED):
             module.prepared()
 
 
 def prepare_for_compile(model: nn.Module) -> None:
     """Fix the prepared copies that a ``torch.compile`` graph of ``model`` reads."""
     for module in model.modules():
-        if isinstance(module, PackedLinear):
+        if isinstance(module, PREPARED):
             module.prepare_for_compile()
 
 

@@ -24,5 +24,9 @@ class SparseMoE(nn.Module):
         """``x`` ``[B, T, hidden]`` -> (``[B, T, hidden]``, load-balancing stats ``[2, E]`` if ``router_stats``)."""
         flat = x.reshape(-1, x.shape[-1])
         probs, weights, experts = route(self.gate(flat), self.top_k)
-        y = swiglu_experts(flat, weights, experts, self.gate_up_proj, self.down_proj)
+        y = self.experts(flat, weights, experts)
         return y.view_as(x), load_balancing_stats(probs, experts) if router_stats else None
+
+    def experts(self, x: Tensor, weights: Tensor, experts: Tensor) -> Tensor:
+        """The routed experts' SwiGLU: ``x`` ``[N, hidden]``, ``weights``/``experts`` ``[N, k]`` -> ``[N, hidden]``."""
+        return swiglu_experts(x, weights, experts, self.gate_up_proj, self.down_proj)
