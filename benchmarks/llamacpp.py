@@ -79,13 +79,14 @@ def soname_links(bin_dir: Path, folder: Path) -> Path:
     return folder
 
 
-def start_llama_server(bin_dir: Path, libraries: Path, gguf_path: Path, slots: int, context: int):
-    """``llama-server`` on a free port with ``slots`` parallel slots, all cores, its log in a file beside the
-    model (a pipe nobody reads would fill and stall it); returns it and its /v1 URL."""
+def start_llama_server(bin_dir: Path, libraries: Path, gguf_path: Path, slots: int, context: int,
+                       flags: tuple[str, ...] = ()):  # fmt: skip
+    """``llama-server`` on a free port with ``slots`` parallel slots, all cores, and any further ``flags``, its log
+    in a file beside the model (a pipe nobody reads would fill and stall it); returns it and its /v1 URL."""
     port = free_port()
     threads = str(os.cpu_count())
     cmd = [str(bin_dir / "llama-server"), "-m", str(gguf_path), "--port", str(port), "-t", threads, "-tb", threads,
-           "-np", str(slots), "-c", str(context)]  # fmt: skip
+           "-np", str(slots), "-c", str(context), *flags]  # fmt: skip
     env = {**os.environ, "LD_LIBRARY_PATH": f"{libraries}:{bin_dir}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
     log = gguf_path.with_name(f"llama-server-{port}.log")
     with log.open("w") as f:

@@ -7,22 +7,37 @@ with its own copy of the model, alternate prompt by prompt; each pair's outputs 
 speculation is exact). Decode speed is the tokens after the first over the time after the first (the prefill
 excluded); the acceptance rate is the engine's drafted tokens accepted.
 
-    python benchmarks/speculative.py --model runs/default
+With ``--llama-bin DIR`` (llama.cpp's ``bin`` folder, see ``llamacpp.py``) llama-server joins the alternation on
+the same model (exported to GGUF f32) and the same token ids: ``-np 1``, all cores, once without speculation and
+once per ``--llama-spec`` type (its own prompt-lookup drafts: ``ngram-simple``, ``ngram-mod``, ... at their
+default sizes, ``--spec-draft-n-max`` drafts); its decode speed is the server's own ``timings.predicted_per_second``
+(the prefill excluded, as ours) and its acceptance ``draft_n_accepted / draft_n``; its greedy tokens are compared
+with hyla's.
+
+    python benchmarks/speculative.py --model runs/default [--llama-bin DIR --llama-spec ngram-simple ngram-mod]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import random
+import signal
 import statistics
 import sysconfig
+import tempfile
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from llamacpp import soname_links, start_llama_server
 
 from hyla.bench import append_result, machine_description
 from hyla.checkpoint import load_pretrained
+from hyla.interop.gguf import export_gguf
 from hyla.runtime import tune_malloc
 from hyla.serve import LLM, EngineConfig, SamplingParams
 
@@ -53,6 +68,90 @@ def decode_speed(llm: LLM, prompt: str | list[int], max_tokens: int) -> tuple[fl
     return (len(tokens) - first_count) / (time.perf_counter() - first), tokens
 
 
+class LlamaSide:
+    """One llama-server (``-np 1``) with the given extra flags, decoding token-id prompts greedily."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.removesuffix("/v1")
+        self.drafted = self.accepted = 0
+
+    def decode(self, prompt: list[int], max_tokens: int) -> tuple[float, list[int]]:
+        body = {"prompt": prompt, "n_predict": max_tokens, "temperature": 0, "samplers": ["top_k"], "top_k": 1,
+                "return_tokens": True, "cache_prompt": False, "ignore_eos": True}  # fmt: skip
+        request = urllib.request.Request(f"{self.url}/completion", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(request, timeout=600) as response:
+            out = json.loads(response.read())
+        timings = out["timings"]
+        self.drafted += timings.get("draft_n", 0)
+        self.accepted += timings.get("draft_n_accepted", 0)
+        return timings["predicted_per_second"], out["tokens"]
+
+
+@contextlib.contextmanager
+def llama_sides(bin_dir: Path, loaded, context: int, specs: list[str], drafts: int) -> Iterator[dict[str, LlamaSide]]:
+    """llama-server once without speculation and once per spec type, on ``loaded``'s model as GGUF f32."""
+    servers = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model-f32.gguf"
+        export_gguf(loaded.model, loaded.tokenizer, path, "f32")
+        libraries = soname_links(bin_dir, Path(tmp) / "lib")
+        sides = {}
+        try:
+            for spec in ["none", *specs]:
+                flags = [] if spec == "none" else ["--spec-type", spec, "--spec-draft-n-max", str(drafts)]
+                server, url = start_llama_server(bin_dir, libraries, path, 1, context, flags)
+                servers.append(server)
+                sides[f"llama.cpp {'off' if spec == 'none' else spec}"] = LlamaSide(url)
+            yield sides
+        finally:
+            for server in servers:
+                server.send_signal(signal.SIGTERM)
+            for server in servers:
+                server.wait(timeout=60)
+
+
+def decode(side: LLM | LlamaSide, prompt: list[int], max_tokens: int) -> tuple[float, list[int]]:
+    return side.decode(prompt, max_tokens) if isinstance(side, LlamaSide) else decode_speed(side, prompt, max_tokens)
+
+
+def drafts(side: LLM | LlamaSide) -> tuple[int, int]:
+    """Drafted and accepted tokens so far."""
+    if isinstance(side, LlamaSide):
+        return side.drafted, side.accepted
+    return side.engine.stats.draft_tokens, side.engine.stats.accepted_tokens
+
+
+def table_rows(sides: dict[str, LLM | LlamaSide], workloads: dict[str, list[list[int]]], max_tokens: int) -> list[str]:
+    """Every side on every prompt, alternating prompt by prompt: one row per workload and side."""
+    for side in sides.values():  # warm up each side once
+        decode(side, workloads["code"][0], 8)
+    rows = ["| workload | side | decode tok/s | accepted drafts | vs hyla off | vs llama.cpp off | greedy tokens "
+            "equal to hyla's |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for workload, prompts in workloads.items():
+        speeds: dict[str, list[float]] = {name: [] for name in sides}
+        equal = dict.fromkeys(sides, 0)
+        before = {name: drafts(side) for name, side in sides.items()}
+        for prompt in prompts:
+            outputs = {}
+            for name, side in sides.items():
+                speed, outputs[name] = decode(side, prompt, max_tokens)
+                speeds[name].append(speed)
+                equal[name] += outputs[name] == outputs["hyla off"]
+            if any(out != outputs["hyla off"] for name, out in outputs.items() if name.startswith("hyla")):
+                raise SystemExit(f"speculation changed a greedy output on {workload}: a bug")
+        medians = {name: statistics.median(v) for name, v in speeds.items()}
+        for name, side in sides.items():
+            drafted, accepted = (b - a for a, b in zip(before[name], drafts(side), strict=True))
+            rate = f"{accepted / drafted:.2f} of {drafted:,}" if drafted else "none"
+            versus = f"{medians[name] / medians['llama.cpp off']:.2f}x" if "llama.cpp off" in medians else "-"
+            ours = f"{medians[name] / medians['hyla off']:.2f}x"
+            rows.append(f"| {workload} | {name} | {medians[name]:.1f} | {rate} | {ours} | {versus} "
+                        f"| {equal[name]} of {len(prompts)} |")  # fmt: skip
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a trained model or run directory")
@@ -61,6 +160,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--num-draft-tokens", type=int, nargs="+", default=[4])
     parser.add_argument("--compile", action="store_true", help="both engines with --compile")
+    parser.add_argument("--llama-bin", type=Path, help="llama.cpp's bin folder: llama-server joins (see above)")
+    parser.add_argument("--llama-spec", nargs="*", default=["ngram-simple", "ngram-mod"],
+                        help="llama-server's --spec-type values to run besides none")  # fmt: skip
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
     tune_malloc()
@@ -72,37 +174,21 @@ def main() -> None:
         config = EngineConfig(max_num_seqs=1, max_model_len=context, compile=args.compile, **spec)
         return LLM(loaded.model, loaded.tokenizer, config)
 
-    sides = {"off": engine()}
+    sides: dict[str, LLM | LlamaSide] = {"hyla off": engine()}
     for k in args.num_draft_tokens:
-        sides[f"ngram k={k}"] = engine(speculative="ngram", num_draft_tokens=k)
-    vocab = sides["off"].engine.vocab_size
+        sides[f"hyla ngram k={k}"] = engine(speculative="ngram", num_draft_tokens=k)
+    loaded = load_pretrained(args.model)
     rng = random.Random(1)
-    workloads = {"code": code_prompts(args.prompts, args.chars, seed=0),
+    vocab = loaded.model.config.vocab_size
+    workloads = {"code": [loaded.tokenizer.encode(p).ids for p in code_prompts(args.prompts, args.chars, seed=0)],
                  "random": [[rng.randrange(vocab) for _ in range(300)] for _ in range(args.prompts)]}  # fmt: skip
-    for llm in sides.values():  # warm up each engine once
-        decode_speed(llm, workloads["code"][0], 8)
-    rows = ["| workload | " + " | ".join(f"{name} tok/s" for name in sides) + " | speed-up | accepted drafts |",
-            "|---|" + "---|" * (len(sides) + 2)]  # fmt: skip
-    for workload, prompts in workloads.items():
-        speeds: dict[str, list[float]] = {name: [] for name in sides}
-        before = {name: (llm.engine.stats.draft_tokens, llm.engine.stats.accepted_tokens) for name, llm in
-                  sides.items()}  # fmt: skip
-        for prompt in prompts:
-            outputs = {}
-            for name, llm in sides.items():
-                speed, outputs[name] = decode_speed(llm, prompt, args.max_tokens)
-                speeds[name].append(speed)
-            if any(out != outputs["off"] for out in outputs.values()):
-                raise SystemExit(f"speculation changed a greedy output on {workload}: a bug")
-        medians = {name: statistics.median(v) for name, v in speeds.items()}
-        best = max((n for n in sides if n != "off"), key=medians.get)
-        drafted, accepted = (b - a for a, b in zip(before[best], (sides[best].engine.stats.draft_tokens,
-                                                                  sides[best].engine.stats.accepted_tokens),
-                                                   strict=True))  # fmt: skip
-        rate = f"{accepted / drafted:.2f} of {drafted:,} ({best})" if drafted else f"none drafted ({best})"
-        rows.append(f"| {workload} | " + " | ".join(f"{medians[n]:.1f}" for n in sides) +
-                    f" | {medians[best] / medians['off']:.2f}x | {rate} |")  # fmt: skip
-        print(rows[-1], flush=True)
+    llama = contextlib.nullcontext({})
+    if args.llama_bin is not None:
+        context = min(loaded.model.config.max_position_embeddings, 4096)
+        llama = llama_sides(args.llama_bin, loaded, context, args.llama_spec, max(args.num_draft_tokens))
+    with llama as llama_servers:
+        sides.update(llama_servers)
+        rows = table_rows(sides, workloads, args.max_tokens)
     table = "\n".join(rows)
     machine = machine_description()
     print(f"# {machine}\n{table}")
@@ -117,6 +203,7 @@ def main() -> None:
             "--num-draft-tokens",
             *map(str, args.num_draft_tokens),
             *(["--compile"] if args.compile else []),
+            *(["--llama-bin", "DIR", "--llama-spec", *args.llama_spec] if args.llama_bin else []),
         ]
         command = "python benchmarks/speculative.py " + " ".join(flags)
         append_result(
@@ -125,7 +212,13 @@ def main() -> None:
             f"Machine: {machine}. Model {args.model}; one request at a time, greedy, {args.max_tokens} "
             f"new tokens, medians over {args.prompts} prompts per workload (code: {args.chars}-character "
             "prefixes of standard-library files; random: 300 random token ids), the engines alternating "
-            "prompt by prompt, every output checked equal to speculation off."
+            "prompt by prompt, every hyla output checked equal to speculation off."
+            + (
+                " llama-server -np 1, all cores, the same token ids, f32 GGUF of the same weights; its speed is "
+                "its own timings.predicted_per_second."
+                if args.llama_bin
+                else ""
+            )
             + (" Both with --compile." if args.compile else ""),
             command,
             table,
