@@ -27,6 +27,18 @@ def test_prepared_linears_follow_in_place_changes_and_keep_autograd():
     assert set(layer.state_dict()) == {"weight", "bias"}
 
 
+def test_one_row_through_a_large_packed_layer_equals_f_linear():
+    """A large weight (from PACKED_ONE_ROW_MIN_WEIGHTS on) takes one row through its packed copy too."""
+    from hyla.model.linear import PACKED_ONE_ROW_MIN_WEIGHTS
+
+    layer = prepare_for_cpu_inference(nn.Linear(1024, PACKED_ONE_ROW_MIN_WEIGHTS // 1024 + 3))
+    with torch.no_grad():
+        for rows in (1, 3):
+            x = torch.randn(1, rows, 1024)
+            assert rel_err(layer(x), F.linear(x, layer.weight, layer.bias)) < 1e-5
+            assert len(layer._copies) == 1  # the packed copy ran, from the first (one-row) call on
+
+
 @pytest.mark.parametrize("quantize", [None, "int8"])
 def test_a_copied_prepared_layer_computes_with_its_own_weight(quantize):
     import copy

@@ -33,10 +33,19 @@ class _Copies(dict):
         return _Copies()
 
 
+PACKED_ONE_ROW_MIN_WEIGHTS = 2**20
+# One row (a decode step of one request) runs through the packed copy only from this many weights: below, the plain
+# (transposed) weight is as fast or faster (it stays in the caches: 512 x 512 at 26 vs 47 us); above, the packed one
+# wins (8192 x 512 942 -> 626 us, 1024 x 1024 247 -> 193 us; RESULTS.md, "Decode-step products by kernel library").
+# A whole eager decode step of one request: `medium` 61.7 -> 49.2 ms, `small` 8.35 -> 8.43 (noise; measured in one
+# process, alternated).
+
+
 class PackedLinear(nn.Linear):
     """An ``nn.Linear`` (the same parameters) computing through a oneDNN-packed copy of its weight
     (:func:`~hyla.ops.linear.packed_linear`): faster small-batch products on the CPU. One row, as in a decode step
-    of one request, runs through the plain (transposed) weight, which is as fast."""
+    of one request, runs through the plain (transposed) weight when the weight is small
+    (:data:`PACKED_ONE_ROW_MIN_WEIGHTS`)."""
 
     def __init__(self, linear: nn.Linear) -> None:
         nn.Module.__init__(self)
@@ -62,12 +71,12 @@ class PackedLinear(nn.Linear):
         self.compiled = self.prepared()
 
     def forward(self, x: Tensor) -> Tensor:
-        one_row = x.numel() <= x.shape[-1]
+        plain = x.numel() <= x.shape[-1] and self.weight.numel() < PACKED_ONE_ROW_MIN_WEIGHTS
         if torch.compiler.is_compiling():
-            if one_row or self.compiled is None:
+            if plain or self.compiled is None:
                 return F.linear(x, self.weight, self.bias)
             return packed_linear(x, self.compiled, self.bias)
-        if one_row or (torch.is_grad_enabled() and self.weight.requires_grad):  # autograd needs the plain product
+        if plain or (torch.is_grad_enabled() and self.weight.requires_grad):  # autograd needs the plain product
             return F.linear(x, self.weight, self.bias)
         return packed_linear(x, self.prepared(), self.bias)
 
