@@ -1,11 +1,11 @@
-"""int8 linear layers (``hyla serve --quantize int8``) vs float32: decode-step time and held-out loss.
+"""int8 (``hyla serve --quantize int8``: linear layers and experts) vs float32: decode-step time and held-out loss.
 
-Speed: two engines on the same `small` weights (vocab 8192), float32 and ``quantize="int8"``, each decoding
-``B`` requests; 20-step timings alternate between the two, medians of 5. Accuracy: the held-out loss (per token,
-each document from its start, up to 1,024 tokens) of a trained model, ``--model`` (default: the main job's run
-directory), with float32 and with int8 linear layers.
+Speed: two engines on the same `small` (``--preset medium``) weights (vocab 8192), float32 and
+``quantize="int8"``, each decoding ``B`` requests; 20-step timings alternate between the two, medians of 5.
+Accuracy: the held-out loss (per token, each document from its start, up to 1,024 tokens) of a trained model,
+``--model`` (default: the main job's run directory), with float32 and with int8.
 
-Usage: python benchmarks/quantize.py [--model runs/default] [--requests 1 8 32] [--no-append]
+Usage: python benchmarks/quantize.py [--model runs/default] [--preset small] [--requests 1 8 32] [--no-append]
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from hyla.serve.engine import LLMEngine
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
-def step_times(requests: int) -> dict[str, float]:
+def step_times(preset: str, requests: int) -> dict[str, float]:
     torch.manual_seed(0)
-    base = hyla.HylaForCausalLM(hyla.preset("small").replace(vocab_size=8192)).eval()
+    base = hyla.HylaForCausalLM(hyla.preset(preset).replace(vocab_size=8192)).eval()
     prompts = [torch.randint(0, 256, (128,)).tolist() for _ in range(requests)]
     engines = {}
     for name, quantize in (("float32", None), ("int8", "int8")):
@@ -74,27 +74,30 @@ def held_out_loss(run: Path) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=Path("runs/default"), help="a `hyla train` run directory")
+    parser.add_argument("--preset", default="small", choices=["small", "medium"], help="the speed model's preset")
     parser.add_argument("--requests", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
     args = parser.parse_args()
     tune_malloc()
-    lines = ["| decode step | float32 ms | int8 linears ms | speed-up |", "|---|---|---|---|"]
+    lines = ["| decode step | float32 ms | int8 ms | speed-up |", "|---|---|---|---|"]
     for b in args.requests:
-        t = step_times(b)
+        t = step_times(args.preset, b)
         lines.append(f"| {b} request{'s' * (b > 1)} | {t['float32']:.2f} | {t['int8']:.2f} | "
                      f"{t['float32'] / t['int8']:.2f}x |")  # fmt: skip
         print(lines[-1], flush=True)
     loss = held_out_loss(args.model)
     row = f"| {args.model.name}, {loss['tokens']:,} tokens | {loss['float32']:.4f} | {loss['int8']:.4f} |"
-    lines += ["", "| held-out loss (nats/token) | float32 | int8 linears |", "|---|---|---|", row]
+    lines += ["", "| held-out loss (nats/token) | float32 | int8 |", "|---|---|---|", row]
     table = "\n".join(lines)
     print(table)
     if not args.no_append:
-        preamble = (f"Machine: {machine_description()}. Decode steps of the `small` preset (vocab 8192), medians "
-                    "of 5 alternations of 20 steps; the loss of the trained model on its run's held-out "
+        preamble = (f"Machine: {machine_description()}. Decode steps of the `{args.preset}` preset (vocab 8192), "
+                    "medians of 5 alternations of 20 steps; the loss of the trained model on its run's held-out "
                     "documents.")  # fmt: skip
-        command = f"python benchmarks/quantize.py --model {args.model} --requests {' '.join(map(str, args.requests))}"
-        append_result(RESULTS, "int8 linear layers vs float32 (hyla serve --quantize int8)", preamble, command, table)
+        command = (f"python benchmarks/quantize.py --model {args.model} --preset {args.preset} "
+                   f"--requests {' '.join(map(str, args.requests))}")  # fmt: skip
+        title = "int8 linear layers and experts vs float32 (hyla serve --quantize int8)"
+        append_result(RESULTS, title, preamble, command, table)
 
 
 if __name__ == "__main__":
