@@ -17,9 +17,9 @@ llama-server's. Then, alternating the two sides at every measurement (the idle o
   (8 calls); 32 tokens out per turn. Time to first token of first and later turns, output tokens/s. hyla
   reuses prefixes (its default); llama-server runs its defaults (slot prompt cache and context checkpoints).
 
-``--hyla`` picks hyla's sides, each its own server: ``fp32`` (the defaults), ``fp32-compiled`` (``--compile``:
-decode steps of up to 32 requests through a compiled forward), ``int8`` and ``int8-compiled`` (``--quantize
-int8``: linear layers and experts in int8; the peer to set it against is llama.cpp's q8_0). Each side but
+``--hyla`` picks hyla's sides, each its own server: ``fp32`` (eager: ``--no-compile``), ``fp32-compiled``
+(``--compile``: decode steps of up to 32 requests through a compiled forward), ``int8`` and ``int8-compiled``
+(``--quantize int8``: linear layers and experts in int8; the peer to set it against is llama.cpp's q8_0). Each side but
 the first has its greedy text checked against a float32 full forward first (int8 may differ: it is another
 model's rounding).
 
@@ -57,7 +57,7 @@ from hyla.data.tokenizer import train_bpe
 from hyla.interop.gguf import export_gguf
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
-HYLA_SIDES = {"fp32": [], "fp32-compiled": ["--compile"], "int8": ["--quantize", "int8"],
+HYLA_SIDES = {"fp32": ["--no-compile"], "fp32-compiled": ["--compile"], "int8": ["--no-compile", "--quantize", "int8"],
               "int8-compiled": ["--compile", "--quantize", "int8"]}  # fmt: skip
 MAX_LEN = 8192 + 256
 

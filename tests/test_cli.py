@@ -72,6 +72,7 @@ def test_serve_answers_the_openai_client(tmp_path):
         "512",
         "--shutdown-timeout",
         "0",
+        "--no-compile",  # the default (compiled) start is the README test's
     ]
     env = {**os.environ, "HYLA_API_KEY": "sk-env"}
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

@@ -208,3 +208,49 @@ def test_a_long_context_model_gets_a_kv_pool_sized_to_memory_not_to_its_context(
         EngineConfig(kv_cache_gb=0.001, max_model_len=100_000).resolve(10_240_000, kv)
     with pytest.raises(ConfigError, match=r"the KV cache of 10,240,000 tokens needs .* GiB, more than the 1.0 GiB"):
         EngineConfig(max_model_len=10_240_000).resolve(10_240_000, kv, available=2**30)
+
+
+def test_the_servers_compile_default_is_on_only_where_it_can_compile():
+    """``hyla serve``'s default: on for a float32 CPU model with a C++ compiler; off, with the reason, without a
+    compiler or for a bfloat16 model."""
+    import torch._inductor.config as inductor
+
+    from hyla.serve.runner import compile_choice
+
+    model = random_model(layer_types=PATTERNS["alternating"])
+    on, why = compile_choice(model)
+    assert on and "C++ compiler" in why
+    with inductor.patch({"cpp.cxx": ("/nonexistent/g++",)}):
+        assert compile_choice(model) == (False, "no C++ compiler found (install g++ to compile the decode steps)")
+    on, why = compile_choice(random_model(layer_types=PATTERNS["alternating"]).bfloat16())
+    assert not on and "float32" in why
+
+
+def test_serve_falls_back_to_the_eager_forward_when_its_default_compile_fails(tmp_path, monkeypatch):
+    """The default chose to compile, the compile failed (here: the compiler vanished): the server says so and
+    serves eager; an explicit compile=True still stops with the error (the test above)."""
+    import threading
+
+    import torch._inductor.config as inductor
+
+    import hyla
+    from hyla.bench.serve import free_port
+    from hyla.serve import api
+    from hyla.serve.config import ServerConfig
+
+    hyla.save_pretrained(random_model(layer_types=PATTERNS["alternating"]), tmp_path)
+    byte_level_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    monkeypatch.setattr(api, "compile_choice", lambda model: (True, "chosen by the test"))
+    stop, lines = threading.Event(), []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        if line.startswith("hyla: serving"):
+            stop.set()
+
+    server = ServerConfig(port=free_port(), shutdown_timeout=0)
+    with inductor.patch({"force_disable_caches": True, "cpp.cxx": ("/nonexistent/g++",)}):
+        api.serve(tmp_path, stop, server, EngineConfig(max_model_len=64), log=log, auto_compile=True)
+    assert lines[0] == "hyla: compile on (the default: chosen by the test; --no-compile/--compile to choose)"
+    assert any("install a C++ compiler" in line and line.endswith("; serving the eager forward") for line in lines)
+    assert any(line.startswith("hyla: serving") and "compiled" not in line for line in lines)

@@ -240,10 +240,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_server(model_dir: str | Path, *flags: str, timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
+def launch_server(model_dir: str | Path, *flags: str, timeout: float = 600.0) -> tuple[subprocess.Popen, str]:
     """Start ``hyla serve MODEL_DIR FLAGS...`` on a free loopback port, for a benchmark to drive; returns the
-    process (stop it with SIGTERM) and its ``/v1`` URL once it accepts connections. Its log goes to a temporary
-    file (a pipe nobody reads during the run could fill and stall the server), shown if it fails to start."""
+    process (stop it with SIGTERM) and its ``/v1`` URL once it accepts connections (a cold compile of the decode
+    steps, on by default, can take minutes). Its log goes to a temporary file (a pipe nobody reads during the run
+    could fill and stall the server), shown if it fails to start."""
     port = free_port()
     cmd = [sys.executable, "-m", "hyla", "serve", str(model_dir), "--port", str(port), *flags]
     deadline = time.monotonic() + timeout

@@ -25,6 +25,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     import torch
 
     from hyla.serve.engine import QUANTIZE, SPECULATIVE, EngineConfig
+    from hyla.serve.runner import COMPILED_MAX_BATCH
 
     srv = commands.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
                               description="Serve a model directory (or a run directory's model) with continuous "
@@ -35,8 +36,16 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     add_tokenizer_arg(srv)
     add_dtype_arg(srv, gpu=True)
     srv.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    add_config_flags(srv, EngineConfig, choices={"quantize": [q for q in QUANTIZE if q],
-                                                 "speculative": [s for s in SPECULATIVE if s]})  # fmt: skip
+    add_config_flags(srv, EngineConfig, skip=("compile",), choices={"quantize": [q for q in QUANTIZE if q],
+                     "speculative": [s for s in SPECULATIVE if s]})  # fmt: skip
+    srv.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"CPU: run decode steps of up to {COMPILED_MAX_BATCH} requests through a torch.compile'd "
+        "forward (compiled at start, cached on disk; measured in RESULTS.md) (default: on where a "
+        "C++ compiler is found and the model is float32 on the CPU; the log says what it chose)",
+    )
     add_config_flags(srv, ServerConfig, skip=_ADDRESS)
     srv.set_defaults(run=run_serve)
 
@@ -48,9 +57,12 @@ def run_serve(args: argparse.Namespace) -> None:
 
     server = config_from_args(ServerConfig, args)
     server.api_key = server.api_key or os.environ.get(API_KEY_ENV) or None
+    auto_compile = args.compile is None
+    args.compile = bool(args.compile)
     config = config_from_args(EngineConfig, args)
     dtype, dtype_text = resolve_dtype(args.dtype, args.device)
     what = f"shutting down (no new requests; running ones have {server.shutdown_timeout:g} s to finish)"
     with stop_on_signals(what) as stop:
         serve(args.model_dir, stop, server, config, dtype, args.device, args.tokenizer,
-              log=lambda line: print(line, file=sys.stderr, flush=True), dtype_text=dtype_text)  # fmt: skip
+              log=lambda line: print(line, file=sys.stderr, flush=True), dtype_text=dtype_text,
+              auto_compile=auto_compile)  # fmt: skip

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import threading
@@ -47,7 +48,7 @@ from hyla.serve.config import DEFAULT_MAX_REQUEST_BYTES, ServerConfig
 from hyla.serve.engine import EngineConfig, LLMEngine
 from hyla.serve.outputs import RequestOutput, TokenLogprob
 from hyla.serve.protocol import ChatCompletionRequest, CompletionRequest
-from hyla.serve.runner import COMPILED_MAX_BATCH
+from hyla.serve.runner import COMPILED_MAX_BATCH, compile_choice
 from hyla.serve.sampling import SamplingParams
 
 
@@ -535,17 +536,33 @@ def serve(
     tokenizer_path: str | None = None,
     log: Callable[[str], None] = print,
     dtype_text: str = "",
+    auto_compile: bool = False,
 ) -> None:
     """``hyla serve``: load a model (or run) directory and serve it until ``stop`` is set (the CLI sets it on SIGINT and
     SIGTERM), then shut down gracefully: new requests get 503, running ones have ``shutdown_timeout`` seconds
-    to finish, and those left end with an error (an error event and ``[DONE]`` when streamed)."""
+    to finish, and those left end with an error (an error event and ``[DONE]`` when streamed). ``auto_compile``:
+    ``config.compile`` is chosen here (:func:`~hyla.serve.runner.compile_choice`), and a failed compile falls back
+    to the eager forward instead of stopping."""
     from hyla.checkpoint import load_pretrained
 
     sc = server_config or ServerConfig()
+    config = config or EngineConfig()
     loaded = load_pretrained(model_dir, dtype=dtype, device=device, tokenizer=tokenizer_path)
-    if config is not None and config.compile:
-        log(f"hyla: compiling the decode steps of up to {COMPILED_MAX_BATCH} requests (cached on disk)")
-    engine = AsyncEngine(LLMEngine(loaded.model, loaded.tokenizer, config), sc.max_waiting, start_thread=False)
+    if auto_compile:
+        on, why = compile_choice(loaded.model)
+        config = dataclasses.replace(config, compile=on)
+        log(f"hyla: compile {'on' if on else 'off'} (the default: {why}; --no-compile/--compile to choose)")
+    if config.compile:
+        log(f"hyla: compiling the decode steps of up to {COMPILED_MAX_BATCH} requests (cached on disk: a later "
+            "start takes seconds to a minute)")  # fmt: skip
+    try:
+        llm_engine = LLMEngine(loaded.model, loaded.tokenizer, config)
+    except ConfigError as error:
+        if not (auto_compile and config.compile):
+            raise
+        log(f"hyla: {error}; serving the eager forward")
+        llm_engine = LLMEngine(loaded.model, loaded.tokenizer, dataclasses.replace(config, compile=False))
+    engine = AsyncEngine(llm_engine, sc.max_waiting, start_thread=False)
     if stop.is_set():  # a signal while the model loaded or compiled: nothing was served yet
         log("hyla: stopped before serving")
         return

@@ -14,12 +14,13 @@ tested against and runs every other step.
 from __future__ import annotations
 
 import itertools
+import shutil
 import time
 import types
 from collections.abc import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from hyla.config import LIGHTNING, HylaConfig
 from hyla.errors import ConfigError
@@ -56,6 +57,32 @@ def kv_bytes_per_token(config: HylaConfig, dtype: torch.dtype) -> int:
     return 2 * layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
 
 
+def compile_refusal(model: nn.Module) -> str | None:
+    """Why the runner cannot compile ``model``'s decode steps here, or None where it can."""
+    param = next(model.parameters())
+    if param.device.type != "cpu" or param.dtype not in (torch.float32, torch.float64):
+        return f"compile runs on the CPU with a float32 or float64 model, not {param.device} {param.dtype}"
+    if model.config.lightning_qk_conv:
+        return "compile does not take a model with lightning_qk_conv (a study option): serve it eager"
+    return None
+
+
+def compile_choice(model: nn.Module) -> tuple[bool, str]:
+    """``hyla serve``'s default for ``compile``: on where the runner can compile ``model`` and a C++ compiler is
+    found, with why."""
+    if refusal := compile_refusal(model):
+        return False, refusal
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        compiler = get_cpp_compiler()
+    except Exception:  # inductor found none it takes
+        compiler = None
+    if not compiler or shutil.which(compiler) is None:
+        return False, "no C++ compiler found (install g++ to compile the decode steps)"
+    return True, f"C++ compiler {compiler} found"
+
+
 class ModelRunner:
     """Preallocated pools for every layer: ``[S, H, D, D]`` states and ``[P, H, D, D]`` snapshots per lightning
     layer, ``[num_blocks, block_size, Hkv, D]`` keys and values per softmax layer.
@@ -80,10 +107,8 @@ class ModelRunner:
         self.device, dtype = param.device, param.dtype
         if quantize and (self.device.type != "cpu" or dtype != torch.float32):
             raise ConfigError(f"quantize={quantize!r} runs on the CPU with a float32 model, not {self.device} {dtype}")
-        if compile and (self.device.type != "cpu" or dtype not in (torch.float32, torch.float64)):
-            raise ConfigError(f"compile runs on the CPU with a float32 or float64 model, not {self.device} {dtype}")
-        if compile and model.config.lightning_qk_conv:
-            raise ConfigError("compile does not take a model with lightning_qk_conv (a study option): serve it eager")
+        if compile and (refusal := compile_refusal(model)):
+            raise ConfigError(refusal)
         if self.device.type == "cpu":
             prepare_for_cpu_inference(model, quantize)
             if num_slots > 1:  # steps of several rows will come: no first step should pay for the copies
