@@ -14,9 +14,8 @@ LM head) at 1 and 8 rows (one request; eight), the same product through:
 - ``woq int4``: PyTorch's weight-only int4 kernel (``_weight_int4pack_mm_for_cpu``, groups of 32);
 - ``torchao int8``: torchao's ``Int8WeightOnlyConfig``, compiled (when torchao is installed: it is not a hyla
   dependency; ``pip install torchao==0.18.0``);
-- ``C++ gemv`` (one row only): what a hand-written kernel reaches — a plain C++ loop (one dot product per output
-  row over the row-major weight, OpenMP over rows, vectorized by ``g++ -O3 -march=native``), built here with
-  ``torch.utils.cpp_extension.load_inline``; a measurement, not part of hyla.
+- ``hyla gemv`` (one row only): hyla's hand-written kernel (:mod:`hyla.ops.gemv`, built on first use with the
+  machine's C++ compiler) on the transposed weight, what a decode step of one request runs.
 
 The floor is the weight's bytes over the machine's read bandwidth (a sum over 512 MB), per storage: a product
 cannot read its weight faster. A decode step streams the whole model through the caches, so before every timed
@@ -40,40 +39,11 @@ import torch.nn.functional as F
 
 import hyla
 from hyla.bench import append_result, machine_description
+from hyla.ops import gemv as gemv_kernel
 from hyla.ops.linear import int8_linear, pack, packed_linear, quantize_int8
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 INT4_GROUP = 32
-GEMV_SOURCE = r"""
-#include <torch/extension.h>
-torch::Tensor gemv(torch::Tensor x, torch::Tensor w) {  // w [out, in] row-major, x [in]
-  const int64_t out = w.size(0), in = w.size(1);
-  auto y = torch::empty({out}, x.options());
-  const float* xp = x.data_ptr<float>(); const float* wp = w.data_ptr<float>(); float* yp = y.data_ptr<float>();
-  #pragma omp parallel for schedule(static)
-  for (int64_t o = 0; o < out; ++o) {
-    const float* row = wp + o * in;
-    float acc = 0.f;
-    #pragma omp simd reduction(+:acc)
-    for (int64_t i = 0; i < in; ++i) acc += row[i] * xp[i];
-    yp[o] = acc;
-  }
-  return y;
-}
-"""
-
-
-def build_gemv() -> Callable | None:
-    """The C++ gemv above, or None where no compiler builds it."""
-    from torch.utils.cpp_extension import load_inline
-
-    try:
-        module = load_inline("bench_gemv", GEMV_SOURCE, functions=["gemv"], extra_ldflags=["-fopenmp"],
-                             extra_cflags=["-O3", "-march=native", "-fopenmp"])  # fmt: skip
-    except Exception as error:  # no compiler: the column is left out
-        print(f"C++ gemv not built: {type(error).__name__}: {error}")
-        return None
-    return module.gemv
 
 
 def shapes(config: hyla.HylaConfig) -> dict[str, tuple[int, int]]:
@@ -95,9 +65,7 @@ def int4_pack(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), scales_zeros
 
 
-def kernels(
-    w: torch.Tensor, x: torch.Tensor, gemv: Callable | None
-) -> dict[str, tuple[Callable[[], torch.Tensor], int]]:
+def kernels(w: torch.Tensor, x: torch.Tensor) -> dict[str, tuple[Callable[[], torch.Tensor], int]]:
     """Each kernel as ``(call, bytes of weight it reads)`` for the product ``x @ w.T``."""
     n, k = w.shape
     stored = w.t().contiguous().t()
@@ -119,9 +87,8 @@ def kernels(
         "woq int8": (lambda: torch._weight_int8pack_mm(x, int8, scales), n * k),
         "woq int4": (lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, int4, INT4_GROUP, scales_zeros), n * k // 2),
     }
-    if gemv is not None and x.shape[0] == 1:
-        row_major = w.contiguous()
-        out["C++ gemv"] = (lambda: gemv(x[0], row_major)[None], 4 * n * k)
+    if x.shape[0] == 1 and gemv_kernel.available():
+        out["hyla gemv"] = (lambda: gemv_kernel.gemv(x, stored), 4 * n * k)
     try:
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
     except ImportError:
@@ -152,7 +119,6 @@ def main() -> None:
     bandwidth = big.numel() * 4 * 5 / (time.perf_counter() - start)  # bytes/s
     del big
 
-    gemv = build_gemv()
     flush = torch.empty(32 << 20)  # 128 MB
     rows, names = [], []
     with torch.inference_mode():
@@ -160,7 +126,7 @@ def main() -> None:
             w = torch.randn(n, k) * k**-0.5
             for m in args.rows:
                 x = torch.randn(m, k)
-                ks = kernels(w, x, gemv)
+                ks = kernels(w, x)
                 reference = F.linear(x, w)
                 errors = {name: float((call() - reference).norm() / reference.norm()) for name, (call, _) in ks.items()}
                 times: dict[str, list[float]] = {name: [] for name in ks}

@@ -27,16 +27,33 @@ def test_prepared_linears_follow_in_place_changes_and_keep_autograd():
     assert set(layer.state_dict()) == {"weight", "bias"}
 
 
-def test_one_row_through_a_large_packed_layer_equals_f_linear():
-    """A large weight (from PACKED_ONE_ROW_MIN_WEIGHTS on) takes one row through its packed copy too."""
+@pytest.fixture(params=["gemv", "no compiler"])
+def kernel(request, monkeypatch):
+    """Both one-row paths: the gemv kernel built, and no C++ compiler (the library path)."""
+    from hyla.ops import gemv
+
+    if request.param == "no compiler":
+        monkeypatch.setattr(gemv, "_kernel", lambda: None)
+    return request.param
+
+
+def test_one_row_runs_through_gemv_or_the_library_path_without_it(kernel):
+    """With the kernel one row runs through it on the transposed weight (no packed copy made); without, a large
+    weight's one row runs through the packed copy. Every path equals F.linear, with and without a bias, in place
+    changes followed."""
     from hyla.model.linear import PACKED_ONE_ROW_MIN_WEIGHTS
 
-    layer = prepare_for_cpu_inference(nn.Linear(1024, PACKED_ONE_ROW_MIN_WEIGHTS // 1024 + 3))
-    with torch.no_grad():
-        for rows in (1, 3):
-            x = torch.randn(1, rows, 1024)
+    for bias in (True, False):
+        layer = prepare_for_cpu_inference(nn.Linear(1024, PACKED_ONE_ROW_MIN_WEIGHTS // 1024 + 3, bias=bias))
+        assert layer.use_gemv == (kernel == "gemv") and layer.weight.t().is_contiguous()
+        with torch.no_grad():
+            for rows in (1, 3):
+                x = torch.randn(1, rows, 1024)
+                assert rel_err(layer(x), F.linear(x, layer.weight, layer.bias)) < 1e-5
+                assert len(layer._copies) == (rows > 1 or kernel != "gemv")  # a packed copy from the first call?
+            layer.weight.mul_(-1)
+            x = torch.randn(1024)
             assert rel_err(layer(x), F.linear(x, layer.weight, layer.bias)) < 1e-5
-            assert len(layer._copies) == 1  # the packed copy ran, from the first (one-row) call on
 
 
 @pytest.mark.parametrize("quantize", [None, "int8"])

@@ -129,3 +129,17 @@ def test_balanced_routing_gives_the_minimum_loss():
     # so E * sum_e f_e P_e = 4 * 4 * (1/2) * (1/4) = 2 = k, the loss's minimum.
     stats = torch.stack((torch.full((4,), 10.0), torch.full((4,), 20 / 4)))
     assert load_balancing_loss(stats, 20).item() == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_the_gemv_path_matches_the_per_token_loop(n):
+    """One token's experts through hyla.ops.gemv (float32, the transposed storage the serving engine gives the
+    weights), inference only."""
+    h, inter, num_experts = 40, 24, 8
+    x = torch.randn(n, h)
+    gate_up = torch.randn(num_experts, 2 * inter, h).transpose(1, 2).contiguous().transpose(1, 2) * 0.2
+    down = torch.randn(num_experts, h, inter).transpose(1, 2).contiguous().transpose(1, 2) * 0.2
+    _, weights, experts = route(torch.randn(n, num_experts), 2)
+    with torch.no_grad():
+        got = swiglu_experts(x, weights, experts, gate_up, down, path="gemv")
+    assert rel_err(got, reference_experts(x, weights, experts, gate_up, down)) < 1e-5

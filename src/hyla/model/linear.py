@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hyla.model.moe import SparseMoE
+from hyla.ops import gemv as gemv_kernel
+from hyla.ops.gemv import gemv
 from hyla.ops.linear import can_pack, int8_linear, pack, packed_linear, quantize_int8
 from hyla.ops.moe import int8_swiglu_experts, quantize_experts, swiglu_experts
 
@@ -34,23 +36,25 @@ class _Copies(dict):
 
 
 PACKED_ONE_ROW_MIN_WEIGHTS = 2**20
-# One row (a decode step of one request) runs through the packed copy only from this many weights: below, the plain
-# (transposed) weight is as fast or faster (it stays in the caches: 512 x 512 at 26 vs 47 us); above, the packed one
-# wins (8192 x 512 942 -> 626 us, 1024 x 1024 247 -> 193 us; RESULTS.md, "Decode-step products by kernel library").
-# A whole eager decode step of one request: `medium` 61.7 -> 49.2 ms, `small` 8.35 -> 8.43 (noise; measured in one
-# process, alternated).
+# Without the gemv kernel, one row (a decode step of one request) runs through the packed copy only from this many
+# weights: below, the plain (transposed) weight is as fast or faster (it stays in the caches: 512 x 512 at 26 vs 47
+# us); above, the packed one wins (8192 x 512 942 -> 626 us, 1024 x 1024 247 -> 193 us; RESULTS.md, "Decode-step
+# products by kernel library"). A whole eager decode step of one request: `medium` 61.7 -> 49.2 ms, `small` 8.35 ->
+# 8.43 (noise; measured in one process, alternated).
 
 
 class PackedLinear(nn.Linear):
     """An ``nn.Linear`` (the same parameters) computing through a oneDNN-packed copy of its weight
     (:func:`~hyla.ops.linear.packed_linear`): faster small-batch products on the CPU. One row, as in a decode step
-    of one request, runs through the plain (transposed) weight when the weight is small
-    (:data:`PACKED_ONE_ROW_MIN_WEIGHTS`)."""
+    of one request, runs through :func:`~hyla.ops.gemv.gemv` on the plain (transposed) weight where the kernel was
+    built (``use_gemv``, set by :func:`prepare_for_cpu_inference`), else through ``F.linear`` on it when the weight
+    is small (:data:`PACKED_ONE_ROW_MIN_WEIGHTS`) and the packed copy when it is large."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, use_gemv: bool = False) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
+        self.use_gemv = use_gemv
         self._copies = _Copies()
         # What a compiled graph reads (no data pointers inside one): the copy made by prepare_for_compile().
         self.compiled: Tensor | None = None
@@ -71,14 +75,16 @@ class PackedLinear(nn.Linear):
         self.compiled = self.prepared()
 
     def forward(self, x: Tensor) -> Tensor:
-        plain = x.numel() <= x.shape[-1] and self.weight.numel() < PACKED_ONE_ROW_MIN_WEIGHTS
-        if torch.compiler.is_compiling():
-            if plain or self.compiled is None:
-                return F.linear(x, self.weight, self.bias)
-            return packed_linear(x, self.compiled, self.bias)
-        if plain or (torch.is_grad_enabled() and self.weight.requires_grad):  # autograd needs the plain product
+        compiling = torch.compiler.is_compiling()
+        if not compiling and torch.is_grad_enabled() and self.weight.requires_grad:  # autograd: the plain product
             return F.linear(x, self.weight, self.bias)
-        return packed_linear(x, self.prepared(), self.bias)
+        if x.numel() == x.shape[-1]:  # one row (none: the packed path takes an empty input)
+            if self.use_gemv and self.weight.t().is_contiguous():
+                return gemv(x, self.weight, self.bias)
+            if self.weight.numel() < PACKED_ONE_ROW_MIN_WEIGHTS:
+                return F.linear(x, self.weight, self.bias)
+        copy = self.compiled if compiling else self.prepared()
+        return F.linear(x, self.weight, self.bias) if copy is None else packed_linear(x, copy, self.bias)
 
 
 class _Tokened:
@@ -183,24 +189,33 @@ def _(x: Tensor, weights: Tensor, experts: Tensor, token: int) -> Tensor:
 
 
 def prepare_for_cpu_inference(model: nn.Module, quantize: str | None = None) -> nn.Module:
-    """``model`` for small-batch CPU inference, in place: every matrix stored transposed
-    (:func:`transpose_weights`), and every ``nn.Linear`` whose weight oneDNN takes swapped for a
-    :class:`PackedLinear` (``quantize="int8"``: :class:`Int8Linear`). Returns the model (a new module if ``model``
-    itself is an ``nn.Linear``)."""
+    """``model`` for small-batch CPU inference, in place: every matrix stored transposed (:func:`transpose_weights`),
+    and every ``nn.Linear`` whose weight oneDNN takes swapped for a :class:`PackedLinear` (``quantize="int8"``:
+    :class:`Int8Linear`, and every ``SparseMoE`` for an :class:`Int8SparseMoE`). Where the gemv kernel builds
+    (:func:`hyla.ops.gemv.available`; float32, not int8), the packed layers and the experts run their one-row
+    products through it. Returns the model (a new module if ``model`` itself is an ``nn.Linear``)."""
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
-    kind = Int8Linear if quantize == "int8" else PackedLinear
     transpose_weights(model)
+    packable = [m for m in model.modules() if type(m) is nn.Linear and can_pack(m.weight)]
+    use_gemv = quantize is None and bool(packable) and gemv_kernel.available()  # (builds the kernel once)
+
+    def swap(linear: nn.Linear) -> nn.Linear:
+        return Int8Linear(linear) if quantize == "int8" else PackedLinear(linear, use_gemv)
+
     if type(model) is nn.Linear:
-        return kind(model) if can_pack(model.weight) else model
+        return swap(model) if can_pack(model.weight) else model
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is SparseMoE and quantize == "int8" and can_pack(child.gate_up_proj[0]):
-                setattr(parent, name, Int8SparseMoE(child))
+            if type(child) is SparseMoE:
+                if quantize == "int8" and can_pack(child.gate_up_proj[0]):
+                    setattr(parent, name, Int8SparseMoE(child))
+                else:
+                    child.use_gemv = use_gemv and can_pack(child.gate_up_proj[0])
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and can_pack(child.weight):
-                setattr(parent, name, kind(child))
+                setattr(parent, name, swap(child))
     return model
 
 
@@ -226,7 +241,8 @@ def transpose_weights(model: nn.Module) -> None:
     """Store every weight matrix transposed (same values and shape, column-major strides), in place.
 
     ``linear(x, W)`` multiplies by ``W.t()``; with ``W.t()`` contiguous, the CPU's small-batch matmuls of a
-    decode step run faster (measured in RESULTS.md). Embedding tables keep their rows.
+    decode step run faster (measured in RESULTS.md), and :func:`hyla.ops.gemv.gemv` reads it in long runs.
+    Embedding tables keep their rows.
     """
     for module in model.modules():
         if isinstance(module, nn.Embedding):

@@ -19,6 +19,8 @@ class SparseMoE(nn.Module):
         self.gate = nn.Linear(h, e, bias=False)
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))  # per expert: [gate; up] rows
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
+        # One token's experts through hyla.ops.gemv: set by prepare_for_cpu_inference.
+        self.use_gemv = False
 
     def forward(self, x: Tensor, router_stats: bool = False) -> tuple[Tensor, Tensor | None]:
         """``x`` ``[B, T, hidden]`` -> (``[B, T, hidden]``, load-balancing stats ``[2, E]`` if ``router_stats``)."""
@@ -29,4 +31,6 @@ class SparseMoE(nn.Module):
 
     def experts(self, x: Tensor, weights: Tensor, experts: Tensor) -> Tensor:
         """The routed experts' SwiGLU: ``x`` ``[N, hidden]``, ``weights``/``experts`` ``[N, k]`` -> ``[N, hidden]``."""
-        return swiglu_experts(x, weights, experts, self.gate_up_proj, self.down_proj)
+        gemv = self.use_gemv and x.shape[0] == 1 and (torch.compiler.is_compiling() or not torch.is_grad_enabled())
+        gemv = gemv and self.gate_up_proj[0].t().is_contiguous() and self.down_proj[0].t().is_contiguous()
+        return swiglu_experts(x, weights, experts, self.gate_up_proj, self.down_proj, "gemv" if gemv else None)

@@ -16,12 +16,13 @@ under autocast, which must cast each product, it is composed of autograd ops ins
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hyla.ops.gemv import gemv
 from hyla.ops.linear import int8_linear, quantize_int8
 
 
@@ -45,7 +46,7 @@ CPU_GROUPED_MAX_TOKENS = 512
 # which wins from two tokens on (measured on `small`: RESULTS.md, "Same-process A/B measurements behind code
 # comments").
 CPU_PAIRS_MAX_TOKENS = 1
-PATHS = ("loop", "grouped", "pairs", "gather", "dense")
+PATHS = ("loop", "grouped", "pairs", "gemv", "gather", "dense")
 # Inside a compiled graph, up to this many tokens index their experts' weights (``k`` matrices read per token);
 # more run every expert once (``E`` matrices): the crossover measured on `small`, 8 experts top-2 (RESULTS.md,
 # "Same-process A/B measurements behind the compiled decode step"): 4 gathered tokens read as many as dense.
@@ -73,7 +74,10 @@ def swiglu_experts(
             ``torch.compile`` for up to :data:`COMPILED_GATHER_MAX_TOKENS` tokens: it reads ``k`` matrices per
             token); ``"dense"``: every expert on every token (the default inside ``torch.compile`` for more:
             ``E / k`` times the products);
-            ``"loop"``: a loop over experts (the CPU's default otherwise).
+            ``"loop"``: a loop over experts (the CPU's default otherwise); ``"gemv"``: as ``"pairs"``, each product
+            through :func:`hyla.ops.gemv.gemv` (transposed float32 expert weights, inference only: what a
+            ``SparseMoE`` prepared for it asks for one token, compiled or not; one opaque operation inside
+            ``torch.compile``).
 
     Returns:
         ``[N, H]`` in ``x``'s dtype.
@@ -90,8 +94,10 @@ def swiglu_experts(
             path = "loop"
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-    if path == "pairs":
-        return _pairs(x, weights, experts, gate_up_proj, down_proj)
+    if path == "gemv" and torch.compiler.is_compiling():
+        return _gemv_pairs(x, weights, experts, gate_up_proj, down_proj)
+    if path in ("pairs", "gemv"):
+        return _pairs(x, weights, experts, gate_up_proj, down_proj, gemv if path == "gemv" else None)
     if path == "gather":
         return _gathered(x, weights, experts, gate_up_proj, down_proj)
     if path == "dense":
@@ -118,17 +124,35 @@ def swiglu_experts(
     return dispatch.combine(ys.to(x.dtype), weights.to(x.dtype))
 
 
-def _pairs(x: Tensor, weights: Tensor, experts: Tensor, gate_up_proj: Tensor, down_proj: Tensor) -> Tensor:
+def _pairs(
+    x: Tensor, weights: Tensor, experts: Tensor, gate_up_proj: Tensor, down_proj: Tensor, product: Callable | None
+) -> Tensor:
     """Each (token, expert) pair's SwiGLU, added to its token's output by router weight: no sorting, gathering or
-    scattering (for a single token, where that bookkeeping costs more than the products)."""
+    scattering (for a single token, where that bookkeeping costs more than the products). ``product``: ``gemv``, or
+    None for ``torch.mm``."""
     inter = down_proj.shape[-1]
     out = torch.zeros_like(x)
     for n, row in enumerate(experts.tolist()):  # on the CPU, .tolist() waits for nothing
         for j, e in enumerate(row):
-            gate_up = torch.mm(x[n : n + 1], gate_up_proj[e].t())  # [1, 2I]
-            y = torch.mm(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], down_proj[e].t())  # [1, H]
+            if product is None:
+                gate_up = torch.mm(x[n : n + 1], gate_up_proj[e].t())  # [1, 2I]
+                y = torch.mm(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], down_proj[e].t())  # [1, H]
+            else:
+                gate_up = product(x[n : n + 1], gate_up_proj[e])
+                y = product(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], down_proj[e])
             out[n : n + 1] += y * weights[n, j].to(y.dtype)
     return out
+
+
+@torch.library.custom_op("hyla::gemv_pairs", mutates_args=())
+def _gemv_pairs(x: Tensor, weights: Tensor, experts: Tensor, gate_up_proj: Tensor, down_proj: Tensor) -> Tensor:
+    """The ``gemv`` path as one opaque operation inside ``torch.compile`` (it reads the routed ids on the host)."""
+    return _pairs(x, weights, experts, gate_up_proj, down_proj, gemv)
+
+
+@_gemv_pairs.register_fake
+def _(x: Tensor, weights: Tensor, experts: Tensor, gate_up_proj: Tensor, down_proj: Tensor) -> Tensor:
+    return torch.empty_like(x)
 
 
 def _gathered(x: Tensor, weights: Tensor, experts: Tensor, gate_up_proj: Tensor, down_proj: Tensor) -> Tensor:
