@@ -37,10 +37,8 @@ class _Copies(dict):
 
 PACKED_ONE_ROW_MIN_WEIGHTS = 2**20
 # Without the gemv kernel, one row (a decode step of one request) runs through the packed copy only from this many
-# weights: below, the plain (transposed) weight is as fast or faster (it stays in the caches: 512 x 512 at 26 vs 47
-# us); above, the packed one wins (8192 x 512 942 -> 626 us, 1024 x 1024 247 -> 193 us; RESULTS.md, "Decode-step
-# products by kernel library"). A whole eager decode step of one request: `medium` 61.7 -> 49.2 ms, `small` 8.35 ->
-# 8.43 (noise; measured in one process, alternated).
+# weights: below, the plain (transposed) weight is as fast; above, the packed one wins (a whole decode step of
+# `medium` measured in RESULTS.md, "Reading the 2026-12-03 measurements").
 
 
 class PackedLinear(nn.Linear):

@@ -2,11 +2,10 @@
 
 A decode step of one request multiplies one row by every weight, reading each weight once from memory: the step
 is bound by that read. PyTorch's float32 kernels for one row (``F.linear``, oneDNN's packed weights, inductor's
-max-autotune templates) run at 1.4-3.1x the memory floor on a 2-core EPYC with the caches cold, as in a decode
+max-autotune templates) run at 1.4-5.7x the memory floor on a 2-core EPYC with the caches cold, as in a decode
 step; this plain loop over the transposed weight the engine stores (blocks of 256 outputs accumulated over four
 rows at a time, vectorized by the compiler with ``-O3 -march=native``, the blocks split over PyTorch's threads)
-runs 1.2-2.4x faster than ``F.linear`` there (``benchmarks/decode_products.py``, RESULTS.md). ``F.linear`` is its
-reference.
+runs them faster (``benchmarks/decode_products.py``; the numbers in RESULTS.md). ``F.linear`` is its reference.
 
 It is built on first use with the machine's C++ compiler (``torch.utils.cpp_extension``, ~30 s once; then loaded
 from PyTorch's extension cache, under a name that carries this CPU's model and flags, so a cache shared by
