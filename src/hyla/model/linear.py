@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import itertools
 import weakref
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hyla.model.moe import SparseMoE
-from hyla.ops import gemv as gemv_kernel
+from hyla.ops.gemv import available as gemv_available
 from hyla.ops.gemv import gemv
 from hyla.ops.linear import can_pack, int8_linear, pack, packed_linear, quantize_int8
 from hyla.ops.moe import int8_swiglu_experts, quantize_experts, swiglu_experts
@@ -28,11 +29,20 @@ QUANTIZE = (None, "int8")
 
 
 class _Copies(dict):
-    """A layer's prepared copy of its weight, keyed by ``(data_ptr, version)`` of the weight it was made from. A
-    deep-copied layer starts with none (its weight is another tensor; it prepares its own on first use)."""
+    """A layer's prepared copy of its weights, keyed by ``(data_ptr, version)`` of each weight it was made from. A
+    deep-copied layer starts with none (its weights are other tensors; it prepares its own on first use)."""
 
     def __deepcopy__(self, memo: dict) -> _Copies:
         return _Copies()
+
+    def current(self, weights: tuple[Tensor, ...], make: Callable[[], object]) -> object:
+        """The copy of ``weights`` as they are now: ``make()``'s, made again when one changed (in place or
+        replaced: an optimizer step, a load) or on first use."""
+        key = tuple((w.data_ptr(), w._version) for w in weights)  # which tensors, and how often changed in place
+        if key not in self:
+            self.clear()
+            self[key] = make()
+        return self[key]
 
 
 PACKED_ONE_ROW_MIN_WEIGHTS = 2**20
@@ -59,11 +69,7 @@ class PackedLinear(nn.Linear):
 
     def prepared(self) -> Tensor | object:
         """The prepared copy of the weight as it is now, made if the weight changed."""
-        key = (self.weight.data_ptr(), self.weight._version)  # which tensor, and how often changed in place
-        if key not in self._copies:  # changed or replaced (an optimizer step, a load), or a deep copy
-            self._copies.clear()
-            self._copies[key] = self._prepare()
-        return self._copies[key]
+        return self._copies.current((self.weight,), self._prepare)
 
     def _prepare(self) -> Tensor | object:
         return pack(self.weight)
@@ -155,11 +161,8 @@ class Int8SparseMoE(_Tokened, SparseMoE):
 
     def prepared(self) -> list[tuple[object, object]]:
         """The int8 copies of the experts as they are now, made if a weight changed."""
-        key = tuple((p.data_ptr(), p._version) for p in (self.gate_up_proj, self.down_proj))
-        if key not in self._copies:
-            self._copies.clear()
-            self._copies[key] = quantize_experts(self.gate_up_proj, self.down_proj)
-        return self._copies[key]
+        weights = (self.gate_up_proj, self.down_proj)
+        return self._copies.current(weights, lambda: quantize_experts(*weights))
 
     def prepare_for_compile(self) -> None:
         """Fix the copies a ``torch.compile`` graph of this block reads."""
@@ -195,8 +198,8 @@ def prepare_for_cpu_inference(model: nn.Module, quantize: str | None = None) -> 
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
     transpose_weights(model)
-    packable = [m for m in model.modules() if type(m) is nn.Linear and can_pack(m.weight)]
-    use_gemv = quantize is None and bool(packable) and gemv_kernel.available()  # (builds the kernel once)
+    packable = any(type(m) is nn.Linear and can_pack(m.weight) for m in model.modules())
+    use_gemv = quantize is None and packable and gemv_available()  # (builds the kernel once)
 
     def swap(linear: nn.Linear) -> nn.Linear:
         return Int8Linear(linear) if quantize == "int8" else PackedLinear(linear, use_gemv)

@@ -97,7 +97,7 @@ def swiglu_experts(
     if path == "gemv" and torch.compiler.is_compiling():
         return _gemv_pairs(x, weights, experts, gate_up_proj, down_proj)
     if path in ("pairs", "gemv"):
-        return _pairs(x, weights, experts, gate_up_proj, down_proj, gemv if path == "gemv" else None)
+        return _pairs(x, weights, experts, gate_up_proj, down_proj, gemv if path == "gemv" else _mm)
     if path == "gather":
         return _gathered(x, weights, experts, gate_up_proj, down_proj)
     if path == "dense":
@@ -124,22 +124,23 @@ def swiglu_experts(
     return dispatch.combine(ys.to(x.dtype), weights.to(x.dtype))
 
 
+def _mm(x: Tensor, weight: Tensor) -> Tensor:
+    """``x [n, in]`` times ``weight [out, in]`` transposed: ``[n, out]``."""
+    return torch.mm(x, weight.t())
+
+
 def _pairs(
-    x: Tensor, weights: Tensor, experts: Tensor, gate_up_proj: Tensor, down_proj: Tensor, product: Callable | None
+    x: Tensor, weights: Tensor, experts: Tensor, gate_up_proj: Tensor, down_proj: Tensor, product: Callable = _mm
 ) -> Tensor:
     """Each (token, expert) pair's SwiGLU, added to its token's output by router weight: no sorting, gathering or
-    scattering (for a single token, where that bookkeeping costs more than the products). ``product``: ``gemv``, or
-    None for ``torch.mm``."""
+    scattering (for a single token, where that bookkeeping costs more than the products). ``product``: ``_mm``
+    (``torch.mm``) or ``gemv``."""
     inter = down_proj.shape[-1]
     out = torch.zeros_like(x)
     for n, row in enumerate(experts.tolist()):  # on the CPU, .tolist() waits for nothing
         for j, e in enumerate(row):
-            if product is None:
-                gate_up = torch.mm(x[n : n + 1], gate_up_proj[e].t())  # [1, 2I]
-                y = torch.mm(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], down_proj[e].t())  # [1, H]
-            else:
-                gate_up = product(x[n : n + 1], gate_up_proj[e])
-                y = product(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], down_proj[e])
+            gate_up = product(x[n : n + 1], gate_up_proj[e])  # [1, 2I]
+            y = product(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], down_proj[e])  # [1, H]
             out[n : n + 1] += y * weights[n, j].to(y.dtype)
     return out
 
