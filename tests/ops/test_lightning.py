@@ -10,6 +10,7 @@ from hyla.ops.lightning import (
     lightning_attention_naive,
     lightning_attention_qkv,
     lightning_attention_step,
+    lightning_state,
 )
 from tests.conftest import rel_err
 
@@ -81,6 +82,23 @@ def test_recurrent_steps_match_naive(dtype):
         outs.append(o)
     assert rel_err(torch.stack(outs, 1), o_ref) < TOL[dtype]
     assert rel_err(state, s_ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_state_after_runs_of_packed_tokens_matches_naive(dtype):
+    """The closed-form state after runs of packed tokens (awkward lengths, one token, none, a run starting
+    mid-sequence) equals the recurrence's final state from each run's initial state."""
+    total = 300
+    _, k, v, slope, _ = inputs(total, dtype, with_state=False)
+    k, v = k[0], v[0]  # [T, H, D], packed
+    segments = [(0, 1), (5, 17), (40, 0), (40, 130), (299, 1), (100, 200)]
+    init = torch.randn(len(segments), H, D, D, dtype=dtype)
+    got = lightning_state(k, v, slope, init, segments)
+    for i, (start, n) in enumerate(segments):
+        run = k[None, start : start + n]
+        _, expected = lightning_attention_naive(run, run, v[None, start : start + n], slope, init[i : i + 1])
+        assert rel_err(got[i], expected[0]) < TOL[dtype], (start, n)
+    assert lightning_state(k, v, slope, init[:0], []).shape == (0, H, D, D)
 
 
 def test_prefill_in_pieces_equals_whole():

@@ -82,10 +82,30 @@ def test_a_conversation_resumes_from_the_end_of_the_last_reply(model):
     assert [t for o in outputs for t in o.token_ids] == full_forward_greedy(model, turn, 6)
 
 
+def test_a_later_turn_runs_in_one_step_and_its_inner_snapshot_serves_the_next(model):
+    """A later turn's new tokens cross a snapshot boundary (its prompt's last full block); they still run in one
+    step, the snapshot taken inside it, and a prompt that parts from the turn there resumes from that snapshot."""
+    llm = engine(model)
+    prompt = tokens(21, 30)
+    (reply,) = greedy(llm, [prompt], max_tokens=10)[0]  # resumable at 24, the last boundary its decodes passed
+    turn = prompt + reply.token_ids + tokens(30, 31)  # 61 tokens: 37 new, a boundary at 56 inside them
+    e = llm.engine
+    e.add_request("turn", [turn], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    first = e.step()
+    assert [o.num_cached_tokens for o in first] == [24] and len(first[0].token_ids) == 1  # one step to a token
+    outputs = first + [o for _ in range(3) for o in e.step()]
+    assert [t for o in outputs for t in o.token_ids] == full_forward_greedy(model, turn, 4)
+    parted = turn[:56] + tokens(9, 32)
+    outputs = list(llm.stream([parted], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)))
+    assert outputs[-1].num_cached_tokens == 56
+    assert [t for o in outputs for t in o.token_ids] == full_forward_greedy(model, parted, 3)
+    check_all_free(llm)
+
+
 @pytest.mark.parametrize(
     ("budget", "num_blocks", "prefix_cache_gb", "max_num_seqs"),
     [
-        (7, None, 0.25, 4),  # chunks of 7 tokens, cut at snapshot boundaries
+        (7, None, 0.25, 4),  # chunks of 7 tokens: snapshot boundaries inside and at the ends of chunks
         (64, 22, 0.25, 4),  # too few KV blocks: preemption, cached blocks evicted
         (24, 20, 0.25, 4),  # both
         (64, None, 2 * 8 * 16**2 * 8 / 2**30, 4),  # room for two snapshots: snapshots evicted

@@ -1,6 +1,7 @@
 """The runner owns every tensor of the engine — the model, the lightning-state slots, the snapshot pool and the
 paged KV pools — and executes a :class:`~hyla.serve.scheduler.SchedulerOutput`: slot resets and snapshot
-restores, one forward over every request's new tokens packed in one row, then the snapshots to keep.
+restores, one forward over every request's new tokens packed in one row, then the snapshots to keep (those
+inside a prefill chunk taken during the forward, from the states before the step).
 
 With ``compile=True``, steps of decodes only (one new token per request, at most :data:`COMPILED_MAX_BATCH`
 requests) run the same forward captured by ``torch.compile`` (inductor's C++ kernels on the CPU): the hundreds of
@@ -17,7 +18,7 @@ import itertools
 import shutil
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +28,7 @@ from hyla.errors import ConfigError
 from hyla.model import HylaForCausalLM
 from hyla.model.linear import prepare_copies, prepare_for_compile, prepare_for_cpu_inference
 from hyla.ops.attention import paged_attention
-from hyla.ops.lightning import lightning_attention, lightning_decode
+from hyla.ops.lightning import lightning_attention, lightning_decode, lightning_state
 from hyla.ops.precision import compute_dtype
 from hyla.ops.varlen import Varlen
 from hyla.serve.scheduler import ScheduledSeq, SchedulerOutput
@@ -146,6 +147,7 @@ class ModelRunner:
         A step with drafts keeps what :meth:`rewind` needs until the next step."""
         self._copy_states(out)
         self._verified = None
+        inside = [save for save in out.saves if save[1] < out.seqs[save[0]].num_tokens]
         ids = torch.tensor([t for s in out.seqs for t in s.token_ids], dtype=torch.long, device=self.device)
         ends = list(itertools.accumulate(s.num_tokens for s in out.seqs))
         rows = [e - j for e, s in zip(ends, out.seqs, strict=True) for j in range(s.num_samples, 0, -1)]
@@ -155,11 +157,12 @@ class ModelRunner:
             step.mark_dynamic(ids, rows)
             logits = self._compiled(ids, step, rows)
         else:
-            step = StepCache(self, out.seqs)
+            step = StepCache(self, out.seqs, inside)
             logits = self.forward(ids, step, rows)
             self._verified = step if step.verify else None
-        if out.saves:
-            slots, snapshots = (torch.tensor(x, device=self.device) for x in zip(*out.saves, strict=True))
+        ends = [(out.seqs[i].slot, snapshot) for i, n, snapshot in out.saves if n == out.seqs[i].num_tokens]
+        if ends:
+            slots, snapshots = (torch.tensor(x, device=self.device) for x in zip(*ends, strict=True))
             for layer, pool in self.states.items():
                 self.snapshots[layer][snapshots] = pool[slots]
         return logits
@@ -199,19 +202,17 @@ class ModelRunner:
     def rewind(self, accepted: list[int]) -> None:
         """After a step with drafts: end each drafted sequence's lightning states after its last token and its
         first ``accepted[i]`` drafts (in the step's order of drafted sequences), recomputed from the states before
-        the step and the keys and values the step kept: exact, and a few state updates instead of a forward."""
+        the step and the keys and values the step kept (:func:`~hyla.ops.lightning.lightning_state`): exact, and
+        one state update instead of a forward."""
         step, self._verified = self._verified, None
         keep = [1 + a for a, (_, s) in zip(accepted, step.verify, strict=True)]
         redo = [i for i, (n, (_, s)) in enumerate(zip(keep, step.verify, strict=True)) if n < s.num_tokens]
         if not redo:
             return
         slots = step.verify_slots[redo]
-        rows = torch.cat([step.verify_rows[i][: keep[i]] for i in redo])
-        varlen = Varlen.from_lengths([keep[i] for i in redo], self.device)
+        segments = [(step.verify_starts[i], keep[i]) for i in redo]
         for layer, (before, k, v, slope) in step.kept.items():
-            _, states = lightning_attention(k[None, rows], k[None, rows], v[None, rows], slope, before[redo],
-                                            cu_seqlens=varlen)  # fmt: skip
-            self.states[layer][slots] = states
+            self.states[layer][slots] = lightning_state(k, v, slope, before[redo], segments)
 
     def _copy_states(self, out: SchedulerOutput) -> None:
         """Zero the slots of requests that start from nothing; copy snapshots into those that resume."""
@@ -228,9 +229,13 @@ class ModelRunner:
 class _PagedStep:
     """What every layer of one step reads about its ``N`` requests, built once: each new token's position
     (``[1, ΣT]``) and row in the flattened ``[num_blocks * block_size]`` KV pool (``slot_mapping``), and per request
-    its state slot, its context length with the new tokens and its block table (``[N, W]``, zero-padded)."""
+    its state slot, its context length with the new tokens and its block table (``[N, W]``, zero-padded).
+    ``inside``: the ``(seq, tokens, snapshot)`` saves of the step that fall inside a sequence's new tokens, whose
+    states the layers write to the snapshot pool as they run."""
 
-    def __init__(self, runner: ModelRunner, seqs: list[ScheduledSeq]) -> None:
+    def __init__(
+        self, runner: ModelRunner, seqs: list[ScheduledSeq], inside: Sequence[tuple[int, int, int]] = ()
+    ) -> None:
         self.runner = runner
         bs = runner.block_size
 
@@ -247,6 +252,12 @@ class _PagedStep:
         self.context_lens = ints([r.stop for r in ranges])
         width = max((len(s.block_table) for s in seqs), default=0)
         self.block_tables = ints([s.block_table + [0] * (width - len(s.block_table)) for s in seqs]).view(-1, width)
+        self.inside = inside
+        if inside:
+            starts = [0, *itertools.accumulate(self.lengths)]
+            self.inside_segments = [(starts[i], n) for i, n, _ in inside]  # (first packed row, tokens) of each
+            self.inside_slots = ints([seqs[i].slot for i, _, _ in inside])
+            self.inside_snapshots = ints([snapshot for _, _, snapshot in inside])
 
     def positions(self, num_tokens: int, device: torch.device) -> Tensor:
         return self._positions
@@ -258,15 +269,18 @@ class _PagedStep:
         flat = torch.cat((history[self.slots].flatten(0, 1), x[0]))
         if self._conv_rows is None:  # the same for every layer of the step
             self._conv_rows = self._conv_index(len(weight))
-        taps, keep = self._conv_rows
+        taps, keep, inside = self._conv_rows
         history[self.slots] = flat[keep]
+        if self.inside:
+            self.runner.snapshots[f"conv{layer_idx}"][self.inside_snapshots] = flat[inside]
         return (flat[taps] * weight).sum(1)[None]
 
-    def _conv_index(self, k: int) -> tuple[Tensor, Tensor]:
+    def _conv_index(self, k: int) -> tuple[Tensor, Tensor, Tensor]:
         """Rows of ``[histories; x]`` (:meth:`short_conv`): each token's ``k`` taps ``[ΣT, k]`` (tap ``j``: ``j``
-        tokens back) and each request's new history ``[N, k - 1]``. Request ``i`` reads its history then its new
-        tokens: position ``v`` of that sequence is history row ``i (k - 1) + v`` or new token ``v - (k - 1)``."""
-        base, start, taps, keep = len(self.lengths) * (k - 1), 0, [], []
+        tokens back), each request's new history ``[N, k - 1]`` and the history at each of :attr:`inside`
+        ``[len(inside), k - 1]``. Request ``i`` reads its history then its new tokens: position ``v`` of that
+        sequence is history row ``i (k - 1) + v`` or new token ``v - (k - 1)``."""
+        base, start, taps, keep, rows = len(self.lengths) * (k - 1), 0, [], [], []
         for i, n in enumerate(self.lengths):
 
             def row(v: int, i: int = i, start: int = start) -> int:
@@ -274,9 +288,15 @@ class _PagedStep:
 
             taps += [[row(k - 1 + o - j) for j in range(k)] for o in range(n)]
             keep.append([row(n + m) for m in range(k - 1)])
+            rows.append(row)
             start += n
+        inside = [[rows[i](n + m) for m in range(k - 1)] for i, n, _ in self.inside]
         device = self.runner.device
-        return torch.tensor(taps, device=device), torch.tensor(keep, device=device)
+
+        def table(values: list[list[int]], width: int) -> Tensor:  # (an empty list keeps its width)
+            return torch.tensor(values, dtype=torch.long, device=device).view(len(values), width)
+
+        return table(taps, k), table(keep, k - 1), table(inside, k - 1)
 
     def _write_kv(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write the new keys and values ``[1, ΣT, Hkv, D]`` into layer ``layer_idx``'s pools at each token's
@@ -296,11 +316,11 @@ class StepCache(_PagedStep):
     their slots' states and a paged attention with padded queries. No loop over requests runs in a layer.
     """
 
-    def __init__(self, runner: ModelRunner, seqs: list[ScheduledSeq]) -> None:
+    def __init__(self, runner: ModelRunner, seqs: list[ScheduledSeq], inside: list[tuple[int, int, int]]) -> None:
         first_prefill = next((i for i, s in enumerate(seqs) if s.num_tokens > 1), len(seqs))
         if any(s.num_tokens == 1 for s in seqs[first_prefill:]):
             raise ValueError("decodes (one new token) must come before prefill chunks in a step")
-        super().__init__(runner, seqs)
+        super().__init__(runner, seqs, inside)
         device = runner.device
         lengths = [s.num_tokens for s in seqs]
         self.num_decodes = sum(1 for n in lengths if n == 1)
@@ -314,18 +334,23 @@ class StepCache(_PagedStep):
         offsets = torch.arange(t_max, device=device)[None]
         self.query_index = starts + torch.minimum(offsets, self.query_lens[self.num_decodes :, None] - 1)
         self.query_valid = offsets < self.query_lens[self.num_decodes :, None]
-        # Sequences with drafts: their slots, and their tokens' packed rows; each lightning layer keeps its states
-        # before the step and the keys and values of these rows, for ModelRunner.rewind.
+        # Sequences with drafts: their slots, and their first packed rows; each lightning layer keeps its states
+        # before the step and the step's keys and values, for ModelRunner.rewind.
         ends = list(itertools.accumulate(lengths))
         self.verify = [(i, s) for i, s in enumerate(seqs) if s.draft]
         self.verify_slots = torch.tensor([s.slot for _, s in self.verify], dtype=torch.long, device=device)
-        self.verify_rows = [torch.arange(ends[i] - s.num_tokens, ends[i], device=device) for i, s in self.verify]
+        self.verify_starts = [ends[i] - s.num_tokens for i, s in self.verify]
         self.kept: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
 
     def lightning(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, slope: Tensor) -> Tensor:
         pool = self.runner.states[layer_idx]
         if self.verify:
             self.kept[layer_idx] = (pool[self.verify_slots], k[0], v[0], slope)
+        if self.inside:  # the states at boundaries inside prefill chunks, from the states before the step
+            before = pool[self.inside_slots]
+            self.runner.snapshots[layer_idx][self.inside_snapshots] = lightning_state(
+                k[0], v[0], slope, before, self.inside_segments
+            )
         nd = self.num_decodes
         out = torch.empty_like(q)  # [1, ΣT, H, D]
         if nd:

@@ -11,13 +11,14 @@ recomputed from its prompt and the outputs it already has (so its output is unch
 :meth:`Scheduler.schedule` returns a plain :class:`SchedulerOutput` (token ids, slots, block tables, and the
 slot resets and snapshot copies the runner makes around the forward); :meth:`Scheduler.update` applies the
 step's sampled tokens. With prefix caching, an admitted request starts after the longest cached prefix (its
-blocks shared, its lightning states copied from the snapshot there). Snapshots are taken where prefill chunks
-end, and chunks are cut for them at a few boundaries: the end of the prompt's last full block (and of the one
-before, when the prompt ends on a boundary) and the point where it parts from the cached blocks of an earlier
-sequence (a shared system prompt's end, so that the sequences after it resume there). Inside long prompts,
-chunks that stop short of the prompt's end are cut at a block boundary, and their ends snapshotted every
-``snapshot_every`` tokens or more, which costs no extra step. A request's end keeps the last block boundary its
-decodes passed.
+blocks shared, its lightning states copied from the snapshot there). Snapshots are taken at a few block
+boundaries of a prompt: the end of its last full block (and of the one before, when the prompt ends on a
+boundary), the point where it parts from the cached blocks of an earlier sequence (a shared system prompt's end,
+so that the sequences after it resume there) and, inside long prompts, one every ``snapshot_every`` tokens or
+more. A boundary may fall anywhere in a step's chunk: the runner computes the states there from the states
+before the step (:func:`~hyla.ops.lightning.lightning_state`), so snapshots cost no step of their own (a later
+turn of a conversation crosses two or three of them in one step). A request's end keeps the last block boundary
+its decodes passed.
 
 With speculative decoding (a ``proposer``, :mod:`hyla.serve.speculative`), a decode may carry drafted tokens: it
 is scheduled as a chunk of its last token and the drafts (among the prefill chunks), every position sampled;
@@ -67,7 +68,7 @@ class Request:
     finish_reason: str | None = None
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at the first admission
     block_names: list[bytes] = field(default_factory=list)  # the prefix-cache names of its full blocks
-    boundaries: list[int] = field(default_factory=list)  # where prefill chunks are cut for a snapshot
+    boundaries: list[int] = field(default_factory=list)  # where a snapshot of its prompt is taken
     last_snapshot: int = 0  # where the last snapshot of its prompt was taken
     pending_snapshot: int | None = None  # the states at the last block boundary a decode passed ...
     pending_boundary: int = 0  # ... and that boundary
@@ -112,14 +113,15 @@ class ScheduledSeq:
 @dataclass
 class SchedulerOutput:
     """One step, in plain values: decodes (one new token) first in slot order, then prefill chunks. Before the
-    forward the runner zeroes ``zero_slots`` and copies each ``(snapshot, slot)`` of ``restores``; after it, each
-    ``(slot, snapshot)`` of ``saves``."""
+    forward the runner zeroes ``zero_slots`` and copies each ``(snapshot, slot)`` of ``restores``; for each
+    ``(seq, tokens, snapshot)`` of ``saves`` it keeps in ``snapshot`` the states of ``seqs[seq]`` after its first
+    ``tokens`` new tokens (all of them, or fewer: a boundary inside a prefill chunk)."""
 
     seqs: list[ScheduledSeq] = field(default_factory=list)
     keys: list[tuple[str, int]] = field(default_factory=list)  # the request of each seq
     zero_slots: list[int] = field(default_factory=list)
     restores: list[tuple[int, int]] = field(default_factory=list)
-    saves: list[tuple[int, int]] = field(default_factory=list)
+    saves: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -146,6 +148,8 @@ class _Save:
     snapshot: int
     boundary: int
     pending: bool  # a decode's boundary (named when the request ends) or a prompt's (named now)
+    seq: int  # the request's index in the step's seqs ...
+    tokens: int  # ... and how many of its new tokens come before the boundary
 
 
 class Scheduler:
@@ -220,7 +224,7 @@ class Scheduler:
                 if budget == 0 or request.status is not Status.RUNNING or (left == 1) != want_decode:
                     continue
                 draft = self._draft(request, budget) if left == 1 else []
-                n = len(draft) + 1 if left == 1 else self._chunk(request, min(left, budget))
+                n = len(draft) + 1 if left == 1 else min(left, budget)
                 if self._grow(request, request.num_computed + n):
                     chosen.append((request, n))
                     budget -= n
@@ -248,8 +252,8 @@ class Scheduler:
             )
             out.keys.append(request.key)
             if not draft:  # with drafts, the states after this step may hold tokens that will be rejected
-                self._plan_save(request, start + n)
-        out.saves = [(s.request.slot, s.snapshot) for s in self._saves if s.request.status is Status.RUNNING]
+                self._plan_saves(request, start, start + n, len(out.seqs) - 1)
+        out.saves = [(save.seq, save.tokens, save.snapshot) for save in self._saves]
         return out
 
     def _draft(self, request: Request, budget: int) -> list[int]:
@@ -259,20 +263,6 @@ class Scheduler:
             return []
         limit = min(budget - 1, request.max_tokens - len(request.output_ids) - 1)
         return self.proposer.propose(request.key, request.token_ids, request.num_tokens, limit)
-
-    def _chunk(self, request: Request, n: int) -> int:
-        """``n`` new tokens, cut at the next snapshot boundary inside them; a chunk that stops short of the
-        sequence's end (the budget ran out) ends at a block boundary, where a snapshot can be taken."""
-        if not self.cache.prefix_caching:
-            return n
-        start = request.num_computed
-        i = bisect.bisect_right(request.boundaries, start)
-        if i < len(request.boundaries) and request.boundaries[i] <= start + n:
-            return request.boundaries[i] - start
-        end = start + n
-        if end < request.num_tokens and end // self.cache.block_size * self.cache.block_size > start:
-            end = end // self.cache.block_size * self.cache.block_size
-        return end - start
 
     def _admit(self, request: Request, budget: int, out: SchedulerOutput) -> int | None:
         """Give ``request`` a slot, its cached prefix and blocks for this step's tokens; None if they do not fit."""
@@ -286,7 +276,7 @@ class Scheduler:
             bisect.insort(request.boundaries, hit.matched_tokens)
         cache.take(hit)
         request.num_computed = hit.num_tokens
-        n = self._chunk(request, min(request.num_tokens - hit.num_tokens, budget))
+        n = min(request.num_tokens - hit.num_tokens, budget)
         blocks = cache.blocks.allocate(cache.blocks_for(hit.num_tokens + n) - len(hit.blocks))
         if blocks is None:
             cache.blocks.release(hit.blocks)
@@ -306,23 +296,29 @@ class Scheduler:
         self.running.append(request)
         return n
 
-    def _plan_save(self, request: Request, computed: int) -> None:
-        """A snapshot after this step if it ends at one of the request's boundaries, or at a block boundary inside
-        its prompt ``snapshot_every`` tokens or more past the last one (or, decoding, at any block boundary)."""
+    def _plan_saves(self, request: Request, start: int, end: int, seq: int) -> None:
+        """Snapshots for a step that computes the request's tokens ``start .. end - 1`` (``seq``: its index in the
+        step): at each of its boundaries in ``(start, end]``; at the last block boundary inside its prompt up to
+        ``end`` if that is ``snapshot_every`` tokens or more past the last snapshot; decoding, at ``end`` if it is
+        a block boundary (kept as the request's end)."""
         if not self.cache.prefix_caching:
             return
-        bs = self.cache.block_size
-        inside = computed < len(request.prompt_ids) and computed % bs == 0
-        if computed in request.boundaries or (inside and computed - request.last_snapshot >= self.snapshot_every):
+        bs, prompt = self.cache.block_size, len(request.prompt_ids)
+        points = request.boundaries[bisect.bisect_right(request.boundaries, start) :]
+        points = [p for p in points if p <= end]
+        inside = min(end, prompt - 1) // bs * bs  # the last block boundary inside the prompt
+        if inside > start and inside - request.last_snapshot >= self.snapshot_every and inside not in points:
+            bisect.insort(points, inside)
+        for point in points:
             snapshot = self.cache.snapshots.allocate()
             if snapshot is not None:
-                request.last_snapshot = computed
-                self._saves.append(_Save(request, snapshot, computed, pending=False))
-        elif computed > len(request.prompt_ids) and computed % bs == 0:
+                request.last_snapshot = point
+                self._saves.append(_Save(request, snapshot, point, False, seq, point - start))
+        if end > prompt and end % bs == 0 and end not in points:
             if request.pending_snapshot is None:
                 request.pending_snapshot = self.cache.snapshots.allocate()
             if request.pending_snapshot is not None:
-                self._saves.append(_Save(request, request.pending_snapshot, computed, pending=True))
+                self._saves.append(_Save(request, request.pending_snapshot, end, True, seq, end - start))
 
     def update(self, out: SchedulerOutput, sampled: list[list[int]]) -> tuple[list[tuple[Request, int]], StepStats]:
         """Apply a step that ran: advance each request, cache its newly full blocks and snapshots, append the

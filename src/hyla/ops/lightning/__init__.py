@@ -5,7 +5,7 @@ q/k/v projection), picks the implementation:
 
 - ``naive.py``: the token-by-token recurrence, the reference;
 - ``chunk.py``: blockwise, ``O(T C D + T D^2)``, vectorised over blocks and heads (prefill, training);
-- ``recurrent.py``: one decode step on a carried state;
+- ``recurrent.py``: one decode step on a carried state, and the state after a run of tokens (closed form);
 - ``triton.py``: GPU kernels (forward, backward, varlen, slot decode), used on CUDA.
 """
 
@@ -17,7 +17,7 @@ from torch import Tensor
 from hyla.ops.lightning.chunk import lightning_attention_chunk, lightning_attention_chunk_qkv
 from hyla.ops.lightning.limits import fits_triton
 from hyla.ops.lightning.naive import lightning_attention_naive
-from hyla.ops.lightning.recurrent import lightning_attention_step, lightning_step_slots
+from hyla.ops.lightning.recurrent import lightning_attention_step, lightning_state, lightning_step_slots
 from hyla.ops.precision import compute_dtype
 from hyla.ops.varlen import Varlen
 
@@ -34,6 +34,7 @@ __all__ = [
     "lightning_attention_qkv",
     "lightning_attention_step",
     "lightning_decode",
+    "lightning_state",
 ]
 
 

@@ -1,4 +1,5 @@
-"""One decode step of lightning attention on a carried state (what serving does per generated token)."""
+"""Lightning attention's carried state: one decode step (what serving does per generated token), and the state
+after a run of tokens in closed form (where serving needs a state inside a step's tokens)."""
 
 from __future__ import annotations
 
@@ -65,6 +66,33 @@ def lightning_step_slots(q: Tensor, k: Tensor, v: Tensor, slope: Tensor, pool: T
         state.mul_(decay).flatten(0, 1).baddbmm_(k_.unsqueeze(-1), v_.unsqueeze(-2))
         o[rows] = torch.matmul(q[rows].to(pool.dtype).unsqueeze(-2), state).squeeze(-2).to(q.dtype)
     return o
+
+
+def lightning_state(k: Tensor, v: Tensor, slope: Tensor, init: Tensor, segments: list[tuple[int, int]]) -> Tensor:
+    """The state after each of ``N`` runs of packed tokens, without their outputs: the recurrence in closed form,
+    ``S = exp(-s n) S_0 + sum_j exp(-s (n - 1 - j)) k_j^T v_j``, one batched product for all runs.
+
+    Args:
+        k, v: ``[ΣT, H, D]`` packed tokens.
+        slope: ``[H]`` per-head decay rate.
+        init: ``[N, H, D, D]`` the state before each run (float32, or float64).
+        segments: ``N`` runs ``(first row, length)`` of ``k``/``v``; lengths may be 0 (the state passes through).
+
+    Returns:
+        ``[N, H, D, D]`` in ``init``'s dtype.
+    """
+    dtype, device = init.dtype, init.device
+    longest = max((n for _, n in segments), default=0)
+    starts = torch.tensor([s for s, _ in segments], dtype=torch.long, device=device)[:, None]
+    lengths = torch.tensor([n for _, n in segments], dtype=torch.long, device=device)[:, None]
+    offsets = torch.arange(longest, device=device)[None]  # [1, L]
+    rows = starts + torch.minimum(offsets, (lengths - 1).clamp(min=0))  # [N, L]; padding repeats a real row
+    age = (lengths - 1 - offsets).clamp(min=0)  # [N, L] tokens after each one in its run
+    s = slope.to(dtype)
+    weight = torch.exp(-s * age[..., None]) * (offsets < lengths)[..., None]  # [N, L, H], zero for padding
+    kw = (k[rows].to(dtype) * weight[..., None]).permute(0, 2, 3, 1)  # [N, H, D, L]
+    kv = torch.matmul(kw, v[rows].to(dtype).transpose(1, 2))  # [N, H, D, D]
+    return torch.exp(-s * lengths)[..., None, None] * init + kv
 
 
 # Past this many runs of consecutive slots, one gather/scatter beats a loop of in-place updates.
