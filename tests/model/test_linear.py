@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hyla.model.linear import Int8Linear, Int8SparseMoE, PackedLinear, prepare_for_cpu_inference
+from hyla.model.linear import Int8Linear, PackedLinear, PreparedSparseMoE, prepare_for_cpu_inference
 from hyla.model.moe import SparseMoE
 from tests.conftest import rel_err
 
@@ -89,14 +89,16 @@ def test_a_model_prepared_for_the_cpu_keeps_its_parameters_and_computes_the_same
         got = model(ids).logits
     kinds = {type(m) for m in model.modules() if isinstance(m, nn.Linear)}
     assert kinds == {Int8Linear if quantize else PackedLinear}
-    assert {type(m) for m in model.modules() if isinstance(m, SparseMoE)} == {Int8SparseMoE if quantize else SparseMoE}
+    moes = [m for m in model.modules() if isinstance(m, SparseMoE)]
+    assert {type(m) for m in moes} == {PreparedSparseMoE} and {m.kind for m in moes} == {quantize or "packed"}
     assert {k: id(p) for k, p in model.named_parameters()} == params
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert "forward" not in vars(next(m for m in model.modules() if isinstance(m, nn.Linear)))
     assert rel_err(got, ref) < (0.05 if quantize else 1e-5)
 
 
-def test_int8_experts_follow_weight_changes_keep_autograd_and_copy_with_their_own_weights():
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_prepared_experts_follow_weight_changes_keep_autograd_and_copy_with_their_own_weights(quantize):
     import copy
 
     import hyla
@@ -110,18 +112,19 @@ def test_int8_experts_follow_weight_changes_keep_autograd_and_copy_with_their_ow
     torch.manual_seed(0)
     model = hyla.HylaForCausalLM(hyla.preset("tiny")).eval()
     gate_up = model.model.layers[0].mlp.gate_up_proj
-    moe = prepare_for_cpu_inference(model, "int8").model.layers[0].mlp
-    assert isinstance(moe, Int8SparseMoE) and moe.gate_up_proj is gate_up
+    moe = prepare_for_cpu_inference(model, quantize).model.layers[0].mlp
+    assert isinstance(moe, PreparedSparseMoE) and moe.gate_up_proj is gate_up
+    tolerance = 0.05 if quantize else 1e-5
     x = torch.randn(2, 5, 64)
     with torch.no_grad():
-        assert rel_err(moe(x)[0], float_experts(moe, x)) < 0.05
-        moe.down_proj.mul_(-1)  # in place, as an optimizer step: the int8 copies are made again
-        assert rel_err(moe(x)[0], float_experts(moe, x)) < 0.05
+        assert rel_err(moe(x)[0], float_experts(moe, x)) < tolerance
+        moe.down_proj.mul_(-1)  # in place, as an optimizer step: the copies are made again
+        assert rel_err(moe(x)[0], float_experts(moe, x)) < tolerance
         twin = copy.deepcopy(moe)
         twin.gate_up_proj.mul_(2)
-        assert twin.token != moe.token and twin.gate_up_proj is not moe.gate_up_proj
-        assert rel_err(twin(x)[0], float_experts(twin, x)) < 0.05
-        assert rel_err(moe(x)[0], float_experts(moe, x)) < 0.05
+        assert twin.token != moe.token and twin.gate_up_proj is not moe.gate_up_proj and twin.kind == moe.kind
+        assert rel_err(twin(x)[0], float_experts(twin, x)) < tolerance
+        assert rel_err(moe(x)[0], float_experts(moe, x)) < tolerance
     out, _ = moe(x.requires_grad_())  # with autograd the float experts run, so gradients reach the weights
     assert rel_err(out, float_experts(moe, x)) < 1e-6
     out.sum().backward()

@@ -6,10 +6,10 @@ import torch.nn.functional as F
 
 from hyla.ops.linear import int8_linear, quantize_int8
 from hyla.ops.moe import (
-    int8_swiglu_experts,
     load_balancing_loss,
     load_balancing_stats,
-    quantize_experts,
+    prepare_experts,
+    prepared_swiglu_experts,
     route,
     swiglu_experts,
 )
@@ -63,7 +63,7 @@ def test_int8_experts_match_the_per_expert_int8_products_and_stay_near_the_float
     gate_up = (torch.randn(num_experts, 2 * inter, h) * 0.2).transpose(1, 2).contiguous().transpose(1, 2)
     down = (torch.randn(num_experts, h, inter) * 0.2).transpose(1, 2).contiguous().transpose(1, 2)
     _, weights, experts = route(torch.randn(n, num_experts), top_k)
-    got = int8_swiglu_experts(x, weights, experts, quantize_experts(gate_up, down))
+    got = prepared_swiglu_experts(x, weights, experts, prepare_experts(gate_up, down, "int8"), "int8")
     by_expert = torch.zeros_like(x)
     for e in range(num_experts):
         chose = (experts == e).any(dim=1)
@@ -74,6 +74,21 @@ def test_int8_experts_match_the_per_expert_int8_products_and_stay_near_the_float
     assert got.shape == x.shape and got.dtype == torch.float32
     assert rel_err(got, by_expert) < 1e-5
     assert rel_err(got, reference_experts(x, weights, experts, gate_up, down)) < 0.05  # 7-bit activations
+
+
+@pytest.mark.parametrize(("n", "num_experts", "top_k"), [(0, 4, 2), (1, 4, 2), (2, 8, 2), (37, 8, 2), (600, 16, 1)])
+def test_packed_experts_equal_the_per_token_loop(n, num_experts, top_k):
+    """oneDNN-packed copies of the experts (the serving engine's float32 path from two tokens): the float products
+    up to summation order, on the transposed storage the engine gives the weights; no tokens, one, a few with
+    most experts idle, more than the grouped kernel takes."""
+    h, inter = 32, 48
+    x = torch.randn(n, h)
+    gate_up = (torch.randn(num_experts, 2 * inter, h) * 0.2).transpose(1, 2).contiguous().transpose(1, 2)
+    down = (torch.randn(num_experts, h, inter) * 0.2).transpose(1, 2).contiguous().transpose(1, 2)
+    _, weights, experts = route(torch.randn(n, num_experts), top_k)
+    got = prepared_swiglu_experts(x, weights, experts, prepare_experts(gate_up, down, "packed"), "packed")
+    assert got.shape == x.shape and got.dtype == torch.float32
+    assert n == 0 or rel_err(got, reference_experts(x, weights, experts, gate_up, down)) < 1e-5
 
 
 def test_swiglu_experts_with_no_tokens_or_no_weight_gradients():

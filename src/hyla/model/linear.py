@@ -1,8 +1,8 @@
-"""Linear layers prepared for CPU inference: modules that own a packed (oneDNN) or int8 (fbgemm) copy of their
-weight, swapped in for ``nn.Linear`` (and, for int8, for the experts of a ``SparseMoE``) by
+"""Linear layers and experts prepared for CPU inference: modules that own a packed (oneDNN) or int8 (fbgemm) copy
+of their weights, swapped in for ``nn.Linear`` and for the experts of a ``SparseMoE`` by
 :func:`prepare_for_cpu_inference`.
 
-The parameters stay the same tensors (``state_dict`` and saving are unchanged). The copy costs the dense weight's
+The parameters stay the same tensors (``state_dict`` and saving are unchanged). A float32 copy costs the weights'
 memory once more, is made again when the weight changes (in place or replaced), and is not used where autograd
 needs the weight's gradient. The serving engine prepares its model this way; measurements in RESULTS.md.
 """
@@ -23,7 +23,7 @@ from hyla.model.moe import SparseMoE
 from hyla.ops.gemv import available as gemv_available
 from hyla.ops.gemv import gemv
 from hyla.ops.linear import can_pack, int8_linear, pack, packed_linear, quantize_int8
-from hyla.ops.moe import int8_swiglu_experts, quantize_experts, swiglu_experts
+from hyla.ops.moe import prepare_experts, prepared_swiglu_experts, swiglu_experts
 
 QUANTIZE = (None, "int8")
 
@@ -103,8 +103,12 @@ class _Tokened:
         self.token = next(_Tokened._tokens)
         _Tokened._by_token[self.token] = self
 
+    def _twin(self) -> nn.Module:
+        """A module like this one: the same parameters, a token of its own, no copies yet."""
+        return type(self)(self)
+
     def __deepcopy__(self, memo: dict) -> nn.Module:
-        twin = type(self)(self)  # the same parameters, a token of its own, no copies yet
+        twin = self._twin()
         memo[id(self)] = twin
         for name, p in self.named_parameters(recurse=False):
             setattr(twin, name, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
@@ -146,55 +150,68 @@ def _(x: Tensor, token: int, out_features: int) -> Tensor:
     return x.new_empty(x.shape[0], out_features)
 
 
-class Int8SparseMoE(_Tokened, SparseMoE):
-    """A :class:`~hyla.model.moe.SparseMoE` (the same parameters and router) whose experts compute through int8
-    copies of their matrices (:func:`~hyla.ops.moe.int8_swiglu_experts`) where no gradient is needed; the copies
-    are made again when the expert weights change, as :class:`PackedLinear`'s."""
+class PreparedSparseMoE(_Tokened, SparseMoE):
+    """A :class:`~hyla.model.moe.SparseMoE` (the same parameters and router) whose experts compute through prepared
+    copies of their matrices (:func:`~hyla.ops.moe.prepared_swiglu_experts`) where no gradient is needed:
+    ``kind="packed"`` (oneDNN's layout, float32: the same values) or ``"int8"``. The copies are made again when the
+    expert weights change, as :class:`PackedLinear`'s. Packed, one token runs through the gemv kernel on the plain
+    (transposed) weights where it was built (``use_gemv``), the copies serving two tokens and more; they cost the
+    experts' memory once more."""
 
-    def __init__(self, moe: SparseMoE) -> None:
+    def __init__(self, moe: SparseMoE, kind: str, use_gemv: bool = False) -> None:
         nn.Module.__init__(self)
         self.top_k, self.gate = moe.top_k, moe.gate
         self.gate_up_proj, self.down_proj = moe.gate_up_proj, moe.down_proj
+        self.kind, self.use_gemv = kind, use_gemv
         self._copies = _Copies()
         self.compiled: list[tuple[object, object]] | None = None
         self._register()
 
+    def _twin(self) -> nn.Module:
+        return PreparedSparseMoE(self, self.kind, self.use_gemv)
+
     def prepared(self) -> list[tuple[object, object]]:
-        """The int8 copies of the experts as they are now, made if a weight changed."""
+        """The copies of the experts as they are now, made if a weight changed."""
         weights = (self.gate_up_proj, self.down_proj)
-        return self._copies.current(weights, lambda: quantize_experts(*weights))
+        return self._copies.current(weights, lambda: prepare_experts(*weights, self.kind))
 
     def prepare_for_compile(self) -> None:
         """Fix the copies a ``torch.compile`` graph of this block reads."""
         self.compiled = self.prepared()
 
     def experts(self, x: Tensor, weights: Tensor, experts: Tensor) -> Tensor:
-        if torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        if not compiling and torch.is_grad_enabled() and self.gate_up_proj.requires_grad:
+            return swiglu_experts(x, weights, experts, self.gate_up_proj, self.down_proj)
+        if self.kind == "packed" and (x.shape[0] == 1 or (compiling and self.compiled is None)):
+            return super().experts(x, weights, experts)  # gemv (or the library's paths) on the plain weights
+        if compiling:
             if self.compiled is None:
                 return swiglu_experts(x, weights, experts, self.gate_up_proj, self.down_proj)
-            return _int8_experts(x.float(), weights.float(), experts, self.token).to(x.dtype)
-        if torch.is_grad_enabled() and self.gate_up_proj.requires_grad:
-            return swiglu_experts(x, weights, experts, self.gate_up_proj, self.down_proj)
-        return int8_swiglu_experts(x, weights, experts, self.prepared()).to(x.dtype)
+            return _prepared_experts(x.float(), weights.float(), experts, self.token).to(x.dtype)
+        return prepared_swiglu_experts(x, weights, experts, self.prepared(), self.kind).to(x.dtype)
 
 
-@torch.library.custom_op("hyla::int8_experts", mutates_args=())
-def _int8_experts(x: Tensor, weights: Tensor, experts: Tensor, token: int) -> Tensor:
-    """The int8 experts of the :class:`Int8SparseMoE` with ``token``, one opaque operation inside ``torch.compile``."""
-    return int8_swiglu_experts(x, weights, experts, _Tokened._by_token[token].compiled)
+@torch.library.custom_op("hyla::prepared_experts", mutates_args=())
+def _prepared_experts(x: Tensor, weights: Tensor, experts: Tensor, token: int) -> Tensor:
+    """The experts of the :class:`PreparedSparseMoE` with ``token``, one opaque operation inside
+    ``torch.compile``."""
+    moe = _Tokened._by_token[token]
+    return prepared_swiglu_experts(x, weights, experts, moe.compiled, moe.kind)
 
 
-@_int8_experts.register_fake
+@_prepared_experts.register_fake
 def _(x: Tensor, weights: Tensor, experts: Tensor, token: int) -> Tensor:
     return torch.empty_like(x)
 
 
 def prepare_for_cpu_inference(model: nn.Module, quantize: str | None = None) -> nn.Module:
     """``model`` for small-batch CPU inference, in place: every matrix stored transposed (:func:`transpose_weights`),
-    and every ``nn.Linear`` whose weight oneDNN takes swapped for a :class:`PackedLinear` (``quantize="int8"``:
-    :class:`Int8Linear`, and every ``SparseMoE`` for an :class:`Int8SparseMoE`). Where the gemv kernel builds
-    (:func:`hyla.ops.gemv.available`; float32, not int8), the packed layers and the experts run their one-row
-    products through it. Returns the model (a new module if ``model`` itself is an ``nn.Linear``)."""
+    every ``nn.Linear`` whose weight oneDNN takes swapped for a :class:`PackedLinear` and every ``SparseMoE`` for a
+    :class:`PreparedSparseMoE` with packed experts (``quantize="int8"``: :class:`Int8Linear`, int8 experts). Where
+    the gemv kernel builds (:func:`hyla.ops.gemv.available`; float32, not int8), the packed layers and the experts
+    run their one-row products through it. Returns the model (a new module if ``model`` itself is an
+    ``nn.Linear``)."""
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
     transpose_weights(model)
@@ -208,11 +225,8 @@ def prepare_for_cpu_inference(model: nn.Module, quantize: str | None = None) -> 
         return swap(model) if can_pack(model.weight) else model
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is SparseMoE:
-                if quantize == "int8" and can_pack(child.gate_up_proj[0]):
-                    setattr(parent, name, Int8SparseMoE(child))
-                else:
-                    child.use_gemv = use_gemv and can_pack(child.gate_up_proj[0])
+            if type(child) is SparseMoE and can_pack(child.gate_up_proj[0]):
+                setattr(parent, name, PreparedSparseMoE(child, quantize or "packed", use_gemv))
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and can_pack(child.weight):
@@ -220,7 +234,7 @@ def prepare_for_cpu_inference(model: nn.Module, quantize: str | None = None) -> 
     return model
 
 
-PREPARED = (PackedLinear, Int8SparseMoE)  # the modules that own prepared copies of their weights
+PREPARED = (PackedLinear, PreparedSparseMoE)  # the modules that own prepared copies of their weights
 
 
 def prepare_copies(model: nn.Module) -> None:
