@@ -154,9 +154,9 @@ class PreparedSparseMoE(_Tokened, SparseMoE):
     """A :class:`~hyla.model.moe.SparseMoE` (the same parameters and router) whose experts compute through prepared
     copies of their matrices (:func:`~hyla.ops.moe.prepared_swiglu_experts`) where no gradient is needed:
     ``kind="packed"`` (oneDNN's layout, float32: the same values) or ``"int8"``. The copies are made again when the
-    expert weights change, as :class:`PackedLinear`'s. Packed, one token runs through the gemv kernel on the plain
-    (transposed) weights where it was built (``use_gemv``), the copies serving two tokens and more; they cost the
-    experts' memory once more."""
+    expert weights change, as :class:`PackedLinear`'s. Packed, the copies serve eager steps of two tokens and more
+    (one token runs through the gemv kernel on the plain, transposed weights where it was built: ``use_gemv``;
+    compiled graphs keep their own products) and cost the experts' memory once more."""
 
     def __init__(self, moe: SparseMoE, kind: str, use_gemv: bool = False) -> None:
         nn.Module.__init__(self)
@@ -183,8 +183,10 @@ class PreparedSparseMoE(_Tokened, SparseMoE):
         compiling = torch.compiler.is_compiling()
         if not compiling and torch.is_grad_enabled() and self.gate_up_proj.requires_grad:
             return swiglu_experts(x, weights, experts, self.gate_up_proj, self.down_proj)
-        if self.kind == "packed" and (x.shape[0] == 1 or (compiling and self.compiled is None)):
-            return super().experts(x, weights, experts)  # gemv (or the library's paths) on the plain weights
+        if self.kind == "packed" and (x.shape[0] == 1 or compiling):
+            # One token: gemv on the plain weights. In a compiled graph, its own products: the copies were 1.05x
+            # faster at 32 requests but 0.84-0.96x at 2-8 (RESULTS.md, "Packed experts").
+            return super().experts(x, weights, experts)
         if compiling:
             if self.compiled is None:
                 return swiglu_experts(x, weights, experts, self.gate_up_proj, self.down_proj)
