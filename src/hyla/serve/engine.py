@@ -50,7 +50,7 @@ class EngineConfig:
     states for later requests that share a prefix: ``prefix_cache_gb`` is the snapshot pool's budget, and inside
     long prompts a snapshot is taken every ``snapshot_every`` tokens (rounded up to whole blocks).
 
-    ``quantize="int8"`` runs the linear layers (attention projections, router, LM head; not the experts) with int8
+    ``quantize="int8"`` runs the linear layers (attention projections, router, LM head) and the experts with int8
     weights on the CPU (:func:`~hyla.ops.linear.quantize_int8`; float32 models only). ``compile=True`` runs the
     decode steps of up to :data:`~hyla.serve.runner.COMPILED_MAX_BATCH` requests through a forward compiled when
     the engine starts (CPU; see :mod:`hyla.serve.runner`).
@@ -83,7 +83,7 @@ class EngineConfig:
     quantize: str | None = field(
         default=None,
         metadata=_help(
-            "int8: the linear layers (not the experts) with int8 weights, CPU float32 only (measured in RESULTS.md)"
+            "int8: the linear layers and the experts with int8 weights, CPU float32 only (measured in RESULTS.md)"
         ),
     )
     speculative: str | None = field(default=None, metadata=_help(

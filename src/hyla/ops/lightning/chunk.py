@@ -141,11 +141,13 @@ class _Group:
     ``end_seqs`` those sequences (slices where both run consecutively, as for many short sequences, else index
     tensors; None if there are none); ``inner`` are the local blocks whose entering state is the leaving state
     of the block before them; ``carry_in``/``carry_out``: block ``lo`` continues the previous group's last
-    block / block ``hi - 1`` is continued by the next group's first block. Its tokens are ``t0 .. t1 - 1``;
-    ``slots`` is the local block slot (``block * c + position``) of each, where the group holds padding.
+    block / block ``hi - 1`` is continued by the next group's first block. Its tokens are ``t0 .. t1 - 1``; the
+    group's padding is described by ``slots``: None (none), an int ``r`` (only its last block is partial, with ``r``
+    tokens: one sequence's tail, the usual prefill chunk) or, anywhere else, the local block slot
+    (``block * c + position``) of each token.
     """
 
-    def __init__(self, lo: int, hi: int, c: int, tokens: tuple[int, int], slots: Tensor | None, start_hits: list,
+    def __init__(self, lo: int, hi: int, c: int, tokens: tuple[int, int], slots: Tensor | int | None, start_hits: list,
                  end_hits: list, starts: dict[int, int], n: int, device: torch.device) -> None:  # fmt: skip
         self.lo, self.hi, self.c = lo, hi, c
         self.t0, self.t1 = tokens
@@ -172,6 +174,12 @@ class _Group:
         out = tokens.new_empty(self.hi - self.lo, h, self.c, d, dtype=dtype)
         if self.slots is None:
             return out.copy_(tokens.reshape(self.hi - self.lo, self.c, h, d).transpose(1, 2))
+        if isinstance(self.slots, int):  # full blocks, then a tail of r tokens: copied as views, no index
+            full, r = len(tokens) - self.slots, self.slots
+            out[:-1].copy_(tokens[:full].reshape(-1, self.c, h, d).transpose(1, 2))
+            out[-1, :, :r].copy_(tokens[full:].transpose(0, 1))
+            out[-1, :, r:].zero_()
+            return out
         slots = tokens.new_zeros((self.hi - self.lo) * self.c, h, d, dtype=dtype)
         slots.index_copy_(0, self.slots, tokens.to(dtype))
         return out.copy_(slots.view(self.hi - self.lo, self.c, h, d).transpose(1, 2))
@@ -181,6 +189,11 @@ class _Group:
         _, h, d = tokens.shape
         if self.slots is None:
             tokens.view(self.hi - self.lo, self.c, h, d).copy_(blocks.transpose(1, 2))
+            return
+        if isinstance(self.slots, int):
+            full = len(tokens) - self.slots
+            tokens[:full].view(-1, self.c, h, d).copy_(blocks[:-1].transpose(1, 2))
+            tokens[full:].copy_(blocks[-1, :, : self.slots].transpose(0, 1))
             return
         slots = blocks.transpose(1, 2).reshape((self.hi - self.lo) * self.c, h, d)
         tokens.copy_(slots.index_select(0, self.slots))
@@ -225,17 +238,20 @@ class _Plan:
         self.block_lengths = torch.tensor(
             [hi - lo for lo, hi in itertools.pairwise(first_token)], device=device, dtype=dtype
         )
-        # The block slot (block * c + position) of every token, where some block is partial.
-        slot = None
-        if offsets[-1] != n * c:
-            shift = torch.tensor([i * c - lo for i, lo in enumerate(first_token[:-1])])  # slot - token
-            block_of_token = torch.repeat_interleave(torch.arange(n), self.block_lengths.long().cpu())
-            slot = (torch.arange(offsets[-1]) + shift[block_of_token]).to(device)
+        slot = None  # the block slot (block * c + position) of every token, made for a group that needs it
         self.groups = []
         for g, lo in enumerate(range(0, n, size)):
             hi = min(lo + size, n)
             t0, t1 = first_token[lo], first_token[hi]
-            slots = None if t1 - t0 == (hi - lo) * c else slot[t0:t1] - lo * c
+            slots = None
+            if first_token[hi - 1] - t0 != (hi - lo - 1) * c:  # a partial block before the last: padding inside
+                if slot is None:
+                    shift = torch.tensor([i * c - f for i, f in enumerate(first_token[:-1])])  # slot - token
+                    block_of_token = torch.repeat_interleave(torch.arange(n), self.block_lengths.long().cpu())
+                    slot = (torch.arange(offsets[-1]) + shift[block_of_token]).to(device)
+                slots = slot[t0:t1] - lo * c
+            elif t1 - t0 != (hi - lo) * c:  # full blocks, then a partial last one
+                slots = t1 - first_token[hi - 1]
             self.groups.append(_Group(lo, hi, c, (t0, t1), slots, start_hits[g], end_hits[g], starts, n, device))
 
 
