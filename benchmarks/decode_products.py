@@ -8,14 +8,16 @@ LM head) at 1 and 8 rows (one request; eight), the same product through:
 - ``inductor``: ``torch.compile(mode="max-autotune")`` of the float32 product with ``freezing`` (the weight a
   constant, so inductor's CPU GEMM templates may pick a packed micro-kernel);
 - ``fbgemm int8``: int8 weights, one scale per row, activations quantized per call
-  (:func:`hyla.ops.linear.int8_linear`, what ``--quantize int8`` runs);
+  (:func:`hyla.ops.linear.int8_linear`, what ``--quantize int8`` runs from two rows);
 - ``woq int8``: PyTorch's weight-only int8 kernel (``_weight_int8pack_mm``: int8 weights, float32 activations;
   the kernel inductor's weight-only int8 pattern lowers to);
 - ``woq int4``: PyTorch's weight-only int4 kernel (``_weight_int4pack_mm_for_cpu``, groups of 32);
 - ``torchao int8``: torchao's ``Int8WeightOnlyConfig``, compiled (when torchao is installed: it is not a hyla
   dependency; ``pip install torchao==0.18.0``);
 - ``hyla gemv`` (one row only): hyla's hand-written kernel (:mod:`hyla.ops.gemv`, built on first use with the
-  machine's C++ compiler) on the transposed weight, what a decode step of one request runs.
+  machine's C++ compiler) on the transposed weight, what a decode step of one request runs;
+- ``hyla gemv int8`` (one row only): the same kernel on the int8 weight (fbgemm's int8 values, stored
+  transposed, one scale per row; the row not quantized), what ``--quantize int8`` runs for one row.
 
 The floor is the weight's bytes over the machine's read bandwidth (a sum over 512 MB), per storage: a product
 cannot read its weight faster. A decode step streams the whole model through the caches, so before every timed
@@ -40,7 +42,7 @@ import torch.nn.functional as F
 import hyla
 from hyla.bench import append_result, machine_description
 from hyla.ops import gemv as gemv_kernel
-from hyla.ops.linear import int8_linear, pack, packed_linear, quantize_int8
+from hyla.ops.linear import pack, packed_linear, quantize_int8
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 INT4_GROUP = 32
@@ -83,12 +85,13 @@ def kernels(w: torch.Tensor, x: torch.Tensor) -> dict[str, tuple[Callable[[], to
         "F.linear": (lambda: F.linear(x, stored), 4 * n * k),
         "onednn": (lambda: packed_linear(x, packed), 4 * n * k),
         "inductor": (lambda: inductor(x), 4 * n * k),
-        "fbgemm int8": (lambda: int8_linear(x, fbgemm), n * k),
+        "fbgemm int8": (lambda: torch.ops.quantized.linear_dynamic(x, fbgemm.packed, True), n * k),
         "woq int8": (lambda: torch._weight_int8pack_mm(x, int8, scales), n * k),
         "woq int4": (lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, int4, INT4_GROUP, scales_zeros), n * k // 2),
     }
     if x.shape[0] == 1 and gemv_kernel.available():
         out["hyla gemv"] = (lambda: gemv_kernel.gemv(x, stored), 4 * n * k)
+        out["hyla gemv int8"] = (lambda: gemv_kernel.gemv_int8(x, fbgemm.transposed, fbgemm.scale), n * k)
     try:
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
     except ImportError:

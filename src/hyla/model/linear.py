@@ -142,7 +142,7 @@ class Int8Linear(_Tokened, PackedLinear):
 @torch.library.custom_op("hyla::int8_mm", mutates_args=())
 def _int8_mm(x: Tensor, token: int, out_features: int) -> Tensor:
     """The int8 product of the :class:`Int8Linear` with ``token``, one opaque operation inside ``torch.compile``."""
-    return torch.ops.quantized.linear_dynamic(x, _Tokened._by_token[token].compiled, True)
+    return int8_linear(x, _Tokened._by_token[token].compiled)
 
 
 @_int8_mm.register_fake

@@ -10,9 +10,13 @@ equal). The same products, same values up to summation order.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from hyla.ops.gemv import available as gemv_available
+from hyla.ops.gemv import gemv_int8
 
 
 def can_pack(weight: Tensor) -> bool:
@@ -50,21 +54,40 @@ def _(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
     return x.new_empty(x.shape[0], packed.shape[0])
 
 
-def quantize_int8(weight: Tensor, bias: Tensor | None = None) -> object:
-    """``weight`` ``[out, in]`` as int8 with one float scale per output row (``max |w| / 127``), prepacked for
-    :func:`int8_linear` (fbgemm's packed-weight object). PyTorch marks its quantized-tensor API deprecated; it
-    is what runs int8 products on an x86 CPU in the pinned release."""
+@dataclass(frozen=True)
+class Int8Weight:
+    """A weight ``[out, in]`` as int8 with one float scale per output row (``max |w| / 127``), in the two forms its
+    products read: fbgemm's packed object (:func:`int8_linear` of several rows) and the int8 matrix stored
+    transposed ``[in, out]`` with its scales ``[out]`` (one row, through :func:`hyla.ops.gemv.gemv_int8`); the
+    same int8 values. ``bias``: float32 ``[out]`` or None."""
+
+    packed: object
+    transposed: Tensor
+    scale: Tensor
+    bias: Tensor | None
+
+
+def quantize_int8(weight: Tensor, bias: Tensor | None = None) -> Int8Weight:
+    """``weight`` ``[out, in]`` as int8 with one float scale per output row (``max |w| / 127``), for
+    :func:`int8_linear`. PyTorch marks its quantized-tensor API deprecated; it is what runs int8 products on an
+    x86 CPU in the pinned release."""
     scales = weight.detach().abs().amax(dim=1).clamp_min(1e-12).double() / 127
     zeros = torch.zeros(weight.shape[0], dtype=torch.long)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         quantized = torch.quantize_per_channel(weight.detach().float(), scales, zeros, 0, torch.qint8)
-    return torch.ops.quantized.linear_prepack(quantized, None if bias is None else bias.detach().float())
+    bias = None if bias is None else bias.detach().float().contiguous()
+    packed = torch.ops.quantized.linear_prepack(quantized, bias)
+    return Int8Weight(packed, quantized.int_repr().t().contiguous(), scales.float(), bias)
 
 
-def int8_linear(x: Tensor, packed: object) -> Tensor:
-    """``F.linear(x, weight, bias)`` with ``packed = quantize_int8(weight, bias)``: ``[..., in]`` -> ``[..., out]``,
-    float32. The activations are quantized per call (one scale per call, to 7 bits: ``reduce_range``, which
-    fbgemm needs on CPUs without VNNI), so each output is within ~1-2% of the float product's scale (measured)."""
-    out = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]).float(), packed, True)
+def int8_linear(x: Tensor, weight: Int8Weight) -> Tensor:
+    """``F.linear(x, weight, bias)`` with ``weight = quantize_int8(weight, bias)``: ``[..., in]`` -> ``[..., out]``,
+    float32. Several rows: fbgemm, the activations quantized per call (one scale per call, to 7 bits:
+    ``reduce_range``, which fbgemm needs on CPUs without VNNI), so each output is within ~1-2% of the float
+    product's scale (measured). One row, where the gemv kernel builds: the row in float32 against the int8 weight
+    (:func:`hyla.ops.gemv.gemv_int8`: a quarter of float32's bytes; closer to the float product)."""
+    if x.numel() == x.shape[-1] and gemv_available():
+        return gemv_int8(x.float(), weight.transposed, weight.scale, weight.bias)
+    out = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]).float(), weight.packed, True)
     return out.view(*x.shape[:-1], out.shape[-1])
