@@ -185,7 +185,8 @@ class PreparedSparseMoE(_Tokened, SparseMoE):
             return swiglu_experts(x, weights, experts, self.gate_up_proj, self.down_proj)
         if self.kind == "packed" and (x.shape[0] == 1 or compiling):
             # One token: gemv on the plain weights. In a compiled graph, its own products: the copies were 1.05x
-            # faster at 32 requests but 0.84-0.96x at 2-8 (RESULTS.md, "Packed experts").
+            # faster at 32 requests but 0.84-0.96x at 2-8 (RESULTS.md, "A later agent turn in one step; packed
+            # experts ...").
             return super().experts(x, weights, experts)
         if compiling:
             if self.compiled is None:

@@ -11,7 +11,9 @@ compiler does not take): a few tokens' pairs index their expert matrices by the 
 batch (``gather``, inductor fuses the indexing into its products); more tokens run every expert on every token
 and weight the outputs by the router, zero for experts not chosen (``dense``: each expert's weights read once).
 Otherwise there is never a loop over tokens. The loop has a hand-written backward (:class:`_SwiGLUExperts`);
-under autocast, which must cast each product, it is composed of autograd ops instead.
+under autocast, which must cast each product, it is composed of autograd ops instead. The serving engine's eager
+CPU steps of two tokens and more take :func:`prepared_swiglu_experts` instead: the same dispatch, each expert's
+products on oneDNN-packed (or int8) copies of its matrices.
 """
 
 from __future__ import annotations
@@ -197,9 +199,9 @@ def prepared_swiglu_experts(
 ) -> Tensor:
     """:func:`swiglu_experts` through prepared copies of the experts (``copies = prepare_experts(..., kind)``):
     each chosen expert's two products once over its tokens (one token: each of its pairs directly). ``"packed"``:
-    float32, the float products up to summation order, 1.4-1.7x faster than the grouped kernel from 2 to 512
-    tokens on `small` (RESULTS.md); ``"int8"``: within ~1-2% of the float products. ``x`` ``[N, H]``,
-    ``weights``/``experts`` ``[N, k]`` -> ``[N, H]`` float32. Inference only."""
+    float32, the float products up to summation order, 1.1-1.8x faster than the grouped kernel from 2 to 512
+    tokens on `small` (``benchmarks/experts.py``, RESULTS.md); ``"int8"``: within ~1-2% of the float products.
+    ``x`` ``[N, H]``, ``weights``/``experts`` ``[N, k]`` -> ``[N, H]`` float32. Inference only."""
     product = packed_linear if kind == "packed" else int8_linear
 
     def swiglu(rows: Tensor, gate_up: object, down: object) -> Tensor:
