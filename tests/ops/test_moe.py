@@ -52,17 +52,23 @@ def test_swiglu_experts_match_per_token_loop(n, num_experts, top_k, path):
         assert a.dtype == b.dtype and rel_err(a, b) < tol
 
 
+def engine_experts(n: int, num_experts: int, top_k: int):
+    """``n`` tokens routed top-k, and experts (hidden 32, intermediate 48) stored transposed as the serving engine
+    stores them: ``(x, weights, experts, gate_up, down)``."""
+    h, inter = 32, 48
+    gate_up = (torch.randn(num_experts, 2 * inter, h) * 0.2).transpose(1, 2).contiguous().transpose(1, 2)
+    down = (torch.randn(num_experts, h, inter) * 0.2).transpose(1, 2).contiguous().transpose(1, 2)
+    _, weights, experts = route(torch.randn(n, num_experts), top_k)
+    return torch.randn(n, h), weights, experts, gate_up, down
+
+
 @pytest.mark.parametrize(("n", "num_experts", "top_k"), [(1, 4, 2), (37, 8, 2), (3, 16, 2), (64, 16, 1)])
 def test_int8_experts_match_the_per_expert_int8_products_and_stay_near_the_float_ones(n, num_experts, top_k):
     """Against each expert's two int8 products over the tokens that chose it, picked by a mask (the same rounding:
     fbgemm scales the activations once per call, so the same calls; equal up to summation order) and against the
     float experts (the int8 model's rounding); most experts idle when ``n`` is small, and the transposed storage
     the serving engine gives the weights."""
-    h, inter = 32, 48
-    x = torch.randn(n, h)
-    gate_up = (torch.randn(num_experts, 2 * inter, h) * 0.2).transpose(1, 2).contiguous().transpose(1, 2)
-    down = (torch.randn(num_experts, h, inter) * 0.2).transpose(1, 2).contiguous().transpose(1, 2)
-    _, weights, experts = route(torch.randn(n, num_experts), top_k)
+    x, weights, experts, gate_up, down = engine_experts(n, num_experts, top_k)
     got = prepared_swiglu_experts(x, weights, experts, prepare_experts(gate_up, down, "int8"), "int8")
     by_expert = torch.zeros_like(x)
     for e in range(num_experts):
@@ -81,11 +87,7 @@ def test_packed_experts_equal_the_per_token_loop(n, num_experts, top_k):
     """oneDNN-packed copies of the experts (the serving engine's float32 path from two tokens): the float products
     up to summation order, on the transposed storage the engine gives the weights; no tokens, one, a few with
     most experts idle, more than the grouped kernel takes."""
-    h, inter = 32, 48
-    x = torch.randn(n, h)
-    gate_up = (torch.randn(num_experts, 2 * inter, h) * 0.2).transpose(1, 2).contiguous().transpose(1, 2)
-    down = (torch.randn(num_experts, h, inter) * 0.2).transpose(1, 2).contiguous().transpose(1, 2)
-    _, weights, experts = route(torch.randn(n, num_experts), top_k)
+    x, weights, experts, gate_up, down = engine_experts(n, num_experts, top_k)
     got = prepared_swiglu_experts(x, weights, experts, prepare_experts(gate_up, down, "packed"), "packed")
     assert got.shape == x.shape and got.dtype == torch.float32
     assert n == 0 or rel_err(got, reference_experts(x, weights, experts, gate_up, down)) < 1e-5
