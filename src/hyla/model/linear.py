@@ -212,8 +212,9 @@ def prepare_for_cpu_inference(model: nn.Module, quantize: str | None = None) -> 
     """``model`` for small-batch CPU inference, in place: every matrix stored transposed (:func:`transpose_weights`),
     every ``nn.Linear`` whose weight oneDNN takes swapped for a :class:`PackedLinear` and every ``SparseMoE`` for a
     :class:`PreparedSparseMoE` with packed experts (``quantize="int8"``: :class:`Int8Linear`, int8 experts). Where
-    the gemv kernel builds (:func:`hyla.ops.gemv.available`; float32, not int8), the packed layers and the experts
-    run their one-row products through it. Returns the model (a new module if ``model`` itself is an
+    the gemv kernel builds (:func:`hyla.ops.gemv.available`), the layers and the experts run their one-row
+    products through it (float32 on the plain weights, ``use_gemv``; int8 inside
+    :func:`~hyla.ops.linear.int8_linear`). Returns the model (a new module if ``model`` itself is an
     ``nn.Linear``)."""
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")

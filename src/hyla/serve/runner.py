@@ -160,9 +160,9 @@ class ModelRunner:
             step = StepCache(self, out.seqs, inside)
             logits = self.forward(ids, step, rows)
             self._verified = step if step.verify else None
-        ends = [(out.seqs[i].slot, snapshot) for i, n, snapshot in out.saves if n == out.seqs[i].num_tokens]
-        if ends:
-            slots, snapshots = (torch.tensor(x, device=self.device) for x in zip(*ends, strict=True))
+        after = [(out.seqs[i].slot, snapshot) for i, n, snapshot in out.saves if n == out.seqs[i].num_tokens]
+        if after:  # the states after all of a sequence's new tokens: its slot's, now
+            slots, snapshots = (torch.tensor(x, device=self.device) for x in zip(*after, strict=True))
             for layer, pool in self.states.items():
                 self.snapshots[layer][snapshots] = pool[slots]
         return logits
