@@ -22,8 +22,9 @@ def test_the_gemv_kernel_equals_f_linear_on_awkward_shapes_and_inside_a_compiled
 
 def test_the_int8_kernel_equals_f_linear_on_the_dequantized_weight_and_int8_linear_takes_it_for_one_row():
     """One row against an int8 weight (one scale per output row), the row itself not quantized: F.linear on the
-    dequantized weight up to float32 summation order, on awkward shapes; what int8_linear runs for one row (the
-    same int8 values as fbgemm's packed copy, which several rows take)."""
+    dequantized weight up to float32 summation order, on awkward shapes; what int8_linear runs for one row of a
+    matrix under 2^20 weights (the same int8 values as fbgemm's packed copy, which several rows and larger
+    matrices take)."""
     from hyla.ops.gemv import gemv_int8
     from hyla.ops.linear import int8_linear, quantize_int8
 
@@ -37,3 +38,6 @@ def test_the_int8_kernel_equals_f_linear_on_the_dequantized_weight_and_int8_line
             assert rel_err(int8_linear(x, q), F.linear(x, dequantized, bias)) < 1e-5
         rows = torch.randn(3, inp)  # fbgemm, its activations quantized: close, not equal
         assert rel_err(int8_linear(rows, q), F.linear(rows, dequantized, bias)) < 0.03
+    weight = torch.randn(1024, 1024)  # 2^20 weights: one row through fbgemm too
+    q, x = quantize_int8(weight), torch.randn(1024)
+    assert 1e-4 < rel_err(int8_linear(x, q), F.linear(x, q.transposed.t().float() * q.scale[:, None])) < 0.03

@@ -81,13 +81,22 @@ def quantize_int8(weight: Tensor, bias: Tensor | None = None) -> Int8Weight:
     return Int8Weight(packed, quantized.int_repr().t().contiguous(), scales.float(), bias)
 
 
+INT8_GEMV_MAX_WEIGHTS = 2**20
+# One row takes the int8 kernel for weights below this size. The kernel widens each int8 weight to float before
+# its product (compute-bound at ~1.5-3 weights a cycle), fbgemm multiplies int8 by int8 (VNNI) near the memory
+# bandwidth inside a step: fbgemm's per-call cost loses on `small`'s matrices (decode step 7.14 -> 6.08 ms eager
+# with the kernel), its throughput wins on `medium`'s (the kernel for all of them: 12.02 -> 14.62 ms compiled;
+# below 2^20: 12.06). RESULTS.md, "A later agent turn in one step; packed experts ...".
+
+
 def int8_linear(x: Tensor, weight: Int8Weight) -> Tensor:
     """``F.linear(x, weight, bias)`` with ``weight = quantize_int8(weight, bias)``: ``[..., in]`` -> ``[..., out]``,
     float32. Several rows: fbgemm, the activations quantized per call (one scale per call, to 7 bits:
     ``reduce_range``, which fbgemm needs on CPUs without VNNI), so each output is within ~1-2% of the float
-    product's scale (measured). One row, where the gemv kernel builds: the row in float32 against the int8 weight
-    (:func:`hyla.ops.gemv.gemv_int8`: a quarter of float32's bytes; closer to the float product)."""
-    if x.numel() == x.shape[-1] and gemv_available():
+    product's scale (measured). One row against a weight under :data:`INT8_GEMV_MAX_WEIGHTS`, where the gemv
+    kernel builds: the row in float32 against the int8 weight (:func:`hyla.ops.gemv.gemv_int8`; closer to the
+    float product)."""
+    if x.numel() == x.shape[-1] and weight.transposed.numel() < INT8_GEMV_MAX_WEIGHTS and gemv_available():
         return gemv_int8(x.float(), weight.transposed, weight.scale, weight.bias)
     out = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]).float(), weight.packed, True)
     return out.view(*x.shape[:-1], out.shape[-1])
