@@ -9,9 +9,10 @@ rows at a time, vectorized by the compiler with ``-O3 -march=native``, the block
 runs them faster (``benchmarks/decode_products.py``; the numbers in RESULTS.md). ``F.linear`` is its reference.
 The same loop reads int8 weights with one scale per output row (``--quantize int8``'s weights), widening each to
 float as it is read: a quarter of the bytes, and the row is not quantized (fbgemm's int8 kernel quantizes it per
-call); its reference is ``F.linear`` on the dequantized weight. Widening costs instructions: it runs at ~1.5-3
-weights a cycle, so :func:`hyla.ops.linear.int8_linear` takes it for small matrices only (fbgemm's int8 x int8
-products stream large ones faster).
+call); its reference is ``F.linear`` on the dequantized weight. Widening costs instructions: it reads ~1.3-1.5
+weights a cycle a core (1M weights in 119 µs on 2 cores, caches flushed), so
+:func:`hyla.ops.linear.int8_linear` takes it for small matrices only (fbgemm's int8 x int8 products stream large
+ones faster).
 
 It is built on first use with the machine's C++ compiler (``torch.utils.cpp_extension``, ~30 s once; then loaded
 from PyTorch's extension cache, under a name that carries this CPU's model and flags, so a cache shared by

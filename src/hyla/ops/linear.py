@@ -83,7 +83,7 @@ def quantize_int8(weight: Tensor, bias: Tensor | None = None) -> Int8Weight:
 
 INT8_GEMV_MAX_WEIGHTS = 2**20
 # One row takes the int8 kernel for weights below this size. The kernel widens each int8 weight to float before
-# its product (compute-bound at ~1.5-3 weights a cycle), fbgemm multiplies int8 by int8 (VNNI) near the memory
+# its product (compute-bound: ~1.3-1.5 weights a cycle a core), fbgemm multiplies int8 by int8 (VNNI) near the memory
 # bandwidth inside a step: fbgemm's per-call cost loses on `small`'s matrices (decode step 7.14 -> 6.08 ms eager
 # with the kernel), its throughput wins on `medium`'s (the kernel for all of them: 12.02 -> 14.62 ms compiled;
 # below 2^20: 12.06). RESULTS.md, "A later agent turn in one step; packed experts ...".
