@@ -1,5 +1,7 @@
-"""The one-row kernels against F.linear: float32 weights, and int8 ones against their dequantized values."""
+"""The one-row kernels against F.linear: float32 weights, and int8 ones (the row quantized as q8_0) against their
+dequantized values."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -20,24 +22,46 @@ def test_the_gemv_kernel_equals_f_linear_on_awkward_shapes_and_inside_a_compiled
     assert rel_err(compiled(x, w, b), F.linear(torch.tanh(x), w, b) * 2) < 1e-5
 
 
-def test_the_int8_kernel_equals_f_linear_on_the_dequantized_weight_and_int8_linear_takes_it_for_one_row():
-    """One row against an int8 weight (one scale per output row), the row itself not quantized: F.linear on the
-    dequantized weight up to float32 summation order, on awkward shapes; what int8_linear runs for one row of a
-    matrix under 2^20 weights (the same int8 values as fbgemm's packed copy, which several rows and larger
-    matrices take)."""
-    from hyla.ops.gemv import gemv_int8
-    from hyla.ops.linear import int8_linear, quantize_int8
+def test_the_q8_row_is_within_half_a_step_of_each_block_and_rounds_ties_to_even():
+    from hyla.ops.gemv import q8_row
 
-    for out, inp in [(1, 1), (7, 13), (1000, 1024), (3, 5000), (257, 6)]:
+    for n in (1, 31, 32, 33, 100):
+        x = torch.randn(n) * torch.logspace(-3, 3, n)  # blocks of very different scales
+        blocks = torch.nn.functional.pad(x, (0, -n % 32)).view(-1, 32)
+        half_step = (blocks.abs().amax(1, keepdim=True) / 254).expand(-1, 32).flatten()[:n]
+        assert ((q8_row(x) - x).abs() <= half_step * 1.0001).all()
+    ties = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 0.0])  # scale 1: every other value a tie
+    assert q8_row(ties).tolist() == [127.0, 0.0, 2.0, 2.0, -0.0, -2.0, -2.0, 0.0]
+    assert q8_row(torch.zeros(40)).eq(0).all()
+
+
+@pytest.mark.parametrize("simd", [True, False])
+def test_the_q8_kernel_equals_f_linear_on_the_quantized_row_and_the_dequantized_weight(simd):
+    """One row against an int8 weight (one scale per output row), the row quantized in blocks of 32: F.linear of
+    q8_row(x) on the dequantized weight up to float32 summation order, on awkward shapes (padding of both the
+    outputs to 64 and the inputs to 32), rows with a zero block and ties; the VNNI loop and the plain one (the
+    CPUs without VNNI) alike. int8_linear takes it for one row."""
+    from hyla.ops.gemv import gemv_q8, has_vnni, q8_row
+    from hyla.ops.linear import INT8_GEMV_MAX_WEIGHTS, int8_linear, quantize_int8
+
+    for out, inp in [(1, 1), (7, 13), (64, 32), (65, 33), (1000, 1024), (3, 5000), (257, 6)]:
         weight, bias = torch.randn(out, inp), torch.randn(out)
         q = quantize_int8(weight, bias)
-        dequantized = q.transposed.t().float() * q.scale[:, None]
+        dequantized = q.dequantized()
         assert (dequantized - weight).abs().max() <= weight.abs().amax() / 254 * 1.0001  # half a step of 127
-        for x in (torch.randn(inp), torch.randn(1, 1, inp), torch.randn(1, 2 * inp)[:, ::2]):
-            assert rel_err(gemv_int8(x, q.transposed, q.scale), F.linear(x, dequantized)) < 1e-5
-            assert rel_err(int8_linear(x, q), F.linear(x, dequantized, bias)) < 1e-5
-        rows = torch.randn(3, inp)  # fbgemm, its activations quantized: close, not equal
-        assert rel_err(int8_linear(rows, q), F.linear(rows, dequantized, bias)) < 0.03
-    weight = torch.randn(1024, 1024)  # 2^20 weights: one row through fbgemm too
-    q, x = quantize_int8(weight), torch.randn(1024)
-    assert 1e-4 < rel_err(int8_linear(x, q), F.linear(x, q.transposed.t().float() * q.scale[:, None])) < 0.03
+        zero_block = torch.randn(inp)
+        zero_block[32:64] = 0
+        mean = torch.arange(inp) % 5 - 2.5  # a large mean: the +128 of the weights must come back out exactly
+        for x in (torch.randn(inp), torch.randn(1, 1, inp) * 1e3, torch.randn(1, 2 * inp)[:, ::2], zero_block, mean):
+            expected = F.linear(q8_row(x.reshape(-1)).view(x.shape), dequantized)
+            assert rel_err(gemv_q8(x, q.layout, q.scale, simd=simd), expected) < 1e-5
+            assert rel_err(gemv_q8(x, q.layout, q.scale, bias, simd), expected + bias) < 1e-5
+            assert rel_err(int8_linear(x, q), expected + bias) < 1e-5
+            assert rel_err(expected, F.linear(x, dequantized)) < 0.02  # the row's rounding: q8_0's
+        several = torch.randn(3, inp)  # fbgemm, its activations quantized per call: close, not equal
+        assert rel_err(int8_linear(several, q), F.linear(several, dequantized, bias)) < 0.03
+    weight, x = torch.randn(1024, 1024), torch.randn(1024)  # 2^20 weights: one row through fbgemm without VNNI
+    q = quantize_int8(weight)
+    q8 = gemv_q8(x, q.layout, q.scale)
+    assert torch.equal(int8_linear(x, q), q8) == (has_vnni() or weight.numel() < INT8_GEMV_MAX_WEIGHTS)
+    assert rel_err(int8_linear(x, q), F.linear(x, q.dequantized())) < 0.03

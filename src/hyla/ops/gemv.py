@@ -7,12 +7,13 @@ max-autotune templates) run at 1.4-5.7x the memory floor on a 2-core EPYC with t
 step; this plain loop over the transposed weight the engine stores (blocks of 256 outputs accumulated over four
 rows at a time, vectorized by the compiler with ``-O3 -march=native``, the blocks split over PyTorch's threads)
 runs them faster (``benchmarks/decode_products.py``; the numbers in RESULTS.md). ``F.linear`` is its reference.
-The same loop reads int8 weights with one scale per output row (``--quantize int8``'s weights), widening each to
-float as it is read: a quarter of the bytes, and the row is not quantized (fbgemm's int8 kernel quantizes it per
-call); its reference is ``F.linear`` on the dequantized weight. Widening costs instructions: it reads ~1.3-1.5
-weights a cycle a core (1M weights in 119 µs on 2 cores, caches flushed), so
-:func:`hyla.ops.linear.int8_linear` takes it for small matrices only (fbgemm's int8 x int8 products stream large
-ones faster).
+int8 weights (``--quantize int8``'s, one scale per output row) take another loop, :func:`gemv_q8`: the row
+quantized in blocks of 32 as llama.cpp's q8_0 quantizes activations, int8 x int8 products summed exactly in int32 —
+on CPUs with AVX512-VNNI one instruction multiplies 64 byte pairs, so the loop streams the weights near the memory
+bandwidth (2x fbgemm's one-row products, ``benchmarks/decode_products.py``), and elsewhere the same sums in a plain
+loop the compiler vectorizes. Its reference is ``F.linear`` of :func:`q8_row` (the quantized row) on the
+dequantized weight. (Widening each int8 weight to float instead, as an earlier version did, is compute-bound:
+~1.3-1.5 weights a cycle a core.)
 
 It is built on first use with the machine's C++ compiler (``torch.utils.cpp_extension``, ~30 s once; then loaded
 from PyTorch's extension cache, under a name that carries this CPU's model and flags, so a cache shared by
@@ -29,19 +30,26 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+Q8_BLOCK = 32  # inputs per scale of the row in gemv_q8 (llama.cpp's q8_0 block)
+Q8_TILE = 64  # outputs per tile of q8_layout
 
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <cmath>
+#include <cstring>
+#include <vector>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
-// y = x W^T * scale (+ bias) for one row x [in] (float32), the weight given as wt = W^T [in, out] row-major (the
-// serving engine's transposed storage): float32, or int8 with one float scale per output (each weight widened to
-// float as it is read). Each thread takes blocks of 256 outputs and sweeps the rows of wt four at a time,
-// accumulating the block in registers/L1: every weight is read once, in contiguous runs.
-template <typename W>
-static void sweep(const float* xp, const W* w, int64_t in, int64_t out, const float* sp, const float* bp,
-                  float* yp) {
+// y = x W^T (+ bias) for one row x [in] (float32), the weight given as wt = W^T [in, out] row-major (the serving
+// engine's transposed storage), float32. Each thread takes blocks of 256 outputs and sweeps the rows of wt four at
+// a time, accumulating the block in registers/L1: every weight is read once, in contiguous runs.
+static void sweep(const float* xp, const float* w, int64_t in, int64_t out, const float* bp, float* yp) {
   constexpr int64_t BLOCK = 256;
   const int64_t blocks = (out + BLOCK - 1) / BLOCK;
   // OpenMP over the blocks, as many threads as PyTorch's pool (torch.set_num_threads); torch's own libgomp.
@@ -53,49 +61,161 @@ static void sweep(const float* xp, const W* w, int64_t in, int64_t out, const fl
     int64_t i = 0;
     for (; i + 4 <= in; i += 4) {
       const float x0 = xp[i], x1 = xp[i + 1], x2 = xp[i + 2], x3 = xp[i + 3];
-      const W* r0 = w + i * out + lo;
-      const W *r1 = r0 + out, *r2 = r1 + out, *r3 = r2 + out;
+      const float* r0 = w + i * out + lo;
+      const float *r1 = r0 + out, *r2 = r1 + out, *r3 = r2 + out;
       #pragma omp simd
-      for (int64_t o = 0; o < n; ++o)
-        acc[o] += x0 * float(r0[o]) + x1 * float(r1[o]) + x2 * float(r2[o]) + x3 * float(r3[o]);
+      for (int64_t o = 0; o < n; ++o) acc[o] += x0 * r0[o] + x1 * r1[o] + x2 * r2[o] + x3 * r3[o];
     }
     for (; i < in; ++i) {
       const float xi = xp[i];
-      const W* r = w + i * out + lo;
+      const float* r = w + i * out + lo;
       #pragma omp simd
-      for (int64_t o = 0; o < n; ++o) acc[o] += xi * float(r[o]);
+      for (int64_t o = 0; o < n; ++o) acc[o] += xi * r[o];
     }
-    for (int64_t o = 0; o < n; ++o) yp[lo + o] = acc[o] * (sp ? sp[lo + o] : 1.f) + (bp ? bp[lo + o] : 0.f);
+    for (int64_t o = 0; o < n; ++o) yp[lo + o] = acc[o] + (bp ? bp[lo + o] : 0.f);
   }
 }
 
-static torch::Tensor run(torch::Tensor x, torch::Tensor wt, c10::optional<torch::Tensor> scale,
-                         c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32, "gemv takes float32 rows");
+// The one-row int8 product as q8_0 computes it: the row quantized in blocks of 32 (one float scale each, |x| max
+// -> 127), int8 x int8 products summed exactly in int32 per block, each block's sum scaled back. The weight is
+// stored as q8_layout() in Python leaves it: int8 values + 128 (unsigned bytes), padded to a multiple of 64 outputs
+// and 32 inputs, in tiles of 64 outputs [tiles, in/4, 64, 4]: each tile one contiguous run, and each 64 bytes the
+// 4 consecutive inputs of 16 outputs that one VNNI instruction (vpdpbusd: unsigned x signed bytes, 4 products
+// summed into each int32 lane) takes. The +128 comes back out of each block's int32 sum exactly (128 times the
+// sum of the block's row values). xq: the row's int8 values [in_p], xs: the blocks' scales [in_p / 32], xo: 128
+// times the blocks' sums of values [in_p / 32].
+constexpr int64_t TILE = 64, QBLOCK = 32;
+
+static void q8_tiles_generic(const int8_t* xq, const float* xs, const int32_t* xo, const uint8_t* w, int64_t in_p,
+                             int64_t tiles, float* f) {
+  #pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
+  for (int64_t t = 0; t < tiles; ++t) {
+    const uint8_t* wt = w + t * in_p * TILE;
+    float acc[TILE] = {0.f};
+    for (int64_t b = 0; b < in_p / QBLOCK; ++b) {
+      int32_t a[TILE] = {0};
+      for (int64_t g = 0; g < QBLOCK / 4; ++g) {
+        const int8_t* x4 = xq + b * QBLOCK + g * 4;
+        const uint8_t* p = wt + (b * QBLOCK / 4 + g) * TILE * 4;
+        for (int64_t o = 0; o < TILE; ++o)
+          a[o] += p[4 * o] * x4[0] + p[4 * o + 1] * x4[1] + p[4 * o + 2] * x4[2] + p[4 * o + 3] * x4[3];
+      }
+      for (int64_t o = 0; o < TILE; ++o) acc[o] += xs[b] * float(a[o] - xo[b]);
+    }
+    for (int64_t o = 0; o < TILE; ++o) f[t * TILE + o] = acc[o];
+  }
+}
+
+#if defined(__x86_64__)
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+static void q8_tiles_vnni(const int8_t* xq, const float* xs, const int32_t* xo, const uint8_t* w, int64_t in_p,
+                          int64_t tiles, float* f) {
+  #pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
+  for (int64_t t = 0; t < tiles; ++t) {
+    const uint8_t* p = w + t * in_p * TILE;
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+    for (int64_t b = 0; b < in_p / QBLOCK; ++b) {
+      __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t g = 0; g < QBLOCK / 4; ++g, p += TILE * 4) {
+        int32_t x4;
+        std::memcpy(&x4, xq + b * QBLOCK + g * 4, 4);
+        const __m512i xb = _mm512_set1_epi32(x4);
+        a0 = _mm512_dpbusd_epi32(a0, _mm512_loadu_si512(p), xb);
+        a1 = _mm512_dpbusd_epi32(a1, _mm512_loadu_si512(p + 64), xb);
+        a2 = _mm512_dpbusd_epi32(a2, _mm512_loadu_si512(p + 128), xb);
+        a3 = _mm512_dpbusd_epi32(a3, _mm512_loadu_si512(p + 192), xb);
+      }
+      const __m512 s = _mm512_set1_ps(xs[b]);
+      const __m512i o = _mm512_set1_epi32(xo[b]);
+      acc0 = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_sub_epi32(a0, o)), acc0);
+      acc1 = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_sub_epi32(a1, o)), acc1);
+      acc2 = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_sub_epi32(a2, o)), acc2);
+      acc3 = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_sub_epi32(a3, o)), acc3);
+    }
+    float* ft = f + t * TILE;
+    _mm512_storeu_ps(ft, acc0);
+    _mm512_storeu_ps(ft + 16, acc1);
+    _mm512_storeu_ps(ft + 32, acc2);
+    _mm512_storeu_ps(ft + 48, acc3);
+  }
+}
+#endif
+
+static bool vnni_here() {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
+#else
+  return false;
+#endif
+}
+
+bool has_vnni() {
+  static const bool here = vnni_here();
+  return here;
+}
+
+static torch::Tensor run(torch::Tensor x, torch::Tensor wt, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && wt.dtype() == torch::kFloat32, "gemv takes float32");
   TORCH_CHECK(wt.dim() == 2 && wt.is_contiguous() && x.is_contiguous() && x.numel() == wt.size(0), "gemv shapes");
   const int64_t in = wt.size(0), out = wt.size(1);
-  for (const auto& v : {scale, bias})
-    TORCH_CHECK(!v.has_value() || (v->dtype() == torch::kFloat32 && v->is_contiguous() && v->numel() == out),
-                "gemv: scale and bias are float32 [out]");
+  TORCH_CHECK(!bias.has_value() || (bias->dtype() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == out),
+              "gemv: the bias is float32 [out]");
   auto y = torch::empty({out}, x.options());
-  const float* sp = scale.has_value() ? scale->data_ptr<float>() : nullptr;
-  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
-  if (wt.dtype() == torch::kInt8) {
-    TORCH_CHECK(sp != nullptr, "gemv: an int8 weight needs its scales");
-    sweep(x.data_ptr<float>(), wt.data_ptr<int8_t>(), in, out, sp, bp, y.data_ptr<float>());
-  } else {
-    TORCH_CHECK(wt.dtype() == torch::kFloat32 && sp == nullptr, "gemv takes a float32 or an int8 weight");
-    sweep(x.data_ptr<float>(), wt.data_ptr<float>(), in, out, sp, bp, y.data_ptr<float>());
-  }
+  sweep(x.data_ptr<float>(), wt.data_ptr<float>(), in, out, bias.has_value() ? bias->data_ptr<float>() : nullptr,
+        y.data_ptr<float>());
   return y;
 }
 
 torch::Tensor gemv_t(torch::Tensor x, torch::Tensor wt, c10::optional<torch::Tensor> bias) {
-  return run(x, wt, c10::nullopt, bias);
+  return run(x, wt, bias);
 }
 
-torch::Tensor gemv_int8_t(torch::Tensor x, torch::Tensor wt, torch::Tensor scale, c10::optional<torch::Tensor> bias) {
-  return run(x, wt, scale, bias);
+torch::Tensor gemv_q8_t(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> bias,
+                        bool simd) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous(), "gemv_q8 takes a float32 row");
+  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 4 && w.is_contiguous() && w.size(2) == TILE && w.size(3) == 4,
+              "gemv_q8: the weight in q8_layout");
+  const int64_t tiles = w.size(0), in_p = w.size(1) * 4, in = x.numel(), out = scale.numel();
+  TORCH_CHECK(in_p % QBLOCK == 0 && in <= in_p && in_p - in < QBLOCK && out <= tiles * TILE &&
+                  tiles * TILE - out < TILE,
+              "gemv_q8: the row and the scales do not fit the weight");
+  for (const auto& v : {c10::optional<torch::Tensor>(scale), bias})
+    TORCH_CHECK(!v.has_value() || (v->dtype() == torch::kFloat32 && v->is_contiguous() && v->numel() == out),
+                "gemv_q8: scale and bias are float32 [out]");
+  // The row in blocks of 32: scale = max |x| / 127, values round(x / scale) (half to even, as torch.round).
+  std::vector<int8_t> xq(in_p, 0);
+  std::vector<float> xs(in_p / QBLOCK, 0.f);
+  std::vector<int32_t> xo(in_p / QBLOCK, 0);
+  const float* xp = x.data_ptr<float>();
+  for (int64_t b = 0; b < in_p / QBLOCK; ++b) {
+    const int64_t lo = b * QBLOCK, hi = std::min(in, lo + QBLOCK);
+    float amax = 0.f;
+    for (int64_t i = lo; i < hi; ++i) amax = std::max(amax, std::fabs(xp[i]));
+    if (amax == 0.f) continue;
+    const float s = amax / 127.f;
+    int32_t sum = 0;
+    for (int64_t i = lo; i < hi; ++i) {
+      xq[i] = static_cast<int8_t>(std::nearbyint(xp[i] / s));
+      sum += xq[i];
+    }
+    xs[b] = s;
+    xo[b] = 128 * sum;
+  }
+  auto f = torch::empty({tiles * TILE}, x.options());
+#if defined(__x86_64__)
+  if (simd && has_vnni())
+    q8_tiles_vnni(xq.data(), xs.data(), xo.data(), w.data_ptr<uint8_t>(), in_p, tiles, f.data_ptr<float>());
+  else
+#endif
+    q8_tiles_generic(xq.data(), xs.data(), xo.data(), w.data_ptr<uint8_t>(), in_p, tiles, f.data_ptr<float>());
+  auto y = torch::empty({out}, x.options());
+  const float* fp = f.data_ptr<float>();
+  const float* sp = scale.data_ptr<float>();
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  for (int64_t o = 0; o < out; ++o) yp[o] = fp[o] * sp[o] + (bp ? bp[o] : 0.f);
+  return y;
 }
 """
 
@@ -113,14 +233,14 @@ def _machine_tag() -> str:
 
 @functools.cache
 def _kernel():
-    """The built kernels (``gemv_t``, ``gemv_int8_t``), or None where they cannot be built (not Linux, no
+    """The built kernels (``gemv_t``, ``gemv_q8_t``, ``has_vnni``), or None where they cannot be built (not Linux, no
     compiler, a failed build)."""
     if platform.system() != "Linux":
         return None
     from torch.utils.cpp_extension import load_inline
 
     try:
-        module = load_inline(f"hyla_gemv_{_machine_tag()}", _SOURCE, functions=["gemv_t", "gemv_int8_t"],
+        module = load_inline(f"hyla_gemv_{_machine_tag()}", _SOURCE, functions=["gemv_t", "gemv_q8_t", "has_vnni"],
                              extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])  # fmt: skip
     except Exception:  # no compiler, or one that cannot build it: the library path stays
         return None
@@ -142,13 +262,42 @@ def gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-def gemv_int8(x: Tensor, transposed: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``x W^T (+ bias)`` for one row with ``W = transposed.t() * scale[:, None]``: an int8 weight stored
-    transposed (``transposed`` ``[in, out]`` int8, contiguous) with one float32 scale per output row; ``x``
-    ``[..., in]`` with one row in all, float32 (not quantized) -> ``[..., out]``. Only where :func:`available`;
-    called eagerly (inside the int8 layers' own opaque operations when compiled)."""
-    out = _kernel().gemv_int8_t(x.reshape(-1).contiguous(), transposed, scale, bias)
-    return out.view(*x.shape[:-1], transposed.shape[1])
+def q8_layout(values: Tensor) -> Tensor:
+    """An int8 weight ``values`` ``[out, in]`` (one scale per output row kept apart) as :func:`gemv_q8` reads it:
+    each value + 128 as an unsigned byte, zero weights padding it to multiples of :data:`Q8_TILE` outputs and
+    :data:`Q8_BLOCK` inputs, in tiles of 64 outputs ``[tiles, in / 4, 64, 4]`` (uint8, the same size as the int8
+    values but for the padding)."""
+    out, inp = values.shape
+    tiles, in_p = -(-out // Q8_TILE), -(-inp // Q8_BLOCK) * Q8_BLOCK
+    padded = torch.zeros(tiles * Q8_TILE, in_p, dtype=torch.int16)
+    padded[:out, :inp] = values
+    return (padded + 128).to(torch.uint8).view(tiles, Q8_TILE, in_p // 4, 4).transpose(1, 2).contiguous()
+
+
+def q8_row(x: Tensor) -> Tensor:
+    """The row as :func:`gemv_q8` multiplies it (its reference): ``x`` ``[in]`` float32 quantized in blocks of
+    :data:`Q8_BLOCK` (scale ``max |x| / 127``, values ``round(x / scale)``) and dequantized -> ``[in]``."""
+    blocks = F.pad(x, (0, -x.numel() % Q8_BLOCK)).view(-1, Q8_BLOCK)
+    scale = blocks.abs().amax(1, keepdim=True) / 127
+    values = torch.where(scale > 0, torch.round(blocks / scale), 0.0)
+    return (values * scale).flatten()[: x.numel()]
+
+
+def gemv_q8(x: Tensor, layout: Tensor, scale: Tensor, bias: Tensor | None = None, simd: bool = True) -> Tensor:
+    """``F.linear(q8_row(x), W, bias)`` for one row, ``W = values * scale[:, None]`` given as ``layout =
+    q8_layout(values)`` (int8 values ``[out, in]``) and ``scale`` ``[out]`` float32: the row quantized in blocks of
+    32 as llama.cpp's q8_0 quantizes activations, int8 x int8 products summed exactly in int32. ``x`` ``[..., in]``
+    with one row in all, float32 -> ``[..., out]``. On CPUs with AVX512-VNNI through its byte dot products
+    (``simd=False``: the plain loop every CPU runs, the same sums). Only where :func:`available`; called eagerly
+    (inside the int8 layers' own opaque operations when compiled)."""
+    out = _kernel().gemv_q8_t(x.reshape(-1).contiguous(), layout, scale, bias, simd)
+    return out.view(*x.shape[:-1], scale.numel())
+
+
+@functools.cache
+def has_vnni() -> bool:
+    """Whether :func:`gemv_q8` runs on this CPU's AVX512-VNNI instructions (False where the kernel is not built)."""
+    return available() and _kernel().has_vnni()
 
 
 @torch.library.custom_op("hyla::gemv", mutates_args=())

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from hyla.ops.gemv import available as gemv_available
-from hyla.ops.gemv import gemv_int8
+from hyla.ops.gemv import gemv_q8, has_vnni, q8_layout
 
 
 def can_pack(weight: Tensor) -> bool:
@@ -57,14 +57,19 @@ def _(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
 @dataclass(frozen=True)
 class Int8Weight:
     """A weight ``[out, in]`` as int8 with one float scale per output row (``max |w| / 127``), in the two forms its
-    products read: fbgemm's packed object (:func:`int8_linear` of several rows) and the int8 matrix stored
-    transposed ``[in, out]`` with its scales ``[out]`` (one row, through :func:`hyla.ops.gemv.gemv_int8`); the
-    same int8 values. ``bias``: float32 ``[out]`` or None."""
+    products read: fbgemm's packed object (:func:`int8_linear` of several rows) and
+    :func:`~hyla.ops.gemv.q8_layout`'s tiles with the scales ``[out]`` (one row, through
+    :func:`hyla.ops.gemv.gemv_q8`); the same int8 values. ``bias``: float32 ``[out]`` or None."""
 
     packed: object
-    transposed: Tensor
+    layout: Tensor
     scale: Tensor
     bias: Tensor | None
+
+    def dequantized(self) -> Tensor:
+        """The weight as its products see it: the int8 values times their scales, ``[out, in]`` float32."""
+        values, _ = torch.ops.quantized.linear_unpack(self.packed)
+        return values.dequantize()
 
 
 def quantize_int8(weight: Tensor, bias: Tensor | None = None) -> Int8Weight:
@@ -78,25 +83,24 @@ def quantize_int8(weight: Tensor, bias: Tensor | None = None) -> Int8Weight:
         quantized = torch.quantize_per_channel(weight.detach().float(), scales, zeros, 0, torch.qint8)
     bias = None if bias is None else bias.detach().float().contiguous()
     packed = torch.ops.quantized.linear_prepack(quantized, bias)
-    return Int8Weight(packed, quantized.int_repr().t().contiguous(), scales.float(), bias)
+    return Int8Weight(packed, q8_layout(quantized.int_repr()), scales.float(), bias)
 
 
 INT8_GEMV_MAX_WEIGHTS = 2**20
-# One row takes the int8 kernel for weights below this size. The kernel widens each int8 weight to float before
-# its product (compute-bound: ~1.3-1.5 weights a cycle a core), fbgemm multiplies int8 by int8 (VNNI) near the memory
-# bandwidth inside a step: fbgemm's per-call cost loses on `small`'s matrices (decode step 7.14 -> 6.08 ms eager
-# with the kernel), its throughput wins on `medium`'s (the kernel for all of them: 12.02 -> 14.62 ms compiled;
-# below 2^20: 12.06). RESULTS.md, "A later agent turn in one step; packed experts ...".
+# Without AVX512-VNNI, one row takes the q8 kernel's plain loop for weights below this size only (fbgemm's per-call
+# cost loses on `small`'s matrices; its throughput was measured to win on `medium`'s against the kernel that widened
+# each weight to float, RESULTS.md "A later agent turn in one step; packed experts ..."). With VNNI the kernel
+# streams every size faster than fbgemm (decode steps in RESULTS.md, "int8 x int8 one-row products").
 
 
 def int8_linear(x: Tensor, weight: Int8Weight) -> Tensor:
     """``F.linear(x, weight, bias)`` with ``weight = quantize_int8(weight, bias)``: ``[..., in]`` -> ``[..., out]``,
     float32. Several rows: fbgemm, the activations quantized per call (one scale per call, to 7 bits:
     ``reduce_range``, which fbgemm needs on CPUs without VNNI), so each output is within ~1-2% of the float
-    product's scale (measured). One row against a weight under :data:`INT8_GEMV_MAX_WEIGHTS`, where the gemv
-    kernel builds: the row in float32 against the int8 weight (:func:`hyla.ops.gemv.gemv_int8`; closer to the
-    float product)."""
-    if x.numel() == x.shape[-1] and weight.transposed.numel() < INT8_GEMV_MAX_WEIGHTS and gemv_available():
-        return gemv_int8(x.float(), weight.transposed, weight.scale, weight.bias)
+    product's scale (measured). One row, where the gemv kernel builds (on CPUs without VNNI only against a weight
+    under :data:`INT8_GEMV_MAX_WEIGHTS`): :func:`hyla.ops.gemv.gemv_q8`, the row quantized in blocks of 32 as
+    llama.cpp's q8_0 does (closer to the float product than one scale per call)."""
+    if x.numel() == x.shape[-1] and gemv_available() and (has_vnni() or weight.layout.numel() < INT8_GEMV_MAX_WEIGHTS):
+        return gemv_q8(x.float(), weight.layout, weight.scale, weight.bias)
     out = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]).float(), weight.packed, True)
     return out.view(*x.shape[:-1], out.shape[-1])
