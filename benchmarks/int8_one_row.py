@@ -1,0 +1,107 @@
+"""The one-row int8 products of a decode step by path: fbgemm, hyla's q8 kernel's plain loop, its VNNI loop.
+
+A decode step of one request with ``--quantize int8`` multiplies one row by every int8 matrix (the linear layers,
+the two chosen experts' matrices, the LM head). :func:`hyla.ops.linear.int8_linear` runs that row through
+:func:`hyla.ops.gemv.gemv_q8` (AVX512-VNNI where the CPU has it); this benchmark switches, inside one process, the
+path every one-row product takes — ``fbgemm`` (``torch.ops.quantized.linear_dynamic``), ``q8 plain`` (the kernel's
+loop for CPUs without VNNI, every size), ``q8 vnni`` — by setting the module's attributes, and times whole decode
+steps of one request on random weights of a preset (vocab 8192), eager or compiled, the paths alternating round
+by round (medians of the rounds' medians of 20 steps).
+
+Usage: python benchmarks/int8_one_row.py [--preset small medium] [--compile] [--rounds 7] [--no-append]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import hyla
+import hyla.ops.linear as linear
+from hyla.bench import append_result, machine_description
+from hyla.data.tokenizer import byte_level_tokenizer
+from hyla.ops.gemv import gemv_q8, has_vnni
+from hyla.runtime import tune_malloc
+from hyla.serve import EngineConfig, SamplingParams
+from hyla.serve.engine import LLMEngine
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+# name -> (one row through the kernel at all?, the kernel's VNNI loop?)
+PATHS = {"fbgemm": (False, False), "q8 plain": (True, False), "q8 vnni": (True, True)}
+
+
+def use(path: str) -> None:
+    """Send every one-row int8 product through ``path`` (a key of :data:`PATHS`)."""
+    kernel, simd = PATHS[path]
+    linear.INT8_GEMV_MAX_WEIGHTS = 2**62 if kernel else 0
+    linear.has_vnni = lambda: kernel  # "every size": the limit above decides
+    linear.gemv_q8 = functools.partial(gemv_q8, simd=simd)
+
+
+def step_times(preset: str, compile: bool, rounds: int) -> dict[str, float]:
+    """Median ms of a decode step of one request (a 64-token prompt) by path."""
+    torch.manual_seed(0)
+    model = hyla.HylaForCausalLM(hyla.preset(preset).replace(vocab_size=8192)).eval()
+    config = EngineConfig(max_num_seqs=4, max_model_len=2048, compile=compile, quantize="int8")
+    engine = LLMEngine(model, byte_level_tokenizer(), config)
+    generator = torch.Generator().manual_seed(1)
+
+    def decode() -> float:
+        prompt = torch.randint(0, 256, (64,), generator=generator).tolist()
+        engine.add_request("r", [prompt], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+        engine.step()
+        times = []
+        for _ in range(20):
+            start = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - start)
+        while engine.has_work():
+            engine.step()
+        return statistics.median(times) * 1e3
+
+    paths = [p for p in PATHS if p != "q8 vnni" or has_vnni()]
+    results: dict[str, list[float]] = {p: [] for p in paths}
+    with torch.inference_mode():
+        for r in range(rounds + 1):
+            for path in paths if r % 2 else paths[::-1]:
+                use(path)
+                ms = decode()
+                if r:  # the first round warms (and compiles)
+                    results[path].append(ms)
+    use("q8 vnni" if has_vnni() else "q8 plain")
+    return {p: statistics.median(v) for p, v in results.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", nargs="+", default=["small", "medium"], choices=["small", "medium"])
+    parser.add_argument("--compile", action="store_true", help="compiled decode steps (the engine's --compile)")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
+    args = parser.parse_args()
+    tune_malloc()
+    lines = ["| preset | " + " | ".join(f"{p} ms" for p in PATHS) + " | fastest vs fbgemm |",
+             "|---|" + "---|" * (len(PATHS) + 1)]  # fmt: skip
+    for preset in args.preset:
+        t = step_times(preset, args.compile, args.rounds)
+        cells = [f"{t[p]:.2f}" if p in t else "(no VNNI)" for p in PATHS]
+        lines.append(f"| {preset} | " + " | ".join(cells) + f" | {t['fbgemm'] / min(t.values()):.2f}x |")
+        print(lines[-1], flush=True)
+    table = "\n".join(lines)
+    print(table)
+    if not args.no_append:
+        preamble = (f"Machine: {machine_description()}. A decode step of one request, int8 linear layers and "
+                    f"experts, {'compiled' if args.compile else 'eager'}, random weights (vocab 8192); medians over "
+                    f"{args.rounds} rounds of the median of 20 steps, the paths alternating.")  # fmt: skip
+        command = (f"python benchmarks/int8_one_row.py --preset {' '.join(args.preset)} --rounds {args.rounds}"
+                   + " --compile" * args.compile)  # fmt: skip
+        append_result(RESULTS, "int8 one-row products by path, whole decode steps", preamble, command, table)
+
+
+if __name__ == "__main__":
+    main()
