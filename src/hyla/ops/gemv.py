@@ -155,7 +155,9 @@ bool has_vnni() {
   return here;
 }
 
-static torch::Tensor run(torch::Tensor x, torch::Tensor wt, c10::optional<torch::Tensor> bias) {
+// Both entry points let go of Python's lock while they run: the server's event loop streams tokens meanwhile.
+torch::Tensor gemv_t(torch::Tensor x, torch::Tensor wt, c10::optional<torch::Tensor> bias) {
+  pybind11::gil_scoped_release no_gil;
   TORCH_CHECK(x.dtype() == torch::kFloat32 && wt.dtype() == torch::kFloat32, "gemv takes float32");
   TORCH_CHECK(wt.dim() == 2 && wt.is_contiguous() && x.is_contiguous() && x.numel() == wt.size(0), "gemv shapes");
   const int64_t in = wt.size(0), out = wt.size(1);
@@ -167,12 +169,9 @@ static torch::Tensor run(torch::Tensor x, torch::Tensor wt, c10::optional<torch:
   return y;
 }
 
-torch::Tensor gemv_t(torch::Tensor x, torch::Tensor wt, c10::optional<torch::Tensor> bias) {
-  return run(x, wt, bias);
-}
-
 torch::Tensor gemv_q8_t(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> bias,
                         bool simd) {
+  pybind11::gil_scoped_release no_gil;
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous(), "gemv_q8 takes a float32 row");
   TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 4 && w.is_contiguous() && w.size(2) == TILE && w.size(3) == 4,
               "gemv_q8: the weight in q8_layout");
