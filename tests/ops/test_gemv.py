@@ -12,7 +12,7 @@ def test_the_gemv_kernel_equals_f_linear_on_awkward_shapes_and_inside_a_compiled
     from hyla.ops.gemv import available, gemv
 
     assert available()  # the machines that run the suite have a C++ compiler (the library path: the test above)
-    for out, inp in [(1, 1), (7, 13), (1000, 1024), (3, 5000), (8192, 64), (257, 6)]:
+    for out, inp in [(1, 1), (7, 13), (1000, 1024), (3, 5000), (8192, 64), (257, 6), (9000, 7)]:  # 9000: two chunks
         w, b = torch.randn(inp, out).t(), torch.randn(out)  # stored transposed, as the engine stores weights
         for x in (torch.randn(inp), torch.randn(1, 1, inp), torch.randn(1, 2 * inp)[:, ::2]):
             assert rel_err(gemv(x, w), F.linear(x, w)) < 1e-5
@@ -20,6 +20,22 @@ def test_the_gemv_kernel_equals_f_linear_on_awkward_shapes_and_inside_a_compiled
     compiled = torch.compile(lambda x, w, b: gemv(torch.tanh(x), w, b) * 2, fullgraph=True)
     x, w, b = torch.randn(1, 96), torch.randn(96, 40).t(), torch.randn(40)
     assert rel_err(compiled(x, w, b), F.linear(torch.tanh(x), w, b) * 2) < 1e-5
+
+
+def test_the_gemv_kernel_splits_its_rows_over_any_number_of_threads():
+    """Each thread sums its own rows; the sums agree with F.linear for 1 thread, more threads than rows, and an
+    odd count."""
+    from hyla.ops.gemv import gemv
+
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 3, 5):
+            torch.set_num_threads(threads)
+            for out, inp in [(9, 2), (100, 13), (300, 1001)]:
+                w, x = torch.randn(inp, out).t(), torch.randn(inp)
+                assert rel_err(gemv(x, w), F.linear(x, w)) < 1e-5
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_the_q8_row_is_within_half_a_step_of_each_block_and_rounds_ties_to_even():

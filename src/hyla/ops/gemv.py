@@ -4,8 +4,8 @@ weights and int8 ones.
 A decode step of one request multiplies one row by every weight, reading each weight once from memory: the step
 is bound by that read. PyTorch's float32 kernels for one row (``F.linear``, oneDNN's packed weights, inductor's
 max-autotune templates) run at 1.4-5.7x the memory floor on a 2-core EPYC with the caches cold, as in a decode
-step; this plain loop over the transposed weight the engine stores (blocks of 256 outputs accumulated over four
-rows at a time, vectorized by the compiler with ``-O3 -march=native``, the blocks split over PyTorch's threads)
+step; this plain loop over the transposed weight the engine stores (its rows split over PyTorch's threads, each
+streaming one contiguous run four rows at a time, vectorized by the compiler with ``-O3 -march=native``)
 runs them faster (``benchmarks/decode_products.py``; the numbers in RESULTS.md). ``F.linear`` is its reference.
 int8 weights (``--quantize int8``'s, one scale per output row) take another loop, :func:`gemv_q8`: the row
 quantized in blocks of 32 as llama.cpp's q8_0 quantizes activations, int8 x int8 products summed exactly in int32 —
@@ -40,6 +40,7 @@ _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
+#include <omp.h>
 #include <cstring>
 #include <vector>
 #if defined(__x86_64__)
@@ -47,32 +48,44 @@ _SOURCE = r"""
 #endif
 
 // y = x W^T (+ bias) for one row x [in] (float32), the weight given as wt = W^T [in, out] row-major (the serving
-// engine's transposed storage), float32. Each thread takes blocks of 256 outputs and sweeps the rows of wt four at
-// a time, accumulating the block in registers/L1: every weight is read once, in contiguous runs.
+// engine's transposed storage), float32. The rows of wt are split over the threads: each thread streams one
+// contiguous run of the weight (in chunks of 8192 outputs, whose partial sums stay in L1), four rows at a time;
+// the threads' partial sums are added at the end. (Splitting the outputs instead, each thread reading 1 KB of
+// every row, made whole decode steps 7-15% slower.)
 static void sweep(const float* xp, const float* w, int64_t in, int64_t out, const float* bp, float* yp) {
-  constexpr int64_t BLOCK = 256;
-  const int64_t blocks = (out + BLOCK - 1) / BLOCK;
-  // OpenMP over the blocks, as many threads as PyTorch's pool (torch.set_num_threads); torch's own libgomp.
-  #pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t lo = b * BLOCK, n = std::min(out, lo + BLOCK) - lo;
-    float acc[BLOCK];
-    for (int64_t o = 0; o < n; ++o) acc[o] = 0.f;
-    int64_t i = 0;
-    for (; i + 4 <= in; i += 4) {
-      const float x0 = xp[i], x1 = xp[i + 1], x2 = xp[i + 2], x3 = xp[i + 3];
-      const float* r0 = w + i * out + lo;
-      const float *r1 = r0 + out, *r2 = r1 + out, *r3 = r2 + out;
-      #pragma omp simd
-      for (int64_t o = 0; o < n; ++o) acc[o] += x0 * r0[o] + x1 * r1[o] + x2 * r2[o] + x3 * r3[o];
+  constexpr int64_t CHUNK = 8192;
+  const int most = at::get_num_threads();  // PyTorch's pool (torch.set_num_threads); torch's own libgomp
+  std::vector<float> partial(size_t(most) * out, 0.f);
+  int team = 1;
+  #pragma omp parallel num_threads(most)
+  {
+    #pragma omp single
+    team = omp_get_num_threads();  // (fewer than asked inside another parallel region; the barrier publishes it)
+    const int64_t per = ((in + team - 1) / team + 3) / 4 * 4, lo = std::min(in, omp_get_thread_num() * per);
+    const int64_t hi = std::min(in, lo + per);
+    for (int64_t c = 0; c < out; c += CHUNK) {
+      const int64_t n = std::min(out - c, CHUNK);
+      float* acc = partial.data() + omp_get_thread_num() * out + c;
+      int64_t i = lo;
+      for (; i + 4 <= hi; i += 4) {
+        const float x0 = xp[i], x1 = xp[i + 1], x2 = xp[i + 2], x3 = xp[i + 3];
+        const float* r0 = w + i * out + c;
+        const float *r1 = r0 + out, *r2 = r1 + out, *r3 = r2 + out;
+        #pragma omp simd
+        for (int64_t o = 0; o < n; ++o) acc[o] += x0 * r0[o] + x1 * r1[o] + x2 * r2[o] + x3 * r3[o];
+      }
+      for (; i < hi; ++i) {
+        const float xi = xp[i];
+        const float* r = w + i * out + c;
+        #pragma omp simd
+        for (int64_t o = 0; o < n; ++o) acc[o] += xi * r[o];
+      }
     }
-    for (; i < in; ++i) {
-      const float xi = xp[i];
-      const float* r = w + i * out + lo;
-      #pragma omp simd
-      for (int64_t o = 0; o < n; ++o) acc[o] += xi * r[o];
-    }
-    for (int64_t o = 0; o < n; ++o) yp[lo + o] = acc[o] + (bp ? bp[lo + o] : 0.f);
+  }
+  for (int64_t o = 0; o < out; ++o) {
+    float sum = bp ? bp[o] : 0.f;
+    for (int t = 0; t < team; ++t) sum += partial[size_t(t) * out + o];
+    yp[o] = sum;
   }
 }
 
