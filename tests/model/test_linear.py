@@ -131,6 +131,36 @@ def test_prepared_experts_follow_weight_changes_keep_autograd_and_copy_with_thei
     assert moe.gate_up_proj.grad is not None and moe.gate_up_proj.grad.abs().sum() > 0
 
 
+def test_compiled_experts_run_through_the_packed_copies_when_large_and_equal_the_float_experts(monkeypatch):
+    """A compiled step of several tokens: large experts (an expert's gate/up matrix of 2^20 weights) through the
+    packed copies as one opaque op, small ones through the graph's own products; both equal the float experts."""
+    import hyla
+    import hyla.model.linear as prepared
+    from hyla.model.linear import PACKED_COMPILED_MIN_WEIGHTS, prepare_for_compile
+    from hyla.ops.moe import route, swiglu_experts
+
+    calls = []
+    real = prepared.prepared_swiglu_experts
+    monkeypatch.setattr(prepared, "prepared_swiglu_experts", lambda *args: calls.append(1) or real(*args))
+    torch.manual_seed(0)
+    for hidden, inter in [(64, 32), (1024, 512)]:
+        config = hyla.preset("tiny").replace(hidden_size=hidden, intermediate_size=inter, num_experts=4)
+        block = SparseMoE(config).eval()
+        for weight in block.parameters():
+            nn.init.normal_(weight, std=hidden**-0.5)
+        moe = prepare_for_cpu_inference(nn.ModuleList([block]))[0]
+        assert moe.compiled_copies == (2 * inter * hidden >= PACKED_COMPILED_MIN_WEIGHTS)
+        prepare_for_compile(moe)
+        x = torch.randn(5, hidden)
+        with torch.no_grad():
+            _, weights, experts = route(moe.gate(x), moe.top_k)
+            expected = swiglu_experts(x, weights, experts, moe.gate_up_proj, moe.down_proj)
+            compiled = torch.compile(moe.experts, fullgraph=True, dynamic=False)
+            calls.clear()
+            assert rel_err(compiled(x, weights, experts), expected) < 1e-5
+            assert bool(calls) == moe.compiled_copies  # the opaque op ran the copies
+
+
 def test_a_collected_int8_layer_leaves_no_entry():
     import gc
 

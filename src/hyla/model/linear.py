@@ -150,19 +150,30 @@ def _(x: Tensor, token: int, out_features: int) -> Tensor:
     return x.new_empty(x.shape[0], out_features)
 
 
+PACKED_COMPILED_MIN_WEIGHTS = 2**20
+# Compiled graphs of several tokens run the experts through the packed copies (one opaque op) when an expert's
+# gate/up matrix has this many weights: the graph's own products gather one copy of an expert's matrices per
+# (token, expert) pair, which on `medium` (2^21 weights) made a decode step of 8 requests 134 ms against 69 ms
+# with the copies (2 requests: 76 vs 47 ms). On `small` (2^18) the copies were 0.84-0.96x at 2-8 requests in one
+# measurement, 1.05x at 8 in another: no clear gain, so small experts keep the graph's products.
+# (`benchmarks/compiled_experts.py`, RESULTS.md.)
+
+
 class PreparedSparseMoE(_Tokened, SparseMoE):
     """A :class:`~hyla.model.moe.SparseMoE` (the same parameters and router) whose experts compute through prepared
     copies of their matrices (:func:`~hyla.ops.moe.prepared_swiglu_experts`) where no gradient is needed:
     ``kind="packed"`` (oneDNN's layout, float32: the same values) or ``"int8"``. The copies are made again when the
     expert weights change, as :class:`PackedLinear`'s. Packed, the copies serve eager steps of two tokens and more
-    (one token runs through the gemv kernel on the plain, transposed weights where it was built: ``use_gemv``;
-    compiled graphs keep their own products) and cost the experts' memory once more."""
+    and compiled ones of large experts (:data:`PACKED_COMPILED_MIN_WEIGHTS`; one token runs through the gemv kernel
+    on the plain, transposed weights where it was built: ``use_gemv``) and cost the experts' memory once more."""
 
     def __init__(self, moe: SparseMoE, kind: str, use_gemv: bool = False) -> None:
         nn.Module.__init__(self)
         self.top_k, self.gate = moe.top_k, moe.gate
         self.gate_up_proj, self.down_proj = moe.gate_up_proj, moe.down_proj
         self.kind, self.use_gemv = kind, use_gemv
+        # Whether compiled graphs of several tokens compute through the copies (int8: always).
+        self.compiled_copies = kind == "int8" or self.gate_up_proj[0].numel() >= PACKED_COMPILED_MIN_WEIGHTS
         self._copies = _Copies()
         self.compiled: list[tuple[object, object]] | None = None
         self._register()
@@ -183,10 +194,8 @@ class PreparedSparseMoE(_Tokened, SparseMoE):
         compiling = torch.compiler.is_compiling()
         if not compiling and torch.is_grad_enabled() and self.gate_up_proj.requires_grad:
             return swiglu_experts(x, weights, experts, self.gate_up_proj, self.down_proj)
-        if self.kind == "packed" and (x.shape[0] == 1 or compiling):
-            # One token: gemv on the plain weights. In a compiled graph, its own products: the copies were 1.05x
-            # faster at 32 requests but 0.84-0.96x at 2-8 (RESULTS.md, "A later agent turn in one step; packed
-            # experts ...").
+        if self.kind == "packed" and (x.shape[0] == 1 or (compiling and not self.compiled_copies)):
+            # One token: gemv on the plain weights. In a compiled graph, small experts keep its own products.
             return super().experts(x, weights, experts)
         if compiling:
             if self.compiled is None:
