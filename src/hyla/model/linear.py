@@ -153,10 +153,9 @@ def _(x: Tensor, token: int, out_features: int) -> Tensor:
 PACKED_COMPILED_MIN_WEIGHTS = 2**20
 # Compiled graphs of several tokens run the experts through the packed copies (one opaque op) when an expert's
 # gate/up matrix has this many weights: the graph's own products gather one copy of an expert's matrices per
-# (token, expert) pair, which on `medium` (2^21 weights) made a decode step of 8 requests 134 ms against 69 ms
-# with the copies (2 requests: 76 vs 47 ms). On `small` (2^18) the copies were 0.84-0.96x at 2-8 requests in one
-# measurement, 1.05x at 8 in another: no clear gain, so small experts keep the graph's products.
-# (`benchmarks/compiled_experts.py`, RESULTS.md.)
+# (token, expert) pair. `medium` (2^21 weights), a decode step of 2 / 8 requests: 68.9 / 126.4 ms in the graph,
+# 50.1 / 68.7 ms with the copies; `small` (2^18): 9.7 / 15.9 ms in the graph, 12.2 / 16.6 with the copies
+# (`benchmarks/compiled_experts.py`, RESULTS.md).
 
 
 class PreparedSparseMoE(_Tokened, SparseMoE):
