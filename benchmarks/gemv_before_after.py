@@ -17,7 +17,6 @@ import ast
 import hashlib
 import statistics
 import subprocess
-import time
 from pathlib import Path
 
 import torch
@@ -25,10 +24,10 @@ from torch.utils.cpp_extension import load_inline
 
 import hyla
 import hyla.ops.gemv as gemv
-from hyla.bench import append_result, machine_description
+from hyla.bench import append_result, machine_description, one_request_step_ms
 from hyla.data.tokenizer import byte_level_tokenizer
 from hyla.runtime import tune_malloc
-from hyla.serve import EngineConfig, SamplingParams
+from hyla.serve import EngineConfig
 from hyla.serve.engine import LLMEngine
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -54,19 +53,6 @@ def step_times(preset: str, kernels: dict[str, object], quantize: str | None, co
     engine = LLMEngine(model, byte_level_tokenizer(), config)
     generator = torch.Generator().manual_seed(1)
 
-    def decode() -> float:
-        prompt = torch.randint(0, 256, (64,), generator=generator).tolist()
-        engine.add_request("r", [prompt], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
-        engine.step()
-        times = []
-        for _ in range(20):
-            start = time.perf_counter()
-            engine.step()
-            times.append(time.perf_counter() - start)
-        while engine.has_work():
-            engine.step()
-        return statistics.median(times) * 1e3
-
     built = gemv._kernel
     results: dict[str, list[float]] = {name: [] for name in kernels}
     names = list(kernels)
@@ -75,7 +61,7 @@ def step_times(preset: str, kernels: dict[str, object], quantize: str | None, co
             for r in range(rounds + 1):
                 for name in names if r % 2 else names[::-1]:
                     gemv._kernel = lambda k=kernels[name]: k  # what gemv(), gemv_q8() and the compiled op call
-                    ms = decode()
+                    ms = one_request_step_ms(engine, generator)
                     if r:  # the first round warms (and compiles)
                         results[name].append(ms)
     finally:

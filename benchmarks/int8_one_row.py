@@ -16,18 +16,17 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 import hyla
 import hyla.ops.linear as linear
-from hyla.bench import append_result, machine_description
+from hyla.bench import append_result, machine_description, one_request_step_ms
 from hyla.data.tokenizer import byte_level_tokenizer
 from hyla.ops.gemv import gemv_q8, has_vnni
 from hyla.runtime import tune_malloc
-from hyla.serve import EngineConfig, SamplingParams
+from hyla.serve import EngineConfig
 from hyla.serve.engine import LLMEngine
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -51,26 +50,13 @@ def step_times(preset: str, compile: bool, rounds: int) -> dict[str, float]:
     engine = LLMEngine(model, byte_level_tokenizer(), config)
     generator = torch.Generator().manual_seed(1)
 
-    def decode() -> float:
-        prompt = torch.randint(0, 256, (64,), generator=generator).tolist()
-        engine.add_request("r", [prompt], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
-        engine.step()
-        times = []
-        for _ in range(20):
-            start = time.perf_counter()
-            engine.step()
-            times.append(time.perf_counter() - start)
-        while engine.has_work():
-            engine.step()
-        return statistics.median(times) * 1e3
-
     paths = [p for p in PATHS if p != "q8 vnni" or has_vnni()]
     results: dict[str, list[float]] = {p: [] for p in paths}
     with torch.inference_mode():
         for r in range(rounds + 1):
             for path in paths if r % 2 else paths[::-1]:
                 use(path)
-                ms = decode()
+                ms = one_request_step_ms(engine, generator)
                 if r:  # the first round warms (and compiles)
                     results[path].append(ms)
     use("q8 vnni" if has_vnni() else "q8 plain")
