@@ -90,7 +90,7 @@ INT8_GEMV_MAX_WEIGHTS = 2**20
 # Without AVX512-VNNI, one row takes the q8 kernel's plain loop for weights below this size only (fbgemm's per-call
 # cost loses on `small`'s matrices; its throughput was measured to win on `medium`'s against the kernel that widened
 # each weight to float, RESULTS.md "A later agent turn in one step; packed experts ..."). With VNNI the kernel
-# streams every size faster than fbgemm (decode steps in RESULTS.md, "int8 x int8 one-row products").
+# streams every size faster than fbgemm (decode steps in RESULTS.md, "int8 one-row products by path").
 
 
 def int8_linear(x: Tensor, weight: Int8Weight) -> Tensor:
