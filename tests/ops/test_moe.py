@@ -148,15 +148,37 @@ def test_balanced_routing_gives_the_minimum_loss():
     assert load_balancing_loss(stats, 20).item() == pytest.approx(2.0)
 
 
-@pytest.mark.parametrize("n", [1, 3])
-def test_the_gemv_path_matches_the_per_token_loop(n):
-    """One token's experts through hyla.ops.gemv (float32, the transposed storage the serving engine gives the
-    weights), inference only."""
-    h, inter, num_experts = 40, 24, 8
-    x = torch.randn(n, h)
-    gate_up = torch.randn(num_experts, 2 * inter, h).transpose(1, 2).contiguous().transpose(1, 2) * 0.2
-    down = torch.randn(num_experts, h, inter).transpose(1, 2).contiguous().transpose(1, 2) * 0.2
-    _, weights, experts = route(torch.randn(n, num_experts), 2)
+def transposed(w):
+    """``w`` with each expert's matrix stored transposed (the serving engine's storage): same values and shape."""
+    return w.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+def test_the_gemv_path_matches_the_per_token_loop_on_awkward_shapes_and_thread_counts(threads):
+    """Each token's chosen experts in one kernel call (float32, the transposed storage; inference only): the rows
+    of the k experts split over the threads, boundaries falling inside an expert, equal to the per-token loop."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n, h, inter, num_experts, k in [(1, 40, 24, 8, 2), (3, 37, 13, 5, 2), (1, 1, 1, 2, 2), (2, 3, 1, 4, 3),
+                                            (1, 512, 256, 8, 2), (1, 9, 5, 3, 1)]:  # fmt: skip
+            x = torch.randn(n, h)
+            gate_up = transposed(torch.randn(num_experts, 2 * inter, h) * 0.2)
+            down = transposed(torch.randn(num_experts, h, inter) * 0.2)
+            _, weights, experts = route(torch.randn(n, num_experts), k)
+            with torch.no_grad():
+                got = swiglu_experts(x, weights, experts, gate_up, down, path="gemv")
+            assert rel_err(got, reference_experts(x, weights, experts, gate_up, down)) < 1e-5
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_gemv_path_is_one_operation_inside_a_compiled_graph():
+    x = torch.randn(1, 48)
+    gate_up, down = transposed(torch.randn(6, 2 * 20, 48) * 0.2), transposed(torch.randn(6, 48, 20) * 0.2)
+    _, weights, experts = route(torch.randn(1, 6), 2)
+    compiled = torch.compile(lambda x, w, e: swiglu_experts(torch.tanh(x), w, e, gate_up, down, "gemv") * 2,
+                             fullgraph=True)  # fmt: skip
     with torch.no_grad():
-        got = swiglu_experts(x, weights, experts, gate_up, down, path="gemv")
-    assert rel_err(got, reference_experts(x, weights, experts, gate_up, down)) < 1e-5
+        got = compiled(x, weights, experts)
+    assert rel_err(got, reference_experts(torch.tanh(x), weights, experts, gate_up, down) * 2) < 1e-5

@@ -42,18 +42,48 @@ _SOURCE = r"""
 #include <cmath>
 #include <omp.h>
 #include <cstring>
+#include <tuple>
+#include <utility>
 #include <vector>
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
 
+// acc[0:out] += x[lo:hi] W[lo:hi] for rows lo..hi of a row-major [in, out] weight w (a transposed W), in chunks of
+// 8192 outputs whose sums stay in L1, four rows at a time.
+static void add_rows(const float* xp, const float* w, int64_t lo, int64_t hi, int64_t out, float* acc_all) {
+  constexpr int64_t CHUNK = 8192;
+  for (int64_t c = 0; c < out; c += CHUNK) {
+    const int64_t n = std::min(out - c, CHUNK);
+    float* acc = acc_all + c;
+    int64_t i = lo;
+    for (; i + 4 <= hi; i += 4) {
+      const float x0 = xp[i], x1 = xp[i + 1], x2 = xp[i + 2], x3 = xp[i + 3];
+      const float* r0 = w + i * out + c;
+      const float *r1 = r0 + out, *r2 = r1 + out, *r3 = r2 + out;
+      #pragma omp simd
+      for (int64_t o = 0; o < n; ++o) acc[o] += x0 * r0[o] + x1 * r1[o] + x2 * r2[o] + x3 * r3[o];
+    }
+    for (; i < hi; ++i) {
+      const float xi = xp[i];
+      const float* r = w + i * out + c;
+      #pragma omp simd
+      for (int64_t o = 0; o < n; ++o) acc[o] += xi * r[o];
+    }
+  }
+}
+
+// The rows lo..hi (a multiple of 4 apart) of this thread's even share of `rows` rows.
+static std::pair<int64_t, int64_t> share(int64_t rows, int team, int thread) {
+  const int64_t per = ((rows + team - 1) / team + 3) / 4 * 4, lo = std::min(rows, thread * per);
+  return {lo, std::min(rows, lo + per)};
+}
+
 // y = x W^T (+ bias) for one row x [in] (float32), the weight given as wt = W^T [in, out] row-major (the serving
 // engine's transposed storage), float32. The rows of wt are split over the threads: each thread streams one
-// contiguous run of the weight (in chunks of 8192 outputs, whose partial sums stay in L1), four rows at a time;
-// the threads' partial sums are added at the end. (Splitting the outputs instead, each thread reading 1 KB of
-// every row, made whole decode steps 7-15% slower.)
+// contiguous run of the weight; the threads' partial sums are added at the end. (Splitting the outputs instead,
+// each thread reading 1 KB of every row, made whole decode steps 7-15% slower.)
 static void sweep(const float* xp, const float* w, int64_t in, int64_t out, const float* bp, float* yp) {
-  constexpr int64_t CHUNK = 8192;
   const int most = at::get_num_threads();  // PyTorch's pool (torch.set_num_threads); torch's own libgomp
   std::vector<float> partial(size_t(most) * out, 0.f);
   int team = 1;
@@ -61,30 +91,59 @@ static void sweep(const float* xp, const float* w, int64_t in, int64_t out, cons
   {
     #pragma omp single
     team = omp_get_num_threads();  // (fewer than asked inside another parallel region; the barrier publishes it)
-    const int64_t per = ((in + team - 1) / team + 3) / 4 * 4, lo = std::min(in, omp_get_thread_num() * per);
-    const int64_t hi = std::min(in, lo + per);
-    for (int64_t c = 0; c < out; c += CHUNK) {
-      const int64_t n = std::min(out - c, CHUNK);
-      float* acc = partial.data() + omp_get_thread_num() * out + c;
-      int64_t i = lo;
-      for (; i + 4 <= hi; i += 4) {
-        const float x0 = xp[i], x1 = xp[i + 1], x2 = xp[i + 2], x3 = xp[i + 3];
-        const float* r0 = w + i * out + c;
-        const float *r1 = r0 + out, *r2 = r1 + out, *r3 = r2 + out;
-        #pragma omp simd
-        for (int64_t o = 0; o < n; ++o) acc[o] += x0 * r0[o] + x1 * r1[o] + x2 * r2[o] + x3 * r3[o];
-      }
-      for (; i < hi; ++i) {
-        const float xi = xp[i];
-        const float* r = w + i * out + c;
-        #pragma omp simd
-        for (int64_t o = 0; o < n; ++o) acc[o] += xi * r[o];
-      }
-    }
+    int64_t lo, hi;
+    std::tie(lo, hi) = share(in, team, omp_get_thread_num());
+    add_rows(xp, w, lo, hi, out, partial.data() + omp_get_thread_num() * out);
   }
   for (int64_t o = 0; o < out; ++o) {
     float sum = bp ? bp[o] : 0.f;
     for (int t = 0; t < team; ++t) sum += partial[size_t(t) * out + o];
+    yp[o] = sum;
+  }
+}
+
+// One token's k SwiGLU experts in one parallel region: y = sum_j r_j down_j(silu(gate_j x) * up_j x), each
+// expert's gate/up weight given as a row-major [H, 2I] (gate columns first) and its down weight as [I, H] (the
+// transposed storage). The k experts' rows (k H of them, then k I) are split evenly over the threads, as in sweep:
+// one fork for all 2k products, none of the Python between them. The router weight r_j scales the activation
+// before the down product (the reference scales the product: the same up to rounding).
+static void experts_sweep(const float* xp, int64_t hidden, int64_t inter, int64_t k, const float* const* gate_up,
+                          const float* const* down, const float* rp, float* yp) {
+  const int most = at::get_num_threads();
+  std::vector<float> first(size_t(most) * k * 2 * inter, 0.f), act(k * inter), second(size_t(most) * hidden, 0.f);
+  int team = 1;
+  #pragma omp parallel num_threads(most)
+  {
+    #pragma omp single
+    team = omp_get_num_threads();
+    const int t = omp_get_thread_num();
+    // gate/up: the rows (j, i) of the k [H, 2I] weights, in order; each run within one expert is one add_rows.
+    int64_t lo, hi;
+    std::tie(lo, hi) = share(k * hidden, team, t);
+    for (int64_t j = lo / hidden; j < k && j * hidden < hi; ++j)
+      add_rows(xp, gate_up[j], std::max(lo - j * hidden, int64_t(0)), std::min(hi - j * hidden, hidden), 2 * inter,
+               first.data() + (size_t(t) * k + j) * 2 * inter);
+    #pragma omp barrier
+    #pragma omp for schedule(static)
+    for (int64_t m = 0; m < k * inter; ++m) {
+      const int64_t j = m / inter, o = m % inter;
+      float g = 0.f, u = 0.f;
+      for (int s = 0; s < team; ++s) {
+        const float* f = first.data() + (size_t(s) * k + j) * 2 * inter;
+        g += f[o];
+        u += f[inter + o];
+      }
+      act[m] = rp[j] * (g / (1.f + std::exp(-g))) * u;
+    }
+    // down: the rows (j, i) of the k [I, H] weights, all into this thread's one [H] sum.
+    std::tie(lo, hi) = share(k * inter, team, t);
+    for (int64_t j = lo / inter; j < k && j * inter < hi; ++j)
+      add_rows(act.data() + j * inter, down[j], std::max(lo - j * inter, int64_t(0)), std::min(hi - j * inter, inter),
+               hidden, second.data() + size_t(t) * hidden);
+  }
+  for (int64_t o = 0; o < hidden; ++o) {
+    float sum = 0.f;
+    for (int t = 0; t < team; ++t) sum += second[size_t(t) * hidden + o];
     yp[o] = sum;
   }
 }
@@ -182,6 +241,40 @@ torch::Tensor gemv_t(torch::Tensor x, torch::Tensor wt, c10::optional<torch::Ten
   return y;
 }
 
+// x [N, H] float32, ids [N, k] int64 (expert numbers), router [N, k] float32; gate_up [E, 2I, H] and down [E, H, I]
+// float32 with each expert's transpose contiguous (gate_up[e].t(), down[e].t()) -> [N, H], row by row.
+torch::Tensor experts_gemv_t(torch::Tensor x, torch::Tensor ids, torch::Tensor router, torch::Tensor gate_up,
+                             torch::Tensor down) {
+  pybind11::gil_scoped_release no_gil;
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && gate_up.dtype() == torch::kFloat32 &&
+                  down.dtype() == torch::kFloat32 && router.dtype() == torch::kFloat32 && ids.dtype() == torch::kInt64,
+              "experts_gemv: float32, int64 ids");
+  TORCH_CHECK(x.dim() == 2 && gate_up.dim() == 3 && down.dim() == 3 && x.is_contiguous() && ids.is_contiguous() &&
+                  router.is_contiguous() && ids.sizes() == router.sizes() && ids.dim() == 2 && ids.size(0) == x.size(0),
+              "experts_gemv shapes");
+  const int64_t experts = gate_up.size(0), inter = down.size(2), hidden = down.size(1), k = ids.size(1);
+  TORCH_CHECK(gate_up.size(1) == 2 * inter && gate_up.size(2) == hidden && down.size(0) == experts &&
+                  x.size(1) == hidden, "experts_gemv shapes");
+  const auto strided = [](const torch::Tensor& w, int dim, int64_t stride) {  // (a dimension of one: any stride)
+    return w.size(dim) == 1 || w.stride(dim) == stride;
+  };
+  TORCH_CHECK(strided(gate_up, 1, 1) && strided(gate_up, 2, 2 * inter) && strided(down, 1, 1) &&
+                  strided(down, 2, hidden), "experts_gemv: each expert's weights stored transposed");
+  auto y = torch::empty_like(x);
+  std::vector<const float*> gu(k), dn(k);
+  for (int64_t n = 0; n < x.size(0); ++n) {
+    const int64_t* ip = ids.data_ptr<int64_t>() + n * k;
+    for (int64_t j = 0; j < k; ++j) {
+      TORCH_CHECK(ip[j] >= 0 && ip[j] < experts, "experts_gemv: an expert id out of range");
+      gu[j] = gate_up.data_ptr<float>() + ip[j] * gate_up.stride(0);
+      dn[j] = down.data_ptr<float>() + ip[j] * down.stride(0);
+    }
+    experts_sweep(x.data_ptr<float>() + n * hidden, hidden, inter, k, gu.data(), dn.data(),
+                  router.data_ptr<float>() + n * k, y.data_ptr<float>() + n * hidden);
+  }
+  return y;
+}
+
 torch::Tensor gemv_q8_t(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> bias,
                         bool simd) {
   pybind11::gil_scoped_release no_gil;
@@ -245,14 +338,15 @@ def _machine_tag() -> str:
 
 @functools.cache
 def _kernel():
-    """The built kernels (``gemv_t``, ``gemv_q8_t``, ``has_vnni``), or None where they cannot be built (not Linux, no
-    compiler, a failed build)."""
+    """The built kernels (``gemv_t``, ``experts_gemv_t``, ``gemv_q8_t``, ``has_vnni``), or None where they cannot be
+    built (not Linux, no compiler, a failed build)."""
     if platform.system() != "Linux":
         return None
     from torch.utils.cpp_extension import load_inline
 
+    functions = ["gemv_t", "experts_gemv_t", "gemv_q8_t", "has_vnni"]
     try:
-        module = load_inline(f"hyla_gemv_{_machine_tag()}", _SOURCE, functions=["gemv_t", "gemv_q8_t", "has_vnni"],
+        module = load_inline(f"hyla_gemv_{_machine_tag()}", _SOURCE, functions=functions,
                              extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])  # fmt: skip
     except Exception:  # no compiler, or one that cannot build it: the library path stays
         return None
@@ -272,6 +366,21 @@ def gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     wt = weight.t()
     out = _gemv_op(row, wt, bias) if torch.compiler.is_compiling() else _kernel().gemv_t(row, wt, bias)
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def experts_gemv(x: Tensor, weights: Tensor, experts: Tensor, gate_up_proj: Tensor, down_proj: Tensor) -> Tensor:
+    """:func:`hyla.ops.moe.swiglu_experts` for a few tokens (its ``"pairs"`` path is the reference): each row's
+    ``k`` chosen SwiGLU experts in one call of the kernel (both products of all ``k`` experts, the rows of their
+    weights split over the threads, no Python between them), summed by router weight. ``x`` ``[N, H]`` float32,
+    ``weights``/``experts`` ``[N, k]``, ``gate_up_proj`` ``[E, 2I, H]`` and ``down_proj`` ``[E, H, I]`` float32
+    with each expert's transpose contiguous (the serving engine's storage) -> ``[N, H]``. Inside
+    ``torch.compile`` one opaque operation. Only where :func:`available`."""
+    op = _experts_op if torch.compiler.is_compiling() else _experts
+    return op(x, weights.float(), experts, gate_up_proj, down_proj)
+
+
+def _experts(x: Tensor, weights: Tensor, experts: Tensor, gate_up_proj: Tensor, down_proj: Tensor) -> Tensor:
+    return _kernel().experts_gemv_t(x.contiguous(), experts.contiguous(), weights.contiguous(), gate_up_proj, down_proj)
 
 
 def q8_layout(values: Tensor) -> Tensor:
@@ -320,3 +429,13 @@ def _gemv_op(x: Tensor, wt: Tensor, bias: Tensor | None) -> Tensor:
 @_gemv_op.register_fake
 def _(x: Tensor, wt: Tensor, bias: Tensor | None) -> Tensor:
     return x.new_empty(wt.shape[1])
+
+
+@torch.library.custom_op("hyla::experts_gemv", mutates_args=())
+def _experts_op(x: Tensor, weights: Tensor, experts: Tensor, gate_up_proj: Tensor, down_proj: Tensor) -> Tensor:
+    return _experts(x, weights, experts, gate_up_proj, down_proj)
+
+
+@_experts_op.register_fake
+def _(x: Tensor, weights: Tensor, experts: Tensor, gate_up_proj: Tensor, down_proj: Tensor) -> Tensor:
+    return torch.empty_like(x)

@@ -18,13 +18,13 @@ products on oneDNN-packed (or int8) copies of its matrices.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hyla.ops.gemv import gemv
+from hyla.ops.gemv import experts_gemv
 from hyla.ops.linear import int8_linear, pack, packed_linear, quantize_int8
 
 
@@ -76,10 +76,10 @@ def swiglu_experts(
             ``torch.compile`` for up to :data:`COMPILED_GATHER_MAX_TOKENS` tokens: it reads ``k`` matrices per
             token); ``"dense"``: every expert on every token (the default inside ``torch.compile`` for more:
             ``E / k`` times the products);
-            ``"loop"``: a loop over experts (the CPU's default otherwise); ``"gemv"``: as ``"pairs"``, each product
-            through :func:`hyla.ops.gemv.gemv` (transposed float32 expert weights, inference only: what a
-            ``SparseMoE`` prepared for it asks for one token, compiled or not; one opaque operation inside
-            ``torch.compile``).
+            ``"loop"``: a loop over experts (the CPU's default otherwise); ``"gemv"``: as ``"pairs"``, each token's
+            experts in one call of :func:`hyla.ops.gemv.experts_gemv` (transposed float32 expert weights, inference
+            only: what a ``SparseMoE`` prepared for it asks for one token, compiled or not; one opaque operation
+            inside ``torch.compile``).
 
     Returns:
         ``[N, H]`` in ``x``'s dtype.
@@ -96,10 +96,10 @@ def swiglu_experts(
             path = "loop"
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-    if path == "gemv" and torch.compiler.is_compiling():
-        return _gemv_pairs(x, weights, experts, gate_up_proj, down_proj)
-    if path in ("pairs", "gemv"):
-        return _pairs(x, weights, experts, gate_up_proj, down_proj, gemv if path == "gemv" else _mm)
+    if path == "gemv":
+        return experts_gemv(x, weights, experts, gate_up_proj, down_proj)
+    if path == "pairs":
+        return _pairs(x, weights, experts, gate_up_proj, down_proj)
     if path == "gather":
         return _gathered(x, weights, experts, gate_up_proj, down_proj)
     if path == "dense":
@@ -126,36 +126,17 @@ def swiglu_experts(
     return dispatch.combine(ys.to(x.dtype), weights.to(x.dtype))
 
 
-def _mm(x: Tensor, weight: Tensor) -> Tensor:
-    """``x [n, in]`` times ``weight [out, in]`` transposed: ``[n, out]``."""
-    return torch.mm(x, weight.t())
-
-
-def _pairs(
-    x: Tensor, weights: Tensor, experts: Tensor, gate_up_proj: Tensor, down_proj: Tensor, product: Callable = _mm
-) -> Tensor:
+def _pairs(x: Tensor, weights: Tensor, experts: Tensor, gate_up_proj: Tensor, down_proj: Tensor) -> Tensor:
     """Each (token, expert) pair's SwiGLU, added to its token's output by router weight: no sorting, gathering or
-    scattering (for a single token, where that bookkeeping costs more than the products). ``product``: ``_mm``
-    (``torch.mm``) or ``gemv``."""
+    scattering (for a single token, where that bookkeeping costs more than the products)."""
     inter = down_proj.shape[-1]
     out = torch.zeros_like(x)
     for n, row in enumerate(experts.tolist()):  # on the CPU, .tolist() waits for nothing
         for j, e in enumerate(row):
-            gate_up = product(x[n : n + 1], gate_up_proj[e])  # [1, 2I]
-            y = product(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], down_proj[e])  # [1, H]
+            gate_up = torch.mm(x[n : n + 1], gate_up_proj[e].t())  # [1, 2I]
+            y = torch.mm(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], down_proj[e].t())  # [1, H]
             out[n : n + 1] += y * weights[n, j].to(y.dtype)
     return out
-
-
-@torch.library.custom_op("hyla::gemv_pairs", mutates_args=())
-def _gemv_pairs(x: Tensor, weights: Tensor, experts: Tensor, gate_up_proj: Tensor, down_proj: Tensor) -> Tensor:
-    """The ``gemv`` path as one opaque operation inside ``torch.compile`` (it reads the routed ids on the host)."""
-    return _pairs(x, weights, experts, gate_up_proj, down_proj, gemv)
-
-
-@_gemv_pairs.register_fake
-def _(x: Tensor, weights: Tensor, experts: Tensor, gate_up_proj: Tensor, down_proj: Tensor) -> Tensor:
-    return torch.empty_like(x)
 
 
 def _gathered(x: Tensor, weights: Tensor, experts: Tensor, gate_up_proj: Tensor, down_proj: Tensor) -> Tensor:
