@@ -39,7 +39,7 @@ def kernel_at(revision: str) -> object:
                           check=True, cwd=Path(__file__).parent).stdout  # fmt: skip
     source = next(ast.literal_eval(node.value) for node in ast.parse(text).body
                   if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "_SOURCE")  # fmt: skip
-    functions = [f for f in ("gemv_t", "gemv_q8_t", "has_vnni") if f"{f}(" in source]
+    functions = [f for f in ("gemv_t", "experts_gemv_t", "gemv_q8_t", "has_vnni", "q8_level") if f"{f}(" in source]
     name = "hyla_gemv_" + hashlib.sha256(source.encode()).hexdigest()[:10] + "_" + gemv._machine_tag()
     return load_inline(name, source, functions=functions, extra_cflags=["-O3", "-march=native", "-fopenmp"],
                        extra_ldflags=["-fopenmp"])  # fmt: skip

@@ -1,12 +1,13 @@
-"""The one-row int8 products of a decode step by path: fbgemm, hyla's q8 kernel's plain loop, its VNNI loop.
+"""The one-row int8 products of a decode step by path: fbgemm and each loop of hyla's q8 kernel.
 
 A decode step of one request with ``--quantize int8`` multiplies one row by every int8 matrix (the linear layers,
 the two chosen experts' matrices, the LM head). :func:`hyla.ops.linear.int8_linear` runs that row through
-:func:`hyla.ops.gemv.gemv_q8` (AVX512-VNNI where the CPU has it); this benchmark switches, inside one process, the
-path every one-row product takes — ``fbgemm`` (``torch.ops.quantized.linear_dynamic``), ``q8 plain`` (the kernel's
-loop for CPUs without VNNI, every size), ``q8 vnni`` — by setting the module's attributes, and times whole decode
-steps of one request on random weights of a preset (vocab 8192), eager or compiled, the paths alternating round
-by round (medians of the rounds' medians of 20 steps).
+:func:`hyla.ops.gemv.gemv_q8`; this benchmark switches, inside one process, the path every one-row product takes —
+``fbgemm`` (``torch.ops.quantized.linear_dynamic``), ``q8 plain`` (the kernel's loop the compiler vectorizes),
+``q8 avx2`` (its AVX2 byte products), ``q8 vnni`` (its AVX512-VNNI loop), each where this CPU runs it — by
+setting the module's attributes, and times whole decode steps of one request on random weights of a preset
+(vocab 8192), eager or compiled, the paths alternating round by round (medians of the rounds' medians of 20
+steps).
 
 Usage: python benchmarks/int8_one_row.py [--preset small medium] [--compile] [--rounds 7] [--no-append]
 """
@@ -24,22 +25,21 @@ import hyla
 import hyla.ops.linear as linear
 from hyla.bench import append_result, machine_description, one_request_step_ms
 from hyla.data.tokenizer import byte_level_tokenizer
-from hyla.ops.gemv import gemv_q8, has_vnni
+from hyla.ops.gemv import gemv_q8, q8_loops
 from hyla.runtime import tune_malloc
 from hyla.serve import EngineConfig
 from hyla.serve.engine import LLMEngine
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
-# name -> (one row through the kernel at all?, the kernel's VNNI loop?)
-PATHS = {"fbgemm": (False, False), "q8 plain": (True, False), "q8 vnni": (True, True)}
+PATHS = ("fbgemm", "q8 plain", "q8 avx2", "q8 vnni")  # "q8 X": gemv_q8's loop X
 
 
 def use(path: str) -> None:
-    """Send every one-row int8 product through ``path`` (a key of :data:`PATHS`)."""
-    kernel, simd = PATHS[path]
+    """Send every one-row int8 product through ``path`` (one of :data:`PATHS`)."""
+    kernel = path != "fbgemm"
     linear.INT8_GEMV_MAX_WEIGHTS = 2**62 if kernel else 0
-    linear.has_vnni = lambda: kernel  # "every size": the limit above decides
-    linear.gemv_q8 = functools.partial(gemv_q8, simd=simd)
+    linear.q8_loops = lambda: ("vnni",) if kernel else ("plain",)  # "every size": the limit above decides
+    linear.gemv_q8 = functools.partial(gemv_q8, loop=path[3:] if kernel else None)
 
 
 def step_times(preset: str, compile: bool, rounds: int) -> dict[str, float]:
@@ -50,7 +50,7 @@ def step_times(preset: str, compile: bool, rounds: int) -> dict[str, float]:
     engine = LLMEngine(model, byte_level_tokenizer(), config)
     generator = torch.Generator().manual_seed(1)
 
-    paths = [p for p in PATHS if p != "q8 vnni" or has_vnni()]
+    paths = [p for p in PATHS if p == "fbgemm" or p[3:] in q8_loops()]
     results: dict[str, list[float]] = {p: [] for p in paths}
     with torch.inference_mode():
         for r in range(rounds + 1):
@@ -59,7 +59,7 @@ def step_times(preset: str, compile: bool, rounds: int) -> dict[str, float]:
                 ms = one_request_step_ms(engine, generator)
                 if r:  # the first round warms (and compiles)
                     results[path].append(ms)
-    use("q8 vnni" if has_vnni() else "q8 plain")
+    use(f"q8 {q8_loops()[-1]}")
     return {p: statistics.median(v) for p, v in results.items()}
 
 
@@ -75,7 +75,7 @@ def main() -> None:
              "|---|" + "---|" * (len(PATHS) + 1)]  # fmt: skip
     for preset in args.preset:
         t = step_times(preset, args.compile, args.rounds)
-        cells = [f"{t[p]:.2f}" if p in t else "(no VNNI)" for p in PATHS]
+        cells = [f"{t[p]:.2f}" if p in t else "(not on this CPU)" for p in PATHS]
         lines.append(f"| {preset} | " + " | ".join(cells) + f" | {t['fbgemm'] / min(t.values()):.2f}x |")
         print(lines[-1], flush=True)
     table = "\n".join(lines)

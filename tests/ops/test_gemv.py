@@ -51,14 +51,17 @@ def test_the_q8_row_is_within_half_a_step_of_each_block_and_rounds_ties_to_even(
     assert q8_row(torch.zeros(40)).eq(0).all()
 
 
-@pytest.mark.parametrize("simd", [True, False])
-def test_the_q8_kernel_equals_f_linear_on_the_quantized_row_and_the_dequantized_weight(simd):
+@pytest.mark.parametrize("loop", ["plain", "avx2", "vnni"])
+def test_the_q8_kernel_equals_f_linear_on_the_quantized_row_and_the_dequantized_weight(loop):
     """One row against an int8 weight (one scale per output row), the row quantized in blocks of 32: F.linear of
     q8_row(x) on the dequantized weight up to float32 summation order, on awkward shapes (padding of both the
-    outputs to 64 and the inputs to 32), rows with a zero block and ties; the VNNI loop and the plain one (the
-    CPUs without VNNI) alike. int8_linear takes it for one row."""
-    from hyla.ops.gemv import gemv_q8, has_vnni, q8_row
-    from hyla.ops.linear import INT8_GEMV_MAX_WEIGHTS, int8_linear, quantize_int8
+    outputs to 64 and the inputs to 32), rows with a zero block and ties; each loop this CPU runs (the plain one
+    every CPU runs, AVX2's, AVX512-VNNI's) alike. int8_linear takes it for one row where q8_takes says so."""
+    from hyla.ops.gemv import gemv_q8, q8_loops, q8_row
+    from hyla.ops.linear import int8_linear, q8_takes, quantize_int8
+
+    if loop not in q8_loops():
+        pytest.skip(f"this CPU does not run gemv_q8's {loop} loop")
 
     for out, inp in [(1, 1), (7, 13), (64, 32), (65, 33), (1000, 1024), (3, 5000), (257, 6)]:
         weight, bias = torch.randn(out, inp), torch.randn(out)
@@ -70,14 +73,17 @@ def test_the_q8_kernel_equals_f_linear_on_the_quantized_row_and_the_dequantized_
         mean = torch.arange(inp) % 5 - 2.5  # a large mean: the +128 of the weights must come back out exactly
         for x in (torch.randn(inp), torch.randn(1, 1, inp) * 1e3, torch.randn(1, 2 * inp)[:, ::2], zero_block, mean):
             expected = F.linear(q8_row(x.reshape(-1)).view(x.shape), dequantized)
-            assert rel_err(gemv_q8(x, q.layout, q.scale, simd=simd), expected) < 1e-5
-            assert rel_err(gemv_q8(x, q.layout, q.scale, bias, simd), expected + bias) < 1e-5
-            assert rel_err(int8_linear(x, q), expected + bias) < 1e-5
+            assert rel_err(gemv_q8(x, q.layout, q.scale, loop=loop), expected) < 1e-5
+            assert rel_err(gemv_q8(x, q.layout, q.scale, bias, loop), expected + bias) < 1e-5
+            if q8_takes(q.layout.numel()):
+                assert rel_err(int8_linear(x, q), expected + bias) < 1e-5
+            else:  # fbgemm (the plain loop only, a large weight)
+                assert rel_err(int8_linear(x, q), F.linear(x, dequantized, bias)) < 0.03
             assert rel_err(expected, F.linear(x, dequantized)) < 0.02  # the row's rounding: q8_0's
         several = torch.randn(3, inp)  # fbgemm, its activations quantized per call: close, not equal
         assert rel_err(int8_linear(several, q), F.linear(several, dequantized, bias)) < 0.03
-    weight, x = torch.randn(1024, 1024), torch.randn(1024)  # 2^20 weights: one row through fbgemm without VNNI
+    weight, x = torch.randn(1024, 1024), torch.randn(1024)  # 2^20 weights: through fbgemm with the plain loop only
     q = quantize_int8(weight)
     q8 = gemv_q8(x, q.layout, q.scale)
-    assert torch.equal(int8_linear(x, q), q8) == (has_vnni() or weight.numel() < INT8_GEMV_MAX_WEIGHTS)
+    assert torch.equal(int8_linear(x, q), q8) == (q8_loops()[-1] != "plain")
     assert rel_err(int8_linear(x, q), F.linear(x, q.dequantized())) < 0.03

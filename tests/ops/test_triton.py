@@ -127,12 +127,16 @@ def test_multi_level_padding_pads_least(row_bytes):
         assert padding[c] == min(padding.values()), (n, c)
 
 
-def test_head_dim_must_suit_the_kernels():
+def test_head_dim_and_dtype_must_suit_the_kernels():
     q = torch.randn(1, 4, H, 24, device=DEVICE)
     with pytest.raises(ValueError, match=r"multiple of 16 up to 256 \(128 in float32\), got 24 in torch\.float32"):
         lightning_attention_triton(q, q, q, slopes(H).to(DEVICE))
     q = torch.randn(1, 4, H, 256, device=DEVICE)  # float32 tiles of 256 do not fit in shared memory
     with pytest.raises(ValueError, match=r"got 256 in torch\.float32"):
+        lightning_attention_triton(q, q, q, slopes(H).to(DEVICE))
+    q = torch.randn(1, 4, H, 16, device=DEVICE, dtype=torch.float64)  # the kernels compute in float32
+    assert not fits_triton(16, torch.float64)
+    with pytest.raises(ValueError, match=r"got 16 in torch\.float64"):
         lightning_attention_triton(q, q, q, slopes(H).to(DEVICE))
 
 

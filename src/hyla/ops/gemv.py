@@ -10,8 +10,9 @@ runs them faster (``benchmarks/decode_products.py``; the numbers in RESULTS.md).
 int8 weights (``--quantize int8``'s, one scale per output row) take another loop, :func:`gemv_q8`: the row
 quantized in blocks of 32 as llama.cpp's q8_0 quantizes activations, int8 x int8 products summed exactly in int32 —
 on CPUs with AVX512-VNNI one instruction multiplies 64 byte pairs, so the loop streams the weights near the memory
-bandwidth (2x fbgemm's one-row products, ``benchmarks/decode_products.py``), and elsewhere the same sums in a plain
-loop the compiler vectorizes. Its reference is ``F.linear`` of :func:`q8_row` (the quantized row) on the
+bandwidth (2x fbgemm's one-row products, ``benchmarks/decode_products.py``); with AVX2 only, byte products into
+int16 pairs (``benchmarks/int8_one_row.py``: both faster than fbgemm in whole decode steps); elsewhere the same sums
+in a plain loop the compiler vectorizes. Its reference is ``F.linear`` of :func:`q8_row` (the quantized row) on the
 dequantized weight. (Widening each int8 weight to float instead, as an earlier version did, is compute-bound:
 ~1.3-1.5 weights a cycle a core.)
 
@@ -35,6 +36,7 @@ from torch import Tensor
 
 Q8_BLOCK = 32  # inputs per scale of the row in gemv_q8 (llama.cpp's q8_0 block)
 Q8_TILE = 64  # outputs per tile of q8_layout
+Q8_LOOPS = ("plain", "avx2", "vnni")  # gemv_q8's loops, by the C++ level (q8_level) that picks each
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -213,17 +215,53 @@ static void q8_tiles_vnni(const int8_t* xq, const float* xs, const int32_t* xo, 
 }
 #endif
 
-static bool vnni_here() {
+// The same sums with AVX2 (CPUs without AVX512-VNNI): vpmaddubsw multiplies unsigned by signed bytes and adds
+// pairs into int16, which the +128 bytes would overflow (255 x 127 x 2), so each weight byte is turned back into
+// its signed value (xor 0x80) and the row's sign moved onto it (vpsignb): |x| x (+-w) pairs stay within
+// 2 x 127 x 127 < 2^15, as in llama.cpp's q8_0 dot products; vpmaddwd with ones sums each 4 into an int32 lane.
+// The sums are the exact signed ones, so the +128 correction (xo) is not needed.
+#if defined(__x86_64__)
+__attribute__((target("avx2,fma")))
+static void q8_tiles_avx2(const int8_t* xq, const float* xs, const uint8_t* w, int64_t in_p, int64_t tiles, float* f) {
+  #pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
+  for (int64_t t = 0; t < tiles; ++t) {
+    const uint8_t* p = w + t * in_p * TILE;
+    const __m256i flip = _mm256_set1_epi8(char(0x80)), ones = _mm256_set1_epi16(1);
+    __m256 acc[TILE / 8];
+    for (auto& a : acc) a = _mm256_setzero_ps();
+    for (int64_t b = 0; b < in_p / QBLOCK; ++b) {
+      __m256i sum[TILE / 8];
+      for (auto& s : sum) s = _mm256_setzero_si256();
+      for (int64_t g = 0; g < QBLOCK / 4; ++g, p += TILE * 4) {
+        int32_t x4;
+        std::memcpy(&x4, xq + b * QBLOCK + g * 4, 4);
+        const __m256i xb = _mm256_set1_epi32(x4), xa = _mm256_sign_epi8(xb, xb);
+        for (int k = 0; k < TILE / 8; ++k) {
+          const __m256i wk = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * k)), flip);
+          const __m256i pairs = _mm256_maddubs_epi16(xa, _mm256_sign_epi8(wk, xb));
+          sum[k] = _mm256_add_epi32(sum[k], _mm256_madd_epi16(pairs, ones));
+        }
+      }
+      const __m256 s = _mm256_set1_ps(xs[b]);
+      for (int k = 0; k < TILE / 8; ++k) acc[k] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(sum[k]), acc[k]);
+    }
+    for (int k = 0; k < TILE / 8; ++k) _mm256_storeu_ps(f + t * TILE + 8 * k, acc[k]);
+  }
+}
+#endif
+
+// The fastest loop of gemv_q8 this CPU runs: 2 (AVX512-VNNI), 1 (AVX2), 0 (the plain loop).
+static int64_t q8_level_here() {
 #if defined(__x86_64__)
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
-#else
-  return false;
+  if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw")) return 2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
 #endif
+  return 0;
 }
 
-bool has_vnni() {
-  static const bool here = vnni_here();
+int64_t q8_level() {
+  static const int64_t here = q8_level_here();
   return here;
 }
 
@@ -275,10 +313,12 @@ torch::Tensor experts_gemv_t(torch::Tensor x, torch::Tensor ids, torch::Tensor r
   return y;
 }
 
+// level: the loop (q8_level()'s numbers), at most this CPU's.
 torch::Tensor gemv_q8_t(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> bias,
-                        bool simd) {
+                        int64_t level) {
   pybind11::gil_scoped_release no_gil;
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous(), "gemv_q8 takes a float32 row");
+  TORCH_CHECK(level >= 0 && level <= q8_level(), "gemv_q8: a loop this CPU cannot run");
   TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 4 && w.is_contiguous() && w.size(2) == TILE && w.size(3) == 4,
               "gemv_q8: the weight in q8_layout");
   const int64_t tiles = w.size(0), in_p = w.size(1) * 4, in = x.numel(), out = scale.numel();
@@ -309,8 +349,10 @@ torch::Tensor gemv_q8_t(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c
   }
   auto f = torch::empty({tiles * TILE}, x.options());
 #if defined(__x86_64__)
-  if (simd && has_vnni())
+  if (level == 2)
     q8_tiles_vnni(xq.data(), xs.data(), xo.data(), w.data_ptr<uint8_t>(), in_p, tiles, f.data_ptr<float>());
+  else if (level == 1)
+    q8_tiles_avx2(xq.data(), xs.data(), w.data_ptr<uint8_t>(), in_p, tiles, f.data_ptr<float>());
   else
 #endif
     q8_tiles_generic(xq.data(), xs.data(), xo.data(), w.data_ptr<uint8_t>(), in_p, tiles, f.data_ptr<float>());
@@ -338,13 +380,13 @@ def _machine_tag() -> str:
 
 @functools.cache
 def _kernel():
-    """The built kernels (``gemv_t``, ``experts_gemv_t``, ``gemv_q8_t``, ``has_vnni``), or None where they cannot be
+    """The built kernels (``gemv_t``, ``experts_gemv_t``, ``gemv_q8_t``, ``q8_level``), or None where they cannot be
     built (not Linux, no compiler, a failed build)."""
     if platform.system() != "Linux":
         return None
     from torch.utils.cpp_extension import load_inline
 
-    functions = ["gemv_t", "experts_gemv_t", "gemv_q8_t", "has_vnni"]
+    functions = ["gemv_t", "experts_gemv_t", "gemv_q8_t", "q8_level"]
     try:
         module = load_inline(f"hyla_gemv_{_machine_tag()}", _SOURCE, functions=functions,
                              extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])  # fmt: skip
@@ -404,21 +446,25 @@ def q8_row(x: Tensor) -> Tensor:
     return (values * scale).flatten()[: x.numel()]
 
 
-def gemv_q8(x: Tensor, layout: Tensor, scale: Tensor, bias: Tensor | None = None, simd: bool = True) -> Tensor:
+def gemv_q8(x: Tensor, layout: Tensor, scale: Tensor, bias: Tensor | None = None, loop: str | None = None) -> Tensor:
     """``F.linear(q8_row(x), W, bias)`` for one row, ``W = values * scale[:, None]`` given as ``layout =
     q8_layout(values)`` (int8 values ``[out, in]``) and ``scale`` ``[out]`` float32: the row quantized in blocks of
     32 as llama.cpp's q8_0 quantizes activations, int8 x int8 products summed exactly in int32. ``x`` ``[..., in]``
-    with one row in all, float32 -> ``[..., out]``. On CPUs with AVX512-VNNI through its byte dot products
-    (``simd=False``: the plain loop every CPU runs, the same sums). Only where :func:`available`; called eagerly
-    (inside the int8 layers' own opaque operations when compiled)."""
-    out = _kernel().gemv_q8_t(x.reshape(-1).contiguous(), layout, scale, bias, simd)
+    with one row in all, float32 -> ``[..., out]``. ``loop``: one of :func:`q8_loops` (the same sums by each; the
+    last, the fastest, by default). Only where :func:`available`; called eagerly (inside the int8 layers' own
+    opaque operations when compiled)."""
+    loops = q8_loops()
+    level = len(loops) - 1 if loop is None else loops.index(loop)
+    out = _kernel().gemv_q8_t(x.reshape(-1).contiguous(), layout, scale, bias, level)
     return out.view(*x.shape[:-1], scale.numel())
 
 
 @functools.cache
-def has_vnni() -> bool:
-    """Whether :func:`gemv_q8` runs on this CPU's AVX512-VNNI instructions (False where the kernel is not built)."""
-    return available() and _kernel().has_vnni()
+def q8_loops() -> tuple[str, ...]:
+    """The loops of :func:`gemv_q8` this CPU runs, slowest first: ``"plain"`` (every CPU: the compiler's
+    vectorization), ``"avx2"`` (byte products into int16 pairs, as llama.cpp's q8_0 on AVX2), ``"vnni"``
+    (AVX512-VNNI's byte dot products). Empty where the kernel is not built."""
+    return Q8_LOOPS[: _kernel().q8_level() + 1] if available() else ()
 
 
 @torch.library.custom_op("hyla::gemv", mutates_args=())

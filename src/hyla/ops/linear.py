@@ -15,8 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hyla.ops.gemv import available as gemv_available
-from hyla.ops.gemv import gemv_q8, has_vnni, q8_layout
+from hyla.ops.gemv import gemv_q8, q8_layout, q8_loops
 
 
 def can_pack(weight: Tensor) -> bool:
@@ -87,20 +86,27 @@ def quantize_int8(weight: Tensor, bias: Tensor | None = None) -> Int8Weight:
 
 
 INT8_GEMV_MAX_WEIGHTS = 2**20
-# Without AVX512-VNNI, one row takes the q8 kernel's plain loop for weights below this size only (fbgemm's per-call
-# cost loses on `small`'s matrices; its throughput was measured to win on `medium`'s against the kernel that widened
-# each weight to float, RESULTS.md "A later agent turn in one step; packed experts ..."). With VNNI the kernel
-# streams every size faster than fbgemm (decode steps in RESULTS.md, "int8 one-row products by path").
+# With only the q8 kernel's plain loop (CPUs without AVX2: no byte products the kernel spells out), one row takes it
+# for weights below this size only (fbgemm's per-call cost loses on `small`'s matrices, its throughput wins on
+# `medium`'s, RESULTS.md "A later agent turn in one step; packed experts ..."). With the AVX2 or the AVX512-VNNI
+# loop the kernel runs every size faster than fbgemm (decode steps in RESULTS.md, "int8 one-row products by path").
+
+
+def q8_takes(num_weights: int) -> bool:
+    """Whether :func:`int8_linear` sends one row against a weight of ``num_weights`` (its q8 layout's, padding
+    included) to :func:`hyla.ops.gemv.gemv_q8`."""
+    loops = q8_loops()
+    return bool(loops) and (loops[-1] != "plain" or num_weights < INT8_GEMV_MAX_WEIGHTS)
 
 
 def int8_linear(x: Tensor, weight: Int8Weight) -> Tensor:
     """``F.linear(x, weight, bias)`` with ``weight = quantize_int8(weight, bias)``: ``[..., in]`` -> ``[..., out]``,
     float32. Several rows: fbgemm, the activations quantized per call (one scale per call, to 7 bits:
     ``reduce_range``, which fbgemm needs on CPUs without VNNI), so each output is within ~1-2% of the float
-    product's scale (measured). One row, where the gemv kernel builds (on CPUs without VNNI only against a weight
-    under :data:`INT8_GEMV_MAX_WEIGHTS`): :func:`hyla.ops.gemv.gemv_q8`, the row quantized in blocks of 32 as
-    llama.cpp's q8_0 does (closer to the float product than one scale per call)."""
-    if x.numel() == x.shape[-1] and gemv_available() and (has_vnni() or weight.layout.numel() < INT8_GEMV_MAX_WEIGHTS):
+    product's scale (measured). One row, where the gemv kernel builds (on CPUs with neither AVX2 nor AVX512-VNNI
+    only against a weight under :data:`INT8_GEMV_MAX_WEIGHTS`): :func:`hyla.ops.gemv.gemv_q8`, the row quantized
+    in blocks of 32 as llama.cpp's q8_0 does (closer to the float product than one scale per call)."""
+    if x.numel() == x.shape[-1] and q8_takes(weight.layout.numel()):
         return gemv_q8(x.float(), weight.layout, weight.scale, weight.bias)
     out = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]).float(), weight.packed, True)
     return out.view(*x.shape[:-1], out.shape[-1])

@@ -310,8 +310,8 @@ def lightning_attention_triton(
     """
     b, t, h, d = q.shape
     if not fits_triton(d, q.dtype):
-        raise ValueError(f"the Triton kernels need head_dim a multiple of 16 up to 256 (128 in float32), got {d} in "
-                         f"{q.dtype}")  # fmt: skip
+        raise ValueError(f"the Triton kernels take bfloat16, float16 or float32 and head_dim a multiple of 16 up to "
+                         f"256 (128 in float32), got {d} in {q.dtype}")  # fmt: skip
     if cu_seqlens is None:
         cu_seqlens = torch.arange(b + 1) * t
     elif b != 1:
