@@ -4,8 +4,10 @@ A decode step of one request with ``--quantize int8`` multiplies one row by ever
 the two chosen experts' matrices, the LM head). :func:`hyla.ops.linear.int8_linear` runs that row through
 :func:`hyla.ops.gemv.gemv_q8`; this benchmark switches, inside one process, the path every one-row product takes —
 ``fbgemm`` (``torch.ops.quantized.linear_dynamic``), ``q8 plain`` (the kernel's loop the compiler vectorizes),
-``q8 avx2`` (its AVX2 byte products), ``q8 vnni`` (its AVX512-VNNI loop), each where this CPU runs it — by
-setting the module's attributes, and times whole decode steps of one request on random weights of a preset
+``q8 avx2`` (its AVX2 byte products), ``q8 vnni`` (its AVX512-VNNI loop), each where this CPU runs it, a
+token's experts in one call each (:func:`hyla.ops.gemv.experts_q8`); and the fastest loop with a call per
+expert product (``q8 fastest, experts a call per product``, as before ``experts_q8``) — by setting the modules'
+attributes, and times whole decode steps of one request on random weights of a preset
 (vocab 8192), eager or compiled, the paths alternating round by round (medians of the rounds' medians of 20
 steps).
 
@@ -23,23 +25,30 @@ import torch
 
 import hyla
 import hyla.ops.linear as linear
+import hyla.ops.moe as moe
 from hyla.bench import append_result, machine_description, one_request_step_ms
 from hyla.data.tokenizer import byte_level_tokenizer
-from hyla.ops.gemv import gemv_q8, q8_loops
+from hyla.ops.gemv import experts_q8, gemv_q8, q8_loops
 from hyla.runtime import tune_malloc
 from hyla.serve import EngineConfig
 from hyla.serve.engine import LLMEngine
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
-PATHS = ("fbgemm", "q8 plain", "q8 avx2", "q8 vnni")  # "q8 X": gemv_q8's loop X
+PER_PRODUCT = "q8 fastest, experts a call per product"
+PATHS = ("fbgemm", "q8 plain", "q8 avx2", "q8 vnni", PER_PRODUCT)  # "q8 X": gemv_q8's loop X
+TAKES = linear.q8_takes
 
 
 def use(path: str) -> None:
-    """Send every one-row int8 product through ``path`` (one of :data:`PATHS`)."""
+    """Send every one-row int8 product through ``path`` (one of :data:`PATHS`): with a q8 loop, a token's experts
+    in one call (``experts_q8``) but for :data:`PER_PRODUCT` (each expert's products through ``int8_linear``)."""
     kernel = path != "fbgemm"
+    loop = path[3:] if kernel and path != PER_PRODUCT else None
     linear.INT8_GEMV_MAX_WEIGHTS = 2**62 if kernel else 0
     linear.q8_loops = lambda: ("vnni",) if kernel else ("plain",)  # "every size": the limit above decides
-    linear.gemv_q8 = functools.partial(gemv_q8, loop=path[3:] if kernel else None)
+    linear.gemv_q8 = functools.partial(gemv_q8, loop=loop)
+    moe.experts_q8 = functools.partial(experts_q8, loop=loop)
+    moe.q8_takes = (lambda num_weights: False) if path == PER_PRODUCT else TAKES
 
 
 def step_times(preset: str, compile: bool, rounds: int) -> dict[str, float]:
@@ -50,7 +59,7 @@ def step_times(preset: str, compile: bool, rounds: int) -> dict[str, float]:
     engine = LLMEngine(model, byte_level_tokenizer(), config)
     generator = torch.Generator().manual_seed(1)
 
-    paths = [p for p in PATHS if p == "fbgemm" or p[3:] in q8_loops()]
+    paths = [p for p in PATHS if p in ("fbgemm", PER_PRODUCT) or p[3:] in q8_loops()]
     results: dict[str, list[float]] = {p: [] for p in paths}
     with torch.inference_mode():
         for r in range(rounds + 1):

@@ -87,3 +87,28 @@ def test_the_q8_kernel_equals_f_linear_on_the_quantized_row_and_the_dequantized_
     q8 = gemv_q8(x, q.layout, q.scale)
     assert torch.equal(int8_linear(x, q), q8) == (q8_loops()[-1] != "plain")
     assert rel_err(int8_linear(x, q), F.linear(x, q.dequantized())) < 0.03
+
+
+@pytest.mark.parametrize("loop", ["plain", "avx2", "vnni"])
+def test_one_tokens_int8_experts_in_one_call_equal_their_products_one_by_one(loop):
+    """experts_q8 against its reference: each chosen expert's gate/up and down products through gemv_q8 (the row
+    and each activation quantized as q8_0), F.silu between, the router weights summing them; awkward sizes (hidden
+    and intermediate not multiples of 32 or 64), one to three experts, a zero router weight, a zero row."""
+    from hyla.ops.gemv import experts_q8, gemv_q8, q8_loops
+    from hyla.ops.linear import quantize_int8
+
+    if loop not in q8_loops():
+        pytest.skip(f"this CPU does not run gemv_q8's {loop} loop")
+    for hidden, inter, k in [(45, 70, 2), (64, 32, 1), (33, 130, 3), (256, 96, 2)]:
+        gate_up = [quantize_int8(torch.randn(2 * inter, hidden) * 0.2) for _ in range(k)]
+        down = [quantize_int8(torch.randn(hidden, inter) * 0.2) for _ in range(k)]
+        for x, router in [(torch.randn(hidden), torch.rand(k)), (torch.randn(hidden) * 1e3, torch.zeros(k)),
+                          (torch.zeros(hidden), torch.rand(k))]:  # fmt: skip
+            expected = torch.zeros(hidden)
+            for r, g_u, d in zip(router, gate_up, down, strict=True):
+                g, u = gemv_q8(x, g_u.layout, g_u.scale, loop=loop).chunk(2)
+                expected += r * gemv_q8(F.silu(g) * u, d.layout, d.scale, loop=loop)
+            got = experts_q8(x, router, [(w.layout, w.scale) for w in gate_up], [(w.layout, w.scale) for w in down],
+                             loop)  # fmt: skip
+            assert got.shape == (hidden,)
+            assert rel_err(got, expected) < 1e-5 if expected.abs().max() > 0 else got.eq(0).all()

@@ -13,8 +13,8 @@ on CPUs with AVX512-VNNI one instruction multiplies 64 byte pairs, so the loop s
 bandwidth (2x fbgemm's one-row products, ``benchmarks/decode_products.py``); with AVX2 only, byte products into
 int16 pairs (``benchmarks/int8_one_row.py``: both faster than fbgemm in whole decode steps); elsewhere the same sums
 in a plain loop the compiler vectorizes. Its reference is ``F.linear`` of :func:`q8_row` (the quantized row) on the
-dequantized weight. (Widening each int8 weight to float instead, as an earlier version did, is compute-bound:
-~1.3-1.5 weights a cycle a core.)
+dequantized weight; one token's k int8 experts take one call, :func:`experts_q8`. (Widening each int8 weight to
+float instead, as an earlier version did, is compute-bound: ~1.3-1.5 weights a cycle a core.)
 
 It is built on first use with the machine's C++ compiler (``torch.utils.cpp_extension``, ~30 s once; then loaded
 from PyTorch's extension cache, under a name that carries this CPU's model and flags, so a cache shared by
@@ -28,6 +28,7 @@ import functools
 import hashlib
 import platform
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -250,6 +251,35 @@ static void q8_tiles_avx2(const int8_t* xq, const float* xs, const uint8_t* w, i
 }
 #endif
 
+// The row in blocks of 32: scale = max |x| / 127, values round(x / scale) (half to even, as torch.round); xq, xs
+// and xo zeroed by the caller, [in_p] and [in_p / 32] (the padding stays zero).
+static void q8_quantize(const float* xp, int64_t in, int64_t in_p, int8_t* xq, float* xs, int32_t* xo) {
+  for (int64_t b = 0; b < in_p / QBLOCK; ++b) {
+    const int64_t lo = b * QBLOCK, hi = std::min(in, lo + QBLOCK);
+    float amax = 0.f;
+    for (int64_t i = lo; i < hi; ++i) amax = std::max(amax, std::fabs(xp[i]));
+    if (amax == 0.f) continue;
+    const float s = amax / 127.f;
+    int32_t sum = 0;
+    for (int64_t i = lo; i < hi; ++i) {
+      xq[i] = static_cast<int8_t>(std::nearbyint(xp[i] / s));
+      sum += xq[i];
+    }
+    xs[b] = s;
+    xo[b] = 128 * sum;
+  }
+}
+
+// f [tiles * 64]: the quantized row times the q8_layout weight w, by the loop `level` (q8_level()'s numbers).
+static void q8_tiles(int64_t level, const int8_t* xq, const float* xs, const int32_t* xo, const uint8_t* w,
+                     int64_t in_p, int64_t tiles, float* f) {
+#if defined(__x86_64__)
+  if (level == 2) return q8_tiles_vnni(xq, xs, xo, w, in_p, tiles, f);
+  if (level == 1) return q8_tiles_avx2(xq, xs, w, in_p, tiles, f);
+#endif
+  q8_tiles_generic(xq, xs, xo, w, in_p, tiles, f);
+}
+
 // The fastest loop of gemv_q8 this CPU runs: 2 (AVX512-VNNI), 1 (AVX2), 0 (the plain loop).
 static int64_t q8_level_here() {
 #if defined(__x86_64__)
@@ -313,55 +343,92 @@ torch::Tensor experts_gemv_t(torch::Tensor x, torch::Tensor ids, torch::Tensor r
   return y;
 }
 
+// The weight's tiles and padded inputs, checked against a row of `in` values and the scales: w in q8_layout.
+static std::pair<int64_t, int64_t> q8_shape(int64_t in, const torch::Tensor& w, const torch::Tensor& scale) {
+  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 4 && w.is_contiguous() && w.size(2) == TILE && w.size(3) == 4,
+              "gemv_q8: the weight in q8_layout");
+  const int64_t tiles = w.size(0), in_p = w.size(1) * 4, out = scale.numel();
+  TORCH_CHECK(in_p % QBLOCK == 0 && in <= in_p && in_p - in < QBLOCK && out <= tiles * TILE &&
+                  tiles * TILE - out < TILE,
+              "gemv_q8: the row and the scales do not fit the weight");
+  TORCH_CHECK(scale.dtype() == torch::kFloat32 && scale.is_contiguous(), "gemv_q8: the scales are float32 [out]");
+  return {tiles, in_p};
+}
+
+// A row's q8 blocks: its values [in_p], scales and corrections [in_p / 32].
+struct Q8Row {
+  std::vector<int8_t> q;
+  std::vector<float> s;
+  std::vector<int32_t> o;
+  Q8Row(const float* xp, int64_t in, int64_t in_p) : q(in_p, 0), s(in_p / QBLOCK, 0.f), o(in_p / QBLOCK, 0) {
+    q8_quantize(xp, in, in_p, q.data(), s.data(), o.data());
+  }
+  // f [tiles * 64] = this row times w (q8_layout, `tiles` tiles), by the loop `level`.
+  void times(int64_t level, const torch::Tensor& w, int64_t tiles, float* f) const {
+    q8_tiles(level, q.data(), s.data(), o.data(), w.data_ptr<uint8_t>(), int64_t(q.size()), tiles, f);
+  }
+};
+
 // level: the loop (q8_level()'s numbers), at most this CPU's.
 torch::Tensor gemv_q8_t(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> bias,
                         int64_t level) {
   pybind11::gil_scoped_release no_gil;
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous(), "gemv_q8 takes a float32 row");
   TORCH_CHECK(level >= 0 && level <= q8_level(), "gemv_q8: a loop this CPU cannot run");
-  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 4 && w.is_contiguous() && w.size(2) == TILE && w.size(3) == 4,
-              "gemv_q8: the weight in q8_layout");
-  const int64_t tiles = w.size(0), in_p = w.size(1) * 4, in = x.numel(), out = scale.numel();
-  TORCH_CHECK(in_p % QBLOCK == 0 && in <= in_p && in_p - in < QBLOCK && out <= tiles * TILE &&
-                  tiles * TILE - out < TILE,
-              "gemv_q8: the row and the scales do not fit the weight");
-  for (const auto& v : {c10::optional<torch::Tensor>(scale), bias})
-    TORCH_CHECK(!v.has_value() || (v->dtype() == torch::kFloat32 && v->is_contiguous() && v->numel() == out),
-                "gemv_q8: scale and bias are float32 [out]");
-  // The row in blocks of 32: scale = max |x| / 127, values round(x / scale) (half to even, as torch.round).
-  std::vector<int8_t> xq(in_p, 0);
-  std::vector<float> xs(in_p / QBLOCK, 0.f);
-  std::vector<int32_t> xo(in_p / QBLOCK, 0);
-  const float* xp = x.data_ptr<float>();
-  for (int64_t b = 0; b < in_p / QBLOCK; ++b) {
-    const int64_t lo = b * QBLOCK, hi = std::min(in, lo + QBLOCK);
-    float amax = 0.f;
-    for (int64_t i = lo; i < hi; ++i) amax = std::max(amax, std::fabs(xp[i]));
-    if (amax == 0.f) continue;
-    const float s = amax / 127.f;
-    int32_t sum = 0;
-    for (int64_t i = lo; i < hi; ++i) {
-      xq[i] = static_cast<int8_t>(std::nearbyint(xp[i] / s));
-      sum += xq[i];
-    }
-    xs[b] = s;
-    xo[b] = 128 * sum;
-  }
-  auto f = torch::empty({tiles * TILE}, x.options());
-#if defined(__x86_64__)
-  if (level == 2)
-    q8_tiles_vnni(xq.data(), xs.data(), xo.data(), w.data_ptr<uint8_t>(), in_p, tiles, f.data_ptr<float>());
-  else if (level == 1)
-    q8_tiles_avx2(xq.data(), xs.data(), w.data_ptr<uint8_t>(), in_p, tiles, f.data_ptr<float>());
-  else
-#endif
-    q8_tiles_generic(xq.data(), xs.data(), xo.data(), w.data_ptr<uint8_t>(), in_p, tiles, f.data_ptr<float>());
+  const int64_t in = x.numel(), out = scale.numel();
+  int64_t tiles, in_p;
+  std::tie(tiles, in_p) = q8_shape(in, w, scale);
+  TORCH_CHECK(!bias.has_value() || (bias->dtype() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == out),
+              "gemv_q8: the bias is float32 [out]");
+  std::vector<float> f(tiles * TILE);
+  Q8Row(x.data_ptr<float>(), in, in_p).times(level, w, tiles, f.data());
   auto y = torch::empty({out}, x.options());
-  const float* fp = f.data_ptr<float>();
   const float* sp = scale.data_ptr<float>();
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
-  for (int64_t o = 0; o < out; ++o) yp[o] = fp[o] * sp[o] + (bp ? bp[o] : 0.f);
+  for (int64_t o = 0; o < out; ++o) yp[o] = f[o] * sp[o] + (bp ? bp[o] : 0.f);
+  return y;
+}
+
+// One token's k int8 SwiGLU experts, their products as gemv_q8's: y = sum_j r_j down_j(silu(gate_j x) * up_j x).
+// x [H] and router [k] float32; the chosen experts' gate/up weights [2I, H] (gate rows first) and down weights
+// [H, I] in q8_layout with their scales [2I] and [H] -> y [H]. The row is quantized once for the k gate/up
+// products, each activation once for its down product; no Python between the 2k products.
+torch::Tensor experts_q8_t(torch::Tensor x, torch::Tensor router, std::vector<torch::Tensor> gate_up,
+                           std::vector<torch::Tensor> gate_up_scale, std::vector<torch::Tensor> down,
+                           std::vector<torch::Tensor> down_scale, int64_t level) {
+  pybind11::gil_scoped_release no_gil;
+  const int64_t k = int64_t(gate_up.size()), hidden = x.numel();
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && router.dtype() == torch::kFloat32 &&
+                  router.is_contiguous() && router.numel() == k && k > 0 && int64_t(gate_up_scale.size()) == k &&
+                  int64_t(down.size()) == k && int64_t(down_scale.size()) == k,
+              "experts_q8: a float32 row, float32 router weights and k experts' weights and scales");
+  TORCH_CHECK(level >= 0 && level <= q8_level(), "experts_q8: a loop this CPU cannot run");
+  const int64_t inter = gate_up_scale[0].numel() / 2;
+  int64_t tiles, in_p;
+  std::tie(tiles, in_p) = q8_shape(hidden, gate_up[0], gate_up_scale[0]);
+  const Q8Row row(x.data_ptr<float>(), hidden, in_p);
+  std::vector<float> f, act(inter);
+  auto y = torch::zeros({hidden}, x.options());
+  float* yp = y.data_ptr<float>();
+  for (int64_t j = 0; j < k; ++j) {
+    TORCH_CHECK(gate_up_scale[j].numel() == 2 * inter && down_scale[j].numel() == hidden,
+                "experts_q8: every expert [2I, H] and [H, I]");
+    std::tie(tiles, in_p) = q8_shape(hidden, gate_up[j], gate_up_scale[j]);
+    f.resize(tiles * TILE);
+    row.times(level, gate_up[j], tiles, f.data());
+    const float* s = gate_up_scale[j].data_ptr<float>();
+    for (int64_t o = 0; o < inter; ++o) {
+      const float g = f[o] * s[o], u = f[inter + o] * s[inter + o];
+      act[o] = g / (1.f + std::exp(-g)) * u;
+    }
+    std::tie(tiles, in_p) = q8_shape(inter, down[j], down_scale[j]);
+    f.resize(tiles * TILE);
+    Q8Row(act.data(), inter, in_p).times(level, down[j], tiles, f.data());
+    const float r = router.data_ptr<float>()[j];
+    const float* sd = down_scale[j].data_ptr<float>();
+    for (int64_t o = 0; o < hidden; ++o) yp[o] += r * (f[o] * sd[o]);
+  }
   return y;
 }
 """
@@ -380,13 +447,13 @@ def _machine_tag() -> str:
 
 @functools.cache
 def _kernel():
-    """The built kernels (``gemv_t``, ``experts_gemv_t``, ``gemv_q8_t``, ``q8_level``), or None where they cannot be
-    built (not Linux, no compiler, a failed build)."""
+    """The built kernels (``gemv_t``, ``experts_gemv_t``, ``gemv_q8_t``, ``experts_q8_t``, ``q8_level``), or None
+    where they cannot be built (not Linux, no compiler, a failed build)."""
     if platform.system() != "Linux":
         return None
     from torch.utils.cpp_extension import load_inline
 
-    functions = ["gemv_t", "experts_gemv_t", "gemv_q8_t", "q8_level"]
+    functions = ["gemv_t", "experts_gemv_t", "gemv_q8_t", "experts_q8_t", "q8_level"]
     try:
         module = load_inline(f"hyla_gemv_{_machine_tag()}", _SOURCE, functions=functions,
                              extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])  # fmt: skip
@@ -453,10 +520,32 @@ def gemv_q8(x: Tensor, layout: Tensor, scale: Tensor, bias: Tensor | None = None
     with one row in all, float32 -> ``[..., out]``. ``loop``: one of :func:`q8_loops` (the same sums by each; the
     last, the fastest, by default). Only where :func:`available`; called eagerly (inside the int8 layers' own
     opaque operations when compiled)."""
-    loops = q8_loops()
-    level = len(loops) - 1 if loop is None else loops.index(loop)
-    out = _kernel().gemv_q8_t(x.reshape(-1).contiguous(), layout, scale, bias, level)
+    out = _kernel().gemv_q8_t(x.reshape(-1).contiguous(), layout, scale, bias, _q8_level(loop))
     return out.view(*x.shape[:-1], scale.numel())
+
+
+def experts_q8(
+    x: Tensor,
+    router: Tensor,
+    gate_up: Sequence[tuple[Tensor, Tensor]],
+    down: Sequence[tuple[Tensor, Tensor]],
+    loop: str | None = None,
+) -> Tensor:
+    """One token's k int8 SwiGLU experts in one call: ``sum_j router[j] * D_j(silu(G_j x) * U_j x)`` with each
+    product as :func:`gemv_q8` computes it (the row quantized once for the k gate/up products, each activation once
+    for its down product). ``x`` ``[H]`` float32, ``router`` ``[k]`` float32; ``gate_up[j]`` the ``(layout,
+    scale)`` of the j-th chosen expert's ``[2I, H]`` gate/up weight (gate rows first), ``down[j]`` of its ``[H,
+    I]`` down weight -> ``[H]``. The reference: :func:`gemv_q8` product by product, ``F.silu`` between."""
+    (gu_layouts, gu_scales), (d_layouts, d_scales) = (map(list, zip(*pairs, strict=True)) for pairs in (gate_up, down))
+    return _kernel().experts_q8_t(
+        x.contiguous(), router.contiguous(), gu_layouts, gu_scales, d_layouts, d_scales, _q8_level(loop)
+    )
+
+
+def _q8_level(loop: str | None) -> int:
+    """The C++ level of ``loop`` (one of :func:`q8_loops`; None: the fastest)."""
+    loops = q8_loops()
+    return len(loops) - 1 if loop is None else loops.index(loop)
 
 
 @functools.cache

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hyla.ops.gemv import experts_gemv
-from hyla.ops.linear import int8_linear, pack, packed_linear, quantize_int8
+from hyla.ops.gemv import experts_gemv, experts_q8
+from hyla.ops.linear import int8_linear, pack, packed_linear, q8_takes, quantize_int8
 
 
 def route(router_logits: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -181,7 +181,8 @@ def prepared_swiglu_experts(
     """:func:`swiglu_experts` through prepared copies of the experts (``copies = prepare_experts(..., kind)``):
     each chosen expert's two products once over its tokens (one token: each of its pairs directly). ``"packed"``:
     float32, the float products up to summation order, 1.1-1.8x faster than the grouped kernel from 2 to 512
-    tokens on `small` (``benchmarks/experts.py``, RESULTS.md); ``"int8"``: within ~1-2% of the float products.
+    tokens on `small` (``benchmarks/experts.py``, RESULTS.md); ``"int8"``: within ~1-2% of the float products (one
+    token, where :func:`~hyla.ops.linear.int8_linear` takes the q8 kernel: :func:`~hyla.ops.gemv.experts_q8`).
     ``x`` ``[N, H]``, ``weights``/``experts`` ``[N, k]`` -> ``[N, H]`` float32. Inference only."""
     product = packed_linear if kind == "packed" else int8_linear
 
@@ -191,9 +192,13 @@ def prepared_swiglu_experts(
 
     x = x.float()
     if x.shape[0] == 1:  # one token: no sorting or gathering, as the float ``pairs`` path
+        chosen = [copies[e] for e in experts[0].tolist()]
+        if kind == "int8" and all(w.bias is None and q8_takes(w.layout.numel()) for pair in chosen for w in pair):
+            gate_up, down = ([(w.layout, w.scale) for w in ws] for ws in zip(*chosen, strict=True))
+            return experts_q8(x[0], weights[0].float(), gate_up, down)[None]  # the 2k products in one call
         out = torch.zeros_like(x)
-        for j, e in enumerate(experts[0].tolist()):
-            out.add_(swiglu(x, *copies[e]), alpha=weights[0, j].item())
+        for j, pair in enumerate(chosen):
+            out.add_(swiglu(x, *pair), alpha=weights[0, j].item())
         return out
     dispatch = _Dispatch(experts, len(copies))
     xs = x.index_select(0, dispatch.token)
