@@ -4,7 +4,10 @@
 (a git revision) beside this tree's and switches between the two kernels step batch by step batch, on one engine
 (one request, a 64-token prompt; random weights of a preset, vocab 8192; float32 or ``--quantize int8``; eager
 or ``--compile``). The two revisions' kernels must take the same arguments (``gemv_t``; ``gemv_q8_t`` with
-int8). Medians over ``--rounds`` rounds of the median of 20 steps, the two alternating.
+int8); a kernel the earlier revision lacks runs this tree's on both sides. Compiled graphs call this tree's
+registered operators (``torch.ops.hyla.gemv``, ...) from C++: for the A/B they reach both sides' kernels through
+one Python function each instead (the same path for both, slower than the engine's). Medians over ``--rounds``
+rounds of the median of 20 steps, the two alternating.
 
 Usage: python benchmarks/gemv_before_after.py --before REV [--preset small medium] [--quantize int8] [--compile]
        [--rounds 9] [--no-append]
@@ -39,10 +42,30 @@ def kernel_at(revision: str) -> object:
                           check=True, cwd=Path(__file__).parent).stdout  # fmt: skip
     source = next(ast.literal_eval(node.value) for node in ast.parse(text).body
                   if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "_SOURCE")  # fmt: skip
-    functions = [f for f in ("gemv_t", "experts_gemv_t", "gemv_q8_t", "has_vnni", "q8_level") if f"{f}(" in source]
+    functions = ["gemv_t", "experts_gemv_t", "gemv_q8_t", "experts_q8_t", "lightning_decode_t", "has_vnni", "q8_level"]
+    functions = [f for f in functions if f"{f}(" in source]
     name = "hyla_gemv_" + hashlib.sha256(source.encode()).hexdigest()[:10] + "_" + gemv._machine_tag()
     return load_inline(name, source, functions=functions, extra_cflags=["-O3", "-march=native", "-fopenmp"],
                        extra_ldflags=["-fopenmp"])  # fmt: skip
+
+
+class Kernels:
+    """An earlier revision's kernels, with this tree's for any it lacks."""
+
+    def __init__(self, earlier: object, this_tree: object) -> None:
+        self.earlier, self.this_tree = earlier, this_tree
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.earlier, name, None) or getattr(self.this_tree, name)
+
+
+def through_python() -> torch.library.Library:
+    """Send the compiled graphs' calls of ``torch.ops.hyla``'s kernels to whichever kernels ``gemv._kernel()``
+    returns now (until the returned library is destroyed)."""
+    ops = torch.library.Library("hyla", "IMPL")
+    for op in ("gemv", "experts_gemv", "lightning_decode"):
+        ops.impl(op, lambda *args, op=op: getattr(gemv._kernel(), f"{op}_t")(*args), "CPU")
+    return ops
 
 
 def step_times(preset: str, kernels: dict[str, object], quantize: str | None, compile: bool, rounds: int):
@@ -56,16 +79,18 @@ def step_times(preset: str, kernels: dict[str, object], quantize: str | None, co
     built = gemv._kernel
     results: dict[str, list[float]] = {name: [] for name in kernels}
     names = list(kernels)
+    ops = through_python()
     try:
         with torch.inference_mode():
             for r in range(rounds + 1):
                 for name in names if r % 2 else names[::-1]:
-                    gemv._kernel = lambda k=kernels[name]: k  # what gemv(), gemv_q8() and the compiled op call
+                    gemv._kernel = lambda k=kernels[name]: k  # what gemv(), gemv_q8() and through_python() call
                     ms = one_request_step_ms(engine, generator)
                     if r:  # the first round warms (and compiles)
                         results[name].append(ms)
     finally:
         gemv._kernel = built
+        ops._destroy()
     return {name: statistics.median(v) for name, v in results.items()}
 
 
@@ -79,7 +104,7 @@ def main() -> None:
     parser.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
     args = parser.parse_args()
     tune_malloc()
-    kernels = {args.before: kernel_at(args.before), "this tree": gemv._kernel()}
+    kernels = {args.before: Kernels(kernel_at(args.before), gemv._kernel()), "this tree": gemv._kernel()}
     lines = [f"| preset | {args.before} ms | this tree ms | speed-up |", "|---|---|---|---|"]
     for preset in args.preset:
         t = step_times(preset, kernels, args.quantize, args.compile, args.rounds)

@@ -1,6 +1,8 @@
 """The one-row kernels against F.linear: float32 weights, and int8 ones (the row quantized as q8_0) against their
 dequantized values."""
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -112,3 +114,44 @@ def test_one_tokens_int8_experts_in_one_call_equal_their_products_one_by_one(loo
                              loop)  # fmt: skip
             assert got.shape == (hidden,)
             assert rel_err(got, expected) < 1e-5 if expected.abs().max() > 0 else got.eq(0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_lightning_decode_kernel_equals_the_torch_step_in_place_eager_and_compiled(dtype):
+    """gemv.lightning_decode against its reference, one recurrent step per request (lightning_attention_step):
+    awkward head sizes, scattered slots, padding rows (zeros out, no state touched), q/k/v as strided views of one
+    projection, 1 and 3 threads (heads split over them), and inside a compiled graph (the pool updated in place)."""
+    from hyla.ops.gemv import lightning_decode
+    from hyla.ops.lightning import lightning_attention_step
+
+    before_threads = torch.get_num_threads()
+    try:
+        for threads, (h, d, slot_ids) in itertools.product(
+            (1, 3), [(3, 17, [4, -1, 0]), (2, 1, [1]), (8, 64, [2, 5, 0, 1]), (1, 128, [-1, 3])]
+        ):
+            torch.set_num_threads(threads)
+            pool, slope = torch.randn(6, h, d, d, dtype=dtype), torch.rand(h, dtype=dtype)
+            before = pool.clone()
+            qkv = torch.randn(len(slot_ids), 3, h, d, dtype=dtype)
+            q, k, v = qkv.unbind(1)  # views with strides between rows
+            o = lightning_decode(q, k, v, slope, pool, torch.tensor(slot_ids))
+            for row, slot in enumerate(slot_ids):
+                if slot < 0:
+                    assert o[row].eq(0).all()
+                    continue
+                o_ref, s_ref = lightning_attention_step(*(x[row, None] for x in (q, k, v)), slope, before[slot, None])
+                assert rel_err(o[row, None], o_ref) < (1e-5 if dtype == torch.float32 else 1e-12)
+                assert rel_err(pool[slot, None], s_ref) < (1e-5 if dtype == torch.float32 else 1e-12)
+            for untouched in set(range(6)) - set(slot_ids):
+                assert torch.equal(pool[untouched], before[untouched])
+    finally:
+        torch.set_num_threads(before_threads)
+    pool = torch.randn(3, 2, 16, 16, dtype=dtype)
+    expected_pool, slots = pool.clone(), torch.tensor([2, 0])
+    q, k, v = torch.randn(3, 2, 2, 16, dtype=dtype).unbind()
+    slope = torch.rand(2, dtype=dtype)
+    compiled = torch.compile(lambda q, pool: lightning_decode(q * 2, k, v, slope, pool, slots) + 1, fullgraph=True)
+    with torch.inference_mode():
+        got = compiled(q, pool)
+    expected = lightning_decode(q * 2, k, v, slope, expected_pool, slots) + 1
+    assert rel_err(got, expected) < 1e-6 and rel_err(pool, expected_pool) < 1e-6

@@ -41,9 +41,13 @@ Q8_LOOPS = ("plain", "avx2", "vnni")  # gemv_q8's loops, by the C++ level (q8_le
 
 _SOURCE = r"""
 #include <torch/extension.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
+#include <memory>
 #include <omp.h>
+#include <string>
 #include <cstring>
 #include <tuple>
 #include <utility>
@@ -295,9 +299,17 @@ int64_t q8_level() {
   return here;
 }
 
-// Both entry points let go of Python's lock while they run: the server's event loop streams tokens meanwhile.
+// Every entry point lets go of Python's lock while it runs, where its caller holds it (a call from Python, or from
+// a compiled graph's C++ wrapper): the server's event loop streams tokens meanwhile.
+struct NoGil {
+  PyThreadState* saved = PyGILState_Check() ? PyEval_SaveThread() : nullptr;
+  ~NoGil() {
+    if (saved) PyEval_RestoreThread(saved);
+  }
+};
+
 torch::Tensor gemv_t(torch::Tensor x, torch::Tensor wt, c10::optional<torch::Tensor> bias) {
-  pybind11::gil_scoped_release no_gil;
+  NoGil no_gil;
   TORCH_CHECK(x.dtype() == torch::kFloat32 && wt.dtype() == torch::kFloat32, "gemv takes float32");
   TORCH_CHECK(wt.dim() == 2 && wt.is_contiguous() && x.is_contiguous() && x.numel() == wt.size(0), "gemv shapes");
   const int64_t in = wt.size(0), out = wt.size(1);
@@ -313,7 +325,8 @@ torch::Tensor gemv_t(torch::Tensor x, torch::Tensor wt, c10::optional<torch::Ten
 // float32 with each expert's transpose contiguous (gate_up[e].t(), down[e].t()) -> [N, H], row by row.
 torch::Tensor experts_gemv_t(torch::Tensor x, torch::Tensor ids, torch::Tensor router, torch::Tensor gate_up,
                              torch::Tensor down) {
-  pybind11::gil_scoped_release no_gil;
+  NoGil no_gil;
+  x = x.contiguous(), ids = ids.contiguous(), router = router.contiguous();
   TORCH_CHECK(x.dtype() == torch::kFloat32 && gate_up.dtype() == torch::kFloat32 &&
                   down.dtype() == torch::kFloat32 && router.dtype() == torch::kFloat32 && ids.dtype() == torch::kInt64,
               "experts_gemv: float32, int64 ids");
@@ -372,7 +385,7 @@ struct Q8Row {
 // level: the loop (q8_level()'s numbers), at most this CPU's.
 torch::Tensor gemv_q8_t(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> bias,
                         int64_t level) {
-  pybind11::gil_scoped_release no_gil;
+  NoGil no_gil;
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous(), "gemv_q8 takes a float32 row");
   TORCH_CHECK(level >= 0 && level <= q8_level(), "gemv_q8: a loop this CPU cannot run");
   const int64_t in = x.numel(), out = scale.numel();
@@ -397,7 +410,7 @@ torch::Tensor gemv_q8_t(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c
 torch::Tensor experts_q8_t(torch::Tensor x, torch::Tensor router, std::vector<torch::Tensor> gate_up,
                            std::vector<torch::Tensor> gate_up_scale, std::vector<torch::Tensor> down,
                            std::vector<torch::Tensor> down_scale, int64_t level) {
-  pybind11::gil_scoped_release no_gil;
+  NoGil no_gil;
   const int64_t k = int64_t(gate_up.size()), hidden = x.numel();
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && router.dtype() == torch::kFloat32 &&
                   router.is_contiguous() && router.numel() == k && k > 0 && int64_t(gate_up_scale.size()) == k &&
@@ -431,6 +444,82 @@ torch::Tensor experts_q8_t(torch::Tensor x, torch::Tensor router, std::vector<to
   }
   return y;
 }
+
+// One lightning decode token of one head, its state S [D, D] updated in place in one pass:
+// S = decay S + k^T v, o = q S.
+template <typename T>
+static void lightning_head(const T* q, const T* k, const T* v, T decay, T* S, T* o, int64_t d) {
+  for (int64_t j = 0; j < d; ++j) o[j] = 0;
+  for (int64_t i = 0; i < d; ++i) {
+    T* row = S + i * d;
+    const T ki = k[i], qi = q[i];
+    for (int64_t j = 0; j < d; ++j) {
+      const T s = decay * row[j] + ki * v[j];
+      row[j] = s;
+      o[j] += qi * s;
+    }
+  }
+}
+
+// One decode token for each of B requests: q, k, v [B, H, D] and pool [S, H, D, D] of one float dtype (float32 or
+// float64), slope [H], slots [B] (-1: a padding row, output zeros, no state touched) -> o [B, H, D]; each
+// request's states pool[slots[b]] updated in place. Heads split over the threads once there is enough of them.
+torch::Tensor lightning_decode_t(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor slope,
+                                 torch::Tensor pool, torch::Tensor slots) {
+  NoGil no_gil;
+  TORCH_CHECK(pool.dim() == 4 && pool.is_contiguous() && q.dim() == 3 && q.sizes() == k.sizes() &&
+                  q.sizes() == v.sizes() && q.size(1) == pool.size(1) && q.size(2) == pool.size(2) &&
+                  pool.size(2) == pool.size(3) && slots.dim() == 1 && slots.size(0) == q.size(0) &&
+                  slope.numel() == q.size(1), "lightning_decode shapes");
+  TORCH_CHECK((pool.scalar_type() == torch::kFloat32 || pool.scalar_type() == torch::kFloat64) &&
+                  q.scalar_type() == pool.scalar_type() && k.scalar_type() == pool.scalar_type() &&
+                  v.scalar_type() == pool.scalar_type(), "lightning_decode: q, k, v and the pool of one float dtype");
+  for (auto* x : {&q, &k, &v})  // rows of D values, any strides between them (the views of one projection)
+    if (x->stride(2) != 1) *x = x->contiguous();
+  const auto ids = slots.to(torch::kInt64).contiguous();
+  const auto rates = slope.to(pool.scalar_type()).contiguous();
+  const int64_t b = q.size(0), h = q.size(1), d = q.size(2), num_slots = pool.size(0);
+  const int64_t* ip = ids.data_ptr<int64_t>();
+  for (int64_t r = 0; r < b; ++r) TORCH_CHECK(ip[r] >= -1 && ip[r] < num_slots, "lightning_decode: a slot outside");
+  auto o = torch::empty(q.sizes(), q.options());
+  AT_DISPATCH_FLOATING_TYPES(pool.scalar_type(), "lightning_decode", [&] {
+    const auto row = [](const torch::Tensor& x, int64_t r, int64_t head) {
+      return x.data_ptr<scalar_t>() + r * x.stride(0) + head * x.stride(1);
+    };
+    const scalar_t* rp = rates.data_ptr<scalar_t>();
+    scalar_t *sp = pool.data_ptr<scalar_t>(), *op = o.data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, d * d));  // heads a thread takes at least
+    at::parallel_for(0, b * h, grain, [&](int64_t lo, int64_t hi) {
+      for (int64_t n = lo; n < hi; ++n) {
+        const int64_t r = n / h, head = n % h;
+        if (ip[r] < 0) {
+          std::fill(op + n * d, op + (n + 1) * d, scalar_t(0));
+          continue;
+        }
+        const scalar_t decay = std::exp(-rp[head]);
+        lightning_head(row(q, r, head), row(k, r, head), row(v, r, head), decay, sp + (ip[r] * h + head) * d * d,
+                       op + n * d, d);
+      }
+    });
+  });
+  return o;
+}
+
+// Registers the entry points the compiled decode step calls as operators of namespace ns (gemv, experts_gemv,
+// lightning_decode): a compiled graph's C++ wrapper then calls them through the dispatcher with no Python between.
+static std::unique_ptr<torch::Library> registered;
+
+void register_ops(const std::string& ns) {
+  TORCH_CHECK(!registered, "register_ops: the operators are registered already");
+  registered = std::make_unique<torch::Library>(torch::Library::FRAGMENT, ns, std::nullopt, __FILE__, __LINE__);
+  registered->def("gemv(Tensor x, Tensor wt, Tensor? bias) -> Tensor");
+  registered->def("experts_gemv(Tensor x, Tensor ids, Tensor router, Tensor gate_up, Tensor down) -> Tensor");
+  registered->def("lightning_decode(Tensor q, Tensor k, Tensor v, Tensor slope, Tensor(a!) pool, Tensor slots) -> "
+                  "Tensor");
+  registered->impl("gemv", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(gemv_t)));
+  registered->impl("experts_gemv", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(experts_gemv_t)));
+  registered->impl("lightning_decode", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(lightning_decode_t)));
+}
 """
 
 
@@ -447,18 +536,25 @@ def _machine_tag() -> str:
 
 @functools.cache
 def _kernel():
-    """The built kernels (``gemv_t``, ``experts_gemv_t``, ``gemv_q8_t``, ``experts_q8_t``, ``q8_level``), or None
-    where they cannot be built (not Linux, no compiler, a failed build)."""
+    """The built kernels (``gemv_t``, ``experts_gemv_t``, ``gemv_q8_t``, ``experts_q8_t``, ``lightning_decode_t``,
+    ``q8_level``), or None where they cannot be built (not Linux, no compiler, a failed build). Building them
+    registers ``torch.ops.hyla.gemv``, ``experts_gemv`` and ``lightning_decode``: the operators compiled graphs
+    call (C++ from the graph's wrapper to the kernel; their shapes for tracing below)."""
     if platform.system() != "Linux":
         return None
     from torch.utils.cpp_extension import load_inline
 
-    functions = ["gemv_t", "experts_gemv_t", "gemv_q8_t", "experts_q8_t", "q8_level"]
+    functions = ["gemv_t", "experts_gemv_t", "gemv_q8_t", "experts_q8_t", "lightning_decode_t", "q8_level",
+                 "register_ops"]  # fmt: skip
     try:
         module = load_inline(f"hyla_gemv_{_machine_tag()}", _SOURCE, functions=functions,
                              extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])  # fmt: skip
     except Exception:  # no compiler, or one that cannot build it: the library path stays
         return None
+    module.register_ops("hyla")
+    torch.library.register_fake("hyla::gemv", lambda x, wt, bias: x.new_empty(wt.shape[1]))
+    torch.library.register_fake("hyla::experts_gemv", lambda x, ids, router, gate_up, down: x.new_empty(x.shape))
+    torch.library.register_fake("hyla::lightning_decode", lambda q, k, v, slope, pool, slots: q.new_empty(q.shape))
     return module
 
 
@@ -473,7 +569,7 @@ def gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     float32 -> ``[..., out]``. Inside ``torch.compile`` it is one opaque operation. Only where :func:`available`."""
     row = x.reshape(-1).contiguous()
     wt = weight.t()
-    out = _gemv_op(row, wt, bias) if torch.compiler.is_compiling() else _kernel().gemv_t(row, wt, bias)
+    out = torch.ops.hyla.gemv(row, wt, bias) if torch.compiler.is_compiling() else _kernel().gemv_t(row, wt, bias)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -484,12 +580,18 @@ def experts_gemv(x: Tensor, weights: Tensor, experts: Tensor, gate_up_proj: Tens
     ``weights``/``experts`` ``[N, k]``, ``gate_up_proj`` ``[E, 2I, H]`` and ``down_proj`` ``[E, H, I]`` float32
     with each expert's transpose contiguous (the serving engine's storage) -> ``[N, H]``. Inside
     ``torch.compile`` one opaque operation. Only where :func:`available`."""
-    op = _experts_op if torch.compiler.is_compiling() else _experts
-    return op(x, weights.float(), experts, gate_up_proj, down_proj)
+    op = torch.ops.hyla.experts_gemv if torch.compiler.is_compiling() else _kernel().experts_gemv_t
+    return op(x, experts, weights.float(), gate_up_proj, down_proj)
 
 
-def _experts(x: Tensor, weights: Tensor, experts: Tensor, gate_up_proj: Tensor, down_proj: Tensor) -> Tensor:
-    return _kernel().experts_gemv_t(x.contiguous(), experts.contiguous(), weights.contiguous(), gate_up_proj, down_proj)
+def lightning_decode(q: Tensor, k: Tensor, v: Tensor, slope: Tensor, pool: Tensor, slots: Tensor) -> Tensor:
+    """:func:`hyla.ops.lightning.lightning_step_slots` (its reference) in one pass over each state: one decode
+    token for each of ``B`` requests, ``S = exp(-slope) S + k^T v`` and ``o = q S`` per head, each request's
+    states ``pool[slots]`` updated in place. ``q, k, v`` ``[B, H, D]`` and ``pool`` ``[S, H, D, D]`` of one dtype,
+    float32 or float64; ``slots`` ``[B]`` (``-1``: a padding row, zeros out) -> ``o`` ``[B, H, D]``. Inside
+    ``torch.compile`` one opaque operation. Only where :func:`available`."""
+    op = torch.ops.hyla.lightning_decode if torch.compiler.is_compiling() else _kernel().lightning_decode_t
+    return op(q, k, v, slope, pool, slots)
 
 
 def q8_layout(values: Tensor) -> Tensor:
@@ -554,23 +656,3 @@ def q8_loops() -> tuple[str, ...]:
     vectorization), ``"avx2"`` (byte products into int16 pairs, as llama.cpp's q8_0 on AVX2), ``"vnni"``
     (AVX512-VNNI's byte dot products). Empty where the kernel is not built."""
     return Q8_LOOPS[: _kernel().q8_level() + 1] if available() else ()
-
-
-@torch.library.custom_op("hyla::gemv", mutates_args=())
-def _gemv_op(x: Tensor, wt: Tensor, bias: Tensor | None) -> Tensor:
-    return _kernel().gemv_t(x, wt, bias)
-
-
-@_gemv_op.register_fake
-def _(x: Tensor, wt: Tensor, bias: Tensor | None) -> Tensor:
-    return x.new_empty(wt.shape[1])
-
-
-@torch.library.custom_op("hyla::experts_gemv", mutates_args=())
-def _experts_op(x: Tensor, weights: Tensor, experts: Tensor, gate_up_proj: Tensor, down_proj: Tensor) -> Tensor:
-    return _experts(x, weights, experts, gate_up_proj, down_proj)
-
-
-@_experts_op.register_fake
-def _(x: Tensor, weights: Tensor, experts: Tensor, gate_up_proj: Tensor, down_proj: Tensor) -> Tensor:
-    return torch.empty_like(x)

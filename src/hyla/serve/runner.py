@@ -27,6 +27,7 @@ from hyla.config import LIGHTNING, HylaConfig
 from hyla.errors import ConfigError
 from hyla.model import HylaForCausalLM
 from hyla.model.linear import prepare_copies, prepare_for_compile, prepare_for_cpu_inference
+from hyla.ops import gemv
 from hyla.ops.attention import paged_attention
 from hyla.ops.lightning import lightning_attention, lightning_decode, lightning_state
 from hyla.ops.precision import compute_dtype
@@ -110,7 +111,12 @@ class ModelRunner:
             raise ConfigError(f"quantize={quantize!r} runs on the CPU with a float32 model, not {self.device} {dtype}")
         if compile and (refusal := compile_refusal(model)):
             raise ConfigError(refusal)
+        # A decode token's lightning step: on the CPU where the kernels build, one pass over each state in C++
+        # (its reference, the torch step, elsewhere).
+        self.lightning_decode = lightning_decode
         if self.device.type == "cpu":
+            if dtype in (torch.float32, torch.float64) and gemv.available():
+                self.lightning_decode = gemv.lightning_decode
             prepare_for_cpu_inference(model, quantize)
             if num_slots > 1:  # steps of several rows will come: no first step should pay for the copies
                 prepare_copies(model)
@@ -354,7 +360,7 @@ class StepCache(_PagedStep):
         nd = self.num_decodes
         out = torch.empty_like(q)  # [1, ΣT, H, D]
         if nd:
-            out[0, :nd] = lightning_decode(q[0, :nd], k[0, :nd], v[0, :nd], slope, pool, self.slots[:nd])
+            out[0, :nd] = self.runner.lightning_decode(q[0, :nd], k[0, :nd], v[0, :nd], slope, pool, self.slots[:nd])
         if nd < self.slots.numel():
             slots = self.slots[nd:]
             o, states = lightning_attention(q[:, nd:], k[:, nd:], v[:, nd:], slope, pool[slots], cu_seqlens=self.varlen)
@@ -399,7 +405,7 @@ class DecodeCache(_PagedStep):
             torch._dynamo.maybe_mark_dynamic(self._positions, 1)
 
     def lightning(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, slope: Tensor) -> Tensor:
-        return lightning_decode(q[0], k[0], v[0], slope, self.runner.states[layer_idx], self.slots)[None]
+        return self.runner.lightning_decode(q[0], k[0], v[0], slope, self.runner.states[layer_idx], self.slots)[None]
 
     def attention(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         k_pool, v_pool = self._write_kv(layer_idx, k, v)
