@@ -58,7 +58,8 @@ def test_the_q8_kernel_equals_f_linear_on_the_quantized_row_and_the_dequantized_
     """One row against an int8 weight (one scale per output row), the row quantized in blocks of 32: F.linear of
     q8_row(x) on the dequantized weight up to float32 summation order, on awkward shapes (padding of both the
     outputs to 64 and the inputs to 32), rows with a zero block and ties; each loop this CPU runs (the plain one
-    every CPU runs, AVX2's, AVX512-VNNI's) alike. int8_linear takes it for one row where q8_takes says so."""
+    every CPU runs, AVX2's, AVX512-VNNI's) alike, eager and inside a compiled graph. int8_linear takes it for one row
+    where q8_takes says so."""
     from hyla.ops.gemv import gemv_q8, q8_loops, q8_row
     from hyla.ops.linear import int8_linear, q8_takes, quantize_int8
 
@@ -89,31 +90,45 @@ def test_the_q8_kernel_equals_f_linear_on_the_quantized_row_and_the_dequantized_
     q8 = gemv_q8(x, q.layout, q.scale)
     assert torch.equal(int8_linear(x, q), q8) == (q8_loops()[-1] != "plain")
     assert rel_err(int8_linear(x, q), F.linear(x, q.dequantized())) < 0.03
+    q, bias = quantize_int8(torch.randn(65, 33)), torch.randn(65)  # inside a compiled graph: the C++ operator
+    compiled = torch.compile(lambda x: gemv_q8(x * 2, q.layout, q.scale, bias, loop), fullgraph=True)
+    x = torch.randn(1, 1, 33)
+    assert torch.equal(compiled(x), gemv_q8(x * 2, q.layout, q.scale, bias, loop))
 
 
 @pytest.mark.parametrize("loop", ["plain", "avx2", "vnni"])
-def test_one_tokens_int8_experts_in_one_call_equal_their_products_one_by_one(loop):
+def test_int8_experts_in_one_call_equal_their_products_one_by_one_eager_and_compiled(loop):
     """experts_q8 against its reference: each chosen expert's gate/up and down products through gemv_q8 (the row
     and each activation quantized as q8_0), F.silu between, the router weights summing them; awkward sizes (hidden
-    and intermediate not multiples of 32 or 64), one to three experts, a zero router weight, a zero row."""
+    and intermediate not multiples of 32 or 64), one to three experts of four, a repeated expert, a zero router
+    weight, a zero row, a large one, several rows; and the same sums from the operator inside a compiled graph."""
     from hyla.ops.gemv import experts_q8, gemv_q8, q8_loops
     from hyla.ops.linear import quantize_int8
 
     if loop not in q8_loops():
         pytest.skip(f"this CPU does not run gemv_q8's {loop} loop")
+    num_experts = 4
     for hidden, inter, k in [(45, 70, 2), (64, 32, 1), (33, 130, 3), (256, 96, 2)]:
-        gate_up = [quantize_int8(torch.randn(2 * inter, hidden) * 0.2) for _ in range(k)]
-        down = [quantize_int8(torch.randn(hidden, inter) * 0.2) for _ in range(k)]
-        for x, router in [(torch.randn(hidden), torch.rand(k)), (torch.randn(hidden) * 1e3, torch.zeros(k)),
-                          (torch.zeros(hidden), torch.rand(k))]:  # fmt: skip
-            expected = torch.zeros(hidden)
-            for r, g_u, d in zip(router, gate_up, down, strict=True):
-                g, u = gemv_q8(x, g_u.layout, g_u.scale, loop=loop).chunk(2)
-                expected += r * gemv_q8(F.silu(g) * u, d.layout, d.scale, loop=loop)
-            got = experts_q8(x, router, [(w.layout, w.scale) for w in gate_up], [(w.layout, w.scale) for w in down],
-                             loop)  # fmt: skip
-            assert got.shape == (hidden,)
-            assert rel_err(got, expected) < 1e-5 if expected.abs().max() > 0 else got.eq(0).all()
+        gate_up = [quantize_int8(torch.randn(2 * inter, hidden) * 0.2) for _ in range(num_experts)]
+        down = [quantize_int8(torch.randn(hidden, inter) * 0.2) for _ in range(num_experts)]
+        pairs = [(w.layout, w.scale) for w in gate_up], [(w.layout, w.scale) for w in down]
+        x = torch.stack([torch.randn(hidden), torch.randn(hidden) * 1e3, torch.zeros(hidden), torch.randn(hidden)])
+        router = torch.stack([torch.rand(k), torch.zeros(k), torch.rand(k), torch.rand(k)])
+        ids = torch.stack([torch.randperm(num_experts)[:k] for _ in range(3)] + [torch.zeros(k, dtype=torch.long)])
+        expected = torch.zeros_like(x)
+        for n in range(len(x)):
+            for r, e in zip(router[n], ids[n].tolist(), strict=True):
+                g, u = gemv_q8(x[n], gate_up[e].layout, gate_up[e].scale, loop=loop).chunk(2)
+                expected[n] += r * gemv_q8(F.silu(g) * u, down[e].layout, down[e].scale, loop=loop)
+        torch.compiler.reset()  # (a graph for each size and loop: past dynamo's recompile limit)
+        compiled = torch.compile(lambda x, r, i: experts_q8(x, r, i, *pairs, loop), fullgraph=True)
+        for got in (experts_q8(x, router, ids, *pairs, loop), compiled(x, router, ids)):
+            assert got.shape == x.shape
+            for n in range(len(x)):
+                if expected[n].abs().max() > 0:
+                    assert rel_err(got[n], expected[n]) < 1e-5
+                else:
+                    assert got[n].eq(0).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

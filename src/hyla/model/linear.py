@@ -21,9 +21,9 @@ from torch import Tensor, nn
 
 from hyla.model.moe import SparseMoE
 from hyla.ops.gemv import available as gemv_available
-from hyla.ops.gemv import gemv
-from hyla.ops.linear import can_pack, int8_linear, pack, packed_linear, quantize_int8
-from hyla.ops.moe import prepare_experts, prepared_swiglu_experts, swiglu_experts
+from hyla.ops.gemv import experts_q8, gemv, gemv_q8
+from hyla.ops.linear import can_pack, int8_linear, pack, packed_linear, q8_takes, quantize_int8
+from hyla.ops.moe import prepare_experts, prepared_swiglu_experts, q8_experts, swiglu_experts
 
 QUANTIZE = (None, "int8")
 
@@ -123,15 +123,24 @@ class Int8Linear(_Tokened, PackedLinear):
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__(linear)
+        # What a compiled graph's one-row products read: the q8 kernel's weight, scales and bias, where it takes it.
+        self.compiled_q8: tuple[Tensor, Tensor, Tensor | None] | None = None
         self._register()
 
     def _prepare(self) -> object:
         return quantize_int8(self.weight, self.bias)
 
+    def prepare_for_compile(self) -> None:
+        super().prepare_for_compile()
+        w = self.compiled
+        self.compiled_q8 = (w.layout, w.scale, w.bias) if q8_takes(w.layout.numel()) else None
+
     def forward(self, x: Tensor) -> Tensor:
         if torch.compiler.is_compiling():
             if self.compiled is None:
                 return F.linear(x, self.weight, self.bias)
+            if x.numel() == x.shape[-1] and self.compiled_q8 is not None:  # one row: a C++ operator, as int8_linear
+                return gemv_q8(x.float(), *self.compiled_q8)
             out = _int8_mm(x.reshape(-1, x.shape[-1]).float(), self.token, self.out_features)
             return out.view(*x.shape[:-1], self.out_features)
         if torch.is_grad_enabled() and self.weight.requires_grad:
@@ -175,6 +184,9 @@ class PreparedSparseMoE(_Tokened, SparseMoE):
         self.compiled_copies = kind == "int8" or self.gate_up_proj[0].numel() >= PACKED_COMPILED_MIN_WEIGHTS
         self._copies = _Copies()
         self.compiled: list[tuple[object, object]] | None = None
+        # One token's int8 experts in a compiled graph: every expert's q8 weights (q8_experts) where the kernel
+        # takes them.
+        self.compiled_q8: tuple[list[tuple[Tensor, Tensor]], list[tuple[Tensor, Tensor]]] | None = None
         self._register()
 
     def _twin(self) -> nn.Module:
@@ -188,6 +200,7 @@ class PreparedSparseMoE(_Tokened, SparseMoE):
     def prepare_for_compile(self) -> None:
         """Fix the copies a ``torch.compile`` graph of this block reads."""
         self.compiled = self.prepared()
+        self.compiled_q8 = q8_experts(self.compiled) if self.kind == "int8" else None
 
     def experts(self, x: Tensor, weights: Tensor, experts: Tensor) -> Tensor:
         compiling = torch.compiler.is_compiling()
@@ -199,6 +212,8 @@ class PreparedSparseMoE(_Tokened, SparseMoE):
         if compiling:
             if self.compiled is None:
                 return swiglu_experts(x, weights, experts, self.gate_up_proj, self.down_proj)
+            if x.shape[0] == 1 and self.compiled_q8 is not None:  # one token: a C++ operator, as the eager path
+                return experts_q8(x.float(), weights.float(), experts, *self.compiled_q8).to(x.dtype)
             return _prepared_experts(x.float(), weights.float(), experts, self.token).to(x.dtype)
         return prepared_swiglu_experts(x, weights, experts, self.prepared(), self.kind).to(x.dtype)
 

@@ -382,12 +382,19 @@ struct Q8Row {
   }
 };
 
-// level: the loop (q8_level()'s numbers), at most this CPU's.
+// The loop `level` asks for (q8_level()'s numbers, at most this CPU's; -1: this CPU's fastest).
+static int64_t q8_loop(int64_t level, const char* who) {
+  TORCH_CHECK(level >= -1 && level <= q8_level(), who, ": a loop this CPU cannot run");
+  return level < 0 ? q8_level() : level;
+}
+
+// x [..., in] with one row in all, float32 -> y [out].
 torch::Tensor gemv_q8_t(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> bias,
                         int64_t level) {
   NoGil no_gil;
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous(), "gemv_q8 takes a float32 row");
-  TORCH_CHECK(level >= 0 && level <= q8_level(), "gemv_q8: a loop this CPU cannot run");
+  x = x.reshape(-1).contiguous();
+  TORCH_CHECK(x.dtype() == torch::kFloat32, "gemv_q8 takes a float32 row");
+  level = q8_loop(level, "gemv_q8");
   const int64_t in = x.numel(), out = scale.numel();
   int64_t tiles, in_p;
   std::tie(tiles, in_p) = q8_shape(in, w, scale);
@@ -403,44 +410,54 @@ torch::Tensor gemv_q8_t(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c
   return y;
 }
 
-// One token's k int8 SwiGLU experts, their products as gemv_q8's: y = sum_j r_j down_j(silu(gate_j x) * up_j x).
-// x [H] and router [k] float32; the chosen experts' gate/up weights [2I, H] (gate rows first) and down weights
-// [H, I] in q8_layout with their scales [2I] and [H] -> y [H]. The row is quantized once for the k gate/up
-// products, each activation once for its down product; no Python between the 2k products.
-torch::Tensor experts_q8_t(torch::Tensor x, torch::Tensor router, std::vector<torch::Tensor> gate_up,
+// Each token's k int8 SwiGLU experts, their products as gemv_q8's: y_n = sum_j r_nj down_e(silu(gate_e x_n) *
+// up_e x_n), e = ids[n, j]. x [N, H], ids [N, k] int64 and router [N, k] float32; every expert's gate/up weight
+// [2I, H] (gate rows first) and down weight [H, I] in q8_layout with their scales [2I] and [H] -> y [N, H]. Each
+// row is quantized once for its k gate/up products, each activation once for its down product; no Python between
+// the 2k products.
+torch::Tensor experts_q8_t(torch::Tensor x, torch::Tensor ids, torch::Tensor router, std::vector<torch::Tensor> gate_up,
                            std::vector<torch::Tensor> gate_up_scale, std::vector<torch::Tensor> down,
                            std::vector<torch::Tensor> down_scale, int64_t level) {
   NoGil no_gil;
-  const int64_t k = int64_t(gate_up.size()), hidden = x.numel();
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && router.dtype() == torch::kFloat32 &&
-                  router.is_contiguous() && router.numel() == k && k > 0 && int64_t(gate_up_scale.size()) == k &&
-                  int64_t(down.size()) == k && int64_t(down_scale.size()) == k,
-              "experts_q8: a float32 row, float32 router weights and k experts' weights and scales");
-  TORCH_CHECK(level >= 0 && level <= q8_level(), "experts_q8: a loop this CPU cannot run");
-  const int64_t inter = gate_up_scale[0].numel() / 2;
-  int64_t tiles, in_p;
-  std::tie(tiles, in_p) = q8_shape(hidden, gate_up[0], gate_up_scale[0]);
-  const Q8Row row(x.data_ptr<float>(), hidden, in_p);
-  std::vector<float> f, act(inter);
-  auto y = torch::zeros({hidden}, x.options());
-  float* yp = y.data_ptr<float>();
-  for (int64_t j = 0; j < k; ++j) {
-    TORCH_CHECK(gate_up_scale[j].numel() == 2 * inter && down_scale[j].numel() == hidden,
+  x = x.contiguous(), ids = ids.contiguous(), router = router.contiguous();
+  const int64_t experts = int64_t(gate_up.size());
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && router.dtype() == torch::kFloat32 &&
+                  ids.dtype() == torch::kInt64 && ids.dim() == 2 && ids.sizes() == router.sizes() &&
+                  ids.size(0) == x.size(0) && experts > 0 && int64_t(gate_up_scale.size()) == experts &&
+                  int64_t(down.size()) == experts && int64_t(down_scale.size()) == experts,
+              "experts_q8: float32 rows [N, H], int64 ids and float32 router weights [N, k], every expert's weights "
+              "and scales");
+  level = q8_loop(level, "experts_q8");
+  const int64_t rows = x.size(0), hidden = x.size(1), k = ids.size(1), inter = gate_up_scale[0].numel() / 2;
+  for (int64_t e = 0; e < experts; ++e) {
+    TORCH_CHECK(gate_up_scale[e].numel() == 2 * inter && down_scale[e].numel() == hidden,
                 "experts_q8: every expert [2I, H] and [H, I]");
-    std::tie(tiles, in_p) = q8_shape(hidden, gate_up[j], gate_up_scale[j]);
-    f.resize(tiles * TILE);
-    row.times(level, gate_up[j], tiles, f.data());
-    const float* s = gate_up_scale[j].data_ptr<float>();
-    for (int64_t o = 0; o < inter; ++o) {
-      const float g = f[o] * s[o], u = f[inter + o] * s[inter + o];
-      act[o] = g / (1.f + std::exp(-g)) * u;
+    q8_shape(hidden, gate_up[e], gate_up_scale[e]);
+    q8_shape(inter, down[e], down_scale[e]);
+  }
+  const int64_t gu_tiles = gate_up[0].size(0), gu_in = gate_up[0].size(1) * 4;
+  const int64_t d_tiles = down[0].size(0), d_in = down[0].size(1) * 4;
+  std::vector<float> f(std::max(gu_tiles, d_tiles) * TILE), act(inter);
+  auto y = torch::zeros({rows, hidden}, x.options());
+  const int64_t* ip = ids.data_ptr<int64_t>();
+  const float* rp = router.data_ptr<float>();
+  for (int64_t n = 0; n < rows; ++n) {
+    const Q8Row row(x.data_ptr<float>() + n * hidden, hidden, gu_in);
+    float* yp = y.data_ptr<float>() + n * hidden;
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t e = ip[n * k + j];
+      TORCH_CHECK(e >= 0 && e < experts, "experts_q8: an expert id out of range");
+      row.times(level, gate_up[e], gu_tiles, f.data());
+      const float* s = gate_up_scale[e].data_ptr<float>();
+      for (int64_t o = 0; o < inter; ++o) {
+        const float g = f[o] * s[o], u = f[inter + o] * s[inter + o];
+        act[o] = g / (1.f + std::exp(-g)) * u;
+      }
+      Q8Row(act.data(), inter, d_in).times(level, down[e], d_tiles, f.data());
+      const float r = rp[n * k + j];
+      const float* sd = down_scale[e].data_ptr<float>();
+      for (int64_t o = 0; o < hidden; ++o) yp[o] += r * (f[o] * sd[o]);
     }
-    std::tie(tiles, in_p) = q8_shape(inter, down[j], down_scale[j]);
-    f.resize(tiles * TILE);
-    Q8Row(act.data(), inter, in_p).times(level, down[j], tiles, f.data());
-    const float r = router.data_ptr<float>()[j];
-    const float* sd = down_scale[j].data_ptr<float>();
-    for (int64_t o = 0; o < hidden; ++o) yp[o] += r * (f[o] * sd[o]);
   }
   return y;
 }
@@ -506,7 +523,8 @@ torch::Tensor lightning_decode_t(torch::Tensor q, torch::Tensor k, torch::Tensor
 }
 
 // Registers the entry points the compiled decode step calls as operators of namespace ns (gemv, experts_gemv,
-// lightning_decode): a compiled graph's C++ wrapper then calls them through the dispatcher with no Python between.
+// lightning_decode, gemv_q8, experts_q8): a compiled graph's C++ wrapper then calls them through the dispatcher
+// with no Python between.
 static std::unique_ptr<torch::Library> registered;
 
 void register_ops(const std::string& ns) {
@@ -516,9 +534,14 @@ void register_ops(const std::string& ns) {
   registered->def("experts_gemv(Tensor x, Tensor ids, Tensor router, Tensor gate_up, Tensor down) -> Tensor");
   registered->def("lightning_decode(Tensor q, Tensor k, Tensor v, Tensor slope, Tensor(a!) pool, Tensor slots) -> "
                   "Tensor");
+  registered->def("gemv_q8(Tensor x, Tensor w, Tensor scale, Tensor? bias, int level) -> Tensor");
+  registered->def("experts_q8(Tensor x, Tensor ids, Tensor router, Tensor[] gate_up, Tensor[] gate_up_scale, "
+                  "Tensor[] down, Tensor[] down_scale, int level) -> Tensor");
   registered->impl("gemv", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(gemv_t)));
   registered->impl("experts_gemv", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(experts_gemv_t)));
   registered->impl("lightning_decode", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(lightning_decode_t)));
+  registered->impl("gemv_q8", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(gemv_q8_t)));
+  registered->impl("experts_q8", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(experts_q8_t)));
 }
 """
 
@@ -538,8 +561,8 @@ def _machine_tag() -> str:
 def _kernel():
     """The built kernels (``gemv_t``, ``experts_gemv_t``, ``gemv_q8_t``, ``experts_q8_t``, ``lightning_decode_t``,
     ``q8_level``), or None where they cannot be built (not Linux, no compiler, a failed build). Building them
-    registers ``torch.ops.hyla.gemv``, ``experts_gemv`` and ``lightning_decode``: the operators compiled graphs
-    call (C++ from the graph's wrapper to the kernel; their shapes for tracing below)."""
+    registers ``torch.ops.hyla.gemv``, ``experts_gemv``, ``lightning_decode``, ``gemv_q8`` and ``experts_q8``: the
+    operators compiled graphs call (C++ from the graph's wrapper to the kernel; their shapes for tracing below)."""
     if platform.system() != "Linux":
         return None
     from torch.utils.cpp_extension import load_inline
@@ -555,6 +578,8 @@ def _kernel():
     torch.library.register_fake("hyla::gemv", lambda x, wt, bias: x.new_empty(wt.shape[1]))
     torch.library.register_fake("hyla::experts_gemv", lambda x, ids, router, gate_up, down: x.new_empty(x.shape))
     torch.library.register_fake("hyla::lightning_decode", lambda q, k, v, slope, pool, slots: q.new_empty(q.shape))
+    torch.library.register_fake("hyla::gemv_q8", lambda x, w, scale, bias, level: x.new_empty(scale.shape[0]))
+    torch.library.register_fake("hyla::experts_q8", lambda x, ids, router, *weights: x.new_empty(x.shape))
     return module
 
 
@@ -619,35 +644,35 @@ def gemv_q8(x: Tensor, layout: Tensor, scale: Tensor, bias: Tensor | None = None
     """``F.linear(q8_row(x), W, bias)`` for one row, ``W = values * scale[:, None]`` given as ``layout =
     q8_layout(values)`` (int8 values ``[out, in]``) and ``scale`` ``[out]`` float32: the row quantized in blocks of
     32 as llama.cpp's q8_0 quantizes activations, int8 x int8 products summed exactly in int32. ``x`` ``[..., in]``
-    with one row in all, float32 -> ``[..., out]``. ``loop``: one of :func:`q8_loops` (the same sums by each; the
-    last, the fastest, by default). Only where :func:`available`; called eagerly (inside the int8 layers' own
-    opaque operations when compiled)."""
-    out = _kernel().gemv_q8_t(x.reshape(-1).contiguous(), layout, scale, bias, _q8_level(loop))
-    return out.view(*x.shape[:-1], scale.numel())
+    with one row in all, float32 -> ``[..., out]``. ``loop``: one of :func:`q8_loops` (the same sums by each; None:
+    the fastest). Inside ``torch.compile`` one opaque operation. Only where :func:`available`."""
+    op = torch.ops.hyla.gemv_q8 if torch.compiler.is_compiling() else _kernel().gemv_q8_t
+    return op(x, layout, scale, bias, _q8_level(loop)).view(*x.shape[:-1], scale.shape[0])
 
 
 def experts_q8(
     x: Tensor,
     router: Tensor,
+    experts: Tensor,
     gate_up: Sequence[tuple[Tensor, Tensor]],
     down: Sequence[tuple[Tensor, Tensor]],
     loop: str | None = None,
 ) -> Tensor:
-    """One token's k int8 SwiGLU experts in one call: ``sum_j router[j] * D_j(silu(G_j x) * U_j x)`` with each
-    product as :func:`gemv_q8` computes it (the row quantized once for the k gate/up products, each activation once
-    for its down product). ``x`` ``[H]`` float32, ``router`` ``[k]`` float32; ``gate_up[j]`` the ``(layout,
-    scale)`` of the j-th chosen expert's ``[2I, H]`` gate/up weight (gate rows first), ``down[j]`` of its ``[H,
-    I]`` down weight -> ``[H]``. The reference: :func:`gemv_q8` product by product, ``F.silu`` between."""
+    """Each token's k int8 SwiGLU experts in one call: ``sum_j router[n, j] * D_e(silu(G_e x_n) * U_e x_n)``, ``e =
+    experts[n, j]``, with each product as :func:`gemv_q8` computes it (a row quantized once for its k gate/up
+    products, each activation once for its down product). ``x`` ``[N, H]`` float32, ``router`` ``[N, k]`` float32,
+    ``experts`` ``[N, k]`` int64; ``gate_up[e]`` the ``(layout, scale)`` of expert ``e``'s ``[2I, H]`` gate/up
+    weight (gate rows first), ``down[e]`` of its ``[H, I]`` down weight, for every expert -> ``[N, H]``. The
+    reference: :func:`gemv_q8` product by product, ``F.silu`` between. Inside ``torch.compile`` one opaque
+    operation. Only where :func:`available`."""
+    op = torch.ops.hyla.experts_q8 if torch.compiler.is_compiling() else _kernel().experts_q8_t
     (gu_layouts, gu_scales), (d_layouts, d_scales) = (map(list, zip(*pairs, strict=True)) for pairs in (gate_up, down))
-    return _kernel().experts_q8_t(
-        x.contiguous(), router.contiguous(), gu_layouts, gu_scales, d_layouts, d_scales, _q8_level(loop)
-    )
+    return op(x, experts, router, gu_layouts, gu_scales, d_layouts, d_scales, _q8_level(loop))
 
 
 def _q8_level(loop: str | None) -> int:
-    """The C++ level of ``loop`` (one of :func:`q8_loops`; None: the fastest)."""
-    loops = q8_loops()
-    return len(loops) - 1 if loop is None else loops.index(loop)
+    """The C++ level of ``loop`` (one of :func:`q8_loops`; None: -1, the fastest)."""
+    return -1 if loop is None else Q8_LOOPS.index(loop)
 
 
 @functools.cache

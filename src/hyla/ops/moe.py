@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hyla.ops.gemv import experts_gemv, experts_q8
-from hyla.ops.linear import int8_linear, pack, packed_linear, q8_takes, quantize_int8
+from hyla.ops.linear import Int8Weight, int8_linear, pack, packed_linear, q8_takes, quantize_int8
 
 
 def route(router_logits: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -192,10 +192,9 @@ def prepared_swiglu_experts(
 
     x = x.float()
     if x.shape[0] == 1:  # one token: no sorting or gathering, as the float ``pairs`` path
+        if kind == "int8" and (q8 := q8_experts(copies)) is not None:
+            return experts_q8(x, weights.float(), experts, *q8)  # the 2k products in one call
         chosen = [copies[e] for e in experts[0].tolist()]
-        if kind == "int8" and all(w.bias is None and q8_takes(w.layout.numel()) for pair in chosen for w in pair):
-            gate_up, down = ([(w.layout, w.scale) for w in ws] for ws in zip(*chosen, strict=True))
-            return experts_q8(x[0], weights[0].float(), gate_up, down)[None]  # the 2k products in one call
         out = torch.zeros_like(x)
         for j, pair in enumerate(chosen):
             out.add_(swiglu(x, *pair), alpha=weights[0, j].item())
@@ -204,6 +203,17 @@ def prepared_swiglu_experts(
     xs = x.index_select(0, dispatch.token)
     ys = torch.cat([swiglu(xs[lo:hi], *copies[e]) for e, (lo, hi) in dispatch.segments()] or [xs[:0]])
     return dispatch.combine(ys, weights.float())
+
+
+def q8_experts(
+    copies: Sequence[tuple[Int8Weight, Int8Weight]],
+) -> tuple[list[tuple[Tensor, Tensor]], list[tuple[Tensor, Tensor]]] | None:
+    """The ``(layout, scale)`` of every expert's gate/up and down weights as :func:`~hyla.ops.gemv.experts_q8`
+    takes them, from ``prepare_experts(..., "int8")``'s copies; None where one token's products do not go to the q8
+    kernel (:func:`~hyla.ops.linear.q8_takes`; a bias)."""
+    if not all(w.bias is None and q8_takes(w.layout.numel()) for pair in copies for w in pair):
+        return None
+    return tuple([(w.layout, w.scale) for w in ws] for ws in zip(*copies, strict=True))
 
 
 class _Dispatch:
