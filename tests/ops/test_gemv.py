@@ -1,6 +1,7 @@
 """The one-row kernels against F.linear: float32 weights, and int8 ones (the row quantized as q8_0) against their
 dequantized values."""
 
+import functools
 import itertools
 
 import pytest
@@ -121,7 +122,9 @@ def test_int8_experts_in_one_call_equal_their_products_one_by_one_eager_and_comp
                 g, u = gemv_q8(x[n], gate_up[e].layout, gate_up[e].scale, loop=loop).chunk(2)
                 expected[n] += r * gemv_q8(F.silu(g) * u, down[e].layout, down[e].scale, loop=loop)
         torch.compiler.reset()  # (a graph for each size and loop: past dynamo's recompile limit)
-        compiled = torch.compile(lambda x, r, i: experts_q8(x, r, i, *pairs, loop), fullgraph=True)
+        compiled = torch.compile(
+            functools.partial(experts_q8, gate_up=pairs[0], down=pairs[1], loop=loop), fullgraph=True
+        )
         for got in (experts_q8(x, router, ids, *pairs, loop), compiled(x, router, ids)):
             assert got.shape == x.shape
             for n in range(len(x)):

@@ -14,7 +14,12 @@ bandwidth (2x fbgemm's one-row products, ``benchmarks/decode_products.py``); wit
 int16 pairs (``benchmarks/int8_one_row.py``: both faster than fbgemm in whole decode steps); elsewhere the same sums
 in a plain loop the compiler vectorizes. Its reference is ``F.linear`` of :func:`q8_row` (the quantized row) on the
 dequantized weight; one token's k int8 experts take one call, :func:`experts_q8`. (Widening each int8 weight to
-float instead, as an earlier version did, is compute-bound: ~1.3-1.5 weights a cycle a core.)
+float instead, as an earlier version did, is compute-bound: ~1.3-1.5 weights a cycle a core.) The lightning layers'
+decode step, :func:`lightning_decode`, is here too: one pass over each head's d x d state (reference
+:func:`hyla.ops.lightning.lightning_step_slots`).
+
+Compiled graphs call these kernels as operators registered in C++ (``torch.ops.hyla.*``): no Python between the
+graph and the kernel (a Python custom operator cost ~10-20 us a call, measured in RESULTS.md).
 
 It is built on first use with the machine's C++ compiler (``torch.utils.cpp_extension``, ~30 s once; then loaded
 from PyTorch's extension cache, under a name that carries this CPU's model and flags, so a cache shared by
