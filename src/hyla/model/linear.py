@@ -23,7 +23,7 @@ from hyla.model.moe import SparseMoE
 from hyla.ops.gemv import available as gemv_available
 from hyla.ops.gemv import experts_q8, gemv, gemv_q8
 from hyla.ops.linear import can_pack, int8_linear, pack, packed_linear, q8_takes, quantize_int8
-from hyla.ops.moe import prepare_experts, prepared_swiglu_experts, q8_experts, swiglu_experts
+from hyla.ops.moe import Q8Experts, prepare_experts, prepared_swiglu_experts, q8_experts, swiglu_experts
 
 QUANTIZE = (None, "int8")
 
@@ -186,7 +186,7 @@ class PreparedSparseMoE(_Tokened, SparseMoE):
         self.compiled: list[tuple[object, object]] | None = None
         # One token's int8 experts in a compiled graph: every expert's q8 weights (q8_experts) where the kernel
         # takes them.
-        self.compiled_q8: tuple[list[tuple[Tensor, Tensor]], list[tuple[Tensor, Tensor]]] | None = None
+        self.compiled_q8: Q8Experts | None = None
         self._register()
 
     def _twin(self) -> nn.Module:
@@ -194,13 +194,22 @@ class PreparedSparseMoE(_Tokened, SparseMoE):
 
     def prepared(self) -> list[tuple[object, object]]:
         """The copies of the experts as they are now, made if a weight changed."""
+        return self._current()[0]
+
+    def _current(self) -> tuple[list[tuple[object, object]], Q8Experts | None]:
+        """The copies as they are now and, made with them, what one token's int8 products read (:func:`q8_experts`;
+        None for packed copies or where the q8 kernel does not take them)."""
         weights = (self.gate_up_proj, self.down_proj)
-        return self._copies.current(weights, lambda: prepare_experts(*weights, self.kind))
+
+        def make() -> tuple[list[tuple[object, object]], Q8Experts | None]:
+            copies = prepare_experts(*weights, self.kind)
+            return copies, q8_experts(copies) if self.kind == "int8" else None
+
+        return self._copies.current(weights, make)
 
     def prepare_for_compile(self) -> None:
         """Fix the copies a ``torch.compile`` graph of this block reads."""
-        self.compiled = self.prepared()
-        self.compiled_q8 = q8_experts(self.compiled) if self.kind == "int8" else None
+        self.compiled, self.compiled_q8 = self._current()
 
     def experts(self, x: Tensor, weights: Tensor, experts: Tensor) -> Tensor:
         compiling = torch.compiler.is_compiling()
@@ -209,13 +218,14 @@ class PreparedSparseMoE(_Tokened, SparseMoE):
         if self.kind == "packed" and (x.shape[0] == 1 or (compiling and not self.compiled_copies)):
             # One token: gemv on the plain weights. In a compiled graph, small experts keep its own products.
             return super().experts(x, weights, experts)
+        copies, q8 = (self.compiled, self.compiled_q8) if compiling else self._current()
+        if x.shape[0] == 1 and q8 is not None:  # one int8 token: the 2k products in one call (a C++ operator)
+            return experts_q8(x.float(), weights.float(), experts, *q8).to(x.dtype)
         if compiling:
-            if self.compiled is None:
+            if copies is None:
                 return swiglu_experts(x, weights, experts, self.gate_up_proj, self.down_proj)
-            if x.shape[0] == 1 and self.compiled_q8 is not None:  # one token: a C++ operator, as the eager path
-                return experts_q8(x.float(), weights.float(), experts, *self.compiled_q8).to(x.dtype)
             return _prepared_experts(x.float(), weights.float(), experts, self.token).to(x.dtype)
-        return prepared_swiglu_experts(x, weights, experts, self.prepared(), self.kind).to(x.dtype)
+        return prepared_swiglu_experts(x, weights, experts, copies, self.kind).to(x.dtype)
 
 
 @torch.library.custom_op("hyla::prepared_experts", mutates_args=())

@@ -19,7 +19,8 @@ decode step, :func:`lightning_decode`, is here too: one pass over each head's d 
 :func:`hyla.ops.lightning.lightning_step_slots`).
 
 Compiled graphs call these kernels as operators registered in C++ (``torch.ops.hyla.*``): no Python between the
-graph and the kernel (a Python custom operator cost ~10-20 us a call, measured in RESULTS.md).
+graph and the kernel (a Python custom operator cost ~25 us a call on a Xeon: RESULTS.md, "Where a compiled
+one-request step goes, by py-spy").
 
 It is built on first use with the machine's C++ compiler (``torch.utils.cpp_extension``, ~30 s once; then loaded
 from PyTorch's extension cache, under a name that carries this CPU's model and flags, so a cache shared by

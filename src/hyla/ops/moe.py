@@ -205,9 +205,11 @@ def prepared_swiglu_experts(
     return dispatch.combine(ys, weights.float())
 
 
-def q8_experts(
-    copies: Sequence[tuple[Int8Weight, Int8Weight]],
-) -> tuple[list[tuple[Tensor, Tensor]], list[tuple[Tensor, Tensor]]] | None:
+Q8Experts = tuple[list[tuple[Tensor, Tensor]], list[tuple[Tensor, Tensor]]]
+# Every expert's (q8 layout, scales) of its gate/up and of its down weight, as experts_q8 takes them.
+
+
+def q8_experts(copies: Sequence[tuple[Int8Weight, Int8Weight]]) -> Q8Experts | None:
     """The ``(layout, scale)`` of every expert's gate/up and down weights as :func:`~hyla.ops.gemv.experts_q8`
     takes them, from ``prepare_experts(..., "int8")``'s copies; None where one token's products do not go to the q8
     kernel (:func:`~hyla.ops.linear.q8_takes`; a bias)."""
