@@ -27,7 +27,7 @@ from torch.utils.cpp_extension import load_inline
 
 import hyla
 import hyla.ops.gemv as gemv
-from hyla.bench import append_result, machine_description, one_request_step_ms
+from hyla.bench import append_result, decode_step_ms, machine_description
 from hyla.data.tokenizer import byte_level_tokenizer
 from hyla.runtime import tune_malloc
 from hyla.serve import EngineConfig
@@ -85,7 +85,7 @@ def step_times(preset: str, kernels: dict[str, object], quantize: str | None, co
             for r in range(rounds + 1):
                 for name in names if r % 2 else names[::-1]:
                     gemv._kernel = lambda k=kernels[name]: k  # what gemv(), gemv_q8() and through_python() call
-                    ms = one_request_step_ms(engine, generator)
+                    ms = decode_step_ms(engine, generator)
                     if r:  # the first round warms (and compiles)
                         results[name].append(ms)
     finally:

@@ -28,7 +28,7 @@ from torch.profiler import ProfilerActivity
 from torch.profiler import profile as profile_steps
 
 import hyla
-from hyla.bench import one_request_step_ms
+from hyla.bench import decode_step_ms
 from hyla.data.tokenizer import byte_level_tokenizer
 from hyla.serve import LLM, EngineConfig, LLMEngine, SamplingParams
 from tests.helpers import PATTERNS, full_forward_greedy, random_model
@@ -125,11 +125,11 @@ def profile(device: str, preset: str, dtype: torch.dtype) -> None:
     model = hyla.HylaForCausalLM(hyla.preset(preset).replace(vocab_size=8192)).eval().to(device, dtype)
     engine = LLMEngine(model, byte_level_tokenizer(), EngineConfig(max_num_seqs=4, max_model_len=256))
     generator = torch.Generator().manual_seed(1)
-    one_request_step_ms(engine, generator)  # warm
-    print(f"{preset}: one request's decode step {one_request_step_ms(engine, generator):.2f} ms", flush=True)
+    decode_step_ms(engine, generator)  # warm
+    print(f"{preset}: one request's decode step {decode_step_ms(engine, generator):.2f} ms", flush=True)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile_steps(activities=activities) as prof:
-        one_request_step_ms(engine, generator, steps=10)
+        decode_step_ms(engine, generator, steps=10)
     events = prof.key_averages()
     busy = sum(e.self_device_time_total for e in events) / 1e3
     print(f"{preset}: device busy {busy:.1f} ms over the profiled prefill and ~14 steps", flush=True)

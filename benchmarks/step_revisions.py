@@ -1,15 +1,16 @@
-"""Whole decode steps of one request at two git revisions of hyla, alternating processes on one machine.
+"""Whole decode steps at two git revisions of hyla, alternating processes on one machine.
 
 Some changes cannot be switched inside one process (how a compiled graph reaches its kernels, which operators it
 holds): this benchmark checks each revision out into a temporary worktree and, round by round, starts one process
 per revision (the order alternating) that builds an engine on the same random weights of each preset (vocab 8192;
 float32 or ``--quantize int8``; eager or ``--compile``, its compile before the timing) and times
-:func:`hyla.bench.one_request_step_ms` three times (the median of them, each the median of 20 steps). A process's
+:func:`hyla.bench.decode_step_ms` of ``--requests`` requests together (``one_request_step_ms`` at revisions before
+it, one request) three times (the median of them, each the median of 20 steps). A process's
 first step batch pays nothing of the build: the engine compiles its graphs when it is made. Reported: the median
 over ``--rounds`` rounds per revision and preset.
 
 Usage: python benchmarks/step_revisions.py REV_BEFORE [REV_AFTER (default: the working tree)] [--preset small medium]
-       [--quantize int8] [--compile] [--rounds 3] [--no-append]
+       [--quantize int8] [--compile] [--requests 1] [--rounds 3] [--no-append]
 """
 
 from __future__ import annotations
@@ -32,23 +33,26 @@ WORKING_TREE = "working tree"
 # Run by each process, with the revision's src/ first on the path: prints {preset: ms}.
 CHILD = """
 import json, statistics, sys, torch, hyla
-from hyla.bench import one_request_step_ms
+import hyla.bench
 from hyla.data.tokenizer import byte_level_tokenizer
 from hyla.runtime import tune_malloc
 from hyla.serve import EngineConfig
 from hyla.serve.engine import LLMEngine
-presets, quantize, compile = json.loads(sys.argv[1])
+presets, quantize, compile, requests = json.loads(sys.argv[1])
+step_ms = getattr(hyla.bench, "decode_step_ms", None) or hyla.bench.one_request_step_ms  # (older revisions)
+assert requests == 1 or step_ms is not hyla.bench.one_request_step_ms, "this revision times one request only"
 assert hyla.__file__.startswith(sys.argv[2]), f"hyla imported from {hyla.__file__}, not {sys.argv[2]}"
 tune_malloc()
 out = {}
 for preset in presets:
     torch.manual_seed(0)
     model = hyla.HylaForCausalLM(hyla.preset(preset).replace(vocab_size=8192)).eval()
-    config = EngineConfig(max_num_seqs=4, max_model_len=2048, compile=compile, quantize=quantize)
+    config = EngineConfig(max_num_seqs=max(4, requests), max_model_len=2048, compile=compile, quantize=quantize)
     engine = LLMEngine(model, byte_level_tokenizer(), config)
     generator = torch.Generator().manual_seed(1)
     with torch.inference_mode():
-        out[preset] = statistics.median(one_request_step_ms(engine, generator) for _ in range(3))
+        args = (requests,) if requests > 1 else ()
+        out[preset] = statistics.median(step_ms(engine, generator, *args) for _ in range(3))
 print(json.dumps(out))
 """
 
@@ -70,6 +74,7 @@ def main() -> None:
     parser.add_argument("--preset", nargs="+", default=["small", "medium"], choices=["small", "medium"])
     parser.add_argument("--quantize", choices=["int8"], default=None)
     parser.add_argument("--compile", action="store_true", help="compiled decode steps (the engine's --compile)")
+    parser.add_argument("--requests", type=int, default=1, help="requests decoding together in each step")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
     args = parser.parse_args()
@@ -81,7 +86,7 @@ def main() -> None:
             for round_ in range(args.rounds):
                 for revision in revisions if round_ % 2 == 0 else revisions[::-1]:
                     src = str(sources[revision])
-                    config = json.dumps([args.preset, args.quantize, args.compile])
+                    config = json.dumps([args.preset, args.quantize, args.compile, args.requests])
                     env = {**os.environ, "PYTHONPATH": src}
                     run = subprocess.run([sys.executable, "-c", CHILD, config, src], env=env, check=True,
                                          capture_output=True, text=True)  # fmt: skip
@@ -102,12 +107,14 @@ def main() -> None:
     print(table)
     if not args.no_append:
         what = f"{args.quantize or 'float32'}, {'compiled' if args.compile else 'eager'}"
-        preamble = (f"Machine: {machine_description()}. A decode step of one request ({what}), random weights "
+        who = "one request" if args.requests == 1 else f"{args.requests} requests together"
+        preamble = (f"Machine: {machine_description()}. A decode step of {who} ({what}), random weights "
                     f"(vocab 8192); per round one process per revision (alternating order), each the median of 3 "
                     f"timings of the median of 20 steps; medians over {args.rounds} rounds.")  # fmt: skip
         command = (f"python benchmarks/step_revisions.py {args.before}"
                    + f" {args.after}" * (args.after != WORKING_TREE) + f" --preset {' '.join(args.preset)} "
-                   f"--rounds {args.rounds}" + f" --quantize {args.quantize}" * bool(args.quantize)
+                   f"--rounds {args.rounds}" + f" --requests {args.requests}" * (args.requests > 1)
+                   + f" --quantize {args.quantize}" * bool(args.quantize)
                    + " --compile" * args.compile)  # fmt: skip
         append_result(RESULTS, "Decode steps at two revisions", preamble, command, table)
 

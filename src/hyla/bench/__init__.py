@@ -53,16 +53,20 @@ def append_result(path: str | Path, title: str, preamble: str, command: str, tab
         f.write(f"\n### {title} — {datetime.date.today()}\n\n{preamble}\nCommand: `{command}`\n\n{table}\n")
 
 
-def one_request_step_ms(
-    engine: LLMEngine, generator: torch.Generator, prompt_tokens: int = 64, steps: int = 20
+def decode_step_ms(
+    engine: LLMEngine, generator: torch.Generator, requests: int = 1, prompt_tokens: int = 64, steps: int = 20
 ) -> float:
-    """Median ms of ``steps`` decode steps of one request on ``engine`` (an idle ``LLMEngine``): a fresh random
-    prompt of ``prompt_tokens`` byte ids from ``generator``, prefilled first, run to its end afterwards."""
+    """Median ms of ``steps`` decode steps of ``requests`` requests together on ``engine`` (an idle ``LLMEngine``
+    with room for them): fresh random prompts of ``prompt_tokens`` byte ids from ``generator``, all prefilled
+    first, run to their end afterwards."""
     from hyla.serve import SamplingParams  # (the engines sit above bench's helpers)
 
-    prompt = torch.randint(0, 256, (prompt_tokens,), generator=generator).tolist()
-    engine.add_request("r", [prompt], SamplingParams(max_tokens=steps + 4, temperature=0, ignore_eos=True))
-    engine.step()
+    params = SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True)
+    for r in range(requests):
+        prompt = torch.randint(0, 256, (prompt_tokens,), generator=generator).tolist()
+        engine.add_request(f"r{r}", [prompt], params)
+    while any(not seq.output_ids for seqs in engine.requests.values() for seq in seqs):  # the prefills
+        engine.step()
     times = []
     for _ in range(steps):
         start = time.perf_counter()
