@@ -16,9 +16,9 @@ LM head) at 1 and 8 rows (one request; eight), the same product through:
   dependency; ``pip install torchao==0.18.0``);
 - ``hyla gemv`` (one row only): hyla's hand-written kernel (:mod:`hyla.ops.gemv`, built on first use with the
   machine's C++ compiler) on the transposed weight, what a decode step of one request runs;
-- ``hyla q8`` (one row only): hyla's int8 kernel (:func:`hyla.ops.gemv.gemv_q8`: fbgemm's int8 values in tiles,
-  one scale per row; the row quantized in blocks of 32 as llama.cpp's q8_0 does, AVX512-VNNI where the CPU has
-  it), what ``--quantize int8`` runs for one row.
+- ``hyla q8``: hyla's int8 kernel (:func:`hyla.ops.gemv.gemv_q8`: fbgemm's int8 values in tiles, one scale per
+  row; each row quantized in blocks of 32 as llama.cpp's q8_0 does, AVX512-VNNI where the CPU has it, every row
+  through a tile while it is in cache), what ``--quantize int8`` runs for a decode step's rows.
 
 The floor is the weight's bytes over the machine's read bandwidth (a sum over 512 MB), per storage: a product
 cannot read its weight faster. A decode step streams the whole model through the caches, so before every timed
@@ -90,8 +90,9 @@ def kernels(w: torch.Tensor, x: torch.Tensor) -> dict[str, tuple[Callable[[], to
         "woq int8": (lambda: torch._weight_int8pack_mm(x, int8, scales), n * k),
         "woq int4": (lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, int4, INT4_GROUP, scales_zeros), n * k // 2),
     }
-    if x.shape[0] == 1 and gemv_kernel.available():
-        out["hyla gemv"] = (lambda: gemv_kernel.gemv(x, stored), 4 * n * k)
+    if gemv_kernel.available():
+        if x.shape[0] == 1:
+            out["hyla gemv"] = (lambda: gemv_kernel.gemv(x, stored), 4 * n * k)
         out["hyla q8"] = (lambda: gemv_kernel.gemv_q8(x, fbgemm.layout, fbgemm.scale), n * k)
     try:
         from torchao.quantization import Int8WeightOnlyConfig, quantize_

@@ -39,8 +39,9 @@ from hyla.runtime import tune_malloc
 from hyla.serve import EngineConfig
 from hyla.serve.engine import LLMEngine
 presets, quantize, compile, requests = json.loads(sys.argv[1])
-step_ms = getattr(hyla.bench, "decode_step_ms", None) or hyla.bench.one_request_step_ms  # (older revisions)
-assert requests == 1 or step_ms is not hyla.bench.one_request_step_ms, "this revision times one request only"
+several = hasattr(hyla.bench, "decode_step_ms")  # (older revisions: one_request_step_ms, one request only)
+assert requests == 1 or several, "this revision times one request only"
+step_ms = hyla.bench.decode_step_ms if several else hyla.bench.one_request_step_ms
 assert hyla.__file__.startswith(sys.argv[2]), f"hyla imported from {hyla.__file__}, not {sys.argv[2]}"
 tune_malloc()
 out = {}
@@ -88,8 +89,10 @@ def main() -> None:
                     src = str(sources[revision])
                     config = json.dumps([args.preset, args.quantize, args.compile, args.requests])
                     env = {**os.environ, "PYTHONPATH": src}
-                    run = subprocess.run([sys.executable, "-c", CHILD, config, src], env=env, check=True,
-                                         capture_output=True, text=True)  # fmt: skip
+                    run = subprocess.run([sys.executable, "-c", CHILD, config, src], env=env, capture_output=True,
+                                         text=True)  # fmt: skip
+                    if run.returncode:
+                        sys.exit(f"{revision}'s process failed:\n{run.stderr[-3000:]}")
                     for preset, ms in json.loads(run.stdout.splitlines()[-1]).items():
                         times[revision][preset].append(ms)
                     print(f"round {round_ + 1} {revision}: {times[revision]}", flush=True)

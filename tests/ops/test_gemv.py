@@ -55,14 +55,14 @@ def test_the_q8_row_is_within_half_a_step_of_each_block_and_rounds_ties_to_even(
 
 
 @pytest.mark.parametrize("loop", ["plain", "avx2", "vnni"])
-def test_the_q8_kernel_equals_f_linear_on_the_quantized_row_and_the_dequantized_weight(loop):
-    """One row against an int8 weight (one scale per output row), the row quantized in blocks of 32: F.linear of
+def test_the_q8_kernel_equals_f_linear_on_the_quantized_rows_and_the_dequantized_weight(loop):
+    """Rows against an int8 weight (one scale per output row), each quantized in blocks of 32: F.linear of
     q8_row(x) on the dequantized weight up to float32 summation order, on awkward shapes (padding of both the
     outputs to 64 and the inputs to 32), rows with a zero block and ties; each loop this CPU runs (the plain one
-    every CPU runs, AVX2's, AVX512-VNNI's) alike, eager and inside a compiled graph. int8_linear takes it for one row
-    where q8_takes says so."""
+    every CPU runs, AVX2's, AVX512-VNNI's) alike, one row and several (up to past q8_max_rows, none), eager and inside
+    a compiled graph. int8_linear takes it for as many rows as q8_max_rows says, fbgemm for more."""
     from hyla.ops.gemv import gemv_q8, q8_loops, q8_row
-    from hyla.ops.linear import int8_linear, q8_takes, quantize_int8
+    from hyla.ops.linear import Q8_MAX_ROWS, int8_linear, q8_max_rows, quantize_int8
 
     if loop not in q8_loops():
         pytest.skip(f"this CPU does not run gemv_q8's {loop} loop")
@@ -79,13 +79,23 @@ def test_the_q8_kernel_equals_f_linear_on_the_quantized_row_and_the_dequantized_
             expected = F.linear(q8_row(x.reshape(-1)).view(x.shape), dequantized)
             assert rel_err(gemv_q8(x, q.layout, q.scale, loop=loop), expected) < 1e-5
             assert rel_err(gemv_q8(x, q.layout, q.scale, bias, loop), expected + bias) < 1e-5
-            if q8_takes(q.layout.numel()):
+            if q8_max_rows(q.layout.numel()):
                 assert rel_err(int8_linear(x, q), expected + bias) < 1e-5
             else:  # fbgemm (the plain loop only, a large weight)
                 assert rel_err(int8_linear(x, q), F.linear(x, dequantized, bias)) < 0.03
             assert rel_err(expected, F.linear(x, dequantized)) < 0.02  # the row's rounding: q8_0's
-        several = torch.randn(3, inp)  # fbgemm, its activations quantized per call: close, not equal
-        assert rel_err(int8_linear(several, q), F.linear(several, dequantized, bias)) < 0.03
+        for rows in (0, 2, 5, Q8_MAX_ROWS, Q8_MAX_ROWS + 1):  # each row quantized by itself, as one row alone
+            several = torch.randn(rows, inp) * torch.logspace(-3, 3, rows)[:, None]
+            expected = F.linear(q8_row(several), dequantized, bias)
+            assert gemv_q8(several, q.layout, q.scale, bias, loop).shape == (rows, out)
+            if rows:
+                assert rel_err(gemv_q8(several, q.layout, q.scale, bias, loop), expected) < 1e-5
+                assert rel_err(gemv_q8(several[None], q.layout, q.scale, bias, loop)[0], expected) < 1e-5
+            if 1 < rows <= q8_max_rows(q.layout.numel()):
+                assert rel_err(int8_linear(several, q), expected) < 1e-5
+            elif rows > 1:  # fbgemm, activations quantized per call (7 bits, one scale for all rows): close
+                several = torch.randn(rows, inp)
+                assert rel_err(int8_linear(several, q), F.linear(several, dequantized, bias)) < 0.05
     weight, x = torch.randn(1024, 1024), torch.randn(1024)  # 2^20 weights: through fbgemm with the plain loop only
     q = quantize_int8(weight)
     q8 = gemv_q8(x, q.layout, q.scale)
@@ -93,8 +103,8 @@ def test_the_q8_kernel_equals_f_linear_on_the_quantized_row_and_the_dequantized_
     assert rel_err(int8_linear(x, q), F.linear(x, q.dequantized())) < 0.03
     q, bias = quantize_int8(torch.randn(65, 33)), torch.randn(65)  # inside a compiled graph: the C++ operator
     compiled = torch.compile(lambda x: gemv_q8(x * 2, q.layout, q.scale, bias, loop), fullgraph=True)
-    x = torch.randn(1, 1, 33)
-    assert torch.equal(compiled(x), gemv_q8(x * 2, q.layout, q.scale, bias, loop))
+    for x in (torch.randn(1, 1, 33), torch.randn(3, 2, 33)):
+        assert torch.equal(compiled(x), gemv_q8(x * 2, q.layout, q.scale, bias, loop))
 
 
 @pytest.mark.parametrize("loop", ["plain", "avx2", "vnni"])

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from hyla.model.moe import SparseMoE
 from hyla.ops.gemv import available as gemv_available
 from hyla.ops.gemv import experts_q8, gemv, gemv_q8
-from hyla.ops.linear import can_pack, int8_linear, pack, packed_linear, q8_takes, quantize_int8
+from hyla.ops.linear import can_pack, int8_linear, pack, packed_linear, q8_max_rows, quantize_int8
 from hyla.ops.moe import Q8Experts, prepare_experts, prepared_swiglu_experts, q8_experts, swiglu_experts
 
 QUANTIZE = (None, "int8")
@@ -123,8 +123,9 @@ class Int8Linear(_Tokened, PackedLinear):
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__(linear)
-        # What a compiled graph's one-row products read: the q8 kernel's weight, scales and bias, where it takes it.
+        # What a compiled graph's products of up to compiled_q8_rows rows read: the q8 kernel's weight, scales, bias.
         self.compiled_q8: tuple[Tensor, Tensor, Tensor | None] | None = None
+        self.compiled_q8_rows = 0
         self._register()
 
     def _prepare(self) -> object:
@@ -133,13 +134,13 @@ class Int8Linear(_Tokened, PackedLinear):
     def prepare_for_compile(self) -> None:
         super().prepare_for_compile()
         w = self.compiled
-        self.compiled_q8 = (w.layout, w.scale, w.bias) if q8_takes(w.layout.numel()) else None
+        self.compiled_q8, self.compiled_q8_rows = (w.layout, w.scale, w.bias), q8_max_rows(w.layout.numel())
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.compiler.is_compiling():
             if self.compiled is None:
                 return F.linear(x, self.weight, self.bias)
-            if x.numel() == x.shape[-1] and self.compiled_q8 is not None:  # one row: a C++ operator, as int8_linear
+            if x.numel() <= self.compiled_q8_rows * x.shape[-1]:  # a decode step's rows: a C++ operator, as int8_linear
                 return gemv_q8(x.float(), *self.compiled_q8)
             out = _int8_mm(x.reshape(-1, x.shape[-1]).float(), self.token, self.out_features)
             return out.view(*x.shape[:-1], self.out_features)
@@ -184,7 +185,7 @@ class PreparedSparseMoE(_Tokened, SparseMoE):
         self.compiled_copies = kind == "int8" or self.gate_up_proj[0].numel() >= PACKED_COMPILED_MIN_WEIGHTS
         self._copies = _Copies()
         self.compiled: list[tuple[object, object]] | None = None
-        # One token's int8 experts in a compiled graph: every expert's q8 weights (q8_experts) where the kernel
+        # A decode step's int8 experts in a compiled graph: every expert's q8 weights (q8_experts) where the kernel
         # takes them.
         self.compiled_q8: Q8Experts | None = None
         self._register()
@@ -197,8 +198,8 @@ class PreparedSparseMoE(_Tokened, SparseMoE):
         return self._current()[0]
 
     def _current(self) -> tuple[list[tuple[object, object]], Q8Experts | None]:
-        """The copies as they are now and, made with them, what one token's int8 products read (:func:`q8_experts`;
-        None for packed copies or where the q8 kernel does not take them)."""
+        """The copies as they are now and, made with them, what a decode step's int8 products read
+        (:func:`q8_experts`; None for packed copies or where the q8 kernel does not take them)."""
         weights = (self.gate_up_proj, self.down_proj)
 
         def make() -> tuple[list[tuple[object, object]], Q8Experts | None]:
@@ -219,8 +220,8 @@ class PreparedSparseMoE(_Tokened, SparseMoE):
             # One token: gemv on the plain weights. In a compiled graph, small experts keep its own products.
             return super().experts(x, weights, experts)
         copies, q8 = (self.compiled, self.compiled_q8) if compiling else self._current()
-        if x.shape[0] == 1 and q8 is not None:  # one int8 token: the 2k products in one call (a C++ operator)
-            return experts_q8(x.float(), weights.float(), experts, *q8).to(x.dtype)
+        if q8 is not None and x.shape[0] <= q8.max_rows:  # a decode step's int8 tokens: one call (a C++ operator)
+            return experts_q8(x.float(), weights.float(), experts, q8.gate_up, q8.down).to(x.dtype)
         if compiling:
             if copies is None:
                 return swiglu_experts(x, weights, experts, self.gate_up_proj, self.down_proj)

@@ -161,133 +161,158 @@ static void experts_sweep(const float* xp, int64_t hidden, int64_t inter, int64_
   }
 }
 
-// The one-row int8 product as q8_0 computes it: the row quantized in blocks of 32 (one float scale each, |x| max
-// -> 127), int8 x int8 products summed exactly in int32 per block, each block's sum scaled back. The weight is
-// stored as q8_layout() in Python leaves it: int8 values + 128 (unsigned bytes), padded to a multiple of 64 outputs
-// and 32 inputs, in tiles of 64 outputs [tiles, in/4, 64, 4]: each tile one contiguous run, and each 64 bytes the
-// 4 consecutive inputs of 16 outputs that one VNNI instruction (vpdpbusd: unsigned x signed bytes, 4 products
-// summed into each int32 lane) takes. The +128 comes back out of each block's int32 sum exactly (128 times the
-// sum of the block's row values). xq: the row's int8 values [in_p], xs: the blocks' scales [in_p / 32], xo: 128
-// times the blocks' sums of values [in_p / 32].
+// The int8 product as q8_0 computes it, for one row or a few (a decode step's): each row quantized in blocks of 32
+// (one float scale each, |x| max -> 127), int8 x int8 products summed exactly in int32 per block, each block's sum
+// scaled back. The weight is stored as q8_layout() in Python leaves it: int8 values + 128 (unsigned bytes), padded
+// to a multiple of 64 outputs and 32 inputs, in tiles of 64 outputs [tiles, in/4, 64, 4]: each tile one contiguous
+// run, and each 64 bytes the 4 consecutive inputs of 16 outputs that one VNNI instruction (vpdpbusd: unsigned x
+// signed bytes, 4 products summed into each int32 lane) takes. The +128 comes back out of each block's int32 sum
+// exactly (128 times the sum of the block's row values). A tile's 2 KB of one block of inputs is read from memory
+// once and then, from L1, once for every row: several rows cost about what one does while the weights' read bounds
+// the product.
 constexpr int64_t TILE = 64, QBLOCK = 32;
 
-static void q8_tiles_generic(const int8_t* xq, const float* xs, const int32_t* xo, const uint8_t* w, int64_t in_p,
-                             int64_t tiles, float* f) {
-  #pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
-  for (int64_t t = 0; t < tiles; ++t) {
-    const uint8_t* wt = w + t * in_p * TILE;
+// Rows quantized in q8 blocks, for the tile loops: q [rows, in_p] int8 values, s [rows, in_p / 32] the blocks'
+// scales, o [rows, in_p / 32] 128 times the blocks' sums of values (the padding's values zero).
+struct Q8Rows {
+  int64_t rows, in_p, blocks;
+  std::vector<int8_t> q;
+  std::vector<float> s;
+  std::vector<int32_t> o;
+  Q8Rows(int64_t rows, int64_t in_p)
+      : rows(rows), in_p(in_p), blocks(in_p / QBLOCK), q(rows * in_p, 0), s(rows * blocks, 0.f), o(rows * blocks, 0) {}
+
+  // Row r = x [in]: scale = max |x| / 127, values round(x / scale) (half to even, as torch.round). Once per row.
+  void set(int64_t r, const float* xp, int64_t in) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t lo = b * QBLOCK, hi = std::min(in, lo + QBLOCK);
+      float amax = 0.f;
+      for (int64_t i = lo; i < hi; ++i) amax = std::max(amax, std::fabs(xp[i]));
+      if (amax == 0.f) continue;
+      const float scale = amax / 127.f;
+      int32_t sum = 0;
+      for (int64_t i = lo; i < hi; ++i) {
+        const auto v = static_cast<int8_t>(std::nearbyint(xp[i] / scale));
+        q[r * in_p + i] = v;
+        sum += v;
+      }
+      s[r * blocks + b] = scale;
+      o[r * blocks + b] = 128 * sum;
+    }
+  }
+};
+
+// One tile p ([in_p / 4, 64, 4] bytes) times the rows r0 .. r0 + n of x: f[i * ld + j] (i < n, j < 64) = output j
+// of the tile for row r0 + i. Each loop the same sums.
+static void q8_tile_generic(const Q8Rows& x, int64_t r0, int64_t n, const uint8_t* p, float* f, int64_t ld) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t r = r0 + i;
     float acc[TILE] = {0.f};
-    for (int64_t b = 0; b < in_p / QBLOCK; ++b) {
+    for (int64_t b = 0; b < x.blocks; ++b) {
       int32_t a[TILE] = {0};
       for (int64_t g = 0; g < QBLOCK / 4; ++g) {
-        const int8_t* x4 = xq + b * QBLOCK + g * 4;
-        const uint8_t* p = wt + (b * QBLOCK / 4 + g) * TILE * 4;
-        for (int64_t o = 0; o < TILE; ++o)
-          a[o] += p[4 * o] * x4[0] + p[4 * o + 1] * x4[1] + p[4 * o + 2] * x4[2] + p[4 * o + 3] * x4[3];
+        const int8_t* x4 = x.q.data() + r * x.in_p + b * QBLOCK + g * 4;
+        const uint8_t* pg = p + (b * QBLOCK / 4 + g) * TILE * 4;
+        for (int64_t j = 0; j < TILE; ++j)
+          a[j] += pg[4 * j] * x4[0] + pg[4 * j + 1] * x4[1] + pg[4 * j + 2] * x4[2] + pg[4 * j + 3] * x4[3];
       }
-      for (int64_t o = 0; o < TILE; ++o) acc[o] += xs[b] * float(a[o] - xo[b]);
+      for (int64_t j = 0; j < TILE; ++j) acc[j] += x.s[r * x.blocks + b] * float(a[j] - x.o[r * x.blocks + b]);
     }
-    for (int64_t o = 0; o < TILE; ++o) f[t * TILE + o] = acc[o];
+    std::copy(acc, acc + TILE, f + i * ld);
   }
 }
 
 #if defined(__x86_64__)
+// Block b of the tile (p at its 2 KB) for the R rows r .. r + R - 1, added into f[i * ld + j]: each 64 weight bytes
+// loaded once for the R rows (up to 4: 16 accumulators, 4 weight and R row registers of AVX-512's 32).
+template <int R>
 __attribute__((target("avx512f,avx512bw,avx512vnni")))
-static void q8_tiles_vnni(const int8_t* xq, const float* xs, const int32_t* xo, const uint8_t* w, int64_t in_p,
-                          int64_t tiles, float* f) {
-  #pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
-  for (int64_t t = 0; t < tiles; ++t) {
-    const uint8_t* p = w + t * in_p * TILE;
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
-    for (int64_t b = 0; b < in_p / QBLOCK; ++b) {
-      __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
-      for (int64_t g = 0; g < QBLOCK / 4; ++g, p += TILE * 4) {
-        int32_t x4;
-        std::memcpy(&x4, xq + b * QBLOCK + g * 4, 4);
-        const __m512i xb = _mm512_set1_epi32(x4);
-        a0 = _mm512_dpbusd_epi32(a0, _mm512_loadu_si512(p), xb);
-        a1 = _mm512_dpbusd_epi32(a1, _mm512_loadu_si512(p + 64), xb);
-        a2 = _mm512_dpbusd_epi32(a2, _mm512_loadu_si512(p + 128), xb);
-        a3 = _mm512_dpbusd_epi32(a3, _mm512_loadu_si512(p + 192), xb);
-      }
-      const __m512 s = _mm512_set1_ps(xs[b]);
-      const __m512i o = _mm512_set1_epi32(xo[b]);
-      acc0 = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_sub_epi32(a0, o)), acc0);
-      acc1 = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_sub_epi32(a1, o)), acc1);
-      acc2 = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_sub_epi32(a2, o)), acc2);
-      acc3 = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_sub_epi32(a3, o)), acc3);
+static void q8_block_vnni(const Q8Rows& x, int64_t r, int64_t b, const uint8_t* p, float* f, int64_t ld) {
+  __m512i a[R][4];
+  for (int i = 0; i < R; ++i)
+    for (int k = 0; k < 4; ++k) a[i][k] = _mm512_setzero_si512();
+  for (int64_t g = 0; g < QBLOCK / 4; ++g) {
+    const uint8_t* pg = p + g * TILE * 4;
+    const __m512i w[4] = {_mm512_loadu_si512(pg), _mm512_loadu_si512(pg + 64), _mm512_loadu_si512(pg + 128),
+                          _mm512_loadu_si512(pg + 192)};
+    for (int i = 0; i < R; ++i) {
+      int32_t x4;
+      std::memcpy(&x4, x.q.data() + (r + i) * x.in_p + b * QBLOCK + g * 4, 4);
+      const __m512i xb = _mm512_set1_epi32(x4);
+      for (int k = 0; k < 4; ++k) a[i][k] = _mm512_dpbusd_epi32(a[i][k], w[k], xb);
     }
-    float* ft = f + t * TILE;
-    _mm512_storeu_ps(ft, acc0);
-    _mm512_storeu_ps(ft + 16, acc1);
-    _mm512_storeu_ps(ft + 32, acc2);
-    _mm512_storeu_ps(ft + 48, acc3);
+  }
+  for (int i = 0; i < R; ++i) {
+    const __m512 s = _mm512_set1_ps(x.s[(r + i) * x.blocks + b]);
+    const __m512i o = _mm512_set1_epi32(x.o[(r + i) * x.blocks + b]);
+    float* fi = f + i * ld;
+    for (int k = 0; k < 4; ++k) {
+      const __m512 sum = _mm512_cvtepi32_ps(_mm512_sub_epi32(a[i][k], o));
+      _mm512_storeu_ps(fi + 16 * k, _mm512_fmadd_ps(s, sum, _mm512_loadu_ps(fi + 16 * k)));
+    }
   }
 }
-#endif
+
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+static void q8_tile_vnni(const Q8Rows& x, int64_t r0, int64_t n, const uint8_t* p, float* f, int64_t ld) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int k = 0; k < 4; ++k) _mm512_storeu_ps(f + i * ld + 16 * k, _mm512_setzero_ps());
+  for (int64_t b = 0; b < x.blocks; ++b, p += QBLOCK * TILE) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) q8_block_vnni<4>(x, r0 + i, b, p, f + i * ld, ld);
+    switch (n - i) {
+      case 3: q8_block_vnni<3>(x, r0 + i, b, p, f + i * ld, ld); break;
+      case 2: q8_block_vnni<2>(x, r0 + i, b, p, f + i * ld, ld); break;
+      case 1: q8_block_vnni<1>(x, r0 + i, b, p, f + i * ld, ld); break;
+    }
+  }
+}
 
 // The same sums with AVX2 (CPUs without AVX512-VNNI): vpmaddubsw multiplies unsigned by signed bytes and adds
 // pairs into int16, which the +128 bytes would overflow (255 x 127 x 2), so each weight byte is turned back into
 // its signed value (xor 0x80) and the row's sign moved onto it (vpsignb): |x| x (+-w) pairs stay within
 // 2 x 127 x 127 < 2^15, as in llama.cpp's q8_0 dot products; vpmaddwd with ones sums each 4 into an int32 lane.
-// The sums are the exact signed ones, so the +128 correction (xo) is not needed.
-#if defined(__x86_64__)
+// The sums are the exact signed ones, so the +128 correction (o) is not needed.
 __attribute__((target("avx2,fma")))
-static void q8_tiles_avx2(const int8_t* xq, const float* xs, const uint8_t* w, int64_t in_p, int64_t tiles, float* f) {
-  #pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
-  for (int64_t t = 0; t < tiles; ++t) {
-    const uint8_t* p = w + t * in_p * TILE;
-    const __m256i flip = _mm256_set1_epi8(char(0x80)), ones = _mm256_set1_epi16(1);
-    __m256 acc[TILE / 8];
-    for (auto& a : acc) a = _mm256_setzero_ps();
-    for (int64_t b = 0; b < in_p / QBLOCK; ++b) {
+static void q8_tile_avx2(const Q8Rows& x, int64_t r0, int64_t n, const uint8_t* p, float* f, int64_t ld) {
+  const __m256i flip = _mm256_set1_epi8(char(0x80)), ones = _mm256_set1_epi16(1);
+  for (int64_t i = 0; i < n; ++i)
+    for (int k = 0; k < TILE / 8; ++k) _mm256_storeu_ps(f + i * ld + 8 * k, _mm256_setzero_ps());
+  for (int64_t b = 0; b < x.blocks; ++b, p += QBLOCK * TILE) {
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t r = r0 + i;
+      const int8_t* xr = x.q.data() + r * x.in_p + b * QBLOCK;
       __m256i sum[TILE / 8];
-      for (auto& s : sum) s = _mm256_setzero_si256();
-      for (int64_t g = 0; g < QBLOCK / 4; ++g, p += TILE * 4) {
+      for (auto& v : sum) v = _mm256_setzero_si256();
+      for (int64_t g = 0; g < QBLOCK / 4; ++g) {
         int32_t x4;
-        std::memcpy(&x4, xq + b * QBLOCK + g * 4, 4);
+        std::memcpy(&x4, xr + g * 4, 4);
         const __m256i xb = _mm256_set1_epi32(x4), xa = _mm256_sign_epi8(xb, xb);
+        const uint8_t* pg = p + g * TILE * 4;
         for (int k = 0; k < TILE / 8; ++k) {
-          const __m256i wk = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * k)), flip);
+          const __m256i wk = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pg + 32 * k)), flip);
           const __m256i pairs = _mm256_maddubs_epi16(xa, _mm256_sign_epi8(wk, xb));
           sum[k] = _mm256_add_epi32(sum[k], _mm256_madd_epi16(pairs, ones));
         }
       }
-      const __m256 s = _mm256_set1_ps(xs[b]);
-      for (int k = 0; k < TILE / 8; ++k) acc[k] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(sum[k]), acc[k]);
+      const __m256 s = _mm256_set1_ps(x.s[r * x.blocks + b]);
+      float* fi = f + i * ld;
+      for (int k = 0; k < TILE / 8; ++k)
+        _mm256_storeu_ps(fi + 8 * k, _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(sum[k]), _mm256_loadu_ps(fi + 8 * k)));
     }
-    for (int k = 0; k < TILE / 8; ++k) _mm256_storeu_ps(f + t * TILE + 8 * k, acc[k]);
   }
 }
 #endif
 
-// The row in blocks of 32: scale = max |x| / 127, values round(x / scale) (half to even, as torch.round); xq, xs
-// and xo zeroed by the caller, [in_p] and [in_p / 32] (the padding stays zero).
-static void q8_quantize(const float* xp, int64_t in, int64_t in_p, int8_t* xq, float* xs, int32_t* xo) {
-  for (int64_t b = 0; b < in_p / QBLOCK; ++b) {
-    const int64_t lo = b * QBLOCK, hi = std::min(in, lo + QBLOCK);
-    float amax = 0.f;
-    for (int64_t i = lo; i < hi; ++i) amax = std::max(amax, std::fabs(xp[i]));
-    if (amax == 0.f) continue;
-    const float s = amax / 127.f;
-    int32_t sum = 0;
-    for (int64_t i = lo; i < hi; ++i) {
-      xq[i] = static_cast<int8_t>(std::nearbyint(xp[i] / s));
-      sum += xq[i];
-    }
-    xs[b] = s;
-    xo[b] = 128 * sum;
-  }
-}
-
-// f [tiles * 64]: the quantized row times the q8_layout weight w, by the loop `level` (q8_level()'s numbers).
-static void q8_tiles(int64_t level, const int8_t* xq, const float* xs, const int32_t* xo, const uint8_t* w,
-                     int64_t in_p, int64_t tiles, float* f) {
+// One tile by the loop `level` (q8_level()'s numbers): tile t of the q8_layout weight w times rows r0 .. r0 + n.
+static void q8_tile(int64_t level, const Q8Rows& x, int64_t r0, int64_t n, const uint8_t* w, int64_t t, float* f,
+                    int64_t ld) {
+  const uint8_t* p = w + t * x.in_p * TILE;
 #if defined(__x86_64__)
-  if (level == 2) return q8_tiles_vnni(xq, xs, xo, w, in_p, tiles, f);
-  if (level == 1) return q8_tiles_avx2(xq, xs, w, in_p, tiles, f);
+  if (level == 2) return q8_tile_vnni(x, r0, n, p, f, ld);
+  if (level == 1) return q8_tile_avx2(x, r0, n, p, f, ld);
 #endif
-  q8_tiles_generic(xq, xs, xo, w, in_p, tiles, f);
+  q8_tile_generic(x, r0, n, p, f, ld);
 }
 
 // The fastest loop of gemv_q8 this CPU runs: 2 (AVX512-VNNI), 1 (AVX2), 0 (the plain loop).
@@ -362,31 +387,17 @@ torch::Tensor experts_gemv_t(torch::Tensor x, torch::Tensor ids, torch::Tensor r
   return y;
 }
 
-// The weight's tiles and padded inputs, checked against a row of `in` values and the scales: w in q8_layout.
+// The weight's tiles and padded inputs, checked against rows of `in` values and the scales: w in q8_layout.
 static std::pair<int64_t, int64_t> q8_shape(int64_t in, const torch::Tensor& w, const torch::Tensor& scale) {
   TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 4 && w.is_contiguous() && w.size(2) == TILE && w.size(3) == 4,
               "gemv_q8: the weight in q8_layout");
   const int64_t tiles = w.size(0), in_p = w.size(1) * 4, out = scale.numel();
   TORCH_CHECK(in_p % QBLOCK == 0 && in <= in_p && in_p - in < QBLOCK && out <= tiles * TILE &&
                   tiles * TILE - out < TILE,
-              "gemv_q8: the row and the scales do not fit the weight");
+              "gemv_q8: the rows and the scales do not fit the weight");
   TORCH_CHECK(scale.dtype() == torch::kFloat32 && scale.is_contiguous(), "gemv_q8: the scales are float32 [out]");
   return {tiles, in_p};
 }
-
-// A row's q8 blocks: its values [in_p], scales and corrections [in_p / 32].
-struct Q8Row {
-  std::vector<int8_t> q;
-  std::vector<float> s;
-  std::vector<int32_t> o;
-  Q8Row(const float* xp, int64_t in, int64_t in_p) : q(in_p, 0), s(in_p / QBLOCK, 0.f), o(in_p / QBLOCK, 0) {
-    q8_quantize(xp, in, in_p, q.data(), s.data(), o.data());
-  }
-  // f [tiles * 64] = this row times w (q8_layout, `tiles` tiles), by the loop `level`.
-  void times(int64_t level, const torch::Tensor& w, int64_t tiles, float* f) const {
-    q8_tiles(level, q.data(), s.data(), o.data(), w.data_ptr<uint8_t>(), int64_t(q.size()), tiles, f);
-  }
-};
 
 // The loop `level` asks for (q8_level()'s numbers, at most this CPU's; -1: this CPU's fastest).
 static int64_t q8_loop(int64_t level, const char* who) {
@@ -394,33 +405,50 @@ static int64_t q8_loop(int64_t level, const char* who) {
   return level < 0 ? q8_level() : level;
 }
 
-// x [..., in] with one row in all, float32 -> y [out].
+// x [..., in] float32 (any number of rows) -> y [..., out]: all rows through each tile, the tiles split over the
+// threads, each tile's outputs scaled (and biased) as it ends.
 torch::Tensor gemv_q8_t(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> bias,
                         int64_t level) {
   NoGil no_gil;
-  x = x.reshape(-1).contiguous();
-  TORCH_CHECK(x.dtype() == torch::kFloat32, "gemv_q8 takes a float32 row");
+  x = x.contiguous();
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() >= 1, "gemv_q8 takes float32 rows [..., in]");
   level = q8_loop(level, "gemv_q8");
-  const int64_t in = x.numel(), out = scale.numel();
+  const int64_t in = x.size(-1), rows = in ? x.numel() / in : 0, out = scale.numel();
   int64_t tiles, in_p;
   std::tie(tiles, in_p) = q8_shape(in, w, scale);
   TORCH_CHECK(!bias.has_value() || (bias->dtype() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == out),
               "gemv_q8: the bias is float32 [out]");
-  std::vector<float> f(tiles * TILE);
-  Q8Row(x.data_ptr<float>(), in, in_p).times(level, w, tiles, f.data());
-  auto y = torch::empty({out}, x.options());
-  const float* sp = scale.data_ptr<float>();
+  auto sizes = x.sizes().vec();
+  sizes.back() = out;
+  auto y = torch::empty(sizes, x.options());
+  const float *xp = x.data_ptr<float>(), *sp = scale.data_ptr<float>();
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
-  for (int64_t o = 0; o < out; ++o) yp[o] = f[o] * sp[o] + (bp ? bp[o] : 0.f);
+  Q8Rows q(rows, in_p);
+  #pragma omp parallel num_threads(at::get_num_threads())
+  {
+    #pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) q.set(r, xp + r * in, in);
+    std::vector<float> f(rows * TILE);  // one tile's sums for every row
+    #pragma omp for schedule(static)
+    for (int64_t t = 0; t < tiles; ++t) {
+      q8_tile(level, q, 0, rows, wp, t, f.data(), TILE);
+      const int64_t lo = t * TILE, n = std::min(TILE, out - lo);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t j = 0; j < n; ++j) yp[r * out + lo + j] = f[r * TILE + j] * sp[lo + j] + (bp ? bp[lo + j] : 0.f);
+    }
+  }
   return y;
 }
 
 // Each token's k int8 SwiGLU experts, their products as gemv_q8's: y_n = sum_j r_nj down_e(silu(gate_e x_n) *
 // up_e x_n), e = ids[n, j]. x [N, H], ids [N, k] int64 and router [N, k] float32; every expert's gate/up weight
-// [2I, H] (gate rows first) and down weight [H, I] in q8_layout with their scales [2I] and [H] -> y [N, H]. Each
-// row is quantized once for its k gate/up products, each activation once for its down product; no Python between
-// the 2k products.
+// [2I, H] (gate rows first) and down weight [H, I] in q8_layout with their scales [2I] and [H] -> y [N, H]. The
+// (token, expert) pairs are grouped by expert, so each chosen expert's weights are read once for all its tokens;
+// each token's row is quantized once for its k gate/up products, each activation once for its down product. One
+// parallel region: the (expert, tile) items of the gate/up products, the activations, the items of the down
+// products; then each token's k outputs summed in the order j = 0 .. k - 1.
 torch::Tensor experts_q8_t(torch::Tensor x, torch::Tensor ids, torch::Tensor router, std::vector<torch::Tensor> gate_up,
                            std::vector<torch::Tensor> gate_up_scale, std::vector<torch::Tensor> down,
                            std::vector<torch::Tensor> down_scale, int64_t level) {
@@ -443,26 +471,80 @@ torch::Tensor experts_q8_t(torch::Tensor x, torch::Tensor ids, torch::Tensor rou
   }
   const int64_t gu_tiles = gate_up[0].size(0), gu_in = gate_up[0].size(1) * 4;
   const int64_t d_tiles = down[0].size(0), d_in = down[0].size(1) * 4;
-  std::vector<float> f(std::max(gu_tiles, d_tiles) * TILE), act(inter);
-  auto y = torch::zeros({rows, hidden}, x.options());
+  const int64_t pairs = rows * k, gu_ld = gu_tiles * TILE, d_ld = d_tiles * TILE;
   const int64_t* ip = ids.data_ptr<int64_t>();
-  const float* rp = router.data_ptr<float>();
-  for (int64_t n = 0; n < rows; ++n) {
-    const Q8Row row(x.data_ptr<float>() + n * hidden, hidden, gu_in);
-    float* yp = y.data_ptr<float>() + n * hidden;
-    for (int64_t j = 0; j < k; ++j) {
-      const int64_t e = ip[n * k + j];
-      TORCH_CHECK(e >= 0 && e < experts, "experts_q8: an expert id out of range");
-      row.times(level, gate_up[e], gu_tiles, f.data());
-      const float* s = gate_up_scale[e].data_ptr<float>();
+  // The pairs grouped by expert (stable): pair m = n * k + j is row slot[m] of the grouping; expert e's rows start
+  // at start[e].
+  std::vector<int64_t> start(experts + 1, 0), slot(pairs), expert_of(pairs);
+  for (int64_t m = 0; m < pairs; ++m) {
+    TORCH_CHECK(ip[m] >= 0 && ip[m] < experts, "experts_q8: an expert id out of range");
+    ++start[ip[m] + 1];
+  }
+  for (int64_t e = 0; e < experts; ++e) start[e + 1] += start[e];
+  std::vector<int64_t> next(start.begin(), start.end() - 1);
+  for (int64_t m = 0; m < pairs; ++m) {
+    const int64_t p = next[ip[m]]++;
+    slot[m] = p, expert_of[p] = ip[m];
+  }
+  // Work items: (expert, tile) for every expert with pairs.
+  std::vector<std::pair<int64_t, int64_t>> gu_items, d_items;
+  for (int64_t e = 0; e < experts; ++e) {
+    if (start[e + 1] == start[e]) continue;
+    for (int64_t t = 0; t < gu_tiles; ++t) gu_items.emplace_back(e, t);
+    for (int64_t t = 0; t < d_tiles; ++t) d_items.emplace_back(e, t);
+  }
+  Q8Rows xin(pairs, gu_in), act(pairs, d_in);
+  auto y = torch::empty({rows, hidden}, x.options());
+  float* y_data = y.data_ptr<float>();
+  std::vector<float> first(pairs * gu_ld), second(pairs * d_ld), hid(pairs * inter);
+  const float* xp = x.data_ptr<float>();
+  #pragma omp parallel num_threads(at::get_num_threads())
+  {
+    #pragma omp for schedule(static)
+    for (int64_t n = 0; n < rows; ++n) {  // each token's row quantized once, copied to its k pairs
+      const int64_t p0 = slot[n * k];
+      xin.set(p0, xp + n * hidden, hidden);
+      for (int64_t j = 1; j < k; ++j) {
+        const int64_t p = slot[n * k + j];
+        std::copy_n(xin.q.begin() + p0 * gu_in, gu_in, xin.q.begin() + p * gu_in);
+        std::copy_n(xin.s.begin() + p0 * xin.blocks, xin.blocks, xin.s.begin() + p * xin.blocks);
+        std::copy_n(xin.o.begin() + p0 * xin.blocks, xin.blocks, xin.o.begin() + p * xin.blocks);
+      }
+    }
+    #pragma omp for schedule(static)
+    for (size_t it = 0; it < gu_items.size(); ++it) {
+      const int64_t e = gu_items[it].first, t = gu_items[it].second;
+      q8_tile(level, xin, start[e], start[e + 1] - start[e], gate_up[e].data_ptr<uint8_t>(), t,
+              first.data() + start[e] * gu_ld + t * TILE, gu_ld);
+    }
+    #pragma omp for schedule(static)
+    for (int64_t p = 0; p < pairs; ++p) {
+      const float* s = gate_up_scale[expert_of[p]].data_ptr<float>();
+      const float* f = first.data() + p * gu_ld;
+      float* h = hid.data() + p * inter;
       for (int64_t o = 0; o < inter; ++o) {
         const float g = f[o] * s[o], u = f[inter + o] * s[inter + o];
-        act[o] = g / (1.f + std::exp(-g)) * u;
+        h[o] = g / (1.f + std::exp(-g)) * u;
       }
-      Q8Row(act.data(), inter, d_in).times(level, down[e], d_tiles, f.data());
-      const float r = rp[n * k + j];
-      const float* sd = down_scale[e].data_ptr<float>();
-      for (int64_t o = 0; o < hidden; ++o) yp[o] += r * (f[o] * sd[o]);
+      act.set(p, h, inter);
+    }
+    #pragma omp for schedule(static)
+    for (size_t it = 0; it < d_items.size(); ++it) {
+      const int64_t e = d_items[it].first, t = d_items[it].second;
+      q8_tile(level, act, start[e], start[e + 1] - start[e], down[e].data_ptr<uint8_t>(), t,
+              second.data() + start[e] * d_ld + t * TILE, d_ld);
+    }
+    #pragma omp for schedule(static)
+    for (int64_t n = 0; n < rows; ++n) {
+      float* yp = y_data + n * hidden;
+      std::fill(yp, yp + hidden, 0.f);
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t p = slot[n * k + j];
+        const float r = router.data_ptr<float>()[n * k + j];
+        const float* sd = down_scale[expert_of[p]].data_ptr<float>();
+        const float* f = second.data() + p * d_ld;
+        for (int64_t o = 0; o < hidden; ++o) yp[o] += r * (f[o] * sd[o]);
+      }
     }
   }
   return y;
@@ -584,7 +666,7 @@ def _kernel():
     torch.library.register_fake("hyla::gemv", lambda x, wt, bias: x.new_empty(wt.shape[1]))
     torch.library.register_fake("hyla::experts_gemv", lambda x, ids, router, gate_up, down: x.new_empty(x.shape))
     torch.library.register_fake("hyla::lightning_decode", lambda q, k, v, slope, pool, slots: q.new_empty(q.shape))
-    torch.library.register_fake("hyla::gemv_q8", lambda x, w, scale, bias, level: x.new_empty(scale.shape[0]))
+    torch.library.register_fake("hyla::gemv_q8", lambda x, w, s, bias, level: x.new_empty(*x.shape[:-1], len(s)))
     torch.library.register_fake("hyla::experts_q8", lambda x, ids, router, *weights: x.new_empty(x.shape))
     return module
 
@@ -638,22 +720,24 @@ def q8_layout(values: Tensor) -> Tensor:
 
 
 def q8_row(x: Tensor) -> Tensor:
-    """The row as :func:`gemv_q8` multiplies it (its reference): ``x`` ``[in]`` float32 quantized in blocks of
-    :data:`Q8_BLOCK` (scale ``max |x| / 127``, values ``round(x / scale)``) and dequantized -> ``[in]``."""
-    blocks = F.pad(x, (0, -x.numel() % Q8_BLOCK)).view(-1, Q8_BLOCK)
-    scale = blocks.abs().amax(1, keepdim=True) / 127
+    """The rows as :func:`gemv_q8` multiplies them (its reference): each row of ``x`` ``[..., in]`` float32
+    quantized in blocks of :data:`Q8_BLOCK` (scale ``max |x| / 127``, values ``round(x / scale)``) and dequantized ->
+    ``[..., in]``."""
+    blocks = F.pad(x, (0, -x.shape[-1] % Q8_BLOCK)).unflatten(-1, (-1, Q8_BLOCK))
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
     values = torch.where(scale > 0, torch.round(blocks / scale), 0.0)
-    return (values * scale).flatten()[: x.numel()]
+    return (values * scale).flatten(-2)[..., : x.shape[-1]]
 
 
 def gemv_q8(x: Tensor, layout: Tensor, scale: Tensor, bias: Tensor | None = None, loop: str | None = None) -> Tensor:
-    """``F.linear(q8_row(x), W, bias)`` for one row, ``W = values * scale[:, None]`` given as ``layout =
-    q8_layout(values)`` (int8 values ``[out, in]``) and ``scale`` ``[out]`` float32: the row quantized in blocks of
-    32 as llama.cpp's q8_0 quantizes activations, int8 x int8 products summed exactly in int32. ``x`` ``[..., in]``
-    with one row in all, float32 -> ``[..., out]``. ``loop``: one of :func:`q8_loops` (the same sums by each; None:
+    """``F.linear(q8_row(x), W, bias)`` for one row or a few (a decode step's), ``W = values * scale[:, None]`` given
+    as ``layout = q8_layout(values)`` (int8 values ``[out, in]``) and ``scale`` ``[out]`` float32: each row quantized
+    in blocks of 32 as llama.cpp's q8_0 quantizes activations, int8 x int8 products summed exactly in int32, every
+    row through each tile of the weight while it is in cache. ``x`` ``[..., in]`` float32 -> ``[..., out]``.
+    ``loop``: one of :func:`q8_loops` (the same sums by each; None:
     the fastest). Inside ``torch.compile`` one opaque operation. Only where :func:`available`."""
     op = torch.ops.hyla.gemv_q8 if torch.compiler.is_compiling() else _kernel().gemv_q8_t
-    return op(x, layout, scale, bias, _q8_level(loop)).view(*x.shape[:-1], scale.shape[0])
+    return op(x, layout, scale, bias, _q8_level(loop))
 
 
 def experts_q8(

@@ -56,8 +56,8 @@ def _(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
 @dataclass(frozen=True)
 class Int8Weight:
     """A weight ``[out, in]`` as int8 with one float scale per output row (``max |w| / 127``), in the two forms its
-    products read: fbgemm's packed object (:func:`int8_linear` of several rows) and
-    :func:`~hyla.ops.gemv.q8_layout`'s tiles with the scales ``[out]`` (one row, through
+    products read: fbgemm's packed object (:func:`int8_linear` of many rows: prefill) and
+    :func:`~hyla.ops.gemv.q8_layout`'s tiles with the scales ``[out]`` (a decode step's rows, through
     :func:`hyla.ops.gemv.gemv_q8`); the same int8 values. ``bias``: float32 ``[out]`` or None."""
 
     packed: object
@@ -88,25 +88,34 @@ def quantize_int8(weight: Tensor, bias: Tensor | None = None) -> Int8Weight:
 INT8_GEMV_MAX_WEIGHTS = 2**20
 # With only the q8 kernel's plain loop (CPUs without AVX2: no byte products the kernel spells out), one row takes it
 # for weights below this size only (fbgemm's per-call cost loses on `small`'s matrices, its throughput wins on
-# `medium`'s, RESULTS.md "A later agent turn in one step; packed experts ..."). With the AVX2 or the AVX512-VNNI
-# loop the kernel runs every size faster than fbgemm (decode steps in RESULTS.md, "int8 one-row products by path").
+# `medium`'s, RESULTS.md "A later agent turn in one step; packed experts ..."), and several rows never do. With the
+# AVX2 or the AVX512-VNNI loop the kernel runs one row of every size faster than fbgemm (decode steps in RESULTS.md,
+# "int8 one-row products by path").
+
+Q8_MAX_ROWS = 32
+# With the AVX2 or the AVX512-VNNI loop, up to this many rows (a decode step's, the compiled steps' most:
+# hyla.serve.runner.COMPILED_MAX_BATCH) go to the q8 kernel, every row through each tile of the weight while it is
+# in cache; more rows (prefill) go to fbgemm, whose GEMM blocking computes faster once the product is bound by
+# arithmetic rather than by reading the weight (RESULTS.md, "int8 products of a few rows").
 
 
-def q8_takes(num_weights: int) -> bool:
-    """Whether :func:`int8_linear` sends one row against a weight of ``num_weights`` (its q8 layout's, padding
-    included) to :func:`hyla.ops.gemv.gemv_q8`."""
+def q8_max_rows(num_weights: int) -> int:
+    """The most rows :func:`int8_linear` sends against a weight of ``num_weights`` (its q8 layout's, padding
+    included) to :func:`hyla.ops.gemv.gemv_q8`: 0 where the kernel is not built, :data:`Q8_MAX_ROWS` with its AVX2 or
+    AVX512-VNNI loop, else 1 below :data:`INT8_GEMV_MAX_WEIGHTS` and 0 from there."""
     loops = q8_loops()
-    return bool(loops) and (loops[-1] != "plain" or num_weights < INT8_GEMV_MAX_WEIGHTS)
+    if not loops:
+        return 0
+    return Q8_MAX_ROWS if loops[-1] != "plain" else int(num_weights < INT8_GEMV_MAX_WEIGHTS)
 
 
 def int8_linear(x: Tensor, weight: Int8Weight) -> Tensor:
     """``F.linear(x, weight, bias)`` with ``weight = quantize_int8(weight, bias)``: ``[..., in]`` -> ``[..., out]``,
-    float32. Several rows: fbgemm, the activations quantized per call (one scale per call, to 7 bits:
-    ``reduce_range``, which fbgemm needs on CPUs without VNNI), so each output is within ~1-2% of the float
-    product's scale (measured). One row, where the gemv kernel builds (on CPUs with neither AVX2 nor AVX512-VNNI
-    only against a weight under :data:`INT8_GEMV_MAX_WEIGHTS`): :func:`hyla.ops.gemv.gemv_q8`, the row quantized
-    in blocks of 32 as llama.cpp's q8_0 does (closer to the float product than one scale per call)."""
-    if x.numel() == x.shape[-1] and q8_takes(weight.layout.numel()):
+    float32. Up to :func:`q8_max_rows` rows (a decode step's): :func:`hyla.ops.gemv.gemv_q8`, each row quantized in
+    blocks of 32 as llama.cpp's q8_0 does. More rows (prefill): fbgemm, the activations quantized per call (one
+    scale per call, to 7 bits: ``reduce_range``, which fbgemm needs on CPUs without VNNI), so each output is within
+    ~1-2% of the float product's scale (measured); q8_0's blocks stay closer to the float product."""
+    if x.numel() <= q8_max_rows(weight.layout.numel()) * x.shape[-1]:
         return gemv_q8(x.float(), weight.layout, weight.scale, weight.bias)
     out = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]).float(), weight.packed, True)
     return out.view(*x.shape[:-1], out.shape[-1])

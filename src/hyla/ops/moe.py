@@ -19,13 +19,14 @@ products on oneDNN-packed (or int8) copies of its matrices.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hyla.ops.gemv import experts_gemv, experts_q8
-from hyla.ops.linear import Int8Weight, int8_linear, pack, packed_linear, q8_takes, quantize_int8
+from hyla.ops.gemv import experts_gemv
+from hyla.ops.linear import Int8Weight, int8_linear, pack, packed_linear, q8_max_rows, quantize_int8
 
 
 def route(router_logits: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -181,8 +182,9 @@ def prepared_swiglu_experts(
     """:func:`swiglu_experts` through prepared copies of the experts (``copies = prepare_experts(..., kind)``):
     each chosen expert's two products once over its tokens (one token: each of its pairs directly). ``"packed"``:
     float32, the float products up to summation order, 1.1-1.8x faster than the grouped kernel from 2 to 512
-    tokens on `small` (``benchmarks/experts.py``, RESULTS.md); ``"int8"``: within ~1-2% of the float products (one
-    token, where :func:`~hyla.ops.linear.int8_linear` takes the q8 kernel: :func:`~hyla.ops.gemv.experts_q8`).
+    tokens on `small` (``benchmarks/experts.py``, RESULTS.md); ``"int8"``: each product through
+    :func:`~hyla.ops.linear.int8_linear` (the serving engine's modules send a decode step's tokens to
+    :func:`~hyla.ops.gemv.experts_q8` instead: the same products, every expert in one call).
     ``x`` ``[N, H]``, ``weights``/``experts`` ``[N, k]`` -> ``[N, H]`` float32. Inference only."""
     product = packed_linear if kind == "packed" else int8_linear
 
@@ -192,8 +194,6 @@ def prepared_swiglu_experts(
 
     x = x.float()
     if x.shape[0] == 1:  # one token: no sorting or gathering, as the float ``pairs`` path
-        if kind == "int8" and (q8 := q8_experts(copies)) is not None:
-            return experts_q8(x, weights.float(), experts, *q8)  # the 2k products in one call
         chosen = [copies[e] for e in experts[0].tolist()]
         out = torch.zeros_like(x)
         for j, pair in enumerate(chosen):
@@ -205,17 +205,23 @@ def prepared_swiglu_experts(
     return dispatch.combine(ys, weights.float())
 
 
-Q8Experts = tuple[list[tuple[Tensor, Tensor]], list[tuple[Tensor, Tensor]]]
-# Every expert's (q8 layout, scales) of its gate/up and of its down weight, as experts_q8 takes them.
+class Q8Experts(NamedTuple):
+    """Every expert's ``(q8 layout, scales)`` of its gate/up and of its down weight, as
+    :func:`~hyla.ops.gemv.experts_q8` takes them, and the most tokens one call takes (:func:`q8_max_rows`)."""
+
+    gate_up: list[tuple[Tensor, Tensor]]
+    down: list[tuple[Tensor, Tensor]]
+    max_rows: int
 
 
 def q8_experts(copies: Sequence[tuple[Int8Weight, Int8Weight]]) -> Q8Experts | None:
-    """The ``(layout, scale)`` of every expert's gate/up and down weights as :func:`~hyla.ops.gemv.experts_q8`
-    takes them, from ``prepare_experts(..., "int8")``'s copies; None where one token's products do not go to the q8
-    kernel (:func:`~hyla.ops.linear.q8_takes`; a bias)."""
-    if not all(w.bias is None and q8_takes(w.layout.numel()) for pair in copies for w in pair):
+    """What :func:`~hyla.ops.gemv.experts_q8` reads of ``prepare_experts(..., "int8")``'s copies; None where no
+    token's products go to the q8 kernel (:func:`~hyla.ops.linear.q8_max_rows` 0; a bias)."""
+    max_rows = min(q8_max_rows(w.layout.numel()) for pair in copies for w in pair)
+    if max_rows == 0 or any(w.bias is not None for pair in copies for w in pair):
         return None
-    return tuple([(w.layout, w.scale) for w in ws] for ws in zip(*copies, strict=True))
+    gate_up, down = ([(w.layout, w.scale) for w in ws] for ws in zip(*copies, strict=True))
+    return Q8Experts(gate_up, down, max_rows)
 
 
 class _Dispatch:
