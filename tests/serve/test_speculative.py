@@ -4,6 +4,7 @@ token for token, for every layer pattern and under chunking, preemption, prefix 
 max_tokens inside an accepted run; sampled outputs follow the model's distribution (a chi-square test)."""
 
 import itertools
+import math
 import random
 
 import pytest
@@ -19,6 +20,13 @@ VOCAB = 12  # a small vocabulary: random models repeat themselves, so drafts com
 
 def reader(tokens: list[int]):
     return lambda start, stop: tokens[start:stop]
+
+
+@pytest.fixture(autouse=True)
+def untimed_steps(monkeypatch):
+    """The engines here do not tell their proposers the steps' times (the drafts a test sees would otherwise depend
+    on how fast this machine ran the steps); the timing policy has tests of its own below."""
+    monkeypatch.setattr(NgramProposer, "record_step", lambda self, num_seqs, drafted, seconds: None)
 
 
 def test_the_proposer_continues_the_latest_earlier_occurrence_of_the_longest_suffix():
@@ -48,6 +56,60 @@ def test_a_request_whose_drafts_fail_waits_longer_each_time():
     assert [proposer.propose(key, reader(tokens), 5, limit=8) for _ in range(2)] == [[], [3, 1]]
     proposer.feedback(key, drafted=4, accepted=1)  # some accepted, but the running share is below the bar
     assert proposer.propose(key, reader(tokens), 5, limit=8) == []
+
+
+def test_drafts_pause_while_a_verify_step_costs_more_decode_steps_than_it_makes_tokens(monkeypatch):
+    """The measured cost of a step with drafts over a plain one (running averages, per number of sequences) is the
+    bar a round's tokens (its accepted drafts and the one after them) must clear; the longest pause grows with it,
+    and where even all drafts kept would not clear it, drafts come only as a rare probe."""
+    monkeypatch.undo()  # the real record_step
+    from hyla.serve.speculative import MAX_COOLDOWN, STEP_EMA
+
+    proposer, key, tokens = NgramProposer(num_draft_tokens=4), ("a", 0), [1, 2, 3, 4, 5, 6, 1, 2]
+    assert proposer.verify_cost(1) == 1.0  # nothing timed yet
+    proposer.record_step(1, drafted=False, seconds=0.002)
+    assert proposer.verify_cost(1) == 1.0  # no verify step timed yet
+    proposer.record_step(1, drafted=True, seconds=0.006)
+    assert proposer.verify_cost(1) == pytest.approx(3.0)
+    assert proposer.verify_cost(2) == 1.0  # another batch size: its own steps
+    proposer.record_step(1, drafted=True, seconds=0.016)
+    assert proposer.verify_cost(1) == pytest.approx((0.006 + STEP_EMA * 0.010) / 0.002)  # 4
+    assert proposer.propose(key, reader(tokens), 8, limit=8) == [3, 4, 5, 6]
+    proposer.feedback(key, drafted=4, accepted=2)  # 3 tokens for a step that cost 4 decode steps: poor
+    assert proposer.propose(key, reader(tokens), 8, limit=8) == []
+    assert proposer.propose(key, reader(tokens), 8, limit=8) == [3, 4, 5, 6]
+    proposer.feedback(key, drafted=4, accepted=3)  # 4 tokens: good
+    assert proposer.propose(key, reader(tokens), 8, limit=8) == [3, 4, 5, 6]
+    for _ in range(12):  # poor rounds in a row: the pause doubles up to MAX_COOLDOWN times the cost
+        proposer.feedback(key, drafted=4, accepted=0)
+
+    def pause() -> int:
+        n = 0
+        while not proposer.propose(key, reader(tokens), 8, limit=8):
+            n += 1
+        return n
+
+    assert pause() == round(MAX_COOLDOWN * proposer.verify_cost(1))
+    proposer.feedback(key, drafted=4, accepted=4)
+    proposer.record_step(1, drafted=True, seconds=0.068)  # a verify step now costs 10 decode steps: 5 tokens can't pay
+    assert proposer.verify_cost(1) == pytest.approx(10.0)
+    assert pause() == math.ceil(MAX_COOLDOWN * proposer.verify_cost(1)) - 1  # withheld, then one probe
+    assert proposer.propose(("b", 0), reader(tokens), 8, limit=8) == []  # every request: the engine's steps cost it
+
+
+def test_the_engine_times_its_decode_steps_for_the_proposer(monkeypatch):
+    """Decode steps (no prompt chunk) report their sequences, whether they verified drafts, and a duration."""
+    steps = []
+    monkeypatch.setattr(
+        NgramProposer, "record_step", lambda self, n, drafted, seconds: steps.append((n, drafted, seconds))
+    )
+    torch.manual_seed(3)
+    spec, _ = engines(random_model(layer_types=PATTERNS["alternating"], vocab_size=VOCAB + 4))
+    spec.generate(repetitive_prompts(seed=3)[:1], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+    assert {(n, drafted) for n, drafted, _ in steps} == {(1, False), (1, True)}
+    assert all(seconds > 0 for *_, seconds in steps)
+    # Every decode step, and only those: 20 tokens = the prefill step's + each decode step's 1 + accepted drafts.
+    assert len(steps) == 19 - spec.engine.stats.accepted_tokens
 
 
 def repetitive_prompts(seed: int, lengths=(24, 9, 40, 3)) -> list[list[int]]:

@@ -8,6 +8,7 @@ docstring); :meth:`LLMEngine.step` schedules, executes, samples and turns new to
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from hyla.serve.inputs import InputProcessor
 from hyla.serve.outputs import OutputProcessor, RequestOutput, TokenLogprob
 from hyla.serve.runner import COMPILED_MAX_BATCH, ModelRunner, kv_bytes_per_token, snapshot_bytes
 from hyla.serve.sampling import SampleInput, SamplingParams, sample
-from hyla.serve.scheduler import Request, ScheduledSeq, Scheduler, Status, StepStats
+from hyla.serve.scheduler import Request, ScheduledSeq, Scheduler, SchedulerOutput, Status, StepStats
 from hyla.serve.speculative import NgramProposer
 
 # The default KV pool's tokens (and the default context of models whose own is longer, MiniMax-Text-01's 10M).
@@ -212,9 +213,19 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run one forward, sample; returns the outputs of the sequences that produced a token."""
+        start = time.perf_counter()
         out = self.scheduler.schedule()
         if not out.seqs:
             return []
+        results = self._run(out)
+        proposer = self.scheduler.proposer
+        if proposer is not None and all(s.sample and s.num_tokens == 1 + len(s.draft) for s in out.seqs):
+            # A decode step (no prompt chunk): its time tells the proposer what verifying drafts costs.
+            proposer.record_step(len(out.seqs), any(s.draft for s in out.seqs), time.perf_counter() - start)
+        return results
+
+    def _run(self, out: SchedulerOutput) -> list[RequestOutput]:
+        """Run the scheduled step ``out``: the forward, sampling, the outputs."""
         logits = self.runner.execute(out)
         to_sample = [(self.scheduler.requests[k], s) for k, s in zip(out.keys, out.seqs, strict=True) if s.sample]
         if not to_sample:  # only prompt chunks this step

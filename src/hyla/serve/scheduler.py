@@ -339,7 +339,7 @@ class Scheduler:
             if seq.draft:
                 stats.draft_tokens += len(seq.draft)
                 stats.accepted_tokens += len(seq.draft) - rejected
-                self.proposer.feedback(request.key, len(seq.draft), len(seq.draft) - rejected)
+                self.proposer.feedback(request.key, len(seq.draft), len(seq.draft) - rejected, len(out.seqs))
         for save in self._saves:
             if save.pending:
                 save.request.pending_boundary = save.boundary

@@ -7,9 +7,16 @@ to ``min_ngram`` tokens. The engine verifies the drafts in one forward (the last
 the ordinary packed path), keeps the longest prefix the target model agrees with and rewinds the lightning
 states past it (:mod:`hyla.serve.runner`); the output distribution is the target model's, whatever is drafted.
 
-A request whose drafts were all rejected, or whose running share of accepted drafts fell below
-:data:`MIN_ACCEPTANCE`, gets none for the next ``cooldown`` steps (doubling while poor rounds go on, reset by a
-good one), so that text that does not repeat itself decodes about as without speculation.
+A round of drafts is poor when all were rejected, when the request's running share of accepted drafts fell below
+:data:`MIN_ACCEPTANCE`, or when the tokens it made (the accepted drafts and the one after them) fall short of what
+its step cost in plain decode steps: the engine times both kinds of step (:meth:`NgramProposer.record_step`), and a
+verify step may cost several decode steps (its tokens route to more experts; with ``--compile`` the decode steps run
+compiled and the verify steps eager: 4.8-5.3x on `small` int8, RESULTS.md). After a poor round the request gets no
+drafts for the next ``cooldown`` steps (doubling while poor rounds go on, up to :data:`MAX_COOLDOWN` times that
+cost ratio; reset by a good round). Where even a round of drafts all kept would not pay (the cost ratio at the last
+step's number of sequences above one plus the drafts), no request gets drafts but for one probe every
+:data:`MAX_COOLDOWN` times that ratio of withheld rounds, which times a verify step again. So text that does not
+repeat itself, or an engine whose verify steps cost too much, decodes about as without speculation.
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-MAX_COOLDOWN = 32  # the longest run of steps a request goes without drafts after repeated poor rounds
+MAX_COOLDOWN = 32  # the longest run of steps without drafts after repeated poor rounds, per decode step a round costs
+STEP_EMA = 0.2  # the weight of a new step's time in the running step times
 # Below this running share of drafts accepted a request's round counts as poor (cools down): a verify step costs
 # more than a decode step (measured on the main job's model: RESULTS.md, "Speculative decoding").
 MIN_ACCEPTANCE = 0.5
@@ -43,6 +51,11 @@ class NgramProposer:
         self.num_draft_tokens = num_draft_tokens
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self._histories: dict[RequestKey, _History] = {}
+        # Running wall seconds of decode steps by (sequences in the step, whether it verified drafts); the last
+        # step's sequences (the next step's likely size); drafts withheld since the last probe.
+        self._step_seconds: dict[tuple[int, bool], float] = {}
+        self._num_seqs = 1
+        self._withheld = 0
 
     def propose(self, key: RequestKey, tokens: TokenSource, num_tokens: int, limit: int) -> list[int]:
         """Up to ``min(num_draft_tokens, limit)`` tokens to follow the ``num_tokens`` tokens of request ``key``
@@ -54,6 +67,12 @@ class NgramProposer:
             return []
         if limit <= 0 or num_tokens <= self.min_ngram:
             return []
+        cost = self.verify_cost(self._num_seqs)
+        if 1 + limit < cost:  # not even all drafts kept would pay for the step: only a rare probe re-measures it
+            self._withheld += 1
+            if self._withheld < MAX_COOLDOWN * cost:
+                return []
+            self._withheld = 0
         # Index the n-grams that end before the last token: a suffix then matches only an earlier occurrence.
         start = max(history.indexed - self.max_ngram + 1, 0)
         seen = tokens(start, num_tokens)
@@ -68,17 +87,30 @@ class NgramProposer:
                 return tokens(follows, min(follows + limit, num_tokens))
         return []
 
-    def feedback(self, key: RequestKey, drafted: int, accepted: int) -> None:
-        """How the request's last drafts fared: a full rejection, or a running acceptance below
-        :data:`MIN_ACCEPTANCE`, starts (or doubles) its cooldown; a good round resets it."""
+    def record_step(self, num_seqs: int, drafted: bool, seconds: float) -> None:
+        """A decode step of ``num_seqs`` sequences ran in ``seconds``, verifying drafts or not."""
+        key, self._num_seqs = (num_seqs, drafted), num_seqs
+        before = self._step_seconds.get(key)
+        self._step_seconds[key] = seconds if before is None else before + STEP_EMA * (seconds - before)
+
+    def verify_cost(self, num_seqs: int) -> float:
+        """What a step of ``num_seqs`` sequences that verifies drafts costs in plain decode steps of as many (1.0
+        until both kinds were timed)."""
+        verify, plain = self._step_seconds.get((num_seqs, True)), self._step_seconds.get((num_seqs, False))
+        return verify / plain if verify and plain else 1.0
+
+    def feedback(self, key: RequestKey, drafted: int, accepted: int, num_seqs: int = 1) -> None:
+        """How the request's last drafts fared in a step of ``num_seqs`` sequences: a poor round (see the module
+        docstring) starts (or doubles) its cooldown; a good round resets it."""
         history = self._histories.get(key)
         if history is None or not drafted:
             return
         history.acceptance = (history.acceptance + accepted / drafted) / 2
-        if accepted and history.acceptance >= MIN_ACCEPTANCE:
+        cost = self.verify_cost(num_seqs)
+        if accepted and history.acceptance >= MIN_ACCEPTANCE and 1 + accepted >= cost:
             history.backoff = 0
         else:
-            history.backoff = min(max(2 * history.backoff, 1), MAX_COOLDOWN)
+            history.backoff = min(max(2 * history.backoff, 1), round(MAX_COOLDOWN * max(cost, 1.0)))
             history.cooldown = history.backoff
 
     def forget(self, key: RequestKey) -> None:
