@@ -200,6 +200,13 @@ struct Q8Rows {
       o[r * blocks + b] = 128 * sum;
     }
   }
+
+  // Row `to` = row `from` (a row quantized once, wanted in several places).
+  void copy_row(int64_t from, int64_t to) {
+    std::copy_n(q.begin() + from * in_p, in_p, q.begin() + to * in_p);
+    std::copy_n(s.begin() + from * blocks, blocks, s.begin() + to * blocks);
+    std::copy_n(o.begin() + from * blocks, blocks, o.begin() + to * blocks);
+  }
 };
 
 // One tile p ([in_p / 4, 64, 4] bytes) times the rows r0 .. r0 + n of x: f[i * ld + j] (i < n, j < 64) = output j
@@ -497,19 +504,14 @@ torch::Tensor experts_q8_t(torch::Tensor x, torch::Tensor ids, torch::Tensor rou
   auto y = torch::empty({rows, hidden}, x.options());
   float* y_data = y.data_ptr<float>();
   std::vector<float> first(pairs * gu_ld), second(pairs * d_ld), hid(pairs * inter);
-  const float* xp = x.data_ptr<float>();
+  const float *xp = x.data_ptr<float>(), *rp = router.data_ptr<float>();
   #pragma omp parallel num_threads(at::get_num_threads())
   {
     #pragma omp for schedule(static)
     for (int64_t n = 0; n < rows; ++n) {  // each token's row quantized once, copied to its k pairs
       const int64_t p0 = slot[n * k];
       xin.set(p0, xp + n * hidden, hidden);
-      for (int64_t j = 1; j < k; ++j) {
-        const int64_t p = slot[n * k + j];
-        std::copy_n(xin.q.begin() + p0 * gu_in, gu_in, xin.q.begin() + p * gu_in);
-        std::copy_n(xin.s.begin() + p0 * xin.blocks, xin.blocks, xin.s.begin() + p * xin.blocks);
-        std::copy_n(xin.o.begin() + p0 * xin.blocks, xin.blocks, xin.o.begin() + p * xin.blocks);
-      }
+      for (int64_t j = 1; j < k; ++j) xin.copy_row(p0, slot[n * k + j]);
     }
     #pragma omp for schedule(static)
     for (size_t it = 0; it < gu_items.size(); ++it) {
@@ -540,7 +542,7 @@ torch::Tensor experts_q8_t(torch::Tensor x, torch::Tensor ids, torch::Tensor rou
       std::fill(yp, yp + hidden, 0.f);
       for (int64_t j = 0; j < k; ++j) {
         const int64_t p = slot[n * k + j];
-        const float r = router.data_ptr<float>()[n * k + j];
+        const float r = rp[n * k + j];
         const float* sd = down_scale[expert_of[p]].data_ptr<float>();
         const float* f = second.data() + p * d_ld;
         for (int64_t o = 0; o < hidden; ++o) yp[o] += r * (f[o] * sd[o]);
