@@ -8,8 +8,8 @@ speculation pays when the tokens a step keeps exceed its cost ratio to a decode 
 tokens route to more experts than one token: with 8 experts top-2, 5 tokens touch 6.1 experts on average (uniform
 routing) against 2, which the ratio includes.
 
-With ``--compile`` the plain decode steps (``k = 0``) run compiled, as ``hyla serve --compile`` runs them; steps
-with drafts run eager there too, so the drafted engines are not compiled.
+With ``--compile`` every engine runs its steps compiled, as ``hyla serve --compile`` does: the plain decode steps
+(``k = 0``) through the decode graphs, the steps with drafts through the verify graphs.
 
 Usage: python benchmarks/verify_cost.py [--preset small] [--quantize int8] [--compile] [--drafts 1 2 4 8]
        [--no-append]
@@ -32,24 +32,20 @@ from hyla.data.tokenizer import byte_level_tokenizer
 from hyla.runtime import tune_malloc
 from hyla.serve import EngineConfig, SamplingParams
 from hyla.serve.engine import LLMEngine
+from hyla.serve.speculative import NgramProposer
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
-class RandomDrafts:
-    """A proposer drafting ``k`` random token ids every step (the scheduler's proposer interface)."""
+class RandomDrafts(NgramProposer):
+    """A proposer drafting ``k`` random token ids every step, whatever the step costs or the drafts' fate."""
 
     def __init__(self, k: int, vocab: int) -> None:
-        self.k, self.vocab, self.rng = k, vocab, random.Random(0)
+        super().__init__(k)
+        self.vocab, self.rng = vocab, random.Random(0)
 
     def propose(self, key, tokens, num_tokens: int, limit: int) -> list[int]:
-        return [self.rng.randrange(self.vocab) for _ in range(min(self.k, limit))]
-
-    def feedback(self, key, drafted: int, accepted: int) -> None:
-        pass
-
-    def forget(self, key) -> None:
-        pass
+        return [self.rng.randrange(self.vocab) for _ in range(min(self.num_draft_tokens, limit))]
 
 
 def expected_experts(tokens: int, top_k: int, experts: int) -> float:
@@ -62,7 +58,7 @@ def main() -> None:
     parser.add_argument("--preset", default="small", choices=["small", "medium"])
     parser.add_argument("--quantize", choices=["int8"], default=None)
     parser.add_argument("--drafts", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--compile", action="store_true", help="the plain decode steps compiled (see above)")
+    parser.add_argument("--compile", action="store_true", help="every step compiled (see above)")
     parser.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
     args = parser.parse_args()
     tune_malloc()
@@ -74,7 +70,7 @@ def main() -> None:
     for k in [0, *args.drafts]:
         spec = dict(speculative="ngram", num_draft_tokens=k) if k else {}
         engine = LLMEngine(copy.deepcopy(base), byte_level_tokenizer(), EngineConfig(max_model_len=2048,
-                           max_num_seqs=1, quantize=args.quantize, compile=args.compile and not k, **spec))  # fmt: skip
+                           max_num_seqs=1, quantize=args.quantize, compile=args.compile, **spec))  # fmt: skip
         if k:
             engine.scheduler.proposer = RandomDrafts(k, config.vocab_size)
         engine.add_request("0", [prompt], SamplingParams(max_tokens=1500, temperature=0, ignore_eos=True))
@@ -95,10 +91,10 @@ def main() -> None:
         touched = expected_experts(k + 1, c.num_experts_per_tok, c.num_experts)
         lines.append(f"| {k} | {t:.2f} | {t / ms[0]:.2f}x | {touched:.1f} of {c.num_experts} |")
     table = "\n".join(lines)
-    name = f"{args.preset}{', int8' if args.quantize else ', float32'}{', compiled decode' if args.compile else ''}"
+    name = f"{args.preset}{', int8' if args.quantize else ', float32'}{', compiled' if args.compile else ''}"
     header = (f"Machine: {machine_description()}. Preset `{args.preset}` (vocab 8192, random weights), "
               f"{'int8 linear layers and experts' if args.quantize else 'float32'}, "
-              f"{'plain decode steps compiled, drafted steps eager' if args.compile else 'eager'}; one request after a "
+              f"{'every step compiled (decode and verify graphs)' if args.compile else 'eager'}; one request after a "
               "256-token prompt; k random drafts a step (all rejected: each step rewinds), medians of 5 "
               "alternations of 20 steps.")  # fmt: skip
     print(header)

@@ -183,3 +183,52 @@ def test_the_lightning_decode_kernel_equals_the_torch_step_in_place_eager_and_co
         got = compiled(q, pool)
     expected = lightning_decode(q * 2, k, v, slope, expected_pool, slots) + 1
     assert rel_err(got, expected) < 1e-6 and rel_err(pool, expected_pool) < 1e-6
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_the_lightning_decode_kernel_applies_a_slots_consecutive_rows_in_order(threads):
+    """Rows sharing a slot (a request's last token and its drafts in one verify step) equal as many decode steps,
+    one token at a time through the reference step (float64): runs of 1, 3 and 5 rows, a padding row between
+    them; rows of a slot that are not consecutive are refused."""
+    from hyla.ops.gemv import lightning_decode
+    from hyla.ops.lightning import lightning_attention_step
+
+    h, d, slot_ids = 3, 19, [4, 4, 4, -1, 0, 2, 2, 2, 2, 2]
+    pool, slope = torch.randn(6, h, d, d, dtype=torch.float64), torch.rand(h, dtype=torch.float64)
+    q, k, v = torch.randn(3, len(slot_ids), h, d, dtype=torch.float64).unbind()
+    expected_pool, expected = pool.clone(), torch.zeros_like(q)
+    for row, slot in enumerate(slot_ids):
+        if slot >= 0:
+            o, s = lightning_attention_step(q[row, None], k[row, None], v[row, None], slope, expected_pool[slot, None])
+            expected[row], expected_pool[slot] = o[0], s[0]
+    before_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = lightning_decode(q, k, v, slope, pool, torch.tensor(slot_ids))
+        with pytest.raises(RuntimeError, match="consecutive"):
+            lightning_decode(q[:3], k[:3], v[:3], slope, pool, torch.tensor([1, 2, 1]))
+    finally:
+        torch.set_num_threads(before_threads)
+    assert rel_err(got, expected) < 1e-12 and rel_err(pool, expected_pool) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_lightning_replay_kernel_equals_the_closed_form_state(dtype):
+    """gemv.lightning_replay (a verify step's rewind) against its reference, lightning_state from the kept states:
+    sequences keeping 0, 1, 3 and 6 tokens of a packed step, their kept rows out of order, other slots untouched."""
+    from hyla.ops.gemv import lightning_replay
+    from hyla.ops.lightning import lightning_state
+
+    h, d = 3, 21
+    pool, slope = torch.randn(7, h, d, d, dtype=dtype), torch.rand(h, dtype=dtype)
+    before = torch.randn(4, h, d, d, dtype=dtype)
+    k, v = torch.randn(2, 12, h, d, dtype=dtype).unbind()
+    slots, rows = torch.tensor([5, 0, 3, 2]), torch.tensor([2, 0, 3, 1])
+    segments = [(0, 0), (1, 1), (4, 3), (6, 6)]
+    expected = pool.clone()
+    expected[slots] = lightning_state(k, v, slope, before[rows], segments)
+    starts, counts = (torch.tensor(x) for x in zip(*segments, strict=True))
+    lightning_replay(pool, slots, before, rows, k, v, slope, starts, counts)
+    assert rel_err(pool, expected) < (1e-5 if dtype == torch.float32 else 1e-12)
+    with pytest.raises(RuntimeError, match="outside"):
+        lightning_replay(pool, slots, before, rows, k, v, slope, starts, counts + 1)

@@ -151,6 +151,48 @@ def test_greedy_outputs_equal_a_full_forward_and_speculation_off(pattern, budget
     assert e.cache.blocks.num_free == e.config.num_blocks and e.cache.slots.num_free == e.config.max_num_seqs
 
 
+def test_without_the_cpp_kernels_verify_steps_take_the_packed_path_and_rewind_in_closed_form(monkeypatch):
+    """Where the C++ decode kernel is absent (another device, no compiler), drafted decodes run through the packed
+    prefill path and the rewind computes the states in closed form: the same greedy tokens as a full forward."""
+    from hyla.ops.lightning import lightning_decode
+
+    torch.manual_seed(3)
+    model = random_model(layer_types=PATTERNS["alternating"], vocab_size=VOCAB + 4).double()
+    spec, _ = engines(model)
+    monkeypatch.setattr(spec.engine.runner, "lightning_decode", lightning_decode)
+    prompts = repetitive_prompts(seed=6)
+    got = [c[0].token_ids for c in spec.generate(prompts, SamplingParams(max_tokens=30, temperature=0,
+                                                                          ignore_eos=True))]  # fmt: skip
+    assert got == [full_forward_greedy(model, p, 30, vocab=VOCAB) for p in prompts]
+    assert 0 < spec.engine.stats.accepted_tokens < spec.engine.stats.draft_tokens
+
+
+@pytest.mark.slow
+def test_compiled_verify_steps_equal_a_full_forward_without_recompiling(monkeypatch):
+    """``compile=True`` with speculation: steps of decodes with drafts (one to three requests, some without drafts,
+    requests arriving, finishing and preempted) run the verify graphs compiled at start, never recompiling; every
+    greedy token equals a full forward's (float64), and the rewound states carry on exactly."""
+    torch.manual_seed(4)
+    model = random_model(layer_types=PATTERNS["alternating"], vocab_size=VOCAB + 4).double()
+    spec, _ = engines(model, compile=True, num_blocks=40)
+    runner = spec.engine.runner
+    compiled, shapes = runner._compiled_verify, []
+
+    def counted(ids, step, rows):
+        shapes.append((len(step.slots), len(ids)))
+        return compiled(ids, step, rows)
+
+    monkeypatch.setattr(runner, "_compiled_verify", counted)
+    prompts = repetitive_prompts(seed=7, lengths=(24, 9, 40, 3, 17))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = [c[0].token_ids for c in spec.generate(prompts, SamplingParams(max_tokens=30, temperature=0,
+                                                                              ignore_eos=True))]  # fmt: skip
+    assert got == [full_forward_greedy(model, p, 30, vocab=VOCAB) for p in prompts]
+    stats = spec.engine.stats
+    assert 0 < stats.accepted_tokens < stats.draft_tokens and stats.preemptions > 0
+    assert {b for b, _ in shapes} >= {1, 2, 3} and any(n > b + 1 for b, n in shapes)
+
+
 def test_stop_strings_max_tokens_n_and_logprobs_are_those_of_speculation_off():
     torch.manual_seed(1)
     model = random_model(layer_types=PATTERNS["alternating"], vocab_size=VOCAB + 4).double()

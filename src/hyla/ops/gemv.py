@@ -568,9 +568,11 @@ static void lightning_head(const T* q, const T* k, const T* v, T decay, T* S, T*
   }
 }
 
-// One decode token for each of B requests: q, k, v [B, H, D] and pool [S, H, D, D] of one float dtype (float32 or
-// float64), slope [H], slots [B] (-1: a padding row, output zeros, no state touched) -> o [B, H, D]; each
-// request's states pool[slots[b]] updated in place. Heads split over the threads once there is enough of them.
+// One decode token for each of B rows: q, k, v [B, H, D] and pool [S, H, D, D] of one float dtype (float32 or
+// float64), slope [H], slots [B] (-1: a padding row, output zeros, no state touched) -> o [B, H, D]; each row's
+// state pool[slots[b]] updated in place. Rows of one slot must be consecutive (a request's last token and its
+// drafts): they are applied in order, each reading the state its predecessor left. Runs of rows times heads split
+// over the threads once there is enough of them.
 torch::Tensor lightning_decode_t(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor slope,
                                  torch::Tensor pool, torch::Tensor slots) {
   NoGil no_gil;
@@ -587,7 +589,17 @@ torch::Tensor lightning_decode_t(torch::Tensor q, torch::Tensor k, torch::Tensor
   const auto rates = slope.to(pool.scalar_type()).contiguous();
   const int64_t b = q.size(0), h = q.size(1), d = q.size(2), num_slots = pool.size(0);
   const int64_t* ip = ids.data_ptr<int64_t>();
-  for (int64_t r = 0; r < b; ++r) TORCH_CHECK(ip[r] >= -1 && ip[r] < num_slots, "lightning_decode: a slot outside");
+  std::vector<int64_t> runs;  // the first row of each run of rows of one slot (a padding row: a run of its own)
+  std::vector<char> seen(num_slots, 0);
+  for (int64_t r = 0; r < b; ++r) {
+    TORCH_CHECK(ip[r] >= -1 && ip[r] < num_slots, "lightning_decode: a slot outside");
+    if (r > 0 && ip[r] >= 0 && ip[r] == ip[r - 1]) continue;
+    TORCH_CHECK(ip[r] < 0 || !seen[ip[r]], "lightning_decode: the rows of a slot must be consecutive");
+    if (ip[r] >= 0) seen[ip[r]] = 1;
+    runs.push_back(r);
+  }
+  const int64_t num_runs = static_cast<int64_t>(runs.size());
+  runs.push_back(b);
   auto o = torch::empty(q.sizes(), q.options());
   AT_DISPATCH_FLOATING_TYPES(pool.scalar_type(), "lightning_decode", [&] {
     const auto row = [](const torch::Tensor& x, int64_t r, int64_t head) {
@@ -596,20 +608,75 @@ torch::Tensor lightning_decode_t(torch::Tensor q, torch::Tensor k, torch::Tensor
     const scalar_t* rp = rates.data_ptr<scalar_t>();
     scalar_t *sp = pool.data_ptr<scalar_t>(), *op = o.data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, d * d));  // heads a thread takes at least
-    at::parallel_for(0, b * h, grain, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, num_runs * h, grain, [&](int64_t lo, int64_t hi) {
       for (int64_t n = lo; n < hi; ++n) {
-        const int64_t r = n / h, head = n % h;
-        if (ip[r] < 0) {
-          std::fill(op + n * d, op + (n + 1) * d, scalar_t(0));
-          continue;
-        }
+        const int64_t run = n / h, head = n % h;
         const scalar_t decay = std::exp(-rp[head]);
-        lightning_head(row(q, r, head), row(k, r, head), row(v, r, head), decay, sp + (ip[r] * h + head) * d * d,
-                       op + n * d, d);
+        for (int64_t r = runs[run]; r < runs[run + 1]; ++r) {
+          scalar_t* out = op + (r * h + head) * d;
+          if (ip[r] < 0) {
+            std::fill(out, out + d, scalar_t(0));
+            continue;
+          }
+          lightning_head(row(q, r, head), row(k, r, head), row(v, r, head), decay,
+                         sp + (ip[r] * h + head) * d * d, out, d);
+        }
       }
     });
   });
   return o;
+}
+
+// A lightning layer's states rewound after a verify step: for each of R sequences, its state from before the step
+// (before[rows[r]], [B, H, D, D]) stepped through its first counts[r] tokens (rows starts[r].. of k, v [N, H, D])
+// into pool[slots[r]]: S = decay S + k^T v per token, as lightning_head updates it, no output.
+void lightning_replay_t(torch::Tensor pool, torch::Tensor slots, torch::Tensor before, torch::Tensor rows,
+                        torch::Tensor k, torch::Tensor v, torch::Tensor slope, torch::Tensor starts,
+                        torch::Tensor counts) {
+  NoGil no_gil;
+  TORCH_CHECK(pool.dim() == 4 && pool.is_contiguous() && before.dim() == 4 && before.is_contiguous() &&
+                  before.sizes().slice(1) == pool.sizes().slice(1) && k.dim() == 3 && k.sizes() == v.sizes() &&
+                  k.size(1) == pool.size(1) && k.size(2) == pool.size(2) && slope.numel() == pool.size(1),
+              "lightning_replay shapes");
+  TORCH_CHECK((pool.scalar_type() == torch::kFloat32 || pool.scalar_type() == torch::kFloat64) &&
+                  before.scalar_type() == pool.scalar_type() && k.scalar_type() == pool.scalar_type() &&
+                  v.scalar_type() == pool.scalar_type(), "lightning_replay: states, k and v of one float dtype");
+  for (auto* x : {&k, &v})
+    if (x->stride(2) != 1) *x = x->contiguous();
+  const auto ints = [](const torch::Tensor& x) { return x.to(torch::kInt64).contiguous(); };
+  const auto slot = ints(slots), row = ints(rows), start = ints(starts), count = ints(counts);
+  const int64_t r_n = slot.numel(), h = pool.size(1), d = pool.size(2);
+  TORCH_CHECK(row.numel() == r_n && start.numel() == r_n && count.numel() == r_n, "lightning_replay: R of each");
+  const int64_t *sp = slot.data_ptr<int64_t>(), *rp = row.data_ptr<int64_t>(), *tp = start.data_ptr<int64_t>(),
+                *cp = count.data_ptr<int64_t>();
+  for (int64_t r = 0; r < r_n; ++r)
+    TORCH_CHECK(sp[r] >= 0 && sp[r] < pool.size(0) && rp[r] >= 0 && rp[r] < before.size(0) && tp[r] >= 0 &&
+                    cp[r] >= 0 && tp[r] + cp[r] <= k.size(0), "lightning_replay: an index outside");
+  const auto rates = slope.to(pool.scalar_type()).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(pool.scalar_type(), "lightning_replay", [&] {
+    const scalar_t* ratep = rates.data_ptr<scalar_t>();
+    const scalar_t* bp = before.data_ptr<scalar_t>();
+    scalar_t* pp = pool.data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, d * d));
+    at::parallel_for(0, r_n * h, grain, [&](int64_t lo, int64_t hi) {
+      for (int64_t n = lo; n < hi; ++n) {
+        const int64_t r = n / h, head = n % h;
+        const scalar_t decay = std::exp(-ratep[head]);
+        scalar_t* S = pp + (sp[r] * h + head) * d * d;
+        const scalar_t* src = bp + (rp[r] * h + head) * d * d;
+        std::copy(src, src + d * d, S);
+        for (int64_t t = tp[r]; t < tp[r] + cp[r]; ++t) {
+          const scalar_t* kt = k.data_ptr<scalar_t>() + t * k.stride(0) + head * k.stride(1);
+          const scalar_t* vt = v.data_ptr<scalar_t>() + t * v.stride(0) + head * v.stride(1);
+          for (int64_t i = 0; i < d; ++i) {
+            scalar_t* srow = S + i * d;
+            const scalar_t ki = kt[i];
+            for (int64_t j = 0; j < d; ++j) srow[j] = decay * srow[j] + ki * vt[j];
+          }
+        }
+      }
+    });
+  });
 }
 
 // Registers the entry points the compiled decode step calls as operators of namespace ns (gemv, experts_gemv,
@@ -650,15 +717,16 @@ def _machine_tag() -> str:
 @functools.cache
 def _kernel():
     """The built kernels (``gemv_t``, ``experts_gemv_t``, ``gemv_q8_t``, ``experts_q8_t``, ``lightning_decode_t``,
-    ``q8_level``), or None where they cannot be built (not Linux, no compiler, a failed build). Building them
-    registers ``torch.ops.hyla.gemv``, ``experts_gemv``, ``lightning_decode``, ``gemv_q8`` and ``experts_q8``: the
-    operators compiled graphs call (C++ from the graph's wrapper to the kernel; their shapes for tracing below)."""
+    ``lightning_replay_t``, ``q8_level``), or None where they cannot be built (not Linux, no compiler, a failed
+    build). Building them registers ``torch.ops.hyla.gemv``, ``experts_gemv``, ``lightning_decode``, ``gemv_q8``
+    and ``experts_q8``: the operators compiled graphs call (C++ from the graph's wrapper to the kernel; their
+    shapes for tracing below)."""
     if platform.system() != "Linux":
         return None
     from torch.utils.cpp_extension import load_inline
 
-    functions = ["gemv_t", "experts_gemv_t", "gemv_q8_t", "experts_q8_t", "lightning_decode_t", "q8_level",
-                 "register_ops"]  # fmt: skip
+    functions = ["gemv_t", "experts_gemv_t", "gemv_q8_t", "experts_q8_t", "lightning_decode_t", "lightning_replay_t",
+                 "q8_level", "register_ops"]  # fmt: skip
     try:
         module = load_inline(f"hyla_gemv_{_machine_tag()}", _SOURCE, functions=functions,
                              extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])  # fmt: skip
@@ -700,13 +768,34 @@ def experts_gemv(x: Tensor, weights: Tensor, experts: Tensor, gate_up_proj: Tens
 
 
 def lightning_decode(q: Tensor, k: Tensor, v: Tensor, slope: Tensor, pool: Tensor, slots: Tensor) -> Tensor:
-    """:func:`hyla.ops.lightning.lightning_step_slots` (its reference) in one pass over each state: one decode
-    token for each of ``B`` requests, ``S = exp(-slope) S + k^T v`` and ``o = q S`` per head, each request's
-    states ``pool[slots]`` updated in place. ``q, k, v`` ``[B, H, D]`` and ``pool`` ``[S, H, D, D]`` of one dtype,
-    float32 or float64; ``slots`` ``[B]`` (``-1``: a padding row, zeros out) -> ``o`` ``[B, H, D]``. Inside
-    ``torch.compile`` one opaque operation. Only where :func:`available`."""
+    """:func:`hyla.ops.lightning.lightning_step_slots` (its reference) in one pass over each state: one token for
+    each of ``B`` rows, ``S = exp(-slope) S + k^T v`` and ``o = q S`` per head, each row's state ``pool[slots]``
+    updated in place. Rows of one slot must be consecutive (a request's last token and its drafts in a verify
+    step): they are applied in order, as that many decode steps would. ``q, k, v`` ``[B, H, D]`` and ``pool``
+    ``[S, H, D, D]`` of one dtype, float32 or float64; ``slots`` ``[B]`` (``-1``: a padding row, zeros out) -> ``o``
+    ``[B, H, D]``. Inside ``torch.compile`` one opaque operation. Only where :func:`available`."""
     op = torch.ops.hyla.lightning_decode if torch.compiler.is_compiling() else _kernel().lightning_decode_t
     return op(q, k, v, slope, pool, slots)
+
+
+def lightning_replay(
+    pool: Tensor,
+    slots: Tensor,
+    before: Tensor,
+    rows: Tensor,
+    k: Tensor,
+    v: Tensor,
+    slope: Tensor,
+    starts: Tensor,
+    counts: Tensor,
+) -> None:
+    """``pool[slots] = lightning_state(k, v, slope, before[rows], segments)``
+    (:func:`hyla.ops.lightning.lightning_state`, its reference) by stepping each state through its tokens as
+    :func:`lightning_decode` does, in one call and one pass over each state: a verify step's rewind. ``pool``
+    ``[S, H, D, D]``; ``slots``, ``rows`` ``[R]``; ``before`` ``[B, H, D, D]``; ``k, v`` ``[N, H, D]``;
+    ``starts``, ``counts`` ``[R]``: each sequence's first row in ``k``/``v`` and tokens (``segments``). Only where
+    :func:`available`."""
+    _kernel().lightning_replay_t(pool, slots, before.contiguous(), rows, k, v, slope, starts, counts)
 
 
 def q8_layout(values: Tensor) -> Tensor:

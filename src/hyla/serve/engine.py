@@ -170,7 +170,7 @@ class LLMEngine:
         proposer = NgramProposer(c.num_draft_tokens) if c.speculative else None
         self.scheduler = Scheduler(self.cache, c.max_num_seqs, c.max_num_batched_tokens, c.snapshot_every, proposer)
         self.runner = ModelRunner(model, c.max_num_seqs, c.num_blocks, c.block_size, num_snapshots, self.vocab_size,
-                                  c.quantize, c.compile)  # fmt: skip
+                                  c.quantize, c.compile, c.num_draft_tokens if c.speculative else 0)  # fmt: skip
         self.model = self.runner.model
         eos = model.config.eos_token_id
         eos = eos if eos is not None and eos < self.vocab_size else tokenizer.token_to_id(END_OF_TEXT)

@@ -37,6 +37,7 @@ from hyla.serve.scheduler import ScheduledSeq, SchedulerOutput
 # The most requests a compiled decode step takes (see the module's docstring); larger steps run eager, where the
 # compiled step stopped winning (RESULTS.md, "Same-process A/B measurements behind the compiled decode step").
 COMPILED_MAX_BATCH = 32
+
 _COMPILE_OPTIONS = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "cpp_wrapper": True}
 
 
@@ -102,6 +103,7 @@ class ModelRunner:
         vocab_limit: int,
         quantize: str | None = None,
         compile: bool = False,
+        num_draft_tokens: int = 0,
     ) -> None:
         self.model = model.eval()
         self.vocab_limit = vocab_limit  # logits at or past it (padding past the tokenizer's ids) are dropped
@@ -141,10 +143,11 @@ class ModelRunner:
                 self.keys[i] = torch.zeros(num_blocks, block_size, hkv, d, dtype=dtype, device=self.device)
                 self.values[i] = torch.zeros_like(self.keys[i])
         self._compiled: Callable[[Tensor, DecodeCache, Tensor], Tensor] | None = None
-        self._verified: StepCache | None = None  # the last step, when it verified drafts (for rewind)
+        self._compiled_verify: Callable[[Tensor, VerifyCache, Tensor], Tensor] | None = None
+        self._verified: StepCache | VerifyCache | None = None  # the last step, when it verified drafts (for rewind)
         self.compile_seconds = 0.0
         if compile:
-            self._compile(min(num_slots, COMPILED_MAX_BATCH), num_blocks)
+            self._compile(min(num_slots, COMPILED_MAX_BATCH), num_blocks, num_draft_tokens)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> Tensor:
@@ -158,10 +161,20 @@ class ModelRunner:
         ends = list(itertools.accumulate(s.num_tokens for s in out.seqs))
         rows = [e - j for e, s in zip(ends, out.seqs, strict=True) for j in range(s.num_samples, 0, -1)]
         rows = torch.tensor(rows, dtype=torch.long, device=self.device)
-        if self._compiled is not None and len(ids) <= COMPILED_MAX_BATCH and len(ids) == len(out.seqs):
+        compiled = len(ids) <= COMPILED_MAX_BATCH
+        if self._compiled is not None and compiled and len(ids) == len(out.seqs):
             step = DecodeCache(self, out.seqs)
             step.mark_dynamic(ids, rows)
             logits = self._compiled(ids, step, rows)
+        elif self.lightning_decode is gemv.lightning_decode and all(s.sample and s.num_tokens == 1 + len(s.draft)
+                                                                    for s in out.seqs):  # fmt: skip
+            step = VerifyCache(self, out.seqs)  # decodes, with drafts
+            if self._compiled_verify is not None and compiled:
+                step.mark_dynamic(ids, rows)
+                logits = self._compiled_verify(ids, step, rows)
+            else:
+                logits = self.forward(ids, step, rows)
+            self._verified = step
         else:
             step = StepCache(self, out.seqs, inside)
             logits = self.forward(ids, step, rows)
@@ -178,7 +191,14 @@ class ModelRunner:
         packed positions ``rows``."""
         return self.model(ids[None], cache=step, logits_indices=rows).logits[:, : self.vocab_limit].float()
 
-    def _compile(self, max_batch: int, num_blocks: int) -> None:
+    def _compile_forward(self) -> Callable[[Tensor, DecodeCache, Tensor], Tensor]:
+        """:meth:`forward` compiled, with a code object of its own (see :meth:`_compile`)."""
+        forward = types.FunctionType(ModelRunner.forward.__code__.replace(), ModelRunner.forward.__globals__)
+        # (a copy of the options: torch.compile takes guard_filter_fn out of the dict it is given, and every
+        # compiled forward after the first in a process then checked each of the model's tensors, 0.2 ms a step)
+        return torch.compile(types.MethodType(forward, self), options=dict(_COMPILE_OPTIONS))
+
+    def _compile(self, max_batch: int, num_blocks: int, num_draft_tokens: int) -> None:
         """Compile :meth:`forward` for decode steps and run each graph once (on free slots and blocks, which a
         request zeroes or overwrites before it reads them), timing it."""
         start = time.perf_counter()
@@ -187,8 +207,9 @@ class ModelRunner:
         # other engine in the process shares (or counts against the recompile limit of) these graphs, and the
         # guards on the modules can go (the engine owns the model, whose structure does not change as it serves).
         # inductor's C++ wrapper calls the kernels (faster: RESULTS.md, the compiled decode step's A/B table).
-        forward = types.FunctionType(ModelRunner.forward.__code__.replace(), ModelRunner.forward.__globals__)
-        self._compiled = torch.compile(types.MethodType(forward, self), options=_COMPILE_OPTIONS)
+        self._compiled = self._compile_forward()
+        if num_draft_tokens and self.lightning_decode is gemv.lightning_decode:
+            self._compiled_verify = self._compile_forward()  # graphs of its own: (the compiler's limit is per code)
         try:
             # One request; a few (experts indexed, up to ops/moe.py's COMPILED_GATHER_MAX_TOKENS); more (dense).
             for batch in sorted({1, min(2, max_batch), max_batch}):
@@ -197,6 +218,15 @@ class ModelRunner:
                 width = 2 if batch == 1 else batch + 1
                 self.execute(SchedulerOutput([ScheduledSeq(i, [i % num_blocks] * width, 0, [0], True)
                                               for i in range(batch)]))  # fmt: skip
+            if self._compiled_verify is not None:
+                # Drafts per sequence: one request with one draft or all (experts indexed or dense, as above); two
+                # requests, one with a draft (3 tokens) or both with all.
+                k = num_draft_tokens
+                for drafts in {(1,), (k,), *([(1, 0), (k, k)] if max_batch > 1 else [])}:
+                    width = len(drafts) + 1 + k
+                    self.execute(SchedulerOutput([ScheduledSeq(i, [i % num_blocks] * width, 0, [0] * (1 + n), True,
+                                                               [0] * n) for i, n in enumerate(drafts)]))  # fmt: skip
+                self._verified = None
         except Exception as error:  # no C++ compiler, or an operation the compiler does not take
             raise ConfigError(
                 f"compile: torch.compile failed ({type(error).__name__}: {str(error).strip().splitlines()[0][:300]}); "
@@ -208,17 +238,26 @@ class ModelRunner:
     def rewind(self, accepted: list[int]) -> None:
         """After a step with drafts: end each drafted sequence's lightning states after its last token and its
         first ``accepted[i]`` drafts (in the step's order of drafted sequences), recomputed from the states before
-        the step and the keys and values the step kept (:func:`~hyla.ops.lightning.lightning_state`): exact, and
-        one state update instead of a forward."""
+        the step and the keys and values the step kept: one state update instead of a forward. With the C++
+        kernels the states step through those tokens as decode steps would (:func:`~hyla.ops.gemv.lightning_replay`,
+        one call per layer); elsewhere in closed form (:func:`~hyla.ops.lightning.lightning_state`)."""
         step, self._verified = self._verified, None
-        keep = [1 + a for a, (_, s) in zip(accepted, step.verify, strict=True)]
-        redo = [i for i, (n, (_, s)) in enumerate(zip(keep, step.verify, strict=True)) if n < s.num_tokens]
+        redo = [(i, 1 + a) for a, (i, s) in zip(accepted, step.verify, strict=True) if 1 + a < s.num_tokens]
         if not redo:
             return
-        slots = step.verify_slots[redo]
-        segments = [(step.verify_starts[i], keep[i]) for i in redo]
+
+        def ints(values: list[int]) -> Tensor:
+            return torch.tensor(values, dtype=torch.long, device=self.device)
+
+        rows = ints([step.kept_seqs.index(i) for i, _ in redo])
+        slots = step.kept_slots[rows]
+        segments = [(step.starts[i], n) for i, n in redo]
+        starts, counts = (ints(list(x)) for x in zip(*segments, strict=True))
         for layer, (before, k, v, slope) in step.kept.items():
-            self.states[layer][slots] = lightning_state(k, v, slope, before[redo], segments)
+            if self.lightning_decode is gemv.lightning_decode:
+                gemv.lightning_replay(self.states[layer], slots, before, rows, k, v, slope, starts, counts)
+            else:
+                self.states[layer][slots] = lightning_state(k, v, slope, before[rows], segments)
 
     def _copy_states(self, out: SchedulerOutput) -> None:
         """Zero the slots of requests that start from nothing; copy snapshots into those that resume."""
@@ -259,14 +298,25 @@ class _PagedStep:
         width = max((len(s.block_table) for s in seqs), default=0)
         self.block_tables = ints([s.block_table + [0] * (width - len(s.block_table)) for s in seqs]).view(-1, width)
         self.inside = inside
+        self.starts = list(itertools.accumulate(self.lengths, initial=0))[:-1]  # each sequence's first packed row
         if inside:
-            starts = [0, *itertools.accumulate(self.lengths)]
-            self.inside_segments = [(starts[i], n) for i, n, _ in inside]  # (first packed row, tokens) of each
+            self.inside_segments = [(self.starts[i], n) for i, n, _ in inside]  # (first packed row, tokens) of each
             self.inside_slots = ints([seqs[i].slot for i, _, _ in inside])
             self.inside_snapshots = ints([snapshot for _, _, snapshot in inside])
+        # The sequences with drafts (index, sequence), and those whose states each lightning layer keeps from before
+        # the step, with the step's keys and values (:meth:`_keep`), for ModelRunner.rewind: the drafted ones.
+        self.verify = [(i, s) for i, s in enumerate(seqs) if s.draft]
+        self.kept_seqs = [i for i, _ in self.verify]
+        self.kept_slots = ints([seqs[i].slot for i in self.kept_seqs]) if self.verify else None
+        self.kept: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
 
     def positions(self, num_tokens: int, device: torch.device) -> Tensor:
         return self._positions
+
+    def _keep(self, layer_idx: int, k: Tensor, v: Tensor, slope: Tensor) -> None:
+        """Before a lightning layer of a step with drafts updates its states: keep what rewinding it needs."""
+        if self.kept_slots is not None:  # (not the list, whose contents a compiled graph would guard on)
+            self.kept[layer_idx] = (self.runner.states[layer_idx][self.kept_slots], k[0], v[0], slope)
 
     def short_conv(self, layer_idx: int, x: Tensor, weight: Tensor) -> Tensor:
         """The q/k convolution of ``x`` ``[1, ΣT, C]`` continuing each request's last ``K - 1`` inputs (its slot's
@@ -340,18 +390,10 @@ class StepCache(_PagedStep):
         offsets = torch.arange(t_max, device=device)[None]
         self.query_index = starts + torch.minimum(offsets, self.query_lens[self.num_decodes :, None] - 1)
         self.query_valid = offsets < self.query_lens[self.num_decodes :, None]
-        # Sequences with drafts: their slots, and their first packed rows; each lightning layer keeps its states
-        # before the step and the step's keys and values, for ModelRunner.rewind.
-        ends = list(itertools.accumulate(lengths))
-        self.verify = [(i, s) for i, s in enumerate(seqs) if s.draft]
-        self.verify_slots = torch.tensor([s.slot for _, s in self.verify], dtype=torch.long, device=device)
-        self.verify_starts = [ends[i] - s.num_tokens for i, s in self.verify]
-        self.kept: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
 
     def lightning(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, slope: Tensor) -> Tensor:
         pool = self.runner.states[layer_idx]
-        if self.verify:
-            self.kept[layer_idx] = (pool[self.verify_slots], k[0], v[0], slope)
+        self._keep(layer_idx, k, v, slope)
         if self.inside:  # the states at boundaries inside prefill chunks, from the states before the step
             before = pool[self.inside_slots]
             self.runner.snapshots[layer_idx][self.inside_snapshots] = lightning_state(
@@ -395,14 +437,24 @@ class DecodeCache(_PagedStep):
     takes, one graph for every ``B`` from 2 and every block-table width (:meth:`mark_dynamic`). The same
     kernels as :class:`StepCache`'s decodes."""
 
-    def mark_dynamic(self, *per_request: Tensor) -> None:
-        """Let the compiler treat the block-table width, and from two requests the batch, as any size: no
-        recompilation as contexts grow or requests come and go. ``per_request``: more ``[B]`` inputs."""
+    def mark_dynamic(self, *per_token: Tensor) -> None:
+        """Let the compiler treat the block-table width, from two requests the batch and from two new tokens their
+        number as any size: no recompilation as contexts grow or requests come and go. ``per_token``: more
+        ``[ΣT]`` inputs."""
         torch._dynamo.maybe_mark_dynamic(self.block_tables, 1)
         if len(self.slots) > 1:
-            for x in (self.slots, self.slot_mapping, self.block_tables, self.context_lens, *per_request):
+            for x in self._per_request():
+                torch._dynamo.maybe_mark_dynamic(x, 0)
+        if self._positions.shape[1] > 1:
+            for x in (self.slot_mapping, *self._per_token(), *per_token):
                 torch._dynamo.maybe_mark_dynamic(x, 0)
             torch._dynamo.maybe_mark_dynamic(self._positions, 1)
+
+    def _per_request(self) -> tuple[Tensor, ...]:
+        return self.slots, self.block_tables, self.context_lens
+
+    def _per_token(self) -> tuple[Tensor, ...]:
+        return ()
 
     def lightning(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, slope: Tensor) -> Tensor:
         return self.runner.lightning_decode(q[0], k[0], v[0], slope, self.runner.states[layer_idx], self.slots)[None]
@@ -411,3 +463,51 @@ class DecodeCache(_PagedStep):
         k_pool, v_pool = self._write_kv(layer_idx, k, v)
         ones = torch.ones_like(self.context_lens)
         return paged_attention(q[0, :, None], k_pool, v_pool, self.block_tables, self.context_lens, ones)[None, :, 0]
+
+
+class VerifyCache(DecodeCache):
+    """The cache of a step of decodes of which some carry drafts: each sequence's last token and its drafts, every
+    one sampled — what the compiled verify step takes (the batch, the new tokens and the longest sequence's
+    tokens of any size). A lightning layer runs each sequence's tokens in order through the decode kernel (rows of
+    one slot consecutive, :func:`~hyla.ops.gemv.lightning_decode`), as that many decode steps would, keeping the
+    states before the step for :meth:`ModelRunner.rewind`; a softmax layer attends with each sequence's queries
+    padded to the longest. Only with the C++ decode kernel (the reference for other devices: :class:`StepCache`)."""
+
+    def __init__(self, runner: ModelRunner, seqs: list[ScheduledSeq]) -> None:
+        super().__init__(runner, seqs)
+
+        def ints(values: list) -> Tensor:
+            return torch.tensor(values, dtype=torch.long, device=runner.device)
+
+        lengths, t_max, starts = self.lengths, max(self.lengths), self.starts
+        # Every sequence's states kept (not only the drafted ones'): one more tensor the size of the batch.
+        self.kept_seqs, self.kept_slots = list(range(len(seqs))), self.slots
+        self.token_slots = ints([s.slot for s in seqs for _ in range(s.num_tokens)])  # [ΣT]
+        self.query_lens = ints(lengths)
+        # Each sequence's queries padded to [N, Tmax] (padding repeats its last token), and where each new token's
+        # output lands in the flattened [N * Tmax] outputs.
+        self.query_index = ints(
+            [[start + min(j, n - 1) for j in range(t_max)] for start, n in zip(starts, lengths, strict=True)]
+        )
+        self.query_rows = ints([i * t_max + j for i, n in enumerate(lengths) for j in range(n)])
+
+    def _per_request(self) -> tuple[Tensor, ...]:
+        return *super()._per_request(), self.query_lens, self.query_index
+
+    def _per_token(self) -> tuple[Tensor, ...]:
+        return self.token_slots, self.query_rows
+
+    def mark_dynamic(self, *per_token: Tensor) -> None:
+        super().mark_dynamic(*per_token)
+        torch._dynamo.maybe_mark_dynamic(self.query_index, 1)
+
+    def lightning(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, slope: Tensor) -> Tensor:
+        self._keep(layer_idx, k, v, slope)
+        pool = self.runner.states[layer_idx]
+        return self.runner.lightning_decode(q[0], k[0], v[0], slope, pool, self.token_slots)[None]
+
+    def attention(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        k_pool, v_pool = self._write_kv(layer_idx, k, v)
+        o = paged_attention(q[0][self.query_index], k_pool, v_pool, self.block_tables, self.context_lens,
+                            self.query_lens)  # fmt: skip
+        return o.flatten(0, 1)[self.query_rows][None]
