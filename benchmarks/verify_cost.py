@@ -11,7 +11,10 @@ routing) against 2, which the ratio includes.
 With ``--compile`` every engine runs its steps compiled, as ``hyla serve --compile`` does: the plain decode steps
 (``k = 0``) through the decode graphs, the steps with drafts through the verify graphs.
 
-Usage: python benchmarks/verify_cost.py [--preset small] [--quantize int8] [--compile] [--drafts 1 2 4 8]
+With ``--packed`` (eager) each ``k`` also runs through the packed prefill path that drafted steps took before the
+verify step (and still take beside prompt chunks or without the C++ kernels), rewinding in closed form.
+
+Usage: python benchmarks/verify_cost.py [--preset small] [--quantize int8] [--compile | --packed] [--drafts 1 2 4 8]
        [--no-append]
 """
 
@@ -59,6 +62,7 @@ def main() -> None:
     parser.add_argument("--quantize", choices=["int8"], default=None)
     parser.add_argument("--drafts", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--compile", action="store_true", help="every step compiled (see above)")
+    parser.add_argument("--packed", action="store_true", help="also each k through the packed path (eager only)")
     parser.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
     args = parser.parse_args()
     tune_malloc()
@@ -66,18 +70,24 @@ def main() -> None:
     config = hyla.preset(args.preset, vocab_size=8192)
     base = hyla.HylaForCausalLM(config).eval()
     prompt = torch.randint(0, 256, (256,)).tolist()
+    if args.packed and args.compile:
+        parser.error("--packed runs eager (the packed path has no compiled graph)")
     engines = {}
-    for k in [0, *args.drafts]:
+    cases = [(0, False), *((k, False) for k in args.drafts), *((k, True) for k in args.drafts if args.packed)]
+    for k, packed in cases:
         spec = dict(speculative="ngram", num_draft_tokens=k) if k else {}
         engine = LLMEngine(copy.deepcopy(base), byte_level_tokenizer(), EngineConfig(max_model_len=2048,
                            max_num_seqs=1, quantize=args.quantize, compile=args.compile, **spec))  # fmt: skip
         if k:
             engine.scheduler.proposer = RandomDrafts(k, config.vocab_size)
+        if packed:  # any decode kernel but the C++ one sends drafted steps through the packed (prefill) path
+            kernel = engine.runner.lightning_decode
+            engine.runner.lightning_decode = lambda *xs, kernel=kernel: kernel(*xs)
         engine.add_request("0", [prompt], SamplingParams(max_tokens=1500, temperature=0, ignore_eos=True))
         for _ in range(3):  # the prefill, then warm decode steps
             engine.step()
-        engines[k] = engine
-    times: dict[int, list[float]] = {k: [] for k in engines}
+        engines[k, packed] = engine
+    times: dict[tuple[int, bool], list[float]] = {k: [] for k in engines}
     for _ in range(5):
         for k, engine in engines.items():
             start = time.perf_counter()
@@ -87,21 +97,24 @@ def main() -> None:
     ms = {k: statistics.median(v) for k, v in times.items()}
     c = config
     lines = ["| drafts k | step ms | cost vs a decode step | experts touched (uniform routing) |", "|---|---|---|---|"]
-    for k, t in ms.items():
+    for (k, packed), t in ms.items():
         touched = expected_experts(k + 1, c.num_experts_per_tok, c.num_experts)
-        lines.append(f"| {k} | {t:.2f} | {t / ms[0]:.2f}x | {touched:.1f} of {c.num_experts} |")
+        name = f"{k}, packed path" if packed else str(k)
+        lines.append(f"| {name} | {t:.2f} | {t / ms[0, False]:.2f}x | {touched:.1f} of {c.num_experts} |")
     table = "\n".join(lines)
     name = f"{args.preset}{', int8' if args.quantize else ', float32'}{', compiled' if args.compile else ''}"
     header = (f"Machine: {machine_description()}. Preset `{args.preset}` (vocab 8192, random weights), "
               f"{'int8 linear layers and experts' if args.quantize else 'float32'}, "
               f"{'every step compiled (decode and verify graphs)' if args.compile else 'eager'}; one request after a "
               "256-token prompt; k random drafts a step (all rejected: each step rewinds), medians of 5 "
-              "alternations of 20 steps.")  # fmt: skip
+              "alternations of 20 steps" + ("; `packed path`: the drafted steps through the prefill path and the "
+              "closed-form rewind, as before the verify step." if args.packed else "."))  # fmt: skip
     print(header)
     print(table)
     if not args.no_append:
         quantize = " --quantize int8" if args.quantize else ""
         quantize += " --compile" if args.compile else ""
+        quantize += " --packed" if args.packed else ""
         command = (f"python benchmarks/verify_cost.py --preset {args.preset}{quantize} "
                    f"--drafts {' '.join(map(str, args.drafts))}")  # fmt: skip
         append_result(RESULTS, f"Speculative verify step vs decode step ({name})", header, command, table)

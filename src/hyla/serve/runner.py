@@ -9,7 +9,10 @@ small eager operations of a decode step (norms, gates, routing, rotary tables, s
 dozen kernels. Three graphs are compiled when the runner is built — one request, 2-3 and 4 to
 :data:`COMPILED_MAX_BATCH` requests (the experts indexed or dense, :mod:`hyla.ops.moe`), the batch and the
 block-table width dynamic — so that no request waits for a compile; the eager forward is the reference they are
-tested against and runs every other step.
+tested against and runs every other step. With speculative decoding, steps of decodes of which some carry drafts
+(at most :data:`COMPILED_MAX_BATCH` tokens) run a second compiled forward (:class:`VerifyCache`: four graphs, one
+and several requests, experts indexed or dense), and :meth:`ModelRunner.rewind` steps the kept states through
+the accepted tokens.
 """
 
 from __future__ import annotations

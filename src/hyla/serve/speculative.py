@@ -3,15 +3,15 @@
 Code and agent transcripts copy from their context: when the last ``n`` tokens of a sequence occurred earlier in
 its prompt or outputs, the tokens that followed them then are a likely continuation now. :class:`NgramProposer`
 proposes them (no second model): the most recent earlier occurrence of the longest suffix of ``max_ngram`` down
-to ``min_ngram`` tokens. The engine verifies the drafts in one forward (the last token and the drafts, through
-the ordinary packed path), keeps the longest prefix the target model agrees with and rewinds the lightning
+to ``min_ngram`` tokens. The engine verifies the drafts in one forward (the last token and the drafts of every
+sequence, compiled with ``--compile``), keeps the longest prefix the target model agrees with and rewinds the lightning
 states past it (:mod:`hyla.serve.runner`); the output distribution is the target model's, whatever is drafted.
 
 A round of drafts is poor when all were rejected, when the request's running share of accepted drafts fell below
 :data:`MIN_ACCEPTANCE`, or when the tokens it made (the accepted drafts and the one after them) fall short of what
 its step cost in plain decode steps: the engine times both kinds of step (:meth:`NgramProposer.record_step`), and a
-verify step may cost several decode steps (its tokens route to more experts; with ``--compile`` the decode steps run
-compiled and the verify steps eager: 4.8-5.3x on `small` int8, RESULTS.md). After a poor round the request gets no
+verify step may cost several decode steps (its tokens route to more experts: 1.45x with one draft, 1.7x with four
+on `small` int8 compiled, RESULTS.md). After a poor round the request gets no
 drafts for the next ``cooldown`` steps (doubling while poor rounds go on, up to :data:`MAX_COOLDOWN` times that
 cost ratio; reset by a good round). Where even a round of drafts all kept would not pay (the cost ratio at the last
 step's number of sequences above one plus the drafts), no request gets drafts but for one probe every
