@@ -40,7 +40,6 @@ from hyla.serve.scheduler import ScheduledSeq, SchedulerOutput
 # The most requests a compiled decode step takes (see the module's docstring); larger steps run eager, where the
 # compiled step stopped winning (RESULTS.md, "Same-process A/B measurements behind the compiled decode step").
 COMPILED_MAX_BATCH = 32
-
 _COMPILE_OPTIONS = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "cpp_wrapper": True}
 
 
@@ -169,9 +168,9 @@ class ModelRunner:
             step = DecodeCache(self, out.seqs)
             step.mark_dynamic(ids, rows)
             logits = self._compiled(ids, step, rows)
-        elif self.lightning_decode is gemv.lightning_decode and all(s.sample and s.num_tokens == 1 + len(s.draft)
-                                                                    for s in out.seqs):  # fmt: skip
-            step = VerifyCache(self, out.seqs)  # decodes, with drafts
+        elif (self.lightning_decode is gemv.lightning_decode and any(s.draft for s in out.seqs)
+              and all(s.sample and s.num_tokens == 1 + len(s.draft) for s in out.seqs)):  # fmt: skip
+            step = VerifyCache(self, out.seqs)  # decodes, some with drafts
             if self._compiled_verify is not None and compiled:
                 step.mark_dynamic(ids, rows)
                 logits = self._compiled_verify(ids, step, rows)
@@ -212,7 +211,7 @@ class ModelRunner:
         # inductor's C++ wrapper calls the kernels (faster: RESULTS.md, the compiled decode step's A/B table).
         self._compiled = self._compile_forward()
         if num_draft_tokens and self.lightning_decode is gemv.lightning_decode:
-            self._compiled_verify = self._compile_forward()  # graphs of its own: (the compiler's limit is per code)
+            self._compiled_verify = self._compile_forward()  # a code object of its own: its own recompile limit
         try:
             # One request; a few (experts indexed, up to ops/moe.py's COMPILED_GATHER_MAX_TOKENS); more (dense).
             for batch in sorted({1, min(2, max_batch), max_batch}):
