@@ -6,7 +6,8 @@ ids: all rejected, so every step also rewinds its lightning states), ``k = 0`` b
 engines alternate, 20 steps each, medians of 5. A step with ``k`` drafts makes ``1 + accepted`` tokens, so
 speculation pays when the tokens a step keeps exceed its cost ratio to a decode step. On a MoE model the ``k + 1``
 tokens route to more experts than one token: with 8 experts top-2, 5 tokens touch 6.1 experts on average (uniform
-routing) against 2, which the ratio includes.
+routing) against 2, which the ratio includes; the `weight-read floor` column is that ratio in weights read
+(:func:`weight_floor`), the bound where reading weights is the step's cost.
 
 With ``--compile`` every engine runs its steps compiled, as ``hyla serve --compile`` does: the plain decode steps
 (``k = 0``) through the decode graphs, the steps with drafts through the verify graphs.
@@ -56,6 +57,18 @@ def expected_experts(tokens: int, top_k: int, experts: int) -> float:
     return experts * (1 - (1 - top_k / experts) ** tokens)
 
 
+def weight_floor(model: hyla.HylaForCausalLM, tokens: int) -> float:
+    """Weights a step of ``tokens`` tokens reads over one token's (the embedding aside): the experts' share grows
+    with the experts the tokens touch (:func:`expected_experts`), the rest is read once. The bound a verify
+    step's cost ratio cannot go below where reading weights dominates the step."""
+    c = model.config
+    experts = sum(p.numel() for n, p in model.named_parameters() if n.endswith(("gate_up_proj", "down_proj")))
+    rest = sum(p.numel() for p in model.parameters()) - experts - model.model.embed_tokens.weight.numel()
+    per_expert = experts / c.num_experts
+    one = rest + per_expert * c.num_experts_per_tok
+    return (rest + per_expert * expected_experts(tokens, c.num_experts_per_tok, c.num_experts)) / one
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small", choices=["small", "medium"])
@@ -96,11 +109,15 @@ def main() -> None:
             times[k].append((time.perf_counter() - start) / 20 * 1e3)
     ms = {k: statistics.median(v) for k, v in times.items()}
     c = config
-    lines = ["| drafts k | step ms | cost vs a decode step | experts touched (uniform routing) |", "|---|---|---|---|"]
+    lines = ["| drafts k | step ms | cost vs a decode step | experts touched (uniform routing) | weight-read floor |",
+             "|---|---|---|---|---|"]  # fmt: skip
     for (k, packed), t in ms.items():
         touched = expected_experts(k + 1, c.num_experts_per_tok, c.num_experts)
         name = f"{k}, packed path" if packed else str(k)
-        lines.append(f"| {name} | {t:.2f} | {t / ms[0, False]:.2f}x | {touched:.1f} of {c.num_experts} |")
+        floor = weight_floor(base, k + 1)
+        lines.append(
+            f"| {name} | {t:.2f} | {t / ms[0, False]:.2f}x | {touched:.1f} of {c.num_experts} | {floor:.2f}x |"
+        )
     table = "\n".join(lines)
     name = f"{args.preset}{', int8' if args.quantize else ', float32'}{', compiled' if args.compile else ''}"
     header = (f"Machine: {machine_description()}. Preset `{args.preset}` (vocab 8192, random weights), "
