@@ -553,17 +553,18 @@ torch::Tensor experts_q8_t(torch::Tensor x, torch::Tensor ids, torch::Tensor rou
 }
 
 // One lightning decode token of one head, its state S [D, D] updated in place in one pass:
-// S = decay S + k^T v, o = q S.
-template <typename T>
+// S = decay S + k^T v, and with Out o = q S (without: the update alone, as a rewind replays it).
+template <bool Out = true, typename T>
 static void lightning_head(const T* q, const T* k, const T* v, T decay, T* S, T* o, int64_t d) {
-  for (int64_t j = 0; j < d; ++j) o[j] = 0;
+  if constexpr (Out)
+    for (int64_t j = 0; j < d; ++j) o[j] = 0;
   for (int64_t i = 0; i < d; ++i) {
     T* row = S + i * d;
-    const T ki = k[i], qi = q[i];
+    const T ki = k[i];
     for (int64_t j = 0; j < d; ++j) {
       const T s = decay * row[j] + ki * v[j];
       row[j] = s;
-      o[j] += qi * s;
+      if constexpr (Out) o[j] += q[i] * s;
     }
   }
 }
@@ -629,7 +630,7 @@ torch::Tensor lightning_decode_t(torch::Tensor q, torch::Tensor k, torch::Tensor
 
 // A lightning layer's states rewound after a verify step: for each of R sequences, its state from before the step
 // (before[rows[r]], [B, H, D, D]) stepped through its first counts[r] tokens (rows starts[r].. of k, v [N, H, D])
-// into pool[slots[r]]: S = decay S + k^T v per token, as lightning_head updates it, no output.
+// into pool[slots[r]]: lightning_head's update per token, no output.
 void lightning_replay_t(torch::Tensor pool, torch::Tensor slots, torch::Tensor before, torch::Tensor rows,
                         torch::Tensor k, torch::Tensor v, torch::Tensor slope, torch::Tensor starts,
                         torch::Tensor counts) {
@@ -665,15 +666,10 @@ void lightning_replay_t(torch::Tensor pool, torch::Tensor slots, torch::Tensor b
         scalar_t* S = pp + (sp[r] * h + head) * d * d;
         const scalar_t* src = bp + (rp[r] * h + head) * d * d;
         std::copy(src, src + d * d, S);
-        for (int64_t t = tp[r]; t < tp[r] + cp[r]; ++t) {
-          const scalar_t* kt = k.data_ptr<scalar_t>() + t * k.stride(0) + head * k.stride(1);
-          const scalar_t* vt = v.data_ptr<scalar_t>() + t * v.stride(0) + head * v.stride(1);
-          for (int64_t i = 0; i < d; ++i) {
-            scalar_t* srow = S + i * d;
-            const scalar_t ki = kt[i];
-            for (int64_t j = 0; j < d; ++j) srow[j] = decay * srow[j] + ki * vt[j];
-          }
-        }
+        for (int64_t t = tp[r]; t < tp[r] + cp[r]; ++t)
+          lightning_head<false, scalar_t>(nullptr, k.data_ptr<scalar_t>() + t * k.stride(0) + head * k.stride(1),
+                                          v.data_ptr<scalar_t>() + t * v.stride(0) + head * v.stride(1), decay, S,
+                                          nullptr, d);
       }
     });
   });

@@ -17,6 +17,7 @@ the accepted tokens.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import shutil
 import time
@@ -41,6 +42,11 @@ from hyla.serve.scheduler import ScheduledSeq, SchedulerOutput
 # compiled step stopped winning (RESULTS.md, "Same-process A/B measurements behind the compiled decode step").
 COMPILED_MAX_BATCH = 32
 _COMPILE_OPTIONS = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "cpp_wrapper": True}
+
+
+def _longs(values: list, device: torch.device) -> Tensor:
+    """``values`` (ints, or equal-length lists of them) as an int64 tensor on ``device``."""
+    return torch.tensor(values, dtype=torch.long, device=device)
 
 
 def snapshot_bytes(config: HylaConfig, dtype: torch.dtype) -> int:
@@ -197,7 +203,8 @@ class ModelRunner:
         """:meth:`forward` compiled, with a code object of its own (see :meth:`_compile`)."""
         forward = types.FunctionType(ModelRunner.forward.__code__.replace(), ModelRunner.forward.__globals__)
         # (a copy of the options: torch.compile takes guard_filter_fn out of the dict it is given, and every
-        # compiled forward after the first in a process then checked each of the model's tensors, 0.2 ms a step)
+        # compiled forward after the first in a process then checked each of the model's tensors: RESULTS.md,
+        # "Reading: the compiled verify step")
         return torch.compile(types.MethodType(forward, self), options=dict(_COMPILE_OPTIONS))
 
     def _compile(self, max_batch: int, num_blocks: int, num_draft_tokens: int) -> None:
@@ -247,14 +254,10 @@ class ModelRunner:
         redo = [(i, 1 + a) for a, (i, s) in zip(accepted, step.verify, strict=True) if 1 + a < s.num_tokens]
         if not redo:
             return
-
-        def ints(values: list[int]) -> Tensor:
-            return torch.tensor(values, dtype=torch.long, device=self.device)
-
-        rows = ints([step.kept_seqs.index(i) for i, _ in redo])
+        rows = _longs([step.kept_seqs.index(i) for i, _ in redo], self.device)
         slots = step.kept_slots[rows]
         segments = [(step.starts[i], n) for i, n in redo]
-        starts, counts = (ints(list(x)) for x in zip(*segments, strict=True))
+        starts, counts = (_longs(list(x), self.device) for x in zip(*segments, strict=True))
         for layer, (before, k, v, slope) in step.kept.items():
             if self.lightning_decode is gemv.lightning_decode:
                 gemv.lightning_replay(self.states[layer], slots, before, rows, k, v, slope, starts, counts)
@@ -280,14 +283,14 @@ class _PagedStep:
     ``inside``: the ``(seq, tokens, snapshot)`` saves of the step that fall inside a sequence's new tokens, whose
     states the layers write to the snapshot pool as they run."""
 
+    KEEP_ALL = False  # whether a step with drafts keeps every sequence's states (see __init__)
+
     def __init__(
         self, runner: ModelRunner, seqs: list[ScheduledSeq], inside: Sequence[tuple[int, int, int]] = ()
     ) -> None:
         self.runner = runner
         bs = runner.block_size
-
-        def ints(values: list[int]) -> Tensor:
-            return torch.tensor(values, dtype=torch.long, device=runner.device)
+        ints = functools.partial(_longs, device=runner.device)
 
         ranges = [range(s.num_computed, s.num_computed + s.num_tokens) for s in seqs]
         self._positions = ints([p for r in ranges for p in r])[None]
@@ -306,10 +309,13 @@ class _PagedStep:
             self.inside_slots = ints([seqs[i].slot for i, _, _ in inside])
             self.inside_snapshots = ints([snapshot for _, _, snapshot in inside])
         # The sequences with drafts (index, sequence), and those whose states each lightning layer keeps from before
-        # the step, with the step's keys and values (:meth:`_keep`), for ModelRunner.rewind: the drafted ones.
+        # the step, with the step's keys and values (:meth:`_keep`), for ModelRunner.rewind: the drafted ones, or
+        # with KEEP_ALL every one (a tensor the size of the batch, as a compiled graph's shapes want).
         self.verify = [(i, s) for i, s in enumerate(seqs) if s.draft]
-        self.kept_seqs = [i for i, _ in self.verify]
-        self.kept_slots = ints([seqs[i].slot for i in self.kept_seqs]) if self.verify else None
+        self.kept_seqs = list(range(len(seqs))) if self.KEEP_ALL else [i for i, _ in self.verify]
+        self.kept_slots = None
+        if self.verify:
+            self.kept_slots = self.slots if self.KEEP_ALL else ints([seqs[i].slot for i in self.kept_seqs])
         self.kept: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
 
     def positions(self, num_tokens: int, device: torch.device) -> Tensor:
@@ -475,15 +481,12 @@ class VerifyCache(DecodeCache):
     states before the step for :meth:`ModelRunner.rewind`; a softmax layer attends with each sequence's queries
     padded to the longest. Only with the C++ decode kernel (the reference for other devices: :class:`StepCache`)."""
 
+    KEEP_ALL = True
+
     def __init__(self, runner: ModelRunner, seqs: list[ScheduledSeq]) -> None:
         super().__init__(runner, seqs)
-
-        def ints(values: list) -> Tensor:
-            return torch.tensor(values, dtype=torch.long, device=runner.device)
-
+        ints = functools.partial(_longs, device=runner.device)
         lengths, t_max, starts = self.lengths, max(self.lengths), self.starts
-        # Every sequence's states kept (not only the drafted ones'): one more tensor the size of the batch.
-        self.kept_seqs, self.kept_slots = list(range(len(seqs))), self.slots
         self.token_slots = ints([s.slot for s in seqs for _ in range(s.num_tokens)])  # [ΣT]
         self.query_lens = ints(lengths)
         # Each sequence's queries padded to [N, Tmax] (padding repeats its last token), and where each new token's
