@@ -214,21 +214,27 @@ def test_the_lightning_decode_kernel_applies_a_slots_consecutive_rows_in_order(t
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_the_lightning_replay_kernel_equals_the_closed_form_state(dtype):
-    """gemv.lightning_replay (a verify step's rewind) against its reference, lightning_state from the kept states:
-    sequences keeping 0, 1, 3 and 6 tokens of a packed step, their kept rows out of order, other slots untouched."""
+    """gemv.lightning_replay (a verify step's rewind, all layers in one call) against its reference, lightning_state
+    from the kept states, layer by layer: sequences keeping 0, 1, 3 and 6 tokens of a packed step, their kept rows
+    out of order, other slots untouched."""
     from hyla.ops.gemv import lightning_replay
     from hyla.ops.lightning import lightning_state
 
-    h, d = 3, 21
-    pool, slope = torch.randn(7, h, d, d, dtype=dtype), torch.rand(h, dtype=dtype)
-    before = torch.randn(4, h, d, d, dtype=dtype)
-    k, v = torch.randn(2, 12, h, d, dtype=dtype).unbind()
+    layers, h, d = 3, 3, 21
+    pools = [torch.randn(7, h, d, d, dtype=dtype) for _ in range(layers)]
+    slopes = [torch.rand(h, dtype=dtype) for _ in range(layers)]
+    befores = [torch.randn(4, h, d, d, dtype=dtype) for _ in range(layers)]
+    ks, vs = ([x for x in torch.randn(layers, 12, h, d, dtype=dtype)] for _ in range(2))
     slots, rows = torch.tensor([5, 0, 3, 2]), torch.tensor([2, 0, 3, 1])
     segments = [(0, 0), (1, 1), (4, 3), (6, 6)]
-    expected = pool.clone()
-    expected[slots] = lightning_state(k, v, slope, before[rows], segments)
+    expected = [pool.clone() for pool in pools]
+    for pool, k, v, slope, before in zip(expected, ks, vs, slopes, befores, strict=True):
+        pool[slots] = lightning_state(k, v, slope, before[rows], segments)
     starts, counts = (torch.tensor(x) for x in zip(*segments, strict=True))
-    lightning_replay(pool, slots, before, rows, k, v, slope, starts, counts)
-    assert rel_err(pool, expected) < (1e-5 if dtype == torch.float32 else 1e-12)
+    lightning_replay(pools, slots, befores, rows, ks, vs, slopes, starts, counts)
+    for got, want in zip(pools, expected, strict=True):
+        assert rel_err(got, want) < (1e-5 if dtype == torch.float32 else 1e-12)
     with pytest.raises(RuntimeError, match="outside"):
-        lightning_replay(pool, slots, before, rows, k, v, slope, starts, counts + 1)
+        lightning_replay(pools, slots, befores, rows, ks, vs, slopes, starts, counts + 1)
+    with pytest.raises(RuntimeError, match="one of each per layer"):
+        lightning_replay(pools, slots, befores[:2], rows, ks, vs, slopes, starts, counts)

@@ -56,6 +56,7 @@ _SOURCE = r"""
 #include <string>
 #include <cstring>
 #include <tuple>
+#include <vector>
 #include <utility>
 #include <vector>
 #if defined(__x86_64__)
@@ -628,43 +629,56 @@ torch::Tensor lightning_decode_t(torch::Tensor q, torch::Tensor k, torch::Tensor
   return o;
 }
 
-// A lightning layer's states rewound after a verify step: for each of R sequences, its state from before the step
-// (before[rows[r]], [B, H, D, D]) stepped through its first counts[r] tokens (rows starts[r].. of k, v [N, H, D])
-// into pool[slots[r]]: lightning_head's update per token, no output.
-void lightning_replay_t(torch::Tensor pool, torch::Tensor slots, torch::Tensor before, torch::Tensor rows,
-                        torch::Tensor k, torch::Tensor v, torch::Tensor slope, torch::Tensor starts,
-                        torch::Tensor counts) {
+// The lightning layers' states rewound after a verify step, all layers in one call: for each layer l and each of R
+// sequences, its state from before the step (befores[l][rows[r]], [B, H, D, D]) stepped through its first
+// counts[r] tokens (rows starts[r].. of ks[l], vs[l] [N, H, D]) into pools[l][slots[r]]: lightning_head's update
+// per token, no output.
+void lightning_replay_t(std::vector<torch::Tensor> pools, torch::Tensor slots, std::vector<torch::Tensor> befores,
+                        torch::Tensor rows, std::vector<torch::Tensor> ks, std::vector<torch::Tensor> vs,
+                        std::vector<torch::Tensor> slopes, torch::Tensor starts, torch::Tensor counts) {
   NoGil no_gil;
-  TORCH_CHECK(pool.dim() == 4 && pool.is_contiguous() && before.dim() == 4 && before.is_contiguous() &&
-                  before.sizes().slice(1) == pool.sizes().slice(1) && k.dim() == 3 && k.sizes() == v.sizes() &&
-                  k.size(1) == pool.size(1) && k.size(2) == pool.size(2) && slope.numel() == pool.size(1),
-              "lightning_replay shapes");
-  TORCH_CHECK((pool.scalar_type() == torch::kFloat32 || pool.scalar_type() == torch::kFloat64) &&
-                  before.scalar_type() == pool.scalar_type() && k.scalar_type() == pool.scalar_type() &&
-                  v.scalar_type() == pool.scalar_type(), "lightning_replay: states, k and v of one float dtype");
-  for (auto* x : {&k, &v})
-    if (x->stride(2) != 1) *x = x->contiguous();
+  const int64_t layers = pools.size();
+  TORCH_CHECK(layers > 0 && befores.size() == pools.size() && ks.size() == pools.size() &&
+                  vs.size() == pools.size() && slopes.size() == pools.size(),
+              "lightning_replay: one of each per layer");
+  const auto dtype = pools[0].scalar_type();
+  const int64_t h = pools[0].size(1), d = pools[0].size(2);
+  TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kFloat64, "lightning_replay: float32 or float64 states");
+  std::vector<torch::Tensor> rates(layers);
+  for (int64_t l = 0; l < layers; ++l) {
+    const auto &pool = pools[l], &before = befores[l];
+    auto &k = ks[l], &v = vs[l];
+    TORCH_CHECK(pool.dim() == 4 && pool.is_contiguous() && pool.size(1) == h && pool.size(2) == d &&
+                    before.dim() == 4 && before.is_contiguous() && before.sizes().slice(1) == pool.sizes().slice(1) &&
+                    before.size(0) == befores[0].size(0) && k.dim() == 3 && k.sizes() == v.sizes() &&
+                    k.size(0) == ks[0].size(0) && k.size(1) == h && k.size(2) == d && slopes[l].numel() == h,
+                "lightning_replay shapes");
+    TORCH_CHECK(pool.scalar_type() == dtype && before.scalar_type() == dtype && k.scalar_type() == dtype &&
+                    v.scalar_type() == dtype, "lightning_replay: states, k and v of one float dtype");
+    for (auto* x : {&k, &v})
+      if (x->stride(2) != 1) *x = x->contiguous();
+    rates[l] = slopes[l].to(dtype).contiguous();
+  }
   const auto ints = [](const torch::Tensor& x) { return x.to(torch::kInt64).contiguous(); };
   const auto slot = ints(slots), row = ints(rows), start = ints(starts), count = ints(counts);
-  const int64_t r_n = slot.numel(), h = pool.size(1), d = pool.size(2);
+  const int64_t r_n = slot.numel();
   TORCH_CHECK(row.numel() == r_n && start.numel() == r_n && count.numel() == r_n, "lightning_replay: R of each");
   const int64_t *sp = slot.data_ptr<int64_t>(), *rp = row.data_ptr<int64_t>(), *tp = start.data_ptr<int64_t>(),
                 *cp = count.data_ptr<int64_t>();
   for (int64_t r = 0; r < r_n; ++r)
-    TORCH_CHECK(sp[r] >= 0 && sp[r] < pool.size(0) && rp[r] >= 0 && rp[r] < before.size(0) && tp[r] >= 0 &&
-                    cp[r] >= 0 && tp[r] + cp[r] <= k.size(0), "lightning_replay: an index outside");
-  const auto rates = slope.to(pool.scalar_type()).contiguous();
-  AT_DISPATCH_FLOATING_TYPES(pool.scalar_type(), "lightning_replay", [&] {
-    const scalar_t* ratep = rates.data_ptr<scalar_t>();
-    const scalar_t* bp = before.data_ptr<scalar_t>();
-    scalar_t* pp = pool.data_ptr<scalar_t>();
+    TORCH_CHECK(sp[r] >= 0 && sp[r] < pools[0].size(0) && rp[r] >= 0 && rp[r] < befores[0].size(0) && tp[r] >= 0 &&
+                    cp[r] >= 0 && tp[r] + cp[r] <= ks[0].size(0), "lightning_replay: an index outside");
+  for (int64_t l = 1; l < layers; ++l)
+    TORCH_CHECK(pools[l].size(0) == pools[0].size(0), "lightning_replay shapes");
+  AT_DISPATCH_FLOATING_TYPES(dtype, "lightning_replay", [&] {
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, d * d));
-    at::parallel_for(0, r_n * h, grain, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, layers * r_n * h, grain, [&](int64_t lo, int64_t hi) {
       for (int64_t n = lo; n < hi; ++n) {
-        const int64_t r = n / h, head = n % h;
-        const scalar_t decay = std::exp(-ratep[head]);
-        scalar_t* S = pp + (sp[r] * h + head) * d * d;
-        const scalar_t* src = bp + (rp[r] * h + head) * d * d;
+        const int64_t l = n / (r_n * h), r = n / h % r_n, head = n % h;
+        const auto &k = ks[l], &v = vs[l];
+        const scalar_t decay = std::exp(-rates[l].data_ptr<scalar_t>()[head]);
+        scalar_t* S = pools[l].data_ptr<scalar_t>() + (sp[r] * h + head) * d * d;
+        const scalar_t* src = befores[l].data_ptr<scalar_t>() + (rp[r] * h + head) * d * d;
         std::copy(src, src + d * d, S);
         for (int64_t t = tp[r]; t < tp[r] + cp[r]; ++t)
           lightning_head<false, scalar_t>(nullptr, k.data_ptr<scalar_t>() + t * k.stride(0) + head * k.stride(1),
@@ -775,23 +789,24 @@ def lightning_decode(q: Tensor, k: Tensor, v: Tensor, slope: Tensor, pool: Tenso
 
 
 def lightning_replay(
-    pool: Tensor,
+    pools: list[Tensor],
     slots: Tensor,
-    before: Tensor,
+    befores: list[Tensor],
     rows: Tensor,
-    k: Tensor,
-    v: Tensor,
-    slope: Tensor,
+    ks: list[Tensor],
+    vs: list[Tensor],
+    slopes: list[Tensor],
     starts: Tensor,
     counts: Tensor,
 ) -> None:
-    """``pool[slots] = lightning_state(k, v, slope, before[rows], segments)``
-    (:func:`hyla.ops.lightning.lightning_state`, its reference) by stepping each state through its tokens as
-    :func:`lightning_decode` does, in one call and one pass over each state: a verify step's rewind. ``pool``
-    ``[S, H, D, D]``; ``slots``, ``rows`` ``[R]``; ``before`` ``[B, H, D, D]``; ``k, v`` ``[N, H, D]``;
-    ``starts``, ``counts`` ``[R]``: each sequence's first row in ``k``/``v`` and tokens (``segments``). Only where
-    :func:`available`."""
-    _kernel().lightning_replay_t(pool, slots, before.contiguous(), rows, k, v, slope, starts, counts)
+    """For each lightning layer ``l``: ``pools[l][slots] = lightning_state(ks[l], vs[l], slopes[l], befores[l][rows],
+    segments)`` (:func:`hyla.ops.lightning.lightning_state`, its reference) by stepping each state through its tokens
+    as :func:`lightning_decode` does, all layers in one call and one pass over each state: a verify step's rewind.
+    Per layer (all of one shape): ``pools[l]`` ``[S, H, D, D]``; ``befores[l]`` ``[B, H, D, D]``; ``ks[l], vs[l]``
+    ``[N, H, D]``; ``slopes[l]`` ``[H]``. ``slots``, ``rows`` ``[R]``; ``starts``, ``counts`` ``[R]``: each
+    sequence's first row in ``k``/``v`` and tokens (``segments``). Only where :func:`available`."""
+    befores = [x.contiguous() for x in befores]
+    _kernel().lightning_replay_t(pools, slots, befores, rows, ks, vs, slopes, starts, counts)
 
 
 def q8_layout(values: Tensor) -> Tensor:

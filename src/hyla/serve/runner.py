@@ -249,20 +249,22 @@ class ModelRunner:
         first ``accepted[i]`` drafts (in the step's order of drafted sequences), recomputed from the states before
         the step and the keys and values the step kept: one state update instead of a forward. With the C++
         kernels the states step through those tokens as decode steps would (:func:`~hyla.ops.gemv.lightning_replay`,
-        one call per layer); elsewhere in closed form (:func:`~hyla.ops.lightning.lightning_state`)."""
+        one call for all layers); elsewhere in closed form (:func:`~hyla.ops.lightning.lightning_state`)."""
         step, self._verified = self._verified, None
         redo = [(i, 1 + a) for a, (i, s) in zip(accepted, step.verify, strict=True) if 1 + a < s.num_tokens]
-        if not redo:
+        if not redo or not step.kept:  # (nothing rejected, or no lightning layers)
             return
         rows = _longs([step.kept_seqs.index(i) for i, _ in redo], self.device)
         slots = step.kept_slots[rows]
         segments = [(step.starts[i], n) for i, n in redo]
         starts, counts = (_longs(list(x), self.device) for x in zip(*segments, strict=True))
+        if self.lightning_decode is gemv.lightning_decode:
+            befores, ks, vs, slopes = (list(x) for x in zip(*step.kept.values(), strict=True))
+            pools = [self.states[layer] for layer in step.kept]
+            gemv.lightning_replay(pools, slots, befores, rows, ks, vs, slopes, starts, counts)
+            return
         for layer, (before, k, v, slope) in step.kept.items():
-            if self.lightning_decode is gemv.lightning_decode:
-                gemv.lightning_replay(self.states[layer], slots, before, rows, k, v, slope, starts, counts)
-            else:
-                self.states[layer][slots] = lightning_state(k, v, slope, before[rows], segments)
+            self.states[layer][slots] = lightning_state(k, v, slope, before[rows], segments)
 
     def _copy_states(self, out: SchedulerOutput) -> None:
         """Zero the slots of requests that start from nothing; copy snapshots into those that resume."""
