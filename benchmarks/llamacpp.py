@@ -120,6 +120,17 @@ def start_llama_server(bin_dir: Path, libraries: Path, gguf_path: Path, slots: i
         time.sleep(0.3)
 
 
+def start_llama_server_or_no_repack(bin_dir: Path, libraries: Path, gguf_path: Path, slots: int, context: int,
+                                   flags: tuple[str, ...] = ()):  # fmt: skip
+    """:func:`start_llama_server`, and where it crashes at load (seen: q8_0 on a Xeon with AMX, a segfault while
+    repacking the weights) again with ``--no-repack``; returns the server, its URL and the flags it runs with."""
+    try:
+        return (*start_llama_server(bin_dir, libraries, gguf_path, slots, context, flags), flags)
+    except ServerCrashed:
+        flags = ("--no-repack", *flags)
+        return (*start_llama_server(bin_dir, libraries, gguf_path, slots, context, flags), flags)
+
+
 def greedy_reference(model: hyla.HylaForCausalLM, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
     """``n`` greedy tokens of a full forward per step, and the top-two logit margin at each."""
     tokens, margins = list(prompt), []
@@ -251,17 +262,16 @@ def main() -> None:
             for outtype in args.outtypes:
                 path = Path(tmp) / f"{label}-{outtype}.gguf"
                 export_gguf(model, tokenizer, path, outtype)
-                flags: tuple[str, ...] = ()
+                repack: tuple[str, ...] = ()
                 for spec in [None, *args.llama_spec]:
                     name = f"llama.cpp {outtype}" + (f" {spec}" if spec else "")
-                    extra = (*flags, *(("--spec-type", spec, "--spec-draft-n-max", str(LLAMA_DRAFTS)) if spec else ()))
-                    try:
-                        one, one_url = start_llama_server(args.llama_bin, libraries, path, 1, max_len, extra)
-                    except ServerCrashed:  # seen: q8_0 on a Xeon with AMX, a segfault while repacking the weights
-                        flags, extra = ("--no-repack",), ("--no-repack", *extra)
+                    extra = (*repack, *(("--spec-type", spec, "--spec-draft-n-max", str(LLAMA_DRAFTS)) if spec else ()))
+                    one, one_url, used = start_llama_server_or_no_repack(args.llama_bin, libraries, path, 1, max_len,
+                                                                         extra)  # fmt: skip
+                    if used != extra:
+                        repack, extra = ("--no-repack",), used
                         checks.append(f"{outtype}: llama-server crashed at load, so it runs with --no-repack")
                         print(checks[-1], flush=True)
-                        one, one_url = start_llama_server(args.llama_bin, libraries, path, 1, max_len, extra)
                     many, many_url = start_llama_server(args.llama_bin, libraries, path, 32, 32 * 2560, extra)
                     servers += [one, many]
                     sides[name] = (one_url, many_url)

@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from llamacpp import soname_links, start_llama_server
+from llamacpp import soname_links, start_llama_server_or_no_repack
 
 from hyla.bench import append_result, machine_description
 from hyla.checkpoint import load_pretrained
@@ -104,10 +104,14 @@ def llama_sides(
         libraries = soname_links(bin_dir, Path(tmp) / "lib")
         sides = {}
         try:
+            repack: tuple[str, ...] = ()
             for spec in ["none", *specs]:
-                flags = [] if spec == "none" else ["--spec-type", spec, "--spec-draft-n-max", str(drafts)]
-                server, url = start_llama_server(bin_dir, libraries, path, 1, context, flags)
+                flags = (*repack, *(() if spec == "none" else ("--spec-type", spec, "--spec-draft-n-max", str(drafts))))
+                server, url, used = start_llama_server_or_no_repack(bin_dir, libraries, path, 1, context, flags)
                 servers.append(server)
+                if used != flags:
+                    repack = ("--no-repack",)
+                    print(f"{outtype}: llama-server crashed at load, so it runs with --no-repack", flush=True)
                 sides[f"llama.cpp {'off' if spec == 'none' else spec}"] = LlamaSide(url)
             yield sides
         finally:

@@ -155,13 +155,16 @@ def transposed(w):
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 5])
 def test_the_gemv_path_matches_the_per_token_loop_on_awkward_shapes_and_thread_counts(threads):
-    """Each token's chosen experts in one kernel call (float32, the transposed storage; inference only): the rows
-    of the k experts split over the threads, boundaries falling inside an expert, equal to the per-token loop."""
+    """All tokens' chosen experts in one kernel call (float32, the transposed storage; inference only): the rows
+    of the chosen experts split over the threads, boundaries falling inside an expert, each expert's rows applied
+    to every token that chose it (several tokens sharing experts; outputs past one chunk of 1024), equal to the
+    per-token loop."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         for n, h, inter, num_experts, k in [(1, 40, 24, 8, 2), (3, 37, 13, 5, 2), (1, 1, 1, 2, 2), (2, 3, 1, 4, 3),
-                                            (1, 512, 256, 8, 2), (1, 9, 5, 3, 1)]:  # fmt: skip
+                                            (1, 512, 256, 8, 2), (1, 9, 5, 3, 1), (5, 512, 256, 8, 2),
+                                            (8, 33, 600, 4, 2), (9, 17, 7, 3, 3), (6, 12, 10, 16, 4)]:  # fmt: skip
             x = torch.randn(n, h)
             gate_up = transposed(torch.randn(num_experts, 2 * inter, h) * 0.2)
             down = transposed(torch.randn(num_experts, h, inter) * 0.2)

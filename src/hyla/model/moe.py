@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from hyla.config import HylaConfig
-from hyla.ops.moe import load_balancing_stats, route, swiglu_experts
+from hyla.ops.moe import COMPILED_GEMV_MAX_TOKENS, load_balancing_stats, route, swiglu_experts
 
 
 class SparseMoE(nn.Module):
@@ -19,7 +19,8 @@ class SparseMoE(nn.Module):
         self.gate = nn.Linear(h, e, bias=False)
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))  # per expert: [gate; up] rows
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
-        # One token's experts through hyla.ops.gemv: set by prepare_for_cpu_inference.
+        # A decode step's experts through hyla.ops.gemv (one token; in a compiled graph a few): set by
+        # prepare_for_cpu_inference.
         self.use_gemv = False
 
     def forward(self, x: Tensor, router_stats: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -31,6 +32,8 @@ class SparseMoE(nn.Module):
 
     def experts(self, x: Tensor, weights: Tensor, experts: Tensor) -> Tensor:
         """The routed experts' SwiGLU: ``x`` ``[N, hidden]``, ``weights``/``experts`` ``[N, k]`` -> ``[N, hidden]``."""
-        gemv = self.use_gemv and x.shape[0] == 1 and (torch.compiler.is_compiling() or not torch.is_grad_enabled())
+        compiling = torch.compiler.is_compiling()
+        most = COMPILED_GEMV_MAX_TOKENS if compiling else 1  # (eager, several tokens take the prepared copies)
+        gemv = self.use_gemv and x.shape[0] <= most and (compiling or not torch.is_grad_enabled())
         gemv = gemv and self.gate_up_proj[0].t().is_contiguous() and self.down_proj[0].t().is_contiguous()
         return swiglu_experts(x, weights, experts, self.gate_up_proj, self.down_proj, "gemv" if gemv else None)

@@ -63,26 +63,35 @@ _SOURCE = r"""
 #include <immintrin.h>
 #endif
 
-// acc[0:out] += x[lo:hi] W[lo:hi] for rows lo..hi of a row-major [in, out] weight w (a transposed W), in chunks of
-// 8192 outputs whose sums stay in L1, four rows at a time.
-static void add_rows(const float* xp, const float* w, int64_t lo, int64_t hi, int64_t out, float* acc_all) {
-  constexpr int64_t CHUNK = 8192;
-  for (int64_t c = 0; c < out; c += CHUNK) {
-    const int64_t n = std::min(out - c, CHUNK);
-    float* acc = acc_all + c;
+// acc_r[0:out] += x_r[lo:hi] W[lo:hi] for each of m rows x_r (xs[r], into accs[r]) and rows lo..hi of a row-major
+// [in, out] weight w (a transposed W): in chunks of outputs whose sums stay in L1 (8192 for one row, 1024 for
+// several, whose four weight rows of a chunk then stay in L1 for all of them), four weight rows at a time, each
+// weight row read from memory once for all m rows. Each output's sum is taken in the same order for any m.
+static void add_rows(const float* const* xs, int64_t m, const float* w, int64_t lo, int64_t hi, int64_t out,
+                     float* const* accs) {
+  const int64_t chunk = m == 1 ? 8192 : 1024;
+  for (int64_t c = 0; c < out; c += chunk) {
+    const int64_t n = std::min(out - c, chunk);
     int64_t i = lo;
     for (; i + 4 <= hi; i += 4) {
-      const float x0 = xp[i], x1 = xp[i + 1], x2 = xp[i + 2], x3 = xp[i + 3];
       const float* r0 = w + i * out + c;
       const float *r1 = r0 + out, *r2 = r1 + out, *r3 = r2 + out;
-      #pragma omp simd
-      for (int64_t o = 0; o < n; ++o) acc[o] += x0 * r0[o] + x1 * r1[o] + x2 * r2[o] + x3 * r3[o];
+      for (int64_t r = 0; r < m; ++r) {
+        const float* xp = xs[r];
+        const float x0 = xp[i], x1 = xp[i + 1], x2 = xp[i + 2], x3 = xp[i + 3];
+        float* acc = accs[r] + c;
+        #pragma omp simd
+        for (int64_t o = 0; o < n; ++o) acc[o] += x0 * r0[o] + x1 * r1[o] + x2 * r2[o] + x3 * r3[o];
+      }
     }
     for (; i < hi; ++i) {
-      const float xi = xp[i];
-      const float* r = w + i * out + c;
-      #pragma omp simd
-      for (int64_t o = 0; o < n; ++o) acc[o] += xi * r[o];
+      const float* row = w + i * out + c;
+      for (int64_t r = 0; r < m; ++r) {
+        const float xi = xs[r][i];
+        float* acc = accs[r] + c;
+        #pragma omp simd
+        for (int64_t o = 0; o < n; ++o) acc[o] += xi * row[o];
+      }
     }
   }
 }
@@ -107,7 +116,8 @@ static void sweep(const float* xp, const float* w, int64_t in, int64_t out, cons
     team = omp_get_num_threads();  // (fewer than asked inside another parallel region; the barrier publishes it)
     int64_t lo, hi;
     std::tie(lo, hi) = share(in, team, omp_get_thread_num());
-    add_rows(xp, w, lo, hi, out, partial.data() + omp_get_thread_num() * out);
+    float* acc = partial.data() + omp_get_thread_num() * out;
+    add_rows(&xp, 1, w, lo, hi, out, &acc);
   }
   for (int64_t o = 0; o < out; ++o) {
     float sum = bp ? bp[o] : 0.f;
@@ -116,49 +126,84 @@ static void sweep(const float* xp, const float* w, int64_t in, int64_t out, cons
   }
 }
 
-// One token's k SwiGLU experts in one parallel region: y = sum_j r_j down_j(silu(gate_j x) * up_j x), each
-// expert's gate/up weight given as a row-major [H, 2I] (gate columns first) and its down weight as [I, H] (the
-// transposed storage). The k experts' rows (k H of them, then k I) are split evenly over the threads, as in sweep:
-// one fork for all 2k products, none of the Python between them. The router weight r_j scales the activation
-// before the down product (the reference scales the product: the same up to rounding).
-static void experts_sweep(const float* xp, int64_t hidden, int64_t inter, int64_t k, const float* const* gate_up,
-                          const float* const* down, const float* rp, float* yp) {
+// A few tokens' SwiGLU experts in one parallel region, grouped by expert: y_n = sum_j r_nj down_e(silu(gate_e x_n)
+// * up_e x_n) over token n's k experts e = ids[n, j], each expert's gate/up weight a row-major [H, 2I] (gate columns
+// first, at gate_up + e * gu_stride) and its down weight [I, H] (at down + e * dn_stride): the transposed storage.
+// The touched experts (in order of first use) have their rows (H each, then I each) split evenly over the threads,
+// as in sweep, and each weight row is read once for all the tokens that chose its expert: one fork for all the
+// products, none of the Python between them. The router weight scales the activation before the down product
+// (the reference scales the product: the same up to rounding).
+static void experts_sweep(const float* x, int64_t tokens, int64_t hidden, int64_t inter, int64_t k, const int64_t* ids,
+                          const float* router, const float* gate_up, int64_t gu_stride, const float* down,
+                          int64_t dn_stride, float* y) {
+  // The (token, j) pairs grouped by expert: pairs begin[u] .. begin[u + 1] of order chose expert used[u].
+  std::vector<int64_t> used, slot_of(tokens * k, -1);
+  for (int64_t p = 0; p < tokens * k; ++p) {
+    const auto at = std::find(used.begin(), used.end(), ids[p]);
+    slot_of[p] = at - used.begin();
+    if (at == used.end()) used.push_back(ids[p]);
+  }
+  const int64_t experts = used.size(), pairs = tokens * k;
+  std::vector<int64_t> begin(experts + 1, 0), order(pairs);
+  for (int64_t p = 0; p < pairs; ++p) ++begin[slot_of[p] + 1];
+  for (int64_t u = 0; u < experts; ++u) begin[u + 1] += begin[u];
+  std::vector<int64_t> fill(begin.begin(), begin.end() - 1);
+  for (int64_t p = 0; p < pairs; ++p) order[fill[slot_of[p]]++] = p;
   const int most = at::get_num_threads();
-  std::vector<float> first(size_t(most) * k * 2 * inter, 0.f), act(k * inter), second(size_t(most) * hidden, 0.f);
+  std::vector<float> first(size_t(most) * pairs * 2 * inter, 0.f), act(pairs * inter),
+      second(size_t(most) * tokens * hidden, 0.f);
   int team = 1;
   #pragma omp parallel num_threads(most)
   {
     #pragma omp single
     team = omp_get_num_threads();
     const int t = omp_get_thread_num();
-    // gate/up: the rows (j, i) of the k [H, 2I] weights, in order; each run within one expert is one add_rows.
+    std::vector<const float*> xs(pairs);
+    std::vector<float*> accs(pairs);
+    // gate/up: the rows (u, i) of the touched experts' [H, 2I] weights, in order; each run within one expert is
+    // one add_rows for all its tokens.
     int64_t lo, hi;
-    std::tie(lo, hi) = share(k * hidden, team, t);
-    for (int64_t j = lo / hidden; j < k && j * hidden < hi; ++j)
-      add_rows(xp, gate_up[j], std::max(lo - j * hidden, int64_t(0)), std::min(hi - j * hidden, hidden), 2 * inter,
-               first.data() + (size_t(t) * k + j) * 2 * inter);
+    std::tie(lo, hi) = share(experts * hidden, team, t);
+    for (int64_t u = lo / hidden; u < experts && u * hidden < hi; ++u) {
+      const int64_t m = begin[u + 1] - begin[u];
+      for (int64_t q = 0; q < m; ++q) {
+        const int64_t p = order[begin[u] + q];
+        xs[q] = x + p / k * hidden;
+        accs[q] = first.data() + (size_t(t) * pairs + p) * 2 * inter;
+      }
+      add_rows(xs.data(), m, gate_up + used[u] * gu_stride, std::max(lo - u * hidden, int64_t(0)),
+               std::min(hi - u * hidden, hidden), 2 * inter, accs.data());
+    }
     #pragma omp barrier
     #pragma omp for schedule(static)
-    for (int64_t m = 0; m < k * inter; ++m) {
-      const int64_t j = m / inter, o = m % inter;
-      float g = 0.f, u = 0.f;
+    for (int64_t n = 0; n < pairs * inter; ++n) {
+      const int64_t p = n / inter, o = n % inter;
+      float g = 0.f, v = 0.f;
       for (int s = 0; s < team; ++s) {
-        const float* f = first.data() + (size_t(s) * k + j) * 2 * inter;
+        const float* f = first.data() + (size_t(s) * pairs + p) * 2 * inter;
         g += f[o];
-        u += f[inter + o];
+        v += f[inter + o];
       }
-      act[m] = rp[j] * (g / (1.f + std::exp(-g))) * u;
+      act[n] = router[p] * (g / (1.f + std::exp(-g))) * v;
     }
-    // down: the rows (j, i) of the k [I, H] weights, all into this thread's one [H] sum.
-    std::tie(lo, hi) = share(k * inter, team, t);
-    for (int64_t j = lo / inter; j < k && j * inter < hi; ++j)
-      add_rows(act.data() + j * inter, down[j], std::max(lo - j * inter, int64_t(0)), std::min(hi - j * inter, inter),
-               hidden, second.data() + size_t(t) * hidden);
+    // down: the rows (u, i) of the touched experts' [I, H] weights, each token's pairs into this thread's [H] sum
+    // of that token (a token's k experts are distinct: one add_rows never names a sum twice).
+    std::tie(lo, hi) = share(experts * inter, team, t);
+    for (int64_t u = lo / inter; u < experts && u * inter < hi; ++u) {
+      const int64_t m = begin[u + 1] - begin[u];
+      for (int64_t q = 0; q < m; ++q) {
+        const int64_t p = order[begin[u] + q];
+        xs[q] = act.data() + p * inter;
+        accs[q] = second.data() + (size_t(t) * tokens + p / k) * hidden;
+      }
+      add_rows(xs.data(), m, down + used[u] * dn_stride, std::max(lo - u * inter, int64_t(0)),
+               std::min(hi - u * inter, inter), hidden, accs.data());
+    }
   }
-  for (int64_t o = 0; o < hidden; ++o) {
+  for (int64_t n = 0; n < tokens * hidden; ++n) {
     float sum = 0.f;
-    for (int t = 0; t < team; ++t) sum += second[size_t(t) * hidden + o];
-    yp[o] = sum;
+    for (int t = 0; t < team; ++t) sum += second[size_t(t) * tokens * hidden + n];
+    y[n] = sum;
   }
 }
 
@@ -360,8 +405,9 @@ torch::Tensor gemv_t(torch::Tensor x, torch::Tensor wt, c10::optional<torch::Ten
   return y;
 }
 
-// x [N, H] float32, ids [N, k] int64 (expert numbers), router [N, k] float32; gate_up [E, 2I, H] and down [E, H, I]
-// float32 with each expert's transpose contiguous (gate_up[e].t(), down[e].t()) -> [N, H], row by row.
+// x [N, H] float32, ids [N, k] int64 (expert numbers, distinct per token), router [N, k] float32; gate_up [E, 2I, H]
+// and down [E, H, I] float32 with each expert's transpose contiguous (gate_up[e].t(), down[e].t()) -> [N, H], all
+// rows in one sweep over the experts they chose.
 torch::Tensor experts_gemv_t(torch::Tensor x, torch::Tensor ids, torch::Tensor router, torch::Tensor gate_up,
                              torch::Tensor down) {
   NoGil no_gil;
@@ -380,18 +426,17 @@ torch::Tensor experts_gemv_t(torch::Tensor x, torch::Tensor ids, torch::Tensor r
   };
   TORCH_CHECK(strided(gate_up, 1, 1) && strided(gate_up, 2, 2 * inter) && strided(down, 1, 1) &&
                   strided(down, 2, hidden), "experts_gemv: each expert's weights stored transposed");
+  const int64_t* ip = ids.data_ptr<int64_t>();
+  for (int64_t p = 0; p < ids.numel(); ++p)
+    TORCH_CHECK(ip[p] >= 0 && ip[p] < experts, "experts_gemv: an expert id out of range");
+  for (int64_t n = 0; n < ids.size(0); ++n)
+    for (int64_t j = 1; j < k; ++j)
+      TORCH_CHECK(std::find(ip + n * k, ip + n * k + j, ip[n * k + j]) == ip + n * k + j,
+                  "experts_gemv: a token chose one expert twice");
   auto y = torch::empty_like(x);
-  std::vector<const float*> gu(k), dn(k);
-  for (int64_t n = 0; n < x.size(0); ++n) {
-    const int64_t* ip = ids.data_ptr<int64_t>() + n * k;
-    for (int64_t j = 0; j < k; ++j) {
-      TORCH_CHECK(ip[j] >= 0 && ip[j] < experts, "experts_gemv: an expert id out of range");
-      gu[j] = gate_up.data_ptr<float>() + ip[j] * gate_up.stride(0);
-      dn[j] = down.data_ptr<float>() + ip[j] * down.stride(0);
-    }
-    experts_sweep(x.data_ptr<float>() + n * hidden, hidden, inter, k, gu.data(), dn.data(),
-                  router.data_ptr<float>() + n * k, y.data_ptr<float>() + n * hidden);
-  }
+  experts_sweep(x.data_ptr<float>(), x.size(0), hidden, inter, k, ip, router.data_ptr<float>(),
+                gate_up.data_ptr<float>(), gate_up.stride(0), down.data_ptr<float>(), down.stride(0),
+                y.data_ptr<float>());
   return y;
 }
 
@@ -767,9 +812,10 @@ def gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 
 def experts_gemv(x: Tensor, weights: Tensor, experts: Tensor, gate_up_proj: Tensor, down_proj: Tensor) -> Tensor:
-    """:func:`hyla.ops.moe.swiglu_experts` for a few tokens (its ``"pairs"`` path is the reference): each row's
-    ``k`` chosen SwiGLU experts in one call of the kernel (both products of all ``k`` experts, the rows of their
-    weights split over the threads, no Python between them), summed by router weight. ``x`` ``[N, H]`` float32,
+    """:func:`hyla.ops.moe.swiglu_experts` for a few tokens (its ``"pairs"`` path is the reference): every row's
+    ``k`` chosen SwiGLU experts in one call of the kernel (both products of every expert chosen, the rows of their
+    weights split over the threads and each read once for all the tokens that chose it, no Python between them),
+    summed by router weight. ``x`` ``[N, H]`` float32,
     ``weights``/``experts`` ``[N, k]``, ``gate_up_proj`` ``[E, 2I, H]`` and ``down_proj`` ``[E, H, I]`` float32
     with each expert's transpose contiguous (the serving engine's storage) -> ``[N, H]``. Inside
     ``torch.compile`` one opaque operation. Only where :func:`available`."""

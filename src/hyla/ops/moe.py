@@ -54,6 +54,11 @@ PATHS = ("loop", "grouped", "pairs", "gemv", "gather", "dense")
 # more run every expert once (``E`` matrices): the crossover measured on `small`, 8 experts top-2 (RESULTS.md,
 # "Same-process A/B measurements behind the compiled decode step"): 4 gathered tokens read as many as dense.
 COMPILED_GATHER_MAX_TOKENS = 3
+# Inside a compiled graph of a model prepared for CPU inference (``SparseMoE.use_gemv``), up to this many tokens
+# (a verify step's last token and drafts, a decode step of a few requests) run their experts through one call of
+# :func:`hyla.ops.gemv.experts_gemv`, which reads each chosen expert once for all of them (RESULTS.md, "Several
+# tokens' float32 experts in one kernel call").
+COMPILED_GEMV_MAX_TOKENS = 8
 
 
 def swiglu_experts(
@@ -77,10 +82,10 @@ def swiglu_experts(
             ``torch.compile`` for up to :data:`COMPILED_GATHER_MAX_TOKENS` tokens: it reads ``k`` matrices per
             token); ``"dense"``: every expert on every token (the default inside ``torch.compile`` for more:
             ``E / k`` times the products);
-            ``"loop"``: a loop over experts (the CPU's default otherwise); ``"gemv"``: as ``"pairs"``, each token's
-            experts in one call of :func:`hyla.ops.gemv.experts_gemv` (transposed float32 expert weights, inference
-            only: what a ``SparseMoE`` prepared for it asks for one token, compiled or not; one opaque operation
-            inside ``torch.compile``).
+            ``"loop"``: a loop over experts (the CPU's default otherwise); ``"gemv"``: all tokens' experts in one
+            call of :func:`hyla.ops.gemv.experts_gemv`, each chosen expert read once (transposed float32 expert
+            weights, inference only: what a ``SparseMoE`` prepared for it asks for one token, and inside
+            ``torch.compile`` for up to :data:`COMPILED_GEMV_MAX_TOKENS`; one opaque operation there).
 
     Returns:
         ``[N, H]`` in ``x``'s dtype.
