@@ -58,7 +58,7 @@ COMPILED_GATHER_MAX_TOKENS = 3
 # (a verify step's last token and drafts, a decode step of a few requests) run their experts through one call of
 # :func:`hyla.ops.gemv.experts_gemv`, which reads each chosen expert once for all of them (RESULTS.md, "Several
 # tokens' float32 experts in one kernel call").
-COMPILED_GEMV_MAX_TOKENS = 8
+COMPILED_GEMV_MAX_TOKENS = 16
 
 
 def swiglu_experts(
