@@ -187,14 +187,18 @@ def prefill_rate(url: str, length: int, rng: random.Random) -> float:
     return length / elapsed
 
 
-def decode_rate(url: str) -> float:
-    """Output tokens/s of one request, 128 in / 128 out: 1 / median time per output token."""
-    result = asyncio.run(run_load(url, 1, 3, 128, 128, vocab=8192))
+def decode_rate(url: str, seed: int) -> float:
+    """Output tokens/s of one request, 128 in / 128 out: 1 / median time per output token. ``seed`` picks the
+    prompts: a new one each round (llama-server's ``ngram-mod`` keeps its n-grams across requests, so a prompt it
+    has seen before drafts its whole answer), the same for every side."""
+    result = asyncio.run(run_load(url, 1, 3, 128, 128, vocab=8192, seed=seed))
     return 1 / statistics.median(r.tpot for r in result.records)
 
 
-def serving_rate(url: str, concurrency: int) -> float:
-    result = asyncio.run(run_load(url, concurrency, max(4, 2 * concurrency), 128, 128, vocab=8192))
+def serving_rate(url: str, concurrency: int, seed: int) -> float:
+    """Output tokens/s of ``hyla bench serve``'s random load at ``concurrency`` clients (prompts by ``seed``, as
+    :func:`decode_rate`)."""
+    result = asyncio.run(run_load(url, concurrency, max(4, 2 * concurrency), 128, 128, vocab=8192, seed=seed))
     return result.output_tokens_per_s
 
 
@@ -278,15 +282,15 @@ def main() -> None:
                     checks.append(f"{name}: {check_outputs(model, one_url)}")
                     print(checks[-1], flush=True)
             for one_url, many_url in sides.values():  # warm-up
-                decode_rate(one_url), serving_rate(many_url, 2)
+                decode_rate(one_url, seed=-1), serving_rate(many_url, 2, seed=-1)
             for round_ in range(args.repeats):
                 for name, (one_url, many_url) in sides.items():
                     row = rows.setdefault(name, {})
                     for length in args.prefill:
                         row.setdefault(f"prefill {length}", []).append(prefill_rate(one_url, length, rng))
-                    row.setdefault("decode 1", []).append(decode_rate(one_url))
+                    row.setdefault("decode 1", []).append(decode_rate(one_url, seed=round_ + 1))
                     for c in args.concurrency:
-                        row.setdefault(f"serve {c}", []).append(serving_rate(many_url, c))
+                        row.setdefault(f"serve {c}", []).append(serving_rate(many_url, c, seed=100 * c + round_ + 1))
                     for workload in args.workloads:
                         traffic.setdefault((workload, name), []).append(workload_row(many_url, workload, round_ + 1))
                     print(f"round {round_ + 1}, {name}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in row.items()),

@@ -95,8 +95,9 @@ class LlamaSide:
 @contextlib.contextmanager
 def llama_sides(
     bin_dir: Path, loaded, context: int, specs: list[str], drafts: int, outtype: str
-) -> Iterator[dict[str, LlamaSide]]:
-    """llama-server once without speculation and once per spec type, on ``loaded``'s model as GGUF ``outtype``."""
+) -> Iterator[tuple[dict[str, LlamaSide], tuple[str, ...]]]:
+    """llama-server once without speculation and once per spec type, on ``loaded``'s model as GGUF ``outtype``;
+    yields the sides and the flags they all run with (``--no-repack`` where repacking crashed at load)."""
     servers = []
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"model-{outtype}.gguf"
@@ -113,7 +114,7 @@ def llama_sides(
                     repack = ("--no-repack",)
                     print(f"{outtype}: llama-server crashed at load, so it runs with --no-repack", flush=True)
                 sides[f"llama.cpp {'off' if spec == 'none' else spec}"] = LlamaSide(url)
-            yield sides
+            yield sides, repack
         finally:
             for server in servers:
                 server.send_signal(signal.SIGTERM)
@@ -197,12 +198,12 @@ def main() -> None:
     vocab = loaded.model.config.vocab_size
     workloads = {"code": [loaded.tokenizer.encode(p).ids for p in code_prompts(args.prompts, args.chars, seed=0)],
                  "random": [[rng.randrange(vocab) for _ in range(300)] for _ in range(args.prompts)]}  # fmt: skip
-    llama = contextlib.nullcontext({})
+    llama = contextlib.nullcontext(({}, ()))
     if args.llama_bin is not None:
         context = min(loaded.model.config.max_position_embeddings, 4096)
         outtype = "q8_0" if args.quantize else "f32"
         llama = llama_sides(args.llama_bin, loaded, context, args.llama_spec, max(args.num_draft_tokens), outtype)
-    with llama as llama_servers:
+    with llama as (llama_servers, llama_flags):
         sides.update(llama_servers)
         rows = table_rows(sides, workloads, args.max_tokens, exact=args.quantize is None)
     table = "\n".join(rows)
@@ -238,7 +239,8 @@ def main() -> None:
             + "."
             + (
                 " llama-server -np 1, all cores, the same token ids, the same weights; its speed is "
-                f"its own timings.predicted_per_second; {'q8_0' if args.quantize else 'f32'} GGUF."
+                f"its own timings.predicted_per_second; {'q8_0' if args.quantize else 'f32'} GGUF"
+                + (" (with --no-repack: repacking its weights crashed llama-server at load)." if llama_flags else ".")
                 if args.llama_bin
                 else ""
             )
