@@ -133,15 +133,19 @@ def test_prepared_experts_follow_weight_changes_keep_autograd_and_copy_with_thei
 
 def test_compiled_experts_run_through_the_packed_copies_when_large_and_equal_the_float_experts(monkeypatch):
     """A compiled step of several tokens: large experts (an expert's gate/up matrix of 2^20 weights) through the
-    packed copies as one opaque op, small ones through the graph's own products; both equal the float experts."""
+    packed copies as one opaque op; small ones through the gemv kernel up to COMPILED_GEMV_MAX_TOKENS tokens (where
+    it builds) and the graph's own products for more; all equal the float experts."""
     import hyla
     import hyla.model.linear as prepared
+    import hyla.ops.moe as moe_ops
     from hyla.model.linear import PACKED_COMPILED_MIN_WEIGHTS, prepare_for_compile
-    from hyla.ops.moe import route, swiglu_experts
+    from hyla.ops import gemv
+    from hyla.ops.moe import COMPILED_GEMV_MAX_TOKENS, route, swiglu_experts
 
     calls = []
-    real = prepared.prepared_swiglu_experts
-    monkeypatch.setattr(prepared, "prepared_swiglu_experts", lambda *args: calls.append(1) or real(*args))
+    real, real_gemv = prepared.prepared_swiglu_experts, moe_ops.experts_gemv
+    monkeypatch.setattr(prepared, "prepared_swiglu_experts", lambda *args: calls.append("copies") or real(*args))
+    monkeypatch.setattr(moe_ops, "experts_gemv", lambda *args: calls.append("gemv") or real_gemv(*args))
     torch.manual_seed(0)
     for hidden, inter in [(64, 32), (1024, 512)]:
         config = hyla.preset("tiny").replace(hidden_size=hidden, intermediate_size=inter, num_experts=4)
@@ -151,14 +155,20 @@ def test_compiled_experts_run_through_the_packed_copies_when_large_and_equal_the
         moe = prepare_for_cpu_inference(nn.ModuleList([block]))[0]
         assert moe.compiled_copies == (2 * inter * hidden >= PACKED_COMPILED_MIN_WEIGHTS)
         prepare_for_compile(moe)
-        x = torch.randn(5, hidden)
-        with torch.no_grad():
-            _, weights, experts = route(moe.gate(x), moe.top_k)
-            expected = swiglu_experts(x, weights, experts, moe.gate_up_proj, moe.down_proj)
-            compiled = torch.compile(moe.experts, fullgraph=True, dynamic=False)
-            calls.clear()
-            assert rel_err(compiled(x, weights, experts), expected) < 1e-5
-            assert bool(calls) == moe.compiled_copies  # the opaque op ran the copies
+        for tokens in (5, COMPILED_GEMV_MAX_TOKENS + 3):
+            x = torch.randn(tokens, hidden)
+            with torch.no_grad():
+                _, weights, experts = route(moe.gate(x), moe.top_k)
+                expected = swiglu_experts(x, weights, experts, moe.gate_up_proj, moe.down_proj)
+                compiled = torch.compile(moe.experts, fullgraph=True, dynamic=False)
+                calls.clear()
+                assert rel_err(compiled(x, weights, experts), expected) < 1e-5
+            if moe.compiled_copies:
+                assert calls == ["copies"]  # the opaque op ran the copies
+            else:
+                kernel = gemv.available() and tokens <= COMPILED_GEMV_MAX_TOKENS
+                assert calls == (["gemv"] if kernel else [])
+            torch._dynamo.reset()
 
 
 def test_a_collected_int8_layer_leaves_no_entry():
