@@ -193,6 +193,36 @@ def test_compiled_verify_steps_equal_a_full_forward_without_recompiling(monkeypa
     assert {b for b, _ in shapes} >= {1, 2, 3} and any(n > b + 1 for b, n in shapes)
 
 
+@pytest.mark.slow
+def test_compiled_float32_verify_steps_past_the_experts_kernels_size_do_not_recompile(monkeypatch):
+    """A float32 model prepared for the CPU (experts through the gemv kernel up to COMPILED_GEMV_MAX_TOKENS tokens,
+    the graph's products beyond): verify steps of more tokens than that, and of fewer, run graphs compiled at start;
+    greedy outputs equal speculation off's (float32: the verify and decode steps sum in other orders, so a rare
+    near tie could differ; none does on these prompts)."""
+    from hyla.ops import gemv
+    from hyla.ops.moe import COMPILED_GEMV_MAX_TOKENS
+
+    if not gemv.available():
+        pytest.skip("no C++ compiler: no compiled verify step")
+    torch.manual_seed(5)
+    model = random_model(layer_types=PATTERNS["alternating"], vocab_size=VOCAB + 4)
+    spec, plain = engines(model, compile=True, max_num_seqs=8, max_num_batched_tokens=256)
+    runner = spec.engine.runner
+    compiled, tokens = runner._compiled_verify, []
+
+    def counted(ids, step, rows):
+        tokens.append(len(ids))
+        return compiled(ids, step, rows)
+
+    monkeypatch.setattr(runner, "_compiled_verify", counted)
+    prompts = [p for seed in (8, 9) for p in repetitive_prompts(seed=seed)]
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = [c[0].token_ids for c in spec.generate(prompts, params)]
+    assert got == [c[0].token_ids for c in plain.generate(prompts, params)]
+    assert max(tokens) > COMPILED_GEMV_MAX_TOKENS >= min(tokens)
+
+
 def test_stop_strings_max_tokens_n_and_logprobs_are_those_of_speculation_off():
     torch.manual_seed(1)
     model = random_model(layer_types=PATTERNS["alternating"], vocab_size=VOCAB + 4).double()

@@ -220,7 +220,8 @@ class ModelRunner:
         if num_draft_tokens and self.lightning_decode is gemv.lightning_decode:
             self._compiled_verify = self._compile_forward()  # a code object of its own: its own recompile limit
         try:
-            # One request; a few (experts indexed, up to ops/moe.py's COMPILED_GATHER_MAX_TOKENS); more (dense).
+            # One request; two; the most (past the sizes at which the experts change path, where a step reaches
+            # them: ops/moe.py).
             for batch in sorted({1, min(2, max_batch), max_batch}):
                 # Block tables of 2 blocks (one request) or batch + 1 (several): no size the compiler would
                 # specialise (0, 1) or take for the batch's.
@@ -228,10 +229,15 @@ class ModelRunner:
                 self.execute(SchedulerOutput([ScheduledSeq(i, [i % num_blocks] * width, 0, [0], True)
                                               for i in range(batch)]))  # fmt: skip
             if self._compiled_verify is not None:
-                # Drafts per sequence: one request with one draft or all (experts indexed or dense, as above); two
-                # requests, one with a draft (3 tokens) or both with all.
-                k = num_draft_tokens
-                for drafts in {(1,), (k,), *([(1, 0), (k, k)] if max_batch > 1 else [])}:
+                # Drafts per sequence: one request with one draft or all; two requests, one with a draft (3
+                # tokens); as many requests and drafts as a compiled step takes (COMPILED_MAX_BATCH tokens: past
+                # every size at which the experts change path, ops/moe.py's COMPILED_GEMV_MAX_TOKENS and the q8
+                # kernel's rows, where a step can reach it).
+                k, most, room = num_draft_tokens, [], COMPILED_MAX_BATCH
+                while len(most) < max_batch and room > 0:
+                    most.append(min(k, room - 1))
+                    room -= 1 + most[-1]
+                for drafts in {(1,), (k,), *([(1, 0), tuple(most)] if max_batch > 1 else [])}:
                     width = len(drafts) + 1 + k
                     self.execute(SchedulerOutput([ScheduledSeq(i, [i % num_blocks] * width, 0, [0] * (1 + n), True,
                                                                [0] * n) for i, n in enumerate(drafts)]))  # fmt: skip
