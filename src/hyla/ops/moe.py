@@ -57,7 +57,8 @@ COMPILED_GATHER_MAX_TOKENS = 3
 # Inside a compiled graph of a model prepared for CPU inference (``SparseMoE.use_gemv``), up to this many tokens
 # (a verify step's last token and drafts, a decode step of a few requests) run their experts through one call of
 # :func:`hyla.ops.gemv.experts_gemv`, which reads each chosen expert once for all of them (RESULTS.md, "Reading:
-# speculation on a trained `small`": faster than the graph's products up to 16 tokens on `small`).
+# speculation on a trained `small`": faster up to 16 tokens than the graph's products on `small` and the packed
+# copies on `medium`).
 COMPILED_GEMV_MAX_TOKENS = 16
 
 
