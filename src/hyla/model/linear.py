@@ -182,8 +182,10 @@ class PreparedSparseMoE(_Tokened, SparseMoE):
     copies of their matrices (:func:`~hyla.ops.moe.prepared_swiglu_experts`) where no gradient is needed:
     ``kind="packed"`` (oneDNN's layout, float32: the same values) or ``"int8"``. The copies are made again when the
     expert weights change, as :class:`PackedLinear`'s. Packed, the copies serve eager steps of two tokens and more
-    and compiled ones of large experts (:data:`PACKED_COMPILED_MIN_WEIGHTS`; one token runs through the gemv kernel
-    on the plain, transposed weights where it was built: ``use_gemv``) and cost the experts' memory once more."""
+    and compiled ones of large experts (:data:`PACKED_COMPILED_MIN_WEIGHTS`) past
+    :data:`~hyla.ops.moe.COMPILED_GEMV_MAX_TOKENS` tokens (one token, and in a compiled graph up to that many, run
+    through the gemv kernel on the plain, transposed weights where it was built: ``use_gemv``) and cost the
+    experts' memory once more."""
 
     def __init__(self, moe: SparseMoE, kind: str, use_gemv: bool = False) -> None:
         nn.Module.__init__(self)
