@@ -23,14 +23,7 @@ from hyla.model.moe import SparseMoE
 from hyla.ops.gemv import available as gemv_available
 from hyla.ops.gemv import experts_q8, gemv, gemv_q8
 from hyla.ops.linear import Int8Weight, can_pack, int8_linear, pack, packed_linear, q8_max_rows, quantize_int8
-from hyla.ops.moe import (
-    COMPILED_GEMV_MAX_TOKENS,
-    Q8Experts,
-    prepare_experts,
-    prepared_swiglu_experts,
-    q8_experts,
-    swiglu_experts,
-)
+from hyla.ops.moe import Q8Experts, prepare_experts, prepared_swiglu_experts, q8_experts, swiglu_experts
 
 QUANTIZE = (None, "int8")
 
@@ -227,8 +220,9 @@ class PreparedSparseMoE(_Tokened, SparseMoE):
         compiling = torch.compiler.is_compiling()
         if not compiling and torch.is_grad_enabled() and self.gate_up_proj.requires_grad:
             return swiglu_experts(x, weights, experts, self.gate_up_proj, self.down_proj)
-        few = self.use_gemv and x.shape[0] <= COMPILED_GEMV_MAX_TOKENS
-        if self.kind == "packed" and (x.shape[0] == 1 or (compiling and (few or not self.compiled_copies))):
+        if self.kind == "packed" and (
+            x.shape[0] == 1 or (compiling and (self.gemv_takes(x) or not self.compiled_copies))
+        ):
             # One token: gemv on the plain weights. In a compiled graph, a few tokens too (each chosen expert read
             # once for all of them), and small experts keep the graph's own products for more.
             return super().experts(x, weights, experts)

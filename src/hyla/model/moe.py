@@ -32,8 +32,14 @@ class SparseMoE(nn.Module):
 
     def experts(self, x: Tensor, weights: Tensor, experts: Tensor) -> Tensor:
         """The routed experts' SwiGLU: ``x`` ``[N, hidden]``, ``weights``/``experts`` ``[N, k]`` -> ``[N, hidden]``."""
+        path = "gemv" if self.gemv_takes(x) else None
+        return swiglu_experts(x, weights, experts, self.gate_up_proj, self.down_proj, path)
+
+    def gemv_takes(self, x: Tensor) -> bool:
+        """Whether the experts of ``x`` ``[N, hidden]`` run through :func:`hyla.ops.gemv.experts_gemv`: a block
+        prepared for it (``use_gemv``, the weights stored transposed), no gradient, one token (in a compiled graph
+        up to :data:`~hyla.ops.moe.COMPILED_GEMV_MAX_TOKENS`; eager, several tokens take the prepared copies)."""
         compiling = torch.compiler.is_compiling()
-        most = COMPILED_GEMV_MAX_TOKENS if compiling else 1  # (eager, several tokens take the prepared copies)
+        most = COMPILED_GEMV_MAX_TOKENS if compiling else 1
         gemv = self.use_gemv and x.shape[0] <= most and (compiling or not torch.is_grad_enabled())
-        gemv = gemv and self.gate_up_proj[0].t().is_contiguous() and self.down_proj[0].t().is_contiguous()
-        return swiglu_experts(x, weights, experts, self.gate_up_proj, self.down_proj, "gemv" if gemv else None)
+        return gemv and self.gate_up_proj[0].t().is_contiguous() and self.down_proj[0].t().is_contiguous()

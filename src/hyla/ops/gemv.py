@@ -56,7 +56,6 @@ _SOURCE = r"""
 #include <string>
 #include <cstring>
 #include <tuple>
-#include <vector>
 #include <utility>
 #include <vector>
 #if defined(__x86_64__)
@@ -695,7 +694,8 @@ void lightning_replay_t(std::vector<torch::Tensor> pools, torch::Tensor slots, s
     auto &k = ks[l], &v = vs[l];
     TORCH_CHECK(pool.dim() == 4 && pool.is_contiguous() && pool.size(1) == h && pool.size(2) == d &&
                     before.dim() == 4 && before.is_contiguous() && before.sizes().slice(1) == pool.sizes().slice(1) &&
-                    before.size(0) == befores[0].size(0) && k.dim() == 3 && k.sizes() == v.sizes() &&
+                    before.size(0) == befores[0].size(0) && pool.size(0) == pools[0].size(0) && k.dim() == 3 &&
+                    k.sizes() == v.sizes() &&
                     k.size(0) == ks[0].size(0) && k.size(1) == h && k.size(2) == d && slopes[l].numel() == h,
                 "lightning_replay shapes");
     TORCH_CHECK(pool.scalar_type() == dtype && before.scalar_type() == dtype && k.scalar_type() == dtype &&
@@ -713,8 +713,6 @@ void lightning_replay_t(std::vector<torch::Tensor> pools, torch::Tensor slots, s
   for (int64_t r = 0; r < r_n; ++r)
     TORCH_CHECK(sp[r] >= 0 && sp[r] < pools[0].size(0) && rp[r] >= 0 && rp[r] < befores[0].size(0) && tp[r] >= 0 &&
                     cp[r] >= 0 && tp[r] + cp[r] <= ks[0].size(0), "lightning_replay: an index outside");
-  for (int64_t l = 1; l < layers; ++l)
-    TORCH_CHECK(pools[l].size(0) == pools[0].size(0), "lightning_replay shapes");
   AT_DISPATCH_FLOATING_TYPES(dtype, "lightning_replay", [&] {
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, d * d));
     at::parallel_for(0, layers * r_n * h, grain, [&](int64_t lo, int64_t hi) {
@@ -815,10 +813,10 @@ def experts_gemv(x: Tensor, weights: Tensor, experts: Tensor, gate_up_proj: Tens
     """:func:`hyla.ops.moe.swiglu_experts` for a few tokens (its ``"pairs"`` path is the reference): every row's
     ``k`` chosen SwiGLU experts in one call of the kernel (both products of every expert chosen, the rows of their
     weights split over the threads and each read once for all the tokens that chose it, no Python between them),
-    summed by router weight. ``x`` ``[N, H]`` float32,
-    ``weights``/``experts`` ``[N, k]``, ``gate_up_proj`` ``[E, 2I, H]`` and ``down_proj`` ``[E, H, I]`` float32
-    with each expert's transpose contiguous (the serving engine's storage) -> ``[N, H]``. Inside
-    ``torch.compile`` one opaque operation. Only where :func:`available`."""
+    summed by router weight. ``x`` ``[N, H]`` float32, ``weights``/``experts`` ``[N, k]`` (a token's experts
+    distinct), ``gate_up_proj`` ``[E, 2I, H]`` and ``down_proj`` ``[E, H, I]`` float32 with each expert's transpose
+    contiguous (the serving engine's storage) -> ``[N, H]``. Inside ``torch.compile`` one opaque operation. Only
+    where :func:`available`."""
     op = torch.ops.hyla.experts_gemv if torch.compiler.is_compiling() else _kernel().experts_gemv_t
     return op(x, experts, weights.float(), gate_up_proj, down_proj)
 
