@@ -26,7 +26,7 @@ def reader(tokens: list[int]):
 def untimed_steps(monkeypatch):
     """The engines here do not tell their proposers the steps' times (the drafts a test sees would otherwise depend
     on how fast this machine ran the steps); the timing policy has tests of its own below."""
-    monkeypatch.setattr(NgramProposer, "record_step", lambda self, num_seqs, drafted, seconds: None)
+    monkeypatch.setattr(NgramProposer, "record_step", lambda self, num_seqs, num_tokens, seconds: None)
 
 
 def test_the_proposer_continues_the_latest_earlier_occurrence_of_the_longest_suffix():
@@ -38,12 +38,65 @@ def test_the_proposer_continues_the_latest_earlier_occurrence_of_the_longest_suf
     assert proposer.propose(("a", 0), reader(tokens), len(tokens), limit=2) == [3, 4]
     tokens += [5]  # (6, 5) never occurred; nor did anything ending in 5 except the first token
     assert proposer.propose(("a", 0), reader(tokens), len(tokens), limit=8) == []
-    assert proposer.propose(("b", 0), reader([1, 2, 1, 2]), 4, limit=8) == [1, 2]  # a match may overlap the suffix
+    assert proposer.propose(("b", 0), reader([1, 2, 1, 2]), 4, limit=8) == [1, 2, 1]  # it may overlap the suffix
     assert proposer.propose(("c", 0), reader([3, 3]), 2, limit=8) == []  # too short for a 2-gram before the end
 
 
+def test_a_match_that_runs_into_the_end_repeats_its_period():
+    """A model in a loop: the continuation after the earlier occurrence reaches the last token, and the draft goes
+    on with the text since that occurrence, as often as its length asks."""
+    proposer = NgramProposer(num_draft_tokens=8)
+    tokens = [9, 5, 1, 2, 3, 1, 2]  # (1, 2) last occurred at 2-3, followed by 3, 1, 2 and then the end
+    assert proposer.propose(("a", 0), reader(tokens), len(tokens), limit=8) == [3, 1, 2, 3]  # the first round: 4
+    proposer.feedback(("a", 0), drafted=4, accepted=4)
+    assert proposer.propose(("a", 0), reader(tokens), len(tokens), limit=8) == [3, 1, 2, 3, 1, 2, 3, 1]
+    assert proposer.propose(("b", 0), reader([4, 4, 4]), 3, limit=8) == [4, 4, 4, 4]  # a period of one token
+
+
+def test_draft_lengths_double_while_kept_whole_and_return_to_the_start_after_a_rejection():
+    from hyla.serve.speculative import START_DRAFT_TOKENS
+
+    proposer, key = NgramProposer(num_draft_tokens=16), ("a", 0)
+    tokens = list(range(40)) * 2  # a long run to copy: drafts are as long as the request's length allows
+
+    def length(limit: int = 64) -> int:
+        return len(proposer.propose(key, reader(tokens), len(tokens), limit))
+
+    assert START_DRAFT_TOKENS == 4
+    lengths = []
+    for _ in range(4):
+        lengths.append(length())
+        proposer.feedback(key, drafted=lengths[-1], accepted=lengths[-1])
+    assert lengths == [4, 8, 16, 16]  # doubling up to num_draft_tokens
+    assert length(limit=3) == 3  # near max_tokens: no more than the limit; the length itself stays
+    assert length() == 16
+    proposer.feedback(key, drafted=16, accepted=9)
+    assert length() == 4
+    assert NgramProposer(num_draft_tokens=2).propose(key, reader(tokens), len(tokens), 64) == [0, 1]
+
+
+def test_a_long_round_is_judged_by_what_a_step_of_its_size_costs(monkeypatch):
+    """Steps are timed by their tokens: a 16-draft round whose 3 tokens fall short of its step's cost pauses the
+    request, while the same 3 tokens from a 4-draft round, whose step cost less, do not."""
+    monkeypatch.undo()  # the real record_step
+    proposer, key = NgramProposer(num_draft_tokens=16), ("a", 0)
+    tokens = list(range(40)) * 2
+    proposer.record_step(1, num_tokens=1, seconds=0.002)
+    proposer.record_step(1, num_tokens=5, seconds=0.004)  # 2 decode steps
+    proposer.record_step(1, num_tokens=17, seconds=0.008)  # 4 decode steps
+    assert proposer.propose(key, reader(tokens), len(tokens), limit=64) == [0, 1, 2, 3]
+    proposer.feedback(key, drafted=4, accepted=2)  # 3 tokens for 2 decode steps: good
+    for _ in range(2):  # two rounds kept whole: 4, 8 and then 16 drafts
+        draft = proposer.propose(key, reader(tokens), len(tokens), limit=64)
+        proposer.feedback(key, drafted=len(draft), accepted=len(draft))
+    assert len(proposer.propose(key, reader(tokens), len(tokens), limit=64)) == 16
+    proposer.feedback(key, drafted=16, accepted=2)  # 3 tokens for 4 decode steps: poor
+    assert proposer.propose(key, reader(tokens), len(tokens), limit=64) == []  # paused a step
+    assert len(proposer.propose(key, reader(tokens), len(tokens), limit=64)) == 4
+
+
 def test_a_request_whose_drafts_fail_waits_longer_each_time():
-    """Full rejections, or a running acceptance below MIN_ACCEPTANCE, pause a request's drafts."""
+    """Full rejections pause a request's drafts, longer each time until a round keeps some."""
     proposer, key, tokens = NgramProposer(num_draft_tokens=2), ("a", 0), [1, 2, 3, 1, 2]
     assert proposer.propose(key, reader(tokens), 5, limit=8) == [3, 1]
     proposer.feedback(key, drafted=2, accepted=0)
@@ -54,26 +107,27 @@ def test_a_request_whose_drafts_fail_waits_longer_each_time():
     proposer.feedback(key, drafted=2, accepted=2)  # a good round resets the backoff
     proposer.feedback(key, drafted=2, accepted=0)
     assert [proposer.propose(key, reader(tokens), 5, limit=8) for _ in range(2)] == [[], [3, 1]]
-    proposer.feedback(key, drafted=4, accepted=1)  # some accepted, but the running share is below the bar
-    assert proposer.propose(key, reader(tokens), 5, limit=8) == []
+    proposer.feedback(key, drafted=2, accepted=1)  # one kept: a step that made two tokens (untimed: it paid)
+    assert proposer.propose(key, reader(tokens), 5, limit=8) == [3, 1]
 
 
 def test_drafts_pause_while_a_verify_step_costs_more_decode_steps_than_it_makes_tokens(monkeypatch):
-    """The measured cost of a step with drafts over a plain one (running averages, per number of sequences) is the
-    bar a round's tokens (its accepted drafts and the one after them) must clear; the longest pause grows with it,
-    and where even all drafts kept would not clear it, drafts come only as a rare probe."""
+    """The measured cost of a step with drafts over a plain one (running averages, per number of sequences and
+    tokens) is the bar a round's tokens (its accepted drafts and the one after them) must clear; the longest pause
+    grows with it, and where even all drafts kept would not clear it, drafts come only as a rare probe."""
     monkeypatch.undo()  # the real record_step
     from hyla.serve.speculative import MAX_COOLDOWN, STEP_EMA
 
     proposer, key, tokens = NgramProposer(num_draft_tokens=4), ("a", 0), [1, 2, 3, 4, 5, 6, 1, 2]
-    assert proposer.verify_cost(1) == 1.0  # nothing timed yet
-    proposer.record_step(1, drafted=False, seconds=0.002)
-    assert proposer.verify_cost(1) == 1.0  # no verify step timed yet
-    proposer.record_step(1, drafted=True, seconds=0.006)
-    assert proposer.verify_cost(1) == pytest.approx(3.0)
-    assert proposer.verify_cost(2) == 1.0  # another batch size: its own steps
-    proposer.record_step(1, drafted=True, seconds=0.016)
-    assert proposer.verify_cost(1) == pytest.approx((0.006 + STEP_EMA * 0.010) / 0.002)  # 4
+    assert proposer.verify_cost(1, 5) == 1.0  # nothing timed yet
+    proposer.record_step(1, num_tokens=1, seconds=0.002)
+    assert proposer.verify_cost(1, 5) == 1.0  # no verify step timed yet
+    proposer.record_step(1, num_tokens=5, seconds=0.006)
+    assert proposer.verify_cost(1, 5) == pytest.approx(3.0)
+    assert proposer.verify_cost(2, 6) == 1.0  # another batch size: its own steps
+    assert proposer.verify_cost(1, 3) == 1.0  # and another number of drafts
+    proposer.record_step(1, num_tokens=5, seconds=0.016)
+    assert proposer.verify_cost(1, 5) == pytest.approx((0.006 + STEP_EMA * 0.010) / 0.002)  # 4
     assert proposer.propose(key, reader(tokens), 8, limit=8) == [3, 4, 5, 6]
     proposer.feedback(key, drafted=4, accepted=2)  # 3 tokens for a step that cost 4 decode steps: poor
     assert proposer.propose(key, reader(tokens), 8, limit=8) == []
@@ -89,19 +143,19 @@ def test_drafts_pause_while_a_verify_step_costs_more_decode_steps_than_it_makes_
             n += 1
         return n
 
-    assert pause() == round(MAX_COOLDOWN * proposer.verify_cost(1))
+    assert pause() == round(MAX_COOLDOWN * proposer.verify_cost(1, 5))
     proposer.feedback(key, drafted=4, accepted=4)
-    proposer.record_step(1, drafted=True, seconds=0.068)  # a verify step now costs 10 decode steps: 5 tokens can't pay
-    assert proposer.verify_cost(1) == pytest.approx(10.0)
-    assert pause() == math.ceil(MAX_COOLDOWN * proposer.verify_cost(1)) - 1  # withheld, then one probe
+    proposer.record_step(1, num_tokens=5, seconds=0.068)  # a verify step now costs 10 decode steps: 5 tokens can't pay
+    assert proposer.verify_cost(1, 5) == pytest.approx(10.0)
+    assert pause() == math.ceil(MAX_COOLDOWN * proposer.verify_cost(1, 5)) - 1  # withheld, then one probe
     assert proposer.propose(("b", 0), reader(tokens), 8, limit=8) == []  # every request: the engine's steps cost it
 
 
 def test_the_engine_times_its_decode_steps_for_the_proposer(monkeypatch):
-    """Decode steps (no prompt chunk) report their sequences, whether they verified drafts, and a duration."""
+    """Decode steps (no prompt chunk) report their sequences, their tokens (drafts included), and a duration."""
     steps = []
     monkeypatch.setattr(
-        NgramProposer, "record_step", lambda self, n, drafted, seconds: steps.append((n, drafted, seconds))
+        NgramProposer, "record_step", lambda self, n, tokens, seconds: steps.append((n, tokens > n, seconds))
     )
     torch.manual_seed(3)
     spec, _ = engines(random_model(layer_types=PATTERNS["alternating"], vocab_size=VOCAB + 4))
@@ -122,7 +176,7 @@ def repetitive_prompts(seed: int, lengths=(24, 9, 40, 3)) -> list[list[int]]:
 def engines(model, **config):
     defaults = dict(max_num_seqs=3, max_num_batched_tokens=64, block_size=4, max_model_len=120)
     tokenizer = byte_tokenizer(VOCAB)
-    spec = LLM(model, tokenizer, EngineConfig(**{**defaults, **config}, speculative="ngram", num_draft_tokens=4))
+    spec = LLM(model, tokenizer, EngineConfig(**{**defaults, **config}, speculative="ngram", num_draft_tokens=8))
     plain = LLM(model, tokenizer, EngineConfig(**{**defaults, **config}))
     return spec, plain
 

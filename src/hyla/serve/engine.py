@@ -89,7 +89,9 @@ class EngineConfig:
     )
     speculative: str | None = field(default=None, metadata=_help(
         "ngram: speculative decoding with drafts from the request's own context (prompt lookup); exact"))  # fmt: skip
-    num_draft_tokens: int = field(default=4, metadata=_help("speculative: tokens drafted per decode, at most"))
+    num_draft_tokens: int = field(default=16, metadata=_help(
+        "speculative: tokens drafted per decode, at most (a request starts at 4, doubling while all are "
+        "kept)"))  # fmt: skip
     compile: bool = field(default=False, metadata=_help(
         f"CPU: run decode steps of up to {COMPILED_MAX_BATCH} requests through a torch.compile'd forward (needs a "
         "C++ compiler; compiles at start, cached on disk; measured in RESULTS.md)"))  # fmt: skip
@@ -221,7 +223,7 @@ class LLMEngine:
         proposer = self.scheduler.proposer
         if proposer is not None and all(s.sample and s.num_tokens == 1 + len(s.draft) for s in out.seqs):
             # A decode step (no prompt chunk): its time tells the proposer what verifying drafts costs.
-            proposer.record_step(len(out.seqs), any(s.draft for s in out.seqs), time.perf_counter() - start)
+            proposer.record_step(len(out.seqs), sum(s.num_tokens for s in out.seqs), time.perf_counter() - start)
         return results
 
     def _run(self, out: SchedulerOutput) -> list[RequestOutput]:

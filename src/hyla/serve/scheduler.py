@@ -329,6 +329,7 @@ class Scheduler:
         requests = [self.requests[k] for k in out.keys]
         runs = iter(sampled)
         emitted = [next(runs) if seq.sample else [] for seq in out.seqs]
+        step_tokens = sum(seq.num_tokens for seq in out.seqs)
         for request, seq, tokens in zip(requests, out.seqs, emitted, strict=True):
             if seq.num_computed == request.num_cached_tokens and not request.num_preemptions:  # its first chunk
                 stats.prompt_tokens += len(request.prompt_ids) - request.num_cached_tokens
@@ -337,9 +338,10 @@ class Scheduler:
             # (accepted drafts are computed tokens not yet among the outputs: they are appended below)
             self._register_blocks(request, seq.num_computed, request.num_computed, tokens[:-1] if seq.draft else [])
             if seq.draft:
-                stats.draft_tokens += len(seq.draft)
-                stats.accepted_tokens += len(seq.draft) - rejected
-                self.proposer.feedback(request.key, len(seq.draft), len(seq.draft) - rejected, len(out.seqs))
+                drafted, accepted = len(seq.draft), len(seq.draft) - rejected
+                stats.draft_tokens += drafted
+                stats.accepted_tokens += accepted
+                self.proposer.feedback(request.key, drafted, accepted, len(out.seqs), step_tokens)
         for save in self._saves:
             if save.pending:
                 save.request.pending_boundary = save.boundary
