@@ -21,9 +21,10 @@ llama-server's. Then, alternating the two sides at every measurement (the idle o
 (``--compile``: decode steps of up to 32 requests through a compiled forward), ``int8`` and ``int8-compiled``
 (``--quantize int8``: linear layers and experts in int8; the peer to set it against is llama.cpp's q8_0), and the
 compiled ones with speculative decoding, ``fp32-compiled-ngram`` and ``int8-compiled-ngram`` (``--speculative
-ngram --num-draft-tokens 4``). Each side but the first has its greedy text checked against a float32 full forward
-first (int8 may differ: it is another model's rounding). ``--llama-spec TYPE ...`` adds llama.cpp sides with its own
-speculation (``--spec-type TYPE --spec-draft-n-max 4``) for each ``--outtypes`` value.
+ngram``, its default of 16 drafts at most). Each side but the first has its greedy text checked against a float32
+full forward first (int8 may differ: it is another model's rounding). ``--llama-spec TYPE ...`` adds llama.cpp sides
+with its own speculation (``--spec-type TYPE`` at its default sizes: ``ngram-mod`` drafts 48-64 tokens after a
+24-token match) for each ``--outtypes`` value.
 
 ``--model DIR`` serves a trained model (its weights, tokenizer and context length) instead of random weights of
 ``--preset``: speculation needs a model that predicts something (e.g. ``benchmarks/recipes/small-stdlib.toml``).
@@ -65,9 +66,8 @@ from hyla.interop.gguf import export_gguf
 RESULTS = Path(__file__).with_name("RESULTS.md")
 HYLA_SIDES = {"fp32": ["--no-compile"], "fp32-compiled": ["--compile"], "int8": ["--no-compile", "--quantize", "int8"],
               "int8-compiled": ["--compile", "--quantize", "int8"]}  # fmt: skip
-HYLA_SIDES |= {f"{name}-ngram": [*HYLA_SIDES[name], "--speculative", "ngram", "--num-draft-tokens", "4"]
+HYLA_SIDES |= {f"{name}-ngram": [*HYLA_SIDES[name], "--speculative", "ngram"]
                for name in ("fp32-compiled", "int8-compiled")}  # fmt: skip
-LLAMA_DRAFTS = 4
 MAX_LEN = 8192 + 256
 
 
@@ -269,7 +269,7 @@ def main() -> None:
                 repack: tuple[str, ...] = ()
                 for spec in [None, *args.llama_spec]:
                     name = f"llama.cpp {outtype}" + (f" {spec}" if spec else "")
-                    extra = (*repack, *(("--spec-type", spec, "--spec-draft-n-max", str(LLAMA_DRAFTS)) if spec else ()))
+                    extra = (*repack, *(("--spec-type", spec) if spec else ()))
                     one, one_url, used = start_llama_server_or_no_repack(args.llama_bin, libraries, path, 1, max_len,
                                                                          extra)  # fmt: skip
                     if used != extra:

@@ -1,10 +1,11 @@
 """Does llama-server's ``--spec-type ngram-mod`` remember n-grams across requests? The same prompts, twice.
 
-A peer check behind a reading in RESULTS.md (issue 25): one llama-server (``-np 1``, ``ngram-mod``, 4 drafts) on a
-trained hyla model exported to GGUF f32; ``--prompts`` random 128-token prompts decoded greedily (128 tokens, no
-prompt cache), then the same prompts again. Printed per request: decode tokens/s (its own
-``timings.predicted_per_second``), drafted and accepted tokens. A second pass that drafts far more than the first
-means drafts come from earlier requests' text, not only the request's own (what hyla's prompt lookup uses).
+A peer check behind a reading in RESULTS.md (issue 25): one llama-server (``-np 1``, ``ngram-mod`` at its default
+sizes: 48-64 drafts after a 24-token match) on a trained hyla model exported to GGUF f32; ``--prompts`` random
+128-token prompts decoded greedily (128 tokens, no prompt cache), then the same prompts again. Printed per request:
+decode tokens/s (its own ``timings.predicted_per_second``), drafted and accepted tokens. A second pass that drafts
+far more than the first means drafts come from earlier requests' text, not only the request's own (what hyla's
+prompt lookup uses).
 
     python benchmarks/ngram_mod_memory.py --model runs/small-stdlib --llama-bin DIR
 """
@@ -41,7 +42,7 @@ def main() -> None:
         path = Path(tmp) / "model-f32.gguf"
         export_gguf(loaded.model, loaded.tokenizer, path, "f32")
         libraries = soname_links(args.llama_bin, Path(tmp) / "lib")
-        flags = ("--spec-type", "ngram-mod", "--spec-draft-n-max", "4")
+        flags = ("--spec-type", "ngram-mod")
         server, url, _ = start_llama_server_or_no_repack(args.llama_bin, libraries, path, 1, 4096, flags)
         try:
             for attempt in (1, 2):

@@ -13,7 +13,9 @@ outputs are counted, not required equal (float32 stops at the first difference: 
 With ``--llama-bin DIR`` (llama.cpp's ``bin`` folder, see ``llamacpp.py``) llama-server joins the alternation on
 the same model (exported to GGUF f32, q8_0 with ``--quantize int8``) and the same token ids: ``-np 1``, all
 cores, once without speculation and once per ``--llama-spec`` type (its own prompt-lookup drafts:
-``ngram-simple``, ``ngram-mod``, ... at their default sizes, ``--spec-draft-n-max`` drafts); its decode speed is
+``ngram-simple``, ``ngram-mod``, ... at their default sizes: this build's ``--spec-draft-n-max`` is the draft
+model's, and ``ngram-mod`` drafts 48-64 tokens after a 24-token match, the setting its documentation recommends);
+its decode speed is
 the server's own ``timings.predicted_per_second`` (the prefill excluded, as ours) and its acceptance
 ``draft_n_accepted / draft_n``; its greedy tokens are compared with hyla's.
 
@@ -94,7 +96,7 @@ class LlamaSide:
 
 @contextlib.contextmanager
 def llama_sides(
-    bin_dir: Path, loaded, context: int, specs: list[str], drafts: int, outtype: str
+    bin_dir: Path, loaded, context: int, specs: list[str], outtype: str
 ) -> Iterator[tuple[dict[str, LlamaSide], tuple[str, ...]]]:
     """llama-server once without speculation and once per spec type, on ``loaded``'s model as GGUF ``outtype``;
     yields the sides and the flags they all run with (``--no-repack`` where repacking crashed at load)."""
@@ -107,7 +109,7 @@ def llama_sides(
         try:
             repack: tuple[str, ...] = ()
             for spec in ["none", *specs]:
-                flags = (*repack, *(() if spec == "none" else ("--spec-type", spec, "--spec-draft-n-max", str(drafts))))
+                flags = (*repack, *(() if spec == "none" else ("--spec-type", spec)))
                 server, url, used = start_llama_server_or_no_repack(bin_dir, libraries, path, 1, context, flags)
                 servers.append(server)
                 if used != flags:
@@ -172,7 +174,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8, help="prompts per workload")
     parser.add_argument("--chars", type=int, default=1500, help="characters of each code prompt")
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--num-draft-tokens", type=int, nargs="+", default=[4])
+    parser.add_argument("--num-draft-tokens", type=int, nargs="+", default=[16])
     parser.add_argument("--compile", action="store_true", help="both engines with --compile")
     parser.add_argument("--quantize", choices=["int8"], default=None, help="hyla int8, llama.cpp q8_0")
     parser.add_argument("--llama-bin", type=Path, help="llama.cpp's bin folder: llama-server joins (see above)")
@@ -202,7 +204,7 @@ def main() -> None:
     if args.llama_bin is not None:
         context = min(loaded.model.config.max_position_embeddings, 4096)
         outtype = "q8_0" if args.quantize else "f32"
-        llama = llama_sides(args.llama_bin, loaded, context, args.llama_spec, max(args.num_draft_tokens), outtype)
+        llama = llama_sides(args.llama_bin, loaded, context, args.llama_spec, outtype)
     with llama as (llama_servers, llama_flags):
         sides.update(llama_servers)
         rows = table_rows(sides, workloads, args.max_tokens, exact=args.quantize is None)
