@@ -18,13 +18,14 @@ llama-server's. Then, alternating the two sides at every measurement (the idle o
   reuses prefixes (its default); llama-server runs its defaults (slot prompt cache and context checkpoints).
 
 ``--hyla`` picks hyla's sides, each its own server: ``fp32`` (eager: ``--no-compile``), ``fp32-compiled``
-(``--compile``: decode steps of up to 32 requests through a compiled forward), ``int8`` and ``int8-compiled``
-(``--quantize int8``: linear layers and experts in int8; the peer to set it against is llama.cpp's q8_0), and the
-compiled ones with speculative decoding, ``fp32-compiled-ngram`` and ``int8-compiled-ngram`` (``--speculative
-ngram``, its default of 16 drafts at most). Each side but the first has its greedy text checked against a float32
-full forward first (int8 may differ: it is another model's rounding). ``--llama-spec TYPE ...`` adds llama.cpp sides
-with its own speculation (``--spec-type TYPE`` at its default sizes: ``ngram-mod`` drafts 48-64 tokens after a
-24-token match) for each ``--outtypes`` value.
+(``--compile --speculative off``: decode steps of up to 32 requests through a compiled forward, without the
+speculation that ``hyla serve`` turns on with it by default), ``int8`` and ``int8-compiled`` (``--quantize int8``:
+linear layers and experts in int8; the peer to set it against is llama.cpp's q8_0), and the compiled ones with
+speculative decoding, ``fp32-compiled-ngram`` and ``int8-compiled-ngram`` (``--speculative ngram``, its default of
+16 drafts at most). Each side but the first has its greedy text checked against a float32 full forward first (int8
+may differ: it is another model's rounding). ``--llama-spec TYPE ...`` adds llama.cpp sides with its own speculation
+(``--spec-type TYPE`` at its default sizes: ``ngram-mod`` drafts 48-64 tokens after a 24-token match) for each
+``--outtypes`` value.
 
 ``--model DIR`` serves a trained model (its weights, tokenizer and context length) instead of random weights of
 ``--preset``: speculation needs a model that predicts something (e.g. ``benchmarks/recipes/small-stdlib.toml``).
@@ -64,9 +65,11 @@ from hyla.data.tokenizer import train_bpe
 from hyla.interop.gguf import export_gguf
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
-HYLA_SIDES = {"fp32": ["--no-compile"], "fp32-compiled": ["--compile"], "int8": ["--no-compile", "--quantize", "int8"],
-              "int8-compiled": ["--compile", "--quantize", "int8"]}  # fmt: skip
-HYLA_SIDES |= {f"{name}-ngram": [*HYLA_SIDES[name], "--speculative", "ngram"]
+# (compiled, hyla serve turns speculation on by default: the sides without it say off)
+HYLA_SIDES = {"fp32": ["--no-compile"], "fp32-compiled": ["--compile", "--speculative", "off"],
+              "int8": ["--no-compile", "--quantize", "int8"],
+              "int8-compiled": ["--compile", "--quantize", "int8", "--speculative", "off"]}  # fmt: skip
+HYLA_SIDES |= {f"{name}-ngram": [*HYLA_SIDES[name][:-1], "ngram"]
                for name in ("fp32-compiled", "int8-compiled")}  # fmt: skip
 MAX_LEN = 8192 + 256
 

@@ -227,8 +227,9 @@ def test_the_servers_compile_default_is_on_only_where_it_can_compile():
 
 
 def test_serve_falls_back_to_the_eager_forward_when_its_default_compile_fails(tmp_path, monkeypatch):
-    """The default chose to compile, the compile failed (here: the compiler vanished): the server says so and
-    serves eager; an explicit compile=True still stops with the error (the test above)."""
+    """The default chose to compile (and with it speculative decoding), the compile failed (here: the compiler
+    vanished): the server says so and serves eager, without speculation; an explicit compile=True still stops with
+    the error (the test above)."""
     import threading
 
     import torch._inductor.config as inductor
@@ -250,7 +251,11 @@ def test_serve_falls_back_to_the_eager_forward_when_its_default_compile_fails(tm
 
     server = ServerConfig(port=free_port(), shutdown_timeout=0)
     with inductor.patch({"force_disable_caches": True, "cpp.cxx": ("/nonexistent/g++",)}):
-        api.serve(tmp_path, stop, server, EngineConfig(max_model_len=64), log=log, auto_compile=True)
+        api.serve(tmp_path, stop, server, EngineConfig(max_model_len=64), log=log, auto_compile=True,
+                  auto_speculative=True)  # fmt: skip
     assert lines[0] == "hyla: compile on (the default: chosen by the test; --no-compile/--compile to choose)"
-    assert any("install a C++ compiler" in line and line.endswith("; serving the eager forward") for line in lines)
+    assert lines[1] == ("hyla: speculative decoding ngram (the default with compiled decode steps; --speculative "
+                        "ngram/off to choose)")  # fmt: skip
+    assert any("install a C++ compiler" in line and line.endswith("; serving the eager forward, speculative decoding "
+                                                                  "off") for line in lines)  # fmt: skip
     assert any(line.startswith("hyla: serving") and "compiled" not in line for line in lines)

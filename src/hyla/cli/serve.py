@@ -36,8 +36,12 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     add_tokenizer_arg(srv)
     add_dtype_arg(srv, gpu=True)
     srv.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    add_config_flags(srv, EngineConfig, skip=("compile",), choices={"quantize": [q for q in QUANTIZE if q],
-                     "speculative": [s for s in SPECULATIVE if s]})  # fmt: skip
+    add_config_flags(srv, EngineConfig, skip=("compile", "speculative"), choices={"quantize": [q for q in QUANTIZE
+                     if q]})  # fmt: skip
+    srv.add_argument("--speculative", choices=[*(s for s in SPECULATIVE if s), "off"], default=None,
+                     help="ngram: speculative decoding with drafts from the request's own context (prompt lookup; "
+                     "exact); off: none (default: ngram where the decode steps compile, off where they do not, "
+                     "where it does not pay: RESULTS.md; the log says what it chose)")  # fmt: skip
     srv.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
@@ -57,12 +61,13 @@ def run_serve(args: argparse.Namespace) -> None:
 
     server = config_from_args(ServerConfig, args)
     server.api_key = server.api_key or os.environ.get(API_KEY_ENV) or None
-    auto_compile = args.compile is None
+    auto_compile, auto_speculative = args.compile is None, args.speculative is None
     args.compile = bool(args.compile)
+    args.speculative = None if args.speculative in (None, "off") else args.speculative
     config = config_from_args(EngineConfig, args)
     dtype, dtype_text = resolve_dtype(args.dtype, args.device)
     what = f"shutting down (no new requests; running ones have {server.shutdown_timeout:g} s to finish)"
     with stop_on_signals(what) as stop:
         serve(args.model_dir, stop, server, config, dtype, args.device, args.tokenizer,
               log=lambda line: print(line, file=sys.stderr, flush=True), dtype_text=dtype_text,
-              auto_compile=auto_compile)  # fmt: skip
+              auto_compile=auto_compile, auto_speculative=auto_speculative)  # fmt: skip

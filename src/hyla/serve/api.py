@@ -537,12 +537,14 @@ def serve(
     log: Callable[[str], None] = print,
     dtype_text: str = "",
     auto_compile: bool = False,
+    auto_speculative: bool = False,
 ) -> None:
     """``hyla serve``: load a model (or run) directory and serve it until ``stop`` is set (the CLI sets it on SIGINT and
     SIGTERM), then shut down gracefully: new requests get 503, running ones have ``shutdown_timeout`` seconds
     to finish, and those left end with an error (an error event and ``[DONE]`` when streamed). ``auto_compile``:
     ``config.compile`` is chosen here (:func:`~hyla.serve.runner.compile_choice`), and a failed compile falls back
-    to the eager forward instead of stopping."""
+    to the eager forward instead of stopping. ``auto_speculative``: ``config.speculative`` is chosen here, prompt
+    lookup where the decode steps compile (where verify steps pay: RESULTS.md), none where they run eager."""
     from hyla.checkpoint import load_pretrained
 
     sc = server_config or ServerConfig()
@@ -552,6 +554,12 @@ def serve(
         on, why = compile_choice(loaded.model)
         config = dataclasses.replace(config, compile=on)
         log(f"hyla: compile {'on' if on else 'off'} (the default: {why}; --no-compile/--compile to choose)")
+    if auto_speculative:
+        config = dataclasses.replace(config, speculative="ngram" if config.compile else None)
+        log(
+            f"hyla: speculative decoding {config.speculative or 'off'} (the default "
+            f"{'with' if config.compile else 'without'} compiled decode steps; --speculative ngram/off to choose)"
+        )
     if config.compile:
         log(f"hyla: compiling the decode steps of up to {COMPILED_MAX_BATCH} requests (cached on disk: a later "
             "start takes seconds to a minute)")  # fmt: skip
@@ -560,8 +568,10 @@ def serve(
     except ConfigError as error:
         if not (auto_compile and config.compile):
             raise
-        log(f"hyla: {error}; serving the eager forward")
-        llm_engine = LLMEngine(loaded.model, loaded.tokenizer, dataclasses.replace(config, compile=False))
+        speculative = None if auto_speculative else config.speculative
+        log(f"hyla: {error}; serving the eager forward" + (", speculative decoding off" if auto_speculative else ""))
+        config = dataclasses.replace(config, compile=False, speculative=speculative)
+        llm_engine = LLMEngine(loaded.model, loaded.tokenizer, config)
     engine = AsyncEngine(llm_engine, sc.max_waiting, start_thread=False)
     if stop.is_set():  # a signal while the model loaded or compiled: nothing was served yet
         log("hyla: stopped before serving")
@@ -582,7 +592,8 @@ def serve(
         f"hyla: serving {name!r} on http://{sc.host}:{sc.port}/v1 ({c.max_num_seqs} sequences, {c.num_blocks} KV "
         f"blocks of {c.block_size} tokens, context {c.max_model_len}, {c.max_num_batched_tokens} tokens per step"
         f"{'; ' + dtype_text if dtype_text else ''}"
-        f"{f'; decode steps compiled in {engine.engine.runner.compile_seconds:.0f} s' if c.compile else ''})"
+        f"{f'; decode steps compiled in {engine.engine.runner.compile_seconds:.0f} s' if c.compile else ''}"
+        f"{f'; speculative {c.speculative}, up to {c.num_draft_tokens} drafts' if c.speculative else ''})"
     )
 
     watchdog = threading.Thread(target=lambda: (thread.join(), stop.set()), name="hyla-http-watch", daemon=True)
