@@ -22,7 +22,7 @@ llama-server's. Then, alternating the two sides at every measurement (the idle o
 speculation that ``hyla serve`` turns on with it by default), ``int8`` and ``int8-compiled`` (``--quantize int8``:
 linear layers and experts in int8; the peer to set it against is llama.cpp's q8_0), and the compiled ones with
 speculative decoding, ``fp32-compiled-ngram`` and ``int8-compiled-ngram`` (``--speculative ngram``, its default of
-16 drafts at most). Each side but the first has its greedy text checked against a float32 full forward first (int8
+32 drafts at most). Each side but the first has its greedy text checked against a float32 full forward first (int8
 may differ: it is another model's rounding). ``--llama-spec TYPE ...`` adds llama.cpp sides with its own speculation
 (``--spec-type TYPE`` at its default sizes: ``ngram-mod`` drafts 48-64 tokens after a 24-token match) for each
 ``--outtypes`` value.

@@ -174,7 +174,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8, help="prompts per workload")
     parser.add_argument("--chars", type=int, default=1500, help="characters of each code prompt")
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--num-draft-tokens", type=int, nargs="+", default=[16])
+    parser.add_argument("--num-draft-tokens", type=int, nargs="+", default=[32])
     parser.add_argument("--compile", action="store_true", help="both engines with --compile")
     parser.add_argument("--quantize", choices=["int8"], default=None, help="hyla int8, llama.cpp q8_0")
     parser.add_argument("--llama-bin", type=Path, help="llama.cpp's bin folder: llama-server joins (see above)")

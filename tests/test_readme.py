@@ -105,7 +105,7 @@ def test_every_readme_command_runs_as_written(home, argv):
         assert "hyla: serving" in out
         assert "hyla: compile on (the default: C++ compiler" in out and "decode steps compiled in" in out
         assert "hyla: speculative decoding ngram (the default with compiled" in out
-        assert "speculative ngram, up to 16 drafts" in out
+        assert "speculative ngram, up to 32 drafts" in out
         return
     assert args[0] in ("generate", "chat", "export", "eval"), f"a README command this test does not know: {argv}"
     out = hyla(*args, cwd=home, stdin="def f(x):\n/quit\n" if args[0] == "chat" else None)

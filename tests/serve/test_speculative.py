@@ -176,7 +176,7 @@ def repetitive_prompts(seed: int, lengths=(24, 9, 40, 3)) -> list[list[int]]:
 def engines(model, **config):
     defaults = dict(max_num_seqs=3, max_num_batched_tokens=64, block_size=4, max_model_len=120)
     tokenizer = byte_tokenizer(VOCAB)
-    spec = LLM(model, tokenizer, EngineConfig(**{**defaults, **config}, speculative="ngram", num_draft_tokens=8))
+    spec = LLM(model, tokenizer, EngineConfig(**{**defaults, "num_draft_tokens": 8, **config}, speculative="ngram"))
     plain = LLM(model, tokenizer, EngineConfig(**{**defaults, **config}))
     return spec, plain
 
@@ -275,6 +275,29 @@ def test_compiled_float32_verify_steps_past_the_experts_kernels_size_do_not_reco
         got = [c[0].token_ids for c in spec.generate(prompts, params)]
     assert got == [c[0].token_ids for c in plain.generate(prompts, params)]
     assert max(tokens) > COMPILED_GEMV_MAX_TOKENS >= min(tokens)
+
+
+def test_a_steps_drafts_fit_the_verify_size_and_outputs_stay_exact(monkeypatch):
+    """With a verify size (the compiled graph's, under compile), a step of decodes holds at most that many tokens:
+    each decode keeps its last token, the drafts share what is left; greedy outputs still equal a full forward."""
+    torch.manual_seed(6)
+    model = random_model(layer_types=PATTERNS["alternating"], vocab_size=VOCAB + 4).double()
+    spec, _ = engines(model, max_num_seqs=4, num_draft_tokens=16)
+    spec.engine.scheduler.verify_tokens = 9
+    execute, sizes = spec.engine.runner.execute, []
+
+    def counted(out):
+        if any(s.draft for s in out.seqs) and all(s.num_tokens == 1 + len(s.draft) for s in out.seqs):
+            sizes.append((len(out.seqs), sum(s.num_tokens for s in out.seqs)))  # a step of decodes with drafts
+        return execute(out)
+
+    monkeypatch.setattr(spec.engine.runner, "execute", counted)
+    prompts = repetitive_prompts(seed=11)
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    got = [c[0].token_ids for c in spec.generate(prompts, params)]
+    assert got == [full_forward_greedy(model, p, 30, vocab=VOCAB) for p in prompts]
+    assert max(tokens for _, tokens in sizes) == 9  # drafts filled the room and never passed it
+    assert any(seqs > 1 and tokens == 9 for seqs, tokens in sizes)  # shared between several decodes
 
 
 def test_stop_strings_max_tokens_n_and_logprobs_are_those_of_speculation_off():

@@ -52,7 +52,7 @@ def _add_sampling(parser: argparse.ArgumentParser, max_tokens: int, temperature:
     group.add_argument("--speculative", choices=["ngram"], default=None,
                        help="ngram: draft tokens from the text so far and verify them in one step (the same "
                        "distribution; faster where the text repeats itself)")  # fmt: skip
-    group.add_argument("--num-draft-tokens", type=int, default=16, help="speculative: tokens drafted at most; a "
+    group.add_argument("--num-draft-tokens", type=int, default=32, help="speculative: tokens drafted at most; a "
                        "request starts at 4 and doubles while all are kept (default: %(default)s)")  # fmt: skip
 
 

@@ -89,9 +89,9 @@ class EngineConfig:
     )
     speculative: str | None = field(default=None, metadata=_help(
         "ngram: speculative decoding with drafts from the request's own context (prompt lookup); exact"))  # fmt: skip
-    num_draft_tokens: int = field(default=16, metadata=_help(
-        "speculative: tokens drafted per decode, at most (a request starts at 4, doubling while all are "
-        "kept)"))  # fmt: skip
+    num_draft_tokens: int = field(default=32, metadata=_help(
+        "speculative: tokens drafted per decode, at most (a request starts at 4, doubling while all are kept; "
+        f"compiled, a step's drafts fit its {COMPILED_MAX_BATCH}-token verify graph)"))  # fmt: skip
     compile: bool = field(default=False, metadata=_help(
         f"CPU: run decode steps of up to {COMPILED_MAX_BATCH} requests through a torch.compile'd forward (needs a "
         "C++ compiler; compiles at start, cached on disk; measured in RESULTS.md)"))  # fmt: skip
@@ -170,7 +170,8 @@ class LLMEngine:
             raise ConfigError("speculative decoding does not rewind a lightning q/k convolution (lightning_qk_conv, "
                               "a study option): serve this model without --speculative")  # fmt: skip
         proposer = NgramProposer(c.num_draft_tokens) if c.speculative else None
-        self.scheduler = Scheduler(self.cache, c.max_num_seqs, c.max_num_batched_tokens, c.snapshot_every, proposer)
+        self.scheduler = Scheduler(self.cache, c.max_num_seqs, c.max_num_batched_tokens, c.snapshot_every, proposer,
+                                   COMPILED_MAX_BATCH if c.compile else None)  # fmt: skip
         self.runner = ModelRunner(model, c.max_num_seqs, c.num_blocks, c.block_size, num_snapshots, self.vocab_size,
                                   c.quantize, c.compile, c.num_draft_tokens if c.speculative else 0)  # fmt: skip
         self.model = self.runner.model

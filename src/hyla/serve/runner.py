@@ -37,6 +37,7 @@ from hyla.ops.lightning import lightning_attention, lightning_decode, lightning_
 from hyla.ops.precision import compute_dtype
 from hyla.ops.varlen import Varlen
 from hyla.serve.scheduler import ScheduledSeq, SchedulerOutput
+from hyla.serve.speculative import START_DRAFT_TOKENS
 
 # The most requests a compiled decode step takes (see the module's docstring); larger steps run eager, where the
 # compiled step stopped winning (RESULTS.md, "Same-process A/B measurements behind the compiled decode step").
@@ -229,13 +230,13 @@ class ModelRunner:
                 self.execute(SchedulerOutput([ScheduledSeq(i, [i % num_blocks] * width, 0, [0], True)
                                               for i in range(batch)]))  # fmt: skip
             if self._compiled_verify is not None:
-                # Drafts per sequence: one request with one draft or all; two requests, one with a draft (3
-                # tokens); as many requests and drafts as a compiled step takes (COMPILED_MAX_BATCH tokens: past
-                # every size at which the experts change path, ops/moe.py's COMPILED_GEMV_MAX_TOKENS and the q8
-                # kernel's rows, where a step can reach it).
-                k, most, room = num_draft_tokens, [], COMPILED_MAX_BATCH
+                # Drafts per sequence: one request with one draft or as many as a compiled step takes; two
+                # requests, one with a draft (3 tokens); as many requests as fit with a first round of drafts each
+                # (COMPILED_MAX_BATCH tokens: past every size at which the experts change path, ops/moe.py's
+                # COMPILED_GEMV_MAX_TOKENS and the q8 kernel's rows, where a step can reach it).
+                k, most, room = min(num_draft_tokens, COMPILED_MAX_BATCH - 1), [], COMPILED_MAX_BATCH
                 while len(most) < max_batch and room > 0:
-                    most.append(min(k, room - 1))
+                    most.append(min(k, START_DRAFT_TOKENS, room - 1))
                     room -= 1 + most[-1]
                 for drafts in {(1,), (k,), *([(1, 0), tuple(most)] if max_batch > 1 else [])}:
                     width = len(drafts) + 1 + k

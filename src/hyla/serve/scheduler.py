@@ -160,9 +160,13 @@ class Scheduler:
         max_num_batched_tokens: int,
         snapshot_every: int = 256,
         proposer: NgramProposer | None = None,
+        verify_tokens: int | None = None,
     ) -> None:
+        """``verify_tokens``: the most tokens a step of decodes with drafts may hold (the compiled verify graph's:
+        past it the step would run eager), drafts cut to fit; None: only the step's token budget bounds them."""
         self.cache = cache
         self.proposer = proposer
+        self.verify_tokens = verify_tokens
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.snapshot_every = snapshot_every
@@ -218,18 +222,23 @@ class Scheduler:
         out = SchedulerOutput()
         chosen: list[tuple[Request, int]] = []
         drafts: dict[tuple[str, int], list[int]] = {}
+        # Tokens left for drafts: the verify size less one token for each decode (every decode has its last token).
+        room = budget
+        if self.verify_tokens is not None:
+            room = self.verify_tokens - sum(r.num_tokens - r.num_computed == 1 for r in self.running)
         for want_decode in (True, False):
             for request in list(self.running):
                 left = request.num_tokens - request.num_computed
                 if budget == 0 or request.status is not Status.RUNNING or (left == 1) != want_decode:
                     continue
-                draft = self._draft(request, budget) if left == 1 else []
+                draft = self._draft(request, min(budget, 1 + room)) if left == 1 else []
                 n = len(draft) + 1 if left == 1 else min(left, budget)
                 if self._grow(request, request.num_computed + n):
                     chosen.append((request, n))
                     budget -= n
                     if draft:
                         drafts[request.key] = draft
+                        room -= len(draft)
         while self.waiting and budget and len(self.running) < self.max_num_seqs and self.cache.slots.num_free:
             request = self.waiting[0]
             if request.key in self._preempted:  # it gave its blocks up this step: not back before the next
