@@ -300,6 +300,34 @@ def test_a_steps_drafts_fit_the_verify_size_and_outputs_stay_exact(monkeypatch):
     assert any(seqs > 1 and tokens == 9 for seqs, tokens in sizes)  # shared between several decodes
 
 
+def test_the_next_turn_resumes_from_a_snapshot_a_step_with_drafts_wrote(monkeypatch):
+    """A step with drafts that crosses a block boundary past the prompt writes the request's end snapshot there
+    when the drafts up to it were kept (replayed from the states before the step): the next turn (the transcript
+    and more) resumes from the last boundary its first reply reached, and its greedy tokens equal a full forward."""
+    from hyla.serve.runner import ModelRunner
+
+    torch.manual_seed(7)
+    model = random_model(layer_types=PATTERNS["alternating"], vocab_size=VOCAB + 4).double()
+    spec, _ = engines(model, enable_prefix_caching=True, max_num_seqs=1)
+    written = []
+    rewind = ModelRunner.rewind
+
+    def counted(self, accepted):
+        written.extend(save for save in self._draft_saves if save[1] <= 1 + accepted[0])
+        return rewind(self, accepted)
+
+    monkeypatch.setattr(ModelRunner, "rewind", counted)
+    prompt = repetitive_prompts(seed=12)[0]
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    reply = spec.generate([prompt], params)[0][0].token_ids
+    assert written  # steps with drafts wrote end snapshots
+    turn = prompt + reply + [1, 2, 3]
+    before = spec.engine.stats.hit_tokens
+    assert spec.generate([turn], params)[0][0].token_ids == full_forward_greedy(model, turn, 30, vocab=VOCAB)
+    block = spec.engine.config.block_size
+    assert spec.engine.stats.hit_tokens - before == (len(prompt) + len(reply) - 1) // block * block
+
+
 def test_stop_strings_max_tokens_n_and_logprobs_are_those_of_speculation_off():
     torch.manual_seed(1)
     model = random_model(layer_types=PATTERNS["alternating"], vocab_size=VOCAB + 4).double()

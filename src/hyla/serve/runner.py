@@ -154,6 +154,7 @@ class ModelRunner:
         self._compiled: Callable[[Tensor, DecodeCache, Tensor], Tensor] | None = None
         self._compiled_verify: Callable[[Tensor, VerifyCache, Tensor], Tensor] | None = None
         self._verified: StepCache | VerifyCache | None = None  # the last step, when it verified drafts (for rewind)
+        self._draft_saves: list[tuple[int, int, int]] = []  # ... and its snapshots to write if accepted that far
         self.compile_seconds = 0.0
         if compile:
             self._compile(min(num_slots, COMPILED_MAX_BATCH), num_blocks, num_draft_tokens)
@@ -164,7 +165,7 @@ class ModelRunner:
         each sequence with ``sample`` set (its last token; with a draft, the last ``1 + len(draft)``), in order.
         A step with drafts keeps what :meth:`rewind` needs until the next step."""
         self._copy_states(out)
-        self._verified = None
+        self._verified, self._draft_saves = None, out.draft_saves
         inside = [save for save in out.saves if save[1] < out.seqs[save[0]].num_tokens]
         ids = torch.tensor([t for s in out.seqs for t in s.token_ids], dtype=torch.long, device=self.device)
         ends = list(itertools.accumulate(s.num_tokens for s in out.seqs))
@@ -256,22 +257,33 @@ class ModelRunner:
         first ``accepted[i]`` drafts (in the step's order of drafted sequences), recomputed from the states before
         the step and the keys and values the step kept: one state update instead of a forward. With the C++
         kernels the states step through those tokens as decode steps would (:func:`~hyla.ops.gemv.lightning_replay`,
-        one call for all layers); elsewhere in closed form (:func:`~hyla.ops.lightning.lightning_state`)."""
+        one call for all layers); elsewhere in closed form (:func:`~hyla.ops.lightning.lightning_state`). The
+        step's ``draft_saves`` whose tokens were all kept are written the same way, into their snapshots."""
         step, self._verified = self._verified, None
         redo = [(i, 1 + a) for a, (i, s) in zip(accepted, step.verify, strict=True) if 1 + a < s.num_tokens]
-        if not redo or not step.kept:  # (nothing rejected, or no lightning layers)
+        kept = {i: 1 + a for a, (i, _) in zip(accepted, step.verify, strict=True)}
+        saves = [(i, n, snapshot) for i, n, snapshot in self._draft_saves if n <= kept[i]]
+        if not step.kept:  # (no lightning layers: nothing to rewind or save)
             return
-        rows = _longs([step.kept_seqs.index(i) for i, _ in redo], self.device)
-        slots = step.kept_slots[rows]
-        segments = [(step.starts[i], n) for i, n in redo]
-        starts, counts = (_longs(list(x), self.device) for x in zip(*segments, strict=True))
+        if redo:
+            slots = step.kept_slots[_longs([step.kept_seqs.index(i) for i, _ in redo], self.device)]
+            self._replay(step, [self.states[layer] for layer in step.kept], slots, redo)
+        if saves:
+            snapshots = _longs([snapshot for *_, snapshot in saves], self.device)
+            self._replay(step, [self.snapshots[layer] for layer in step.kept], snapshots, [(i, n) for i, n, _ in saves])
+
+    def _replay(self, step: StepCache | VerifyCache, pools: list[Tensor], where: Tensor, segments: list) -> None:
+        """Write into ``pools`` (one per lightning layer the step kept) at ``where`` each ``(seq, n)`` of
+        ``segments``'s states after its first ``n`` tokens of the step, from its states before the step."""
+        kept_rows = _longs([step.kept_seqs.index(i) for i, _ in segments], self.device)
+        spans = [(step.starts[i], n) for i, n in segments]
+        starts, counts = (_longs(list(x), self.device) for x in zip(*spans, strict=True))
         if self.lightning_decode is gemv.lightning_decode:
             befores, ks, vs, slopes = (list(x) for x in zip(*step.kept.values(), strict=True))
-            pools = [self.states[layer] for layer in step.kept]
-            gemv.lightning_replay(pools, slots, befores, rows, ks, vs, slopes, starts, counts)
+            gemv.lightning_replay(pools, where, befores, kept_rows, ks, vs, slopes, starts, counts)
             return
-        for layer, (before, k, v, slope) in step.kept.items():
-            self.states[layer][slots] = lightning_state(k, v, slope, before[rows], segments)
+        for pool, (before, k, v, slope) in zip(pools, step.kept.values(), strict=True):
+            pool[where] = lightning_state(k, v, slope, before[kept_rows], spans)
 
     def _copy_states(self, out: SchedulerOutput) -> None:
         """Zero the slots of requests that start from nothing; copy snapshots into those that resume."""

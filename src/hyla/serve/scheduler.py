@@ -115,13 +115,15 @@ class SchedulerOutput:
     """One step, in plain values: decodes (one new token) first in slot order, then prefill chunks. Before the
     forward the runner zeroes ``zero_slots`` and copies each ``(snapshot, slot)`` of ``restores``; for each
     ``(seq, tokens, snapshot)`` of ``saves`` it keeps in ``snapshot`` the states of ``seqs[seq]`` after its first
-    ``tokens`` new tokens (all of them, or fewer: a boundary inside a prefill chunk)."""
+    ``tokens`` new tokens (all of them, or fewer: a boundary inside a prefill chunk). ``draft_saves`` are the same
+    for sequences with drafts, kept only where the step accepts the drafts up to there (the rewind writes them)."""
 
     seqs: list[ScheduledSeq] = field(default_factory=list)
     keys: list[tuple[str, int]] = field(default_factory=list)  # the request of each seq
     zero_slots: list[int] = field(default_factory=list)
     restores: list[tuple[int, int]] = field(default_factory=list)
     saves: list[tuple[int, int, int]] = field(default_factory=list)
+    draft_saves: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -175,6 +177,7 @@ class Scheduler:
         self.requests: dict[tuple[str, int], Request] = {}
         self._preempted: set[tuple[str, int]] = set()
         self._saves: list[_Save] = []
+        self._draft_saves: list[_Save] = []  # end snapshots of steps with drafts, kept if accepted that far
         self._stats = StepStats()  # this step's, returned by update()
 
     def add(self, request: Request) -> None:
@@ -217,7 +220,7 @@ class Scheduler:
         for save in self._saves:  # planned for a step that failed: the snapshot was never written
             if not save.pending:
                 self.cache.snapshots.release(save.snapshot)
-        self._saves = []
+        self._saves, self._draft_saves = [], []
         self._stats = StepStats()
         out = SchedulerOutput()
         chosen: list[tuple[Request, int]] = []
@@ -260,9 +263,12 @@ class Scheduler:
                 ScheduledSeq(request.slot, list(request.block_table), start, tokens, end == request.num_tokens, draft)
             )
             out.keys.append(request.key)
-            if not draft:  # with drafts, the states after this step may hold tokens that will be rejected
+            if draft:  # the states after this step may hold tokens that will be rejected
+                self._plan_draft_save(request, start, start + n, len(out.seqs) - 1)
+            else:
                 self._plan_saves(request, start, start + n, len(out.seqs) - 1)
         out.saves = [(save.seq, save.tokens, save.snapshot) for save in self._saves]
+        out.draft_saves = [(save.seq, save.tokens, save.snapshot) for save in self._draft_saves]
         return out
 
     def _draft(self, request: Request, budget: int) -> list[int]:
@@ -329,6 +335,19 @@ class Scheduler:
             if request.pending_snapshot is not None:
                 self._saves.append(_Save(request, request.pending_snapshot, end, True, seq, end - start))
 
+    def _plan_draft_save(self, request: Request, start: int, end: int, seq: int) -> None:
+        """The request's end snapshot for a step with drafts that computes its tokens ``start .. end - 1``: at the
+        last block boundary past the prompt in ``(start, end]``, kept (:meth:`update`) only if the step accepts the
+        drafts up to it; the rewind writes it (:meth:`~hyla.serve.runner.ModelRunner.rewind`)."""
+        bs = self.cache.block_size
+        boundary = end // bs * bs
+        if not self.cache.prefix_caching or boundary <= max(start, len(request.prompt_ids)):
+            return
+        if request.pending_snapshot is None:
+            request.pending_snapshot = self.cache.snapshots.allocate()
+        if request.pending_snapshot is not None:
+            self._draft_saves.append(_Save(request, request.pending_snapshot, boundary, True, seq, boundary - start))
+
     def update(self, out: SchedulerOutput, sampled: list[list[int]]) -> tuple[list[tuple[Request, int]], StepStats]:
         """Apply a step that ran: advance each request, cache its newly full blocks and snapshots, append the
         ``sampled`` tokens (per seq with ``sample``, in order: one token, or with a draft the accepted drafts and
@@ -357,7 +376,10 @@ class Scheduler:
             else:
                 name = save.request.block_names[save.boundary // self.cache.block_size - 1]
                 self.cache.snapshots.name(save.snapshot, name)
-        self._saves = []
+        for save in self._draft_saves:  # written by the rewind where the step kept that many tokens
+            if save.tokens <= len(emitted[save.seq]):
+                save.request.pending_boundary = save.boundary
+        self._saves, self._draft_saves = [], []
         results = []
         for request, tokens in zip(requests, emitted, strict=True):
             for token in tokens:
