@@ -260,9 +260,9 @@ class ModelRunner:
         one call for all layers); elsewhere in closed form (:func:`~hyla.ops.lightning.lightning_state`). The
         step's ``draft_saves`` whose tokens were all kept are written the same way, into their snapshots."""
         step, self._verified = self._verified, None
-        redo = [(i, 1 + a) for a, (i, s) in zip(accepted, step.verify, strict=True) if 1 + a < s.num_tokens]
-        kept = {i: 1 + a for a, (i, _) in zip(accepted, step.verify, strict=True)}
-        saves = [(i, n, snapshot) for i, n, snapshot in self._draft_saves if n <= kept[i]]
+        made = {i: 1 + a for a, (i, _) in zip(accepted, step.verify, strict=True)}  # the step's tokens each keeps
+        redo = [(i, made[i]) for i, s in step.verify if made[i] < s.num_tokens]
+        saves = [(i, n, snapshot) for i, n, snapshot in self._draft_saves if n <= made[i]]
         if not step.kept:  # (no lightning layers: nothing to rewind or save)
             return
         if redo:

@@ -330,10 +330,7 @@ class Scheduler:
                 request.last_snapshot = point
                 self._saves.append(_Save(request, snapshot, point, False, seq, point - start))
         if end > prompt and end % bs == 0 and end not in points:
-            if request.pending_snapshot is None:
-                request.pending_snapshot = self.cache.snapshots.allocate()
-            if request.pending_snapshot is not None:
-                self._saves.append(_Save(request, request.pending_snapshot, end, True, seq, end - start))
+            self._saves += self._end_save(request, end, start, seq)
 
     def _plan_draft_save(self, request: Request, start: int, end: int, seq: int) -> None:
         """The request's end snapshot for a step with drafts that computes its tokens ``start .. end - 1``: at the
@@ -341,12 +338,17 @@ class Scheduler:
         drafts up to it; the rewind writes it (:meth:`~hyla.serve.runner.ModelRunner.rewind`)."""
         bs = self.cache.block_size
         boundary = end // bs * bs
-        if not self.cache.prefix_caching or boundary <= max(start, len(request.prompt_ids)):
-            return
+        if self.cache.prefix_caching and boundary > max(start, len(request.prompt_ids)):
+            self._draft_saves += self._end_save(request, boundary, start, seq)
+
+    def _end_save(self, request: Request, boundary: int, start: int, seq: int) -> list[_Save]:
+        """The save of the request's end snapshot (allocated once per request) at a decode's ``boundary``, in a
+        step whose tokens for it start at ``start``; none when the snapshot pool is full."""
         if request.pending_snapshot is None:
             request.pending_snapshot = self.cache.snapshots.allocate()
-        if request.pending_snapshot is not None:
-            self._draft_saves.append(_Save(request, request.pending_snapshot, boundary, True, seq, boundary - start))
+        if request.pending_snapshot is None:
+            return []
+        return [_Save(request, request.pending_snapshot, boundary, True, seq, boundary - start)]
 
     def update(self, out: SchedulerOutput, sampled: list[list[int]]) -> tuple[list[tuple[Request, int]], StepStats]:
         """Apply a step that ran: advance each request, cache its newly full blocks and snapshots, append the
